@@ -1,0 +1,434 @@
+//! metalctl: the command-line client for metald's `metald.v1.VmService`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, Subcommand};
+use hyper_util::rt::TokioIo;
+use metald_api::v1 as pb;
+use metald_api::v1::vm_service_client::VmServiceClient;
+use serde_json::{Value, json};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Drive VMs on a metald host.
+#[derive(Debug, Parser)]
+#[command(name = "metalctl", version)]
+struct Cli {
+    /// metald's API: unix:PATH or tcp:HOST:PORT.
+    #[arg(
+        long,
+        env = "METALD_ENDPOINT",
+        default_value = "unix:/var/lib/metald/metald.sock"
+    )]
+    endpoint: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create a VM (its VMM starts, configured but not booted); prints its id.
+    Create {
+        /// VM id; generated when omitted.
+        #[arg(long)]
+        id: Option<String>,
+        /// Owning customer.
+        #[arg(long, default_value = "default")]
+        customer: String,
+        /// Kernel image (inside one of metald's asset directories).
+        #[arg(long)]
+        kernel: PathBuf,
+        /// Initrd.
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Kernel command line.
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// vCPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: i32,
+        /// Memory in MiB.
+        #[arg(long, default_value_t = 128)]
+        memory_mib: i64,
+        /// A block device: id=ID,path=PATH[,ro][,root] (repeatable).
+        #[arg(long)]
+        drive: Vec<String>,
+        /// A network interface: id=ID,mac=MAC,tap=TAP (repeatable).
+        #[arg(long)]
+        nic: Vec<String>,
+        /// A metadata label KEY=VALUE (repeatable).
+        #[arg(long)]
+        metadata: Vec<String>,
+        /// Discard the guest's serial output.
+        #[arg(long)]
+        no_console: bool,
+    },
+    /// Boot a created or shut-down VM.
+    Boot {
+        /// VM id.
+        id: String,
+    },
+    /// Power a VM off.
+    Shutdown {
+        /// VM id.
+        id: String,
+        /// Stop the VMM at once, without asking the guest.
+        #[arg(long)]
+        force: bool,
+        /// Seconds the guest may take to power off (0: metald's default).
+        #[arg(long, default_value_t = 0)]
+        timeout: i32,
+    },
+    /// Pause a running VM.
+    Pause {
+        /// VM id.
+        id: String,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// VM id.
+        id: String,
+    },
+    /// Reboot a VM (a supervised restart of its VMM).
+    Reboot {
+        /// VM id.
+        id: String,
+    },
+    /// Delete a VM and everything it had.
+    Delete {
+        /// VM id.
+        id: String,
+        /// Kill the VMM without asking the guest to power off.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show one VM.
+    Info {
+        /// VM id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List VMs.
+    List {
+        /// Only VMs in this state (created, running, paused, shutdown; repeatable).
+        #[arg(long)]
+        state: Vec<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+async fn connect(endpoint: &str) -> Result<VmServiceClient<Channel>> {
+    let channel = if let Some(path) = endpoint.strip_prefix("unix:") {
+        let path = PathBuf::from(path);
+        // The URI is required by tonic but unused: the connector below dials the socket.
+        Endpoint::try_from("http://metald.invalid")?
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .with_context(|| format!("connecting to {endpoint}"))?
+    } else if let Some(addr) = endpoint.strip_prefix("tcp:") {
+        Endpoint::try_from(format!("http://{addr}"))?
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {endpoint}"))?
+    } else {
+        bail!("--endpoint {endpoint:?} must be unix:PATH or tcp:HOST:PORT");
+    };
+    Ok(VmServiceClient::new(channel))
+}
+
+fn kv_list(spec: &str, what: &str) -> Result<HashMap<String, String>> {
+    let mut m = HashMap::new();
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some((k, v)) => m.insert(k.to_string(), v.to_string()),
+            None => m.insert(part.to_string(), String::new()),
+        };
+    }
+    if m.is_empty() {
+        bail!("--{what} {spec:?} is empty");
+    }
+    Ok(m)
+}
+
+fn state_name(v: i32) -> &'static str {
+    match pb::VmState::try_from(v) {
+        Ok(pb::VmState::Created) => "CREATED",
+        Ok(pb::VmState::Running) => "RUNNING",
+        Ok(pb::VmState::Paused) => "PAUSED",
+        Ok(pb::VmState::Shutdown) => "SHUTDOWN",
+        _ => "UNSPECIFIED",
+    }
+}
+
+fn parse_state(s: &str) -> Result<i32> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "created" => pb::VmState::Created,
+        "running" => pb::VmState::Running,
+        "paused" => pb::VmState::Paused,
+        "shutdown" => pb::VmState::Shutdown,
+        _ => bail!("--state {s:?} is not one of created, running, paused, shutdown"),
+    } as i32)
+}
+
+fn ts(t: &Option<prost_types::Timestamp>) -> String {
+    t.as_ref()
+        .map(|t| format!("{}.{:03}", t.seconds, t.nanos / 1_000_000))
+        .unwrap_or_default()
+}
+
+fn config_json(c: &Option<pb::VmConfig>) -> Value {
+    let Some(c) = c else { return Value::Null };
+    json!({
+        "vcpu_count": c.cpu.as_ref().map(|x| x.vcpu_count),
+        "memory_bytes": c.memory.as_ref().map(|x| x.size_bytes),
+        "kernel_path": c.boot.as_ref().map(|b| b.kernel_path.clone()),
+        "initrd_path": c.boot.as_ref().map(|b| b.initrd_path.clone()),
+        "kernel_args": c.boot.as_ref().map(|b| b.kernel_args.clone()),
+        "storage": c.storage.iter().map(|d| json!({
+            "id": d.id, "path": d.path, "read_only": d.read_only, "is_root_device": d.is_root_device
+        })).collect::<Vec<_>>(),
+        "network": c.network.iter().map(|n| json!({
+            "id": n.id, "mac_address": n.mac_address, "tap_device": n.tap_device
+        })).collect::<Vec<_>>(),
+        "console": c.console.as_ref().map(|x| x.enabled),
+        "metadata": c.metadata,
+    })
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("metalctl: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Turns a gRPC error into a message that keeps the status code and metald's explanation.
+fn rpc<T>(r: std::result::Result<tonic::Response<T>, tonic::Status>) -> Result<T> {
+    r.map(tonic::Response::into_inner)
+        .map_err(|s| anyhow!("{:?}: {}", s.code(), s.message()))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let mut c = connect(&cli.endpoint).await?;
+    match cli.cmd {
+        Cmd::Create {
+            id,
+            customer,
+            kernel,
+            initrd,
+            cmdline,
+            vcpus,
+            memory_mib,
+            drive,
+            nic,
+            metadata,
+            no_console,
+        } => {
+            let mut storage = Vec::new();
+            for d in &drive {
+                let m = kv_list(d, "drive")?;
+                storage.push(pb::StorageDevice {
+                    id: m.get("id").cloned().unwrap_or_default(),
+                    path: m.get("path").cloned().unwrap_or_default(),
+                    read_only: m.contains_key("ro"),
+                    is_root_device: m.contains_key("root"),
+                });
+            }
+            let mut network = Vec::new();
+            for n in &nic {
+                let m = kv_list(n, "nic")?;
+                network.push(pb::NetworkInterface {
+                    id: m.get("id").cloned().unwrap_or_default(),
+                    mac_address: m.get("mac").cloned().unwrap_or_default(),
+                    tap_device: m.get("tap").cloned().unwrap_or_default(),
+                });
+            }
+            let mut md = HashMap::new();
+            for kv in &metadata {
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("--metadata {kv:?} must be KEY=VALUE"))?;
+                md.insert(k.to_string(), v.to_string());
+            }
+            let req = pb::CreateVmRequest {
+                vm_id: id.unwrap_or_default(),
+                customer_id: customer,
+                config: Some(pb::VmConfig {
+                    cpu: Some(pb::CpuConfig { vcpu_count: vcpus }),
+                    memory: Some(pb::MemoryConfig {
+                        size_bytes: memory_mib.saturating_mul(1024 * 1024),
+                    }),
+                    boot: Some(pb::BootConfig {
+                        kernel_path: kernel.display().to_string(),
+                        initrd_path: initrd.map(|p| p.display().to_string()).unwrap_or_default(),
+                        kernel_args: cmdline,
+                    }),
+                    storage,
+                    network,
+                    console: Some(pb::ConsoleConfig {
+                        enabled: !no_console,
+                    }),
+                    metadata: md,
+                }),
+            };
+            let r = rpc(c.create_vm(req).await)?;
+            println!("{}", r.vm_id);
+        }
+        Cmd::Boot { id } => {
+            let r = rpc(c.boot_vm(pb::BootVmRequest { vm_id: id.clone() }).await)?;
+            println!("{id} {}", state_name(r.state));
+        }
+        Cmd::Shutdown { id, force, timeout } => {
+            let r = rpc(c
+                .shutdown_vm(pb::ShutdownVmRequest {
+                    vm_id: id.clone(),
+                    force,
+                    timeout_seconds: timeout,
+                })
+                .await)?;
+            println!("{id} {}", state_name(r.state));
+        }
+        Cmd::Pause { id } => {
+            let r = rpc(c.pause_vm(pb::PauseVmRequest { vm_id: id.clone() }).await)?;
+            println!("{id} {}", state_name(r.state));
+        }
+        Cmd::Resume { id } => {
+            let r = rpc(c.resume_vm(pb::ResumeVmRequest { vm_id: id.clone() }).await)?;
+            println!("{id} {}", state_name(r.state));
+        }
+        Cmd::Reboot { id } => {
+            let r = rpc(c.reboot_vm(pb::RebootVmRequest { vm_id: id.clone() }).await)?;
+            println!("{id} {}", state_name(r.state));
+        }
+        Cmd::Delete { id, force } => {
+            rpc(c
+                .delete_vm(pb::DeleteVmRequest {
+                    vm_id: id.clone(),
+                    force,
+                })
+                .await)?;
+            println!("{id} deleted");
+        }
+        Cmd::Info { id, json } => {
+            let r = rpc(c.get_vm_info(pb::GetVmInfoRequest { vm_id: id }).await)?;
+            let mut backend: Vec<(&String, &String)> = r.backend_info.iter().collect();
+            backend.sort();
+            if json {
+                let v = json!({
+                    "vm_id": r.vm_id,
+                    "customer_id": r.customer_id,
+                    "state": state_name(r.state),
+                    "desired_state": state_name(r.desired_state),
+                    "config": config_json(&r.config),
+                    "backend_info": r.backend_info,
+                    "created_at": ts(&r.created_at),
+                    "updated_at": ts(&r.updated_at),
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let cfg = config_json(&r.config);
+                let rows: Vec<(String, String)> = vec![
+                    ("VM".into(), r.vm_id.clone()),
+                    ("CUSTOMER".into(), r.customer_id.clone()),
+                    ("STATE".into(), state_name(r.state).into()),
+                    ("DESIRED".into(), state_name(r.desired_state).into()),
+                    ("VCPUS".into(), cfg["vcpu_count"].to_string()),
+                    (
+                        "MEMORY_MIB".into(),
+                        (cfg["memory_bytes"].as_i64().unwrap_or(0) / (1024 * 1024)).to_string(),
+                    ),
+                    (
+                        "KERNEL".into(),
+                        cfg["kernel_path"].as_str().unwrap_or("").into(),
+                    ),
+                    (
+                        "INITRD".into(),
+                        cfg["initrd_path"].as_str().unwrap_or("").into(),
+                    ),
+                    (
+                        "CMDLINE".into(),
+                        cfg["kernel_args"].as_str().unwrap_or("").into(),
+                    ),
+                    ("CREATED".into(), ts(&r.created_at)),
+                    ("UPDATED".into(), ts(&r.updated_at)),
+                ];
+                for (k, v) in rows {
+                    println!("{k:<16}{v}");
+                }
+                for (k, v) in backend {
+                    println!("{:<16}{v}", k.to_ascii_uppercase());
+                }
+            }
+        }
+        Cmd::List { state, json } => {
+            let state_filter = state
+                .iter()
+                .map(|s| parse_state(s))
+                .collect::<Result<Vec<_>>>()?;
+            let mut token = String::new();
+            let mut all = Vec::new();
+            loop {
+                let r = rpc(c
+                    .list_vms(pb::ListVmsRequest {
+                        state_filter: state_filter.clone(),
+                        page_size: 500,
+                        page_token: token,
+                    })
+                    .await)?;
+                all.extend(r.vms);
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                token = r.next_page_token;
+            }
+            if json {
+                let v: Vec<Value> = all
+                    .iter()
+                    .map(|vm| {
+                        json!({
+                            "vm_id": vm.vm_id,
+                            "customer_id": vm.customer_id,
+                            "state": state_name(vm.state),
+                            "vcpu_count": vm.vcpu_count,
+                            "memory_bytes": vm.memory_size_bytes,
+                            "created_at": ts(&vm.created_timestamp),
+                            "updated_at": ts(&vm.modified_timestamp),
+                            "metadata": vm.metadata,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<40} {:<16} {:<9} {:>5} {:>8}",
+                    "VM", "CUSTOMER", "STATE", "VCPUS", "MEM_MIB"
+                );
+                for vm in &all {
+                    println!(
+                        "{:<40} {:<16} {:<9} {:>5} {:>8}",
+                        vm.vm_id,
+                        vm.customer_id,
+                        state_name(vm.state),
+                        vm.vcpu_count,
+                        vm.memory_size_bytes / (1024 * 1024)
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

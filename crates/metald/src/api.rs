@@ -1,0 +1,396 @@
+//! The gRPC layer: parses and validates requests, hands typed operations to the
+//! [`Supervisor`], and maps results back to protobuf. It holds no VM state of its own.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metald_api::v1 as pb;
+use metald_api::v1::vm_service_server::VmService;
+use tonic::{Request, Response, Status};
+use tracing::debug;
+
+use crate::error::Error;
+use crate::model::{Transition, VmId, VmSpec, VmSpecInput, VmState};
+use crate::store::VmRecord;
+use crate::supervisor::Supervisor;
+
+/// The `metald.v1.VmService` implementation.
+#[derive(Debug, Clone)]
+pub struct VmApi {
+    sup: Arc<Supervisor>,
+}
+
+impl VmApi {
+    /// An API over `sup`.
+    pub fn new(sup: Arc<Supervisor>) -> Self {
+        VmApi { sup }
+    }
+
+    /// The tonic server for this API.
+    pub fn into_server(self) -> pb::vm_service_server::VmServiceServer<VmApi> {
+        pb::vm_service_server::VmServiceServer::new(self)
+    }
+
+    async fn lifecycle(
+        &self,
+        vm_id: &str,
+        op: Transition,
+        graceful: Option<Duration>,
+    ) -> Result<VmRecord, Status> {
+        let id = VmId::parse("vm_id", vm_id)?;
+        Ok(self.sup.transition(&id, op, graceful).await?)
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let msg = e.to_string();
+        match e {
+            Error::InvalidArgument { .. } => Status::invalid_argument(msg),
+            Error::NotFound(_) => Status::not_found(msg),
+            Error::AlreadyExists(_) => Status::already_exists(msg),
+            Error::FailedPrecondition(_) => Status::failed_precondition(msg),
+            Error::Unavailable(..) => Status::unavailable(msg),
+            Error::Driver(_) => Status::internal(msg),
+            Error::Config(_) => Status::failed_precondition(msg),
+            Error::Store(_) | Error::CorruptRow { .. } | Error::Io { .. } => Status::internal(msg),
+        }
+    }
+}
+
+/// The protobuf enum value of a state.
+pub fn state_to_pb(s: VmState) -> pb::VmState {
+    match s {
+        VmState::Created => pb::VmState::Created,
+        VmState::Running => pb::VmState::Running,
+        VmState::Paused => pb::VmState::Paused,
+        VmState::Shutdown => pb::VmState::Shutdown,
+    }
+}
+
+fn state_from_pb(field: &str, v: i32) -> Result<VmState, Error> {
+    match pb::VmState::try_from(v) {
+        Ok(pb::VmState::Created) => Ok(VmState::Created),
+        Ok(pb::VmState::Running) => Ok(VmState::Running),
+        Ok(pb::VmState::Paused) => Ok(VmState::Paused),
+        Ok(pb::VmState::Shutdown) => Ok(VmState::Shutdown),
+        _ => Err(Error::invalid(field, format!("{v} is not a VM state"))),
+    }
+}
+
+fn ts(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+fn spec_input(cfg: Option<pb::VmConfig>) -> Result<VmSpecInput, Error> {
+    let cfg = cfg.ok_or_else(|| Error::invalid("config", "is required"))?;
+    let cpu = cfg
+        .cpu
+        .ok_or_else(|| Error::invalid("config.cpu", "is required"))?;
+    let mem = cfg
+        .memory
+        .ok_or_else(|| Error::invalid("config.memory", "is required"))?;
+    let boot = cfg
+        .boot
+        .ok_or_else(|| Error::invalid("config.boot", "is required"))?;
+    Ok(VmSpecInput {
+        vcpus: i64::from(cpu.vcpu_count),
+        memory_bytes: mem.size_bytes,
+        kernel: boot.kernel_path,
+        initrd: boot.initrd_path,
+        kernel_args: boot.kernel_args,
+        drives: cfg
+            .storage
+            .into_iter()
+            .map(|d| (d.id, d.path, d.read_only, d.is_root_device))
+            .collect(),
+        nics: cfg
+            .network
+            .into_iter()
+            .map(|n| (n.id, n.mac_address, n.tap_device))
+            .collect(),
+        // An absent console section means the default: console on.
+        console: cfg.console.is_none_or(|c| c.enabled),
+        metadata: cfg.metadata.into_iter().collect(),
+    })
+}
+
+fn spec_to_pb(s: &VmSpec) -> pb::VmConfig {
+    pb::VmConfig {
+        cpu: Some(pb::CpuConfig {
+            vcpu_count: i32::try_from(s.vcpus).unwrap_or(i32::MAX),
+        }),
+        memory: Some(pb::MemoryConfig {
+            size_bytes: i64::try_from(s.memory_bytes).unwrap_or(i64::MAX),
+        }),
+        boot: Some(pb::BootConfig {
+            kernel_path: s.kernel.display().to_string(),
+            initrd_path: s
+                .initrd
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            kernel_args: s.kernel_args.clone(),
+        }),
+        storage: s
+            .drives
+            .iter()
+            .map(|d| pb::StorageDevice {
+                id: d.id.clone(),
+                path: d.path.display().to_string(),
+                read_only: d.read_only,
+                is_root_device: d.is_root,
+            })
+            .collect(),
+        network: s
+            .nics
+            .iter()
+            .map(|n| pb::NetworkInterface {
+                id: n.id.clone(),
+                mac_address: n.mac.clone(),
+                tap_device: n.tap.clone(),
+            })
+            .collect(),
+        console: Some(pb::ConsoleConfig { enabled: s.console }),
+        metadata: s.metadata.clone().into_iter().collect(),
+    }
+}
+
+fn backend_info(kind: &str, rec: &VmRecord) -> HashMap<String, String> {
+    let mut m = HashMap::new();
+    m.insert("vmm".into(), kind.to_string());
+    let ep = rec.endpoint.as_ref();
+    m.insert(
+        "pid".into(),
+        ep.map(|e| e.pid.to_string()).unwrap_or_default(),
+    );
+    m.insert(
+        "start_time".into(),
+        ep.map(|e| e.start_time.to_string()).unwrap_or_default(),
+    );
+    m.insert(
+        "control_socket".into(),
+        ep.map(|e| e.control_socket.display().to_string())
+            .unwrap_or_default(),
+    );
+    if let Some(e) = ep {
+        m.insert("console_log".into(), e.console_log.display().to_string());
+        if let Some(dir) = e.control_socket.parent() {
+            m.insert("run_dir".into(), dir.display().to_string());
+        }
+    }
+    if let Some(x) = &rec.last_exit {
+        m.insert("last_exit".into(), x.clone());
+    }
+    m
+}
+
+fn desired_to_pb(rec: &VmRecord) -> i32 {
+    match rec.desired {
+        crate::model::Desired::State(s) => state_to_pb(s) as i32,
+        crate::model::Desired::Deleted => pb::VmState::Unspecified as i32,
+    }
+}
+
+#[tonic::async_trait]
+impl VmService for VmApi {
+    async fn create_vm(
+        &self,
+        req: Request<pb::CreateVmRequest>,
+    ) -> Result<Response<pb::CreateVmResponse>, Status> {
+        let r = req.into_inner();
+        let vm_id = if r.vm_id.is_empty() {
+            None
+        } else {
+            Some(VmId::parse("vm_id", &r.vm_id)?)
+        };
+        if r.customer_id.is_empty()
+            || r.customer_id.len() > 128
+            || !r
+                .customer_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-@".contains(&b))
+        {
+            return Err(Error::invalid(
+                "customer_id",
+                "is required and must match [A-Za-z0-9_.@-]{1,128}",
+            )
+            .into());
+        }
+        let spec = spec_input(r.config)?.validate(self.sup.config())?;
+        let rec = self.sup.create(vm_id, r.customer_id, spec).await?;
+        debug!(vm_id = %rec.vm_id, "CreateVm done");
+        Ok(Response::new(pb::CreateVmResponse {
+            vm_id: rec.vm_id.to_string(),
+            state: state_to_pb(rec.observed) as i32,
+        }))
+    }
+
+    async fn delete_vm(
+        &self,
+        req: Request<pb::DeleteVmRequest>,
+    ) -> Result<Response<pb::DeleteVmResponse>, Status> {
+        let r = req.into_inner();
+        let id = VmId::parse("vm_id", &r.vm_id)?;
+        let graceful = (!r.force).then_some(self.sup.config().shutdown_timeout);
+        self.sup.delete(&id, graceful).await?;
+        Ok(Response::new(pb::DeleteVmResponse { success: true }))
+    }
+
+    async fn boot_vm(
+        &self,
+        req: Request<pb::BootVmRequest>,
+    ) -> Result<Response<pb::BootVmResponse>, Status> {
+        let rec = self
+            .lifecycle(&req.into_inner().vm_id, Transition::Boot, None)
+            .await?;
+        Ok(Response::new(pb::BootVmResponse {
+            success: true,
+            state: state_to_pb(rec.observed) as i32,
+        }))
+    }
+
+    async fn shutdown_vm(
+        &self,
+        req: Request<pb::ShutdownVmRequest>,
+    ) -> Result<Response<pb::ShutdownVmResponse>, Status> {
+        let r = req.into_inner();
+        if r.timeout_seconds < 0 || r.timeout_seconds > 3600 {
+            return Err(Error::invalid("timeout_seconds", "must be between 0 and 3600").into());
+        }
+        let graceful = if r.force {
+            None
+        } else if r.timeout_seconds == 0 {
+            Some(self.sup.config().shutdown_timeout)
+        } else {
+            Some(Duration::from_secs(r.timeout_seconds.unsigned_abs().into()))
+        };
+        let rec = self
+            .lifecycle(&r.vm_id, Transition::Shutdown, graceful)
+            .await?;
+        Ok(Response::new(pb::ShutdownVmResponse {
+            success: true,
+            state: state_to_pb(rec.observed) as i32,
+        }))
+    }
+
+    async fn pause_vm(
+        &self,
+        req: Request<pb::PauseVmRequest>,
+    ) -> Result<Response<pb::PauseVmResponse>, Status> {
+        let rec = self
+            .lifecycle(&req.into_inner().vm_id, Transition::Pause, None)
+            .await?;
+        Ok(Response::new(pb::PauseVmResponse {
+            success: true,
+            state: state_to_pb(rec.observed) as i32,
+        }))
+    }
+
+    async fn resume_vm(
+        &self,
+        req: Request<pb::ResumeVmRequest>,
+    ) -> Result<Response<pb::ResumeVmResponse>, Status> {
+        let rec = self
+            .lifecycle(&req.into_inner().vm_id, Transition::Resume, None)
+            .await?;
+        Ok(Response::new(pb::ResumeVmResponse {
+            success: true,
+            state: state_to_pb(rec.observed) as i32,
+        }))
+    }
+
+    async fn reboot_vm(
+        &self,
+        req: Request<pb::RebootVmRequest>,
+    ) -> Result<Response<pb::RebootVmResponse>, Status> {
+        let rec = self
+            .lifecycle(&req.into_inner().vm_id, Transition::Reboot, None)
+            .await?;
+        Ok(Response::new(pb::RebootVmResponse {
+            success: true,
+            state: state_to_pb(rec.observed) as i32,
+        }))
+    }
+
+    async fn get_vm_info(
+        &self,
+        req: Request<pb::GetVmInfoRequest>,
+    ) -> Result<Response<pb::GetVmInfoResponse>, Status> {
+        let id = VmId::parse("vm_id", &req.into_inner().vm_id)?;
+        let rec = self.sup.get(&id).await?;
+        Ok(Response::new(pb::GetVmInfoResponse {
+            vm_id: rec.vm_id.to_string(),
+            config: Some(spec_to_pb(&rec.spec)),
+            state: state_to_pb(rec.observed) as i32,
+            backend_info: backend_info(self.sup.vmm_kind(), &rec),
+            customer_id: rec.customer_id.clone(),
+            desired_state: desired_to_pb(&rec),
+            created_at: Some(ts(rec.created_at_ms)),
+            updated_at: Some(ts(rec.updated_at_ms)),
+        }))
+    }
+
+    async fn list_vms(
+        &self,
+        req: Request<pb::ListVmsRequest>,
+    ) -> Result<Response<pb::ListVmsResponse>, Status> {
+        let r = req.into_inner();
+        if r.page_size < 0 {
+            return Err(Error::invalid("page_size", "must not be negative").into());
+        }
+        let size = match r.page_size {
+            0 => 100,
+            n => n.min(1000),
+        };
+        let size = usize::try_from(size).unwrap_or(100);
+        let states = r
+            .state_filter
+            .iter()
+            .enumerate()
+            .map(|(i, v)| state_from_pb(&format!("state_filter[{i}]"), *v))
+            .collect::<Result<Vec<_>, _>>()?;
+        let after = if r.page_token.is_empty() {
+            None
+        } else {
+            let id = VmId::parse("page_token", &r.page_token)
+                .map_err(|_| Error::invalid("page_token", "is not a token from ListVms"))?;
+            Some(id.to_string())
+        };
+        let (rows, total) = self
+            .sup
+            .store()
+            .page(states, after, size + 1)
+            .await
+            .map_err(Status::from)?;
+        let more = rows.len() > size;
+        let rows: Vec<VmRecord> = rows.into_iter().take(size).collect();
+        let next_page_token = if more {
+            rows.last().map(|r| r.vm_id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let vms = rows
+            .iter()
+            .map(|rec| pb::VmInfo {
+                vm_id: rec.vm_id.to_string(),
+                state: state_to_pb(rec.observed) as i32,
+                vcpu_count: i32::try_from(rec.spec.vcpus).unwrap_or(i32::MAX),
+                memory_size_bytes: i64::try_from(rec.spec.memory_bytes).unwrap_or(i64::MAX),
+                created_timestamp: Some(ts(rec.created_at_ms)),
+                modified_timestamp: Some(ts(rec.updated_at_ms)),
+                metadata: rec.spec.metadata.clone().into_iter().collect(),
+                customer_id: rec.customer_id.clone(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListVmsResponse {
+            vms,
+            next_page_token,
+            total_count: i32::try_from(total).unwrap_or(i32::MAX),
+        }))
+    }
+}

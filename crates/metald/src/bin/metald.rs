@@ -1,0 +1,81 @@
+//! The metald daemon: a thin command line over the `metald` library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use metald::config::{Config, LogFormat};
+
+/// Runs microVMs, one VMM process each, and keeps them running.
+#[derive(Debug, Parser)]
+#[command(name = "metald", version)]
+struct Args {
+    /// TOML config file; the flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Registry, run directories and sockets live here.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// API address: unix:PATH or tcp:HOST:PORT.
+    #[arg(long)]
+    listen: Option<String>,
+    /// QEMU accelerator: kvm or tcg.
+    #[arg(long)]
+    accel: Option<String>,
+    /// A directory kernels, initrds and drives may come from (repeatable).
+    #[arg(long = "asset-dir")]
+    asset_dirs: Vec<PathBuf>,
+    /// Log format: json or text.
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut cfg = match &args.config {
+        Some(p) => Config::from_file(p)?,
+        None => Config::default(),
+    };
+    if let Some(d) = args.state_dir {
+        cfg.state_dir = d;
+    }
+    if let Some(l) = args.listen {
+        cfg.listen = Some(l);
+    }
+    if let Some(a) = args.accel {
+        cfg.accel = a.parse()?;
+    }
+    if !args.asset_dirs.is_empty() {
+        cfg.asset_dirs = args.asset_dirs;
+    }
+    if let Some(f) = args.log_format {
+        cfg.log_format = f.parse::<LogFormat>()?;
+    }
+    metald::telemetry::init(cfg.log_format);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async move {
+        metald::daemon::run(cfg, shutdown_signal())
+            .await
+            .context("metald failed")
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the daemon can still be stopped with SIGKILL; VMMs survive it.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

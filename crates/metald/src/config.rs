@@ -1,0 +1,309 @@
+//! Daemon configuration: a TOML file, overridden by command-line flags. Every knob has a default
+//! suited to a production KVM host; tests and the demo override the accelerator to `tcg`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Which accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Hardware virtualization; what production hosts use.
+    Kvm,
+    /// QEMU's software emulation; for hosts without working (nested) KVM, such as CI.
+    Tcg,
+}
+
+impl std::str::FromStr for Accel {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "kvm" => Ok(Accel::Kvm),
+            "tcg" => Ok(Accel::Tcg),
+            other => Err(Error::Config(format!(
+                "accel: {other:?} is not one of kvm, tcg"
+            ))),
+        }
+    }
+}
+
+/// Where the gRPC API listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A unix socket (created with mode 0660).
+    Unix(PathBuf),
+    /// A TCP address, `HOST:PORT`.
+    Tcp(String),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err(Error::Config("listen: unix: needs a path".into()));
+            }
+            Ok(Listen::Unix(PathBuf::from(p)))
+        } else if let Some(a) = s.strip_prefix("tcp:") {
+            if a.is_empty() {
+                return Err(Error::Config("listen: tcp: needs HOST:PORT".into()));
+            }
+            Ok(Listen::Tcp(a.to_string()))
+        } else {
+            Err(Error::Config(format!(
+                "listen: {s:?} must be unix:PATH or tcp:HOST:PORT"
+            )))
+        }
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+            Listen::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line; what log pipelines and alert rules consume.
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "json" => Ok(LogFormat::Json),
+            "text" => Ok(LogFormat::Text),
+            other => Err(Error::Config(format!(
+                "log_format: {other:?} is not one of json, text"
+            ))),
+        }
+    }
+}
+
+/// The daemon's whole configuration, as read from `--config FILE`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Registry, run directories, sockets and logs live here.
+    pub state_dir: PathBuf,
+    /// `unix:PATH` or `tcp:HOST:PORT`; defaults to `unix:<state_dir>/metald.sock`.
+    pub listen: Option<String>,
+    /// Accelerator for QEMU guests.
+    pub accel: Accel,
+    /// The only roots from which kernels, initrds and drives may be used.
+    pub asset_dirs: Vec<PathBuf>,
+    /// Log format on stdout.
+    pub log_format: LogFormat,
+    /// Per-VM resource limits.
+    pub limits: Limits,
+    /// QEMU driver settings.
+    pub qemu: QemuConfig,
+    /// How long a guest may take to power off on ShutdownVm before its VMM is stopped.
+    #[serde(with = "secs")]
+    pub shutdown_timeout: Duration,
+}
+
+/// Per-VM resource limits checked at CreateVm.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Smallest guest memory accepted, in MiB.
+    pub min_memory_mib: u64,
+    /// Largest guest memory accepted, in MiB.
+    pub max_memory_mib: u64,
+    /// Most vCPUs one VM may have; defaults to the host's CPU count.
+    pub max_vcpus: Option<u32>,
+}
+
+/// QEMU driver settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QemuConfig {
+    /// The `qemu-system-x86_64` binary.
+    pub binary: PathBuf,
+    /// How long a new QEMU may take to create its QMP socket.
+    #[serde(with = "millis")]
+    pub spawn_timeout: Duration,
+    /// Timeout for one QMP command, connection included.
+    #[serde(with = "millis")]
+    pub qmp_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            state_dir: PathBuf::from("/var/lib/metald"),
+            listen: None,
+            accel: Accel::Kvm,
+            asset_dirs: Vec::new(),
+            log_format: LogFormat::Json,
+            limits: Limits::default(),
+            qemu: QemuConfig::default(),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            min_memory_mib: 128,
+            max_memory_mib: 64 * 1024,
+            max_vcpus: None,
+        }
+    }
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        QemuConfig {
+            binary: PathBuf::from("qemu-system-x86_64"),
+            spawn_timeout: Duration::from_secs(5),
+            qmp_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading config {}", path.display()), e))?;
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// The API listen address, defaulting to a unix socket in the state directory.
+    pub fn listen(&self) -> Result<Listen> {
+        match &self.listen {
+            Some(s) => s.parse(),
+            None => Ok(Listen::Unix(self.state_dir.join("metald.sock"))),
+        }
+    }
+
+    /// Most vCPUs a VM may have on this host.
+    pub fn max_vcpus(&self) -> u32 {
+        self.limits.max_vcpus.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+                .unwrap_or(1)
+        })
+    }
+
+    /// Path of the SQLite registry.
+    pub fn db_path(&self) -> PathBuf {
+        self.state_dir.join("metald.db")
+    }
+
+    /// Directory that holds one run directory per VM.
+    pub fn run_root(&self) -> PathBuf {
+        self.state_dir.join("run")
+    }
+
+    /// Checks the settings that can be checked before anything starts.
+    pub fn validate(&self) -> Result<()> {
+        if self.asset_dirs.is_empty() {
+            return Err(Error::Config(
+                "asset_dirs: at least one asset directory is required; kernels, initrds and \
+                 drives may only come from them"
+                    .into(),
+            ));
+        }
+        if self.limits.min_memory_mib == 0
+            || self.limits.min_memory_mib > self.limits.max_memory_mib
+        {
+            return Err(Error::Config(
+                "limits: min_memory_mib must be > 0 and <= max_memory_mib".into(),
+            ));
+        }
+        // A unix socket path is limited to 107 bytes. The longest control socket metald creates
+        // is <state_dir>/run/<64-char id>/qmp.sock, so refuse a state dir that cannot hold it
+        // rather than failing on the first VM with a long id.
+        let longest = self.run_root().join("x".repeat(64)).join("qmp.sock");
+        if longest.as_os_str().len() > 107 {
+            return Err(Error::Config(format!(
+                "state_dir: {} is too long for unix socket paths below it (at most {} bytes)",
+                self.state_dir.display(),
+                107 - (longest.as_os_str().len() - self.state_dir.as_os_str().len())
+            )));
+        }
+        self.listen()?;
+        Ok(())
+    }
+}
+
+mod secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(v).map_err(serde::de::Error::custom)
+    }
+}
+
+mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_listen_forms() {
+        assert_eq!(
+            "unix:/a/b".parse::<Listen>().ok(),
+            Some(Listen::Unix("/a/b".into()))
+        );
+        assert_eq!(
+            "tcp:127.0.0.1:9".parse::<Listen>().ok(),
+            Some(Listen::Tcp("127.0.0.1:9".into()))
+        );
+        assert!("http://x".parse::<Listen>().is_err());
+        assert!("unix:".parse::<Listen>().is_err());
+    }
+
+    #[test]
+    fn refuses_state_dir_too_long_for_sockets() {
+        let cfg = Config {
+            state_dir: PathBuf::from(format!("/{}", "d".repeat(60))),
+            asset_dirs: vec!["/".into()],
+            ..Config::default()
+        };
+        assert!(matches!(cfg.validate(), Err(Error::Config(m)) if m.contains("state_dir")));
+    }
+
+    #[test]
+    fn toml_overrides_defaults() {
+        let cfg: Config = toml::from_str(
+            "accel = \"tcg\"\nasset_dirs = [\"/srv\"]\nshutdown_timeout = 2.5\n[limits]\nmin_memory_mib = 256\n",
+        )
+        .unwrap_or_default();
+        assert_eq!(cfg.accel, Accel::Tcg);
+        assert_eq!(cfg.limits.min_memory_mib, 256);
+        assert_eq!(cfg.shutdown_timeout, Duration::from_millis(2500));
+        assert_eq!(cfg.limits.max_memory_mib, 64 * 1024);
+    }
+}

@@ -1,0 +1,106 @@
+//! Wiring: opens the registry, re-attaches to running VMMs, serves the API, and shuts down
+//! gracefully. Graceful shutdown stops accepting calls, lets calls in progress finish, and leaves
+//! every VMM running for the next metald to adopt.
+
+use std::future::Future;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tracing::info;
+
+use crate::api::VmApi;
+use crate::config::{Config, Listen};
+use crate::driver::qemu::QemuDriver;
+use crate::error::{Error, Result};
+use crate::store::Store;
+use crate::supervisor::Supervisor;
+
+/// How long shutdown waits for operations in progress.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+
+/// Runs the daemon until `shutdown` resolves.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+    cfg.validate()?;
+    std::fs::create_dir_all(cfg.run_root())
+        .map_err(|e| Error::io(format!("creating {}", cfg.run_root().display()), e))?;
+    let _lock = lock_state_dir(&cfg)?;
+    let store = Store::open(&cfg.db_path())?;
+    let driver = Arc::new(QemuDriver::new(cfg.qemu.clone(), cfg.accel));
+    let sup = Supervisor::new(cfg.clone(), store, driver);
+    let report = sup.attach_all().await?;
+
+    let listen = cfg.listen()?;
+    let server =
+        tonic::transport::Server::builder().add_service(VmApi::new(sup.clone()).into_server());
+    match &listen {
+        Listen::Unix(path) => {
+            remove_stale_socket(path)?;
+            let l = UnixListener::bind(path)
+                .map_err(|e| Error::io(format!("binding {}", path.display()), e))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+                .map_err(|e| Error::io(format!("chmod {}", path.display()), e))?;
+            info!(listen = %listen, adopted = report.adopted, accel = ?cfg.accel, "metald ready");
+            server
+                .serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown)
+                .await
+                .map_err(|e| Error::io("serving gRPC", std::io::Error::other(e)))?;
+            let _ = std::fs::remove_file(path);
+        }
+        Listen::Tcp(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::io(format!("binding {addr}"), e))?;
+            let local = l
+                .local_addr()
+                .map_err(|e| Error::io("reading the bound address", e))?;
+            info!(listen = %listen, local_addr = %local, adopted = report.adopted, accel = ?cfg.accel, "metald ready");
+            server
+                .serve_with_incoming_shutdown(TcpListenerStream::new(l), shutdown)
+                .await
+                .map_err(|e| Error::io("serving gRPC", std::io::Error::other(e)))?;
+        }
+    }
+    info!("shutting down; vmms keep running");
+    sup.shutdown(SHUTDOWN_GRACE).await;
+    info!("metald stopped");
+    Ok(())
+}
+
+/// Removes a socket file left by a metald that did not exit cleanly; refuses to remove anything
+/// that is not a socket.
+fn remove_stale_socket(path: &std::path::Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
+            .map_err(|e| Error::io(format!("removing stale {}", path.display()), e)),
+        Ok(_) => Err(Error::Config(format!(
+            "listen: {} exists and is not a socket",
+            path.display()
+        ))),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Holds an exclusive lock on `<state_dir>/metald.lock` for the daemon's life, so two daemons
+/// never drive the same registry and VMMs.
+fn lock_state_dir(cfg: &Config) -> Result<std::fs::File> {
+    let path = cfg.state_dir.join("metald.lock");
+    let f = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    // SAFETY: flock takes an fd we own (kept open by `f`) and flags; no memory is passed.
+    let ret = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if ret != 0 {
+        return Err(Error::Config(format!(
+            "state_dir: {} is in use by another metald",
+            cfg.state_dir.display()
+        )));
+    }
+    Ok(f)
+}

@@ -1,0 +1,154 @@
+//! VMM drivers behind one trait.
+//!
+//! A driver knows how to start one kind of VMM and talk to its control API; nothing above this
+//! module knows which VMM a VM runs on. The controller calls `spawn` and `configure` at create,
+//! `boot`, `pause`, `resume` and `shutdown` on user operations, `ping` for health, and `kill` when
+//! a VMM must go now. Exit is observed through the pidfd in [`VmmProcess`], never by polling.
+
+pub mod qemu;
+pub mod qmp;
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+
+use crate::model::{VmId, VmSpec};
+use crate::process::Pidfd;
+
+/// Errors from a VMM driver.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The VMM process could not be started.
+    #[error("starting the VMM failed: {0}")]
+    Spawn(String),
+    /// The VMM's control socket did not appear or could not be reached.
+    #[error("control socket {path}: {reason}")]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The VMM did not answer in time.
+    #[error("the VMM did not answer {what} within {millis} ms")]
+    Timeout {
+        /// The command that timed out.
+        what: String,
+        /// The timeout.
+        millis: u128,
+    },
+    /// The VMM answered with an error.
+    #[error("the VMM refused {what}: {reason}")]
+    Refused {
+        /// The command.
+        what: String,
+        /// The VMM's error message.
+        reason: String,
+    },
+    /// The VMM spoke something other than its protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The VMM exited while starting.
+    #[error("the VMM exited during start-up: {0}")]
+    EarlyExit(String),
+    /// The driver does not support this operation.
+    #[error("{0} is not supported by the {1} driver")]
+    Unsupported(&'static str, &'static str),
+    /// An OS call failed.
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+}
+
+/// What a driver needs to start a VM's VMM.
+#[derive(Debug, Clone)]
+pub struct SpawnRequest<'a> {
+    /// The VM.
+    pub vm_id: &'a VmId,
+    /// Its validated config.
+    pub spec: &'a VmSpec,
+    /// Its run directory (exists, empty or holding files from an earlier run).
+    pub run_dir: &'a Path,
+}
+
+/// Where a running VMM can be reached. Stored in the registry so metald can find it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmEndpoint {
+    /// The VMM's pid.
+    pub pid: i32,
+    /// Its start time (clock ticks since boot); with the pid, identifies the process.
+    pub start_time: u64,
+    /// Its control socket (QMP, or Firecracker's API socket).
+    pub control_socket: PathBuf,
+    /// Guest serial output.
+    pub console_log: PathBuf,
+}
+
+/// A live VMM process: where to reach it, and a pidfd to watch and signal it.
+#[derive(Debug)]
+pub struct VmmProcess {
+    /// How to reach it.
+    pub endpoint: VmmEndpoint,
+    /// Its pidfd.
+    pub pidfd: Pidfd,
+}
+
+/// What a VMM reports about its guest on `ping`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestRun {
+    /// Created, never booted.
+    NotStarted,
+    /// vCPUs running.
+    Running,
+    /// vCPUs paused.
+    Paused,
+    /// The guest has shut down but the VMM is still there.
+    ShutDown,
+}
+
+/// One kind of VMM.
+#[async_trait]
+pub trait VmmDriver: Send + Sync + 'static {
+    /// Short name (`qemu`, `firecracker`), shown in backend_info.
+    fn kind(&self) -> &'static str;
+
+    /// Starts the VMM process (guest not booted) and waits, bounded, for its control socket.
+    async fn spawn(&self, req: &SpawnRequest<'_>) -> Result<VmmProcess, DriverError>;
+
+    /// Applies the VM's config through the control API. A no-op where the command line carries it.
+    async fn configure(&self, ep: &VmmEndpoint, spec: &VmSpec) -> Result<(), DriverError>;
+
+    /// Starts the guest.
+    async fn boot(&self, ep: &VmmEndpoint) -> Result<(), DriverError>;
+
+    /// Pauses the vCPUs.
+    async fn pause(&self, ep: &VmmEndpoint) -> Result<(), DriverError>;
+
+    /// Resumes the vCPUs.
+    async fn resume(&self, ep: &VmmEndpoint) -> Result<(), DriverError>;
+
+    /// Asks the guest to power off (ACPI power button or Ctrl-Alt-Del). Returns once the request
+    /// was delivered; the caller waits on the pidfd for the exit.
+    async fn shutdown(&self, ep: &VmmEndpoint) -> Result<(), DriverError>;
+
+    /// Asks the VMM to exit now without the guest's cooperation. The caller escalates to
+    /// [`VmmDriver::kill`] if it does not.
+    async fn quit(&self, ep: &VmmEndpoint) -> Result<(), DriverError>;
+
+    /// Checks that the VMM's API answers, and reports the guest's run state.
+    async fn ping(&self, ep: &VmmEndpoint) -> Result<GuestRun, DriverError>;
+
+    /// Writes a snapshot of a paused VM to `dest`.
+    async fn snapshot(&self, ep: &VmmEndpoint, dest: &Path) -> Result<(), DriverError>;
+
+    /// Whether a process command line is this VM's VMM, so a pid found in the registry is only
+    /// adopted if the process really is ours.
+    fn owns_cmdline(&self, vm_id: &VmId, cmdline: &[String]) -> bool;
+
+    /// Kills the VMM with SIGKILL through its pidfd, which cannot hit a reused pid.
+    fn kill(&self, proc_: &VmmProcess) -> Result<(), DriverError> {
+        proc_
+            .pidfd
+            .signal(libc::SIGKILL)
+            .map_err(|e| DriverError::Io(format!("SIGKILL pid {}", proc_.endpoint.pid), e))
+    }
+}

@@ -1,0 +1,315 @@
+//! The QEMU `microvm` driver: one `qemu-system-x86_64 -M microvm` process per VM, configured on
+//! its command line and driven over QMP.
+//!
+//! QEMU starts with `-S` (vCPUs held) so that create and boot are separate steps, like
+//! Firecracker's configure-then-InstanceStart. It runs with `-no-reboot`: a guest reboot (or a QMP
+//! `system_reset`) makes QEMU exit, and the controller turns a reboot into a supervised restart.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+
+use super::{DriverError, GuestRun, SpawnRequest, VmmDriver, VmmEndpoint, VmmProcess, qmp};
+use crate::config::{Accel, QemuConfig};
+use crate::model::{VmId, VmSpec};
+use crate::process::spawn_detached;
+
+/// The marker in every QEMU command line metald starts: `-name metald.<vm_id>`. It is how
+/// re-attach recognises a VM's process and how strays are found.
+pub const NAME_PREFIX: &str = "metald.";
+
+/// File names inside a VM's run directory.
+pub const QMP_SOCKET: &str = "qmp.sock";
+/// Guest serial output.
+pub const CONSOLE_LOG: &str = "console.log";
+/// QEMU's own stdout and stderr.
+pub const VMM_LOG: &str = "vmm.log";
+
+/// Drives QEMU `microvm` guests.
+#[derive(Debug, Clone)]
+pub struct QemuDriver {
+    cfg: QemuConfig,
+    accel: Accel,
+}
+
+impl QemuDriver {
+    /// A driver using these settings.
+    pub fn new(cfg: QemuConfig, accel: Accel) -> Self {
+        QemuDriver { cfg, accel }
+    }
+
+    /// The QEMU command line for a VM (without the binary).
+    pub fn args(&self, vm_id: &VmId, spec: &VmSpec, run_dir: &Path) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+        push(&["-name", &format!("{NAME_PREFIX}{vm_id}")]);
+        push(&["-M", "microvm"]);
+        match self.accel {
+            Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+            Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+        }
+        push(&["-smp", &spec.vcpus.to_string()]);
+        push(&["-m", &format!("{}M", spec.memory_bytes / (1024 * 1024))]);
+        push(&[
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-S",
+        ]);
+        push(&["-kernel", &spec.kernel.display().to_string()]);
+        if let Some(initrd) = &spec.initrd {
+            push(&["-initrd", &initrd.display().to_string()]);
+        }
+        push(&["-append", &self.kernel_args(spec)]);
+        let console = if spec.console {
+            format!("file:{}", run_dir.join(CONSOLE_LOG).display())
+        } else {
+            "null".to_string()
+        };
+        push(&["-serial", &console]);
+        push(&[
+            "-qmp",
+            &format!(
+                "unix:{},server=on,wait=off",
+                run_dir.join(QMP_SOCKET).display()
+            ),
+        ]);
+        for d in &spec.drives {
+            // Commas in a QEMU option value are escaped by doubling them.
+            let file = d.path.display().to_string().replace(',', ",,");
+            let ro = if d.read_only { "on" } else { "off" };
+            push(&[
+                "-drive",
+                &format!("id={},file={file},format=raw,if=none,readonly={ro}", d.id),
+            ]);
+            push(&["-device", &format!("virtio-blk-device,drive={}", d.id)]);
+        }
+        for n in &spec.nics {
+            push(&[
+                "-netdev",
+                &format!("tap,id={},ifname={},script=no,downscript=no", n.id, n.tap),
+            ]);
+            push(&[
+                "-device",
+                &format!("virtio-net-device,netdev={},mac={}", n.id, n.mac),
+            ]);
+        }
+        a
+    }
+
+    fn kernel_args(&self, spec: &VmSpec) -> String {
+        let mut args = spec.kernel_args.trim().to_string();
+        // `key` is either a `name=` prefix or a bare flag; a value the caller already set wins.
+        let mut add = |present: &dyn Fn(&str) -> bool, v: &str| {
+            if !args.split_ascii_whitespace().any(present) {
+                if !args.is_empty() {
+                    args.push(' ');
+                }
+                args.push_str(v);
+            }
+        };
+        add(&|w| w.starts_with("console="), "console=ttyS0");
+        // Under TCG a guest starved of CPU fails TSC calibration and hangs at boot; telling the
+        // kernel the TSC rate skips the calibration.
+        if self.accel == Accel::Tcg {
+            add(
+                &|w| w.starts_with("tsc_early_khz="),
+                "tsc_early_khz=2000000",
+            );
+        }
+        if let Some(root) = spec.drives.iter().find(|d| d.is_root) {
+            add(&|w| w.starts_with("root="), "root=/dev/vda");
+            add(
+                &|w| w == "ro" || w == "rw",
+                if root.read_only { "ro" } else { "rw" },
+            );
+        }
+        args
+    }
+
+    fn qmp_timeout(&self) -> Duration {
+        self.cfg.qmp_timeout
+    }
+
+    async fn qmp(
+        &self,
+        ep: &VmmEndpoint,
+        cmd: &str,
+        args: Option<Value>,
+    ) -> Result<Value, DriverError> {
+        qmp::execute(&ep.control_socket, cmd, args, self.qmp_timeout()).await
+    }
+}
+
+#[async_trait]
+impl VmmDriver for QemuDriver {
+    fn kind(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn spawn(&self, req: &SpawnRequest<'_>) -> Result<VmmProcess, DriverError> {
+        let sock = req.run_dir.join(QMP_SOCKET);
+        // A socket left by an earlier process would make the readiness check below pass early.
+        let _ = std::fs::remove_file(&sock);
+        let mut cmd = Command::new(&self.cfg.binary);
+        cmd.args(self.args(req.vm_id, req.spec, req.run_dir));
+        cmd.current_dir(req.run_dir);
+        let sp = spawn_detached(cmd, &req.run_dir.join(VMM_LOG))
+            .map_err(|e| DriverError::Spawn(format!("{}: {e}", self.cfg.binary.display())))?;
+        let endpoint = VmmEndpoint {
+            pid: sp.pid,
+            start_time: sp.start_time,
+            control_socket: sock.clone(),
+            console_log: req.run_dir.join(CONSOLE_LOG),
+        };
+        let proc_ = VmmProcess {
+            endpoint,
+            pidfd: sp.pidfd,
+        };
+
+        // Wait for QMP to answer, bounded, and give up early if QEMU exits (bad option, missing
+        // tap device, ...), reporting its own error message.
+        let deadline = Instant::now() + self.cfg.spawn_timeout;
+        loop {
+            if proc_.pidfd.has_exited() {
+                let status = proc_.pidfd.reap();
+                let log = tail(&req.run_dir.join(VMM_LOG), 600);
+                return Err(DriverError::EarlyExit(format!("{status}: {log}")));
+            }
+            if sock.exists() {
+                match self.qmp(&proc_.endpoint, "query-status", None).await {
+                    Ok(_) => return Ok(proc_),
+                    Err(e) if Instant::now() >= deadline => {
+                        let _ = self.kill(&proc_);
+                        return Err(e);
+                    }
+                    Err(_) => {}
+                }
+            }
+            if Instant::now() >= deadline {
+                let _ = self.kill(&proc_);
+                return Err(DriverError::Socket {
+                    path: sock,
+                    reason: format!(
+                        "did not appear within {} ms",
+                        self.cfg.spawn_timeout.as_millis()
+                    ),
+                });
+            }
+            // QEMU creates the socket within milliseconds of starting; there is no event for a
+            // file appearing that is cheaper than this short, bounded poll.
+            tokio::select! {
+                _ = proc_.pidfd.exited() => {}
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+            }
+        }
+    }
+
+    async fn configure(&self, _ep: &VmmEndpoint, _spec: &VmSpec) -> Result<(), DriverError> {
+        // QEMU takes its whole config on the command line.
+        Ok(())
+    }
+
+    async fn boot(&self, ep: &VmmEndpoint) -> Result<(), DriverError> {
+        self.qmp(ep, "cont", None).await.map(|_| ())
+    }
+
+    async fn pause(&self, ep: &VmmEndpoint) -> Result<(), DriverError> {
+        self.qmp(ep, "stop", None).await.map(|_| ())
+    }
+
+    async fn resume(&self, ep: &VmmEndpoint) -> Result<(), DriverError> {
+        self.qmp(ep, "cont", None).await.map(|_| ())
+    }
+
+    async fn shutdown(&self, ep: &VmmEndpoint) -> Result<(), DriverError> {
+        self.qmp(ep, "system_powerdown", None).await.map(|_| ())
+    }
+
+    async fn quit(&self, ep: &VmmEndpoint) -> Result<(), DriverError> {
+        match self.qmp(ep, "quit", None).await {
+            Ok(_) => Ok(()),
+            // QEMU may close the socket before its reply reaches us.
+            Err(DriverError::Protocol(m)) if m.contains("closed") => Ok(()),
+            Err(DriverError::Io(..)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn ping(&self, ep: &VmmEndpoint) -> Result<GuestRun, DriverError> {
+        let v = self.qmp(ep, "query-status", None).await?;
+        let status = v.get("status").and_then(Value::as_str).unwrap_or("");
+        Ok(match status {
+            "running" => GuestRun::Running,
+            "prelaunch" => GuestRun::NotStarted,
+            "shutdown" => GuestRun::ShutDown,
+            _ => GuestRun::Paused,
+        })
+    }
+
+    async fn snapshot(&self, ep: &VmmEndpoint, dest: &Path) -> Result<(), DriverError> {
+        let uri = format!("file:{}", dest.display());
+        self.qmp(ep, "migrate", Some(json!({ "uri": uri })))
+            .await
+            .map(|_| ())
+    }
+
+    fn owns_cmdline(&self, vm_id: &VmId, cmdline: &[String]) -> bool {
+        let want = format!("{NAME_PREFIX}{vm_id}");
+        cmdline.windows(2).any(|w| w[0] == "-name" && w[1] == want)
+    }
+}
+
+/// The last `max` bytes of a file, for error messages.
+fn tail(path: &PathBuf, max: usize) -> String {
+    let data = std::fs::read(path).unwrap_or_default();
+    let start = data.len().saturating_sub(max);
+    String::from_utf8_lossy(&data[start..]).trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            vcpus: 2,
+            memory_bytes: 256 * 1024 * 1024,
+            kernel: "/assets/vmlinux".into(),
+            initrd: Some("/assets/initrd.img".into()),
+            kernel_args: "quiet".into(),
+            drives: vec![crate::model::Drive {
+                id: "root".into(),
+                path: "/assets/a,b.img".into(),
+                read_only: true,
+                is_root: true,
+            }],
+            nics: vec![],
+            console: true,
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn command_line_carries_marker_and_escapes() {
+        let d = QemuDriver::new(QemuConfig::default(), Accel::Tcg);
+        let id = VmId::parse("vm_id", "web-1").unwrap();
+        let args = d.args(&id, &spec(), Path::new("/run/x"));
+        assert!(d.owns_cmdline(&id, &args));
+        assert!(!d.owns_cmdline(&VmId::parse("vm_id", "web-10").unwrap(), &args));
+        let joined = args.join(" ");
+        assert!(joined.contains("-accel tcg"), "{joined}");
+        assert!(joined.contains("file=/assets/a,,b.img"), "{joined}");
+        assert!(joined.contains("-m 256M"), "{joined}");
+        let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
+        assert_eq!(
+            append,
+            "quiet console=ttyS0 tsc_early_khz=2000000 root=/dev/vda ro"
+        );
+    }
+}

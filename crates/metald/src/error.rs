@@ -1,0 +1,76 @@
+//! The library's error type. Each variant maps to one gRPC status code in [`crate::api`], so a
+//! caller always learns which field or precondition was at fault.
+
+use crate::driver::DriverError;
+
+/// Result alias used across the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong inside metald.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request field is invalid; `field` is the request path (for example `config.cpu.vcpu_count`).
+    #[error("{field}: {reason}")]
+    InvalidArgument {
+        /// Dotted path of the offending request field.
+        field: String,
+        /// Why the value was refused.
+        reason: String,
+    },
+    /// No VM with this id exists.
+    #[error("vm {0} not found")]
+    NotFound(String),
+    /// A VM with this id exists already.
+    #[error("vm {0} already exists")]
+    AlreadyExists(String),
+    /// The operation is not valid in the VM's current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The VM's controller is busy or gone (the daemon is shutting down).
+    #[error("vm {0} is unavailable: {1}")]
+    Unavailable(String, String),
+    /// The VMM driver failed.
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    /// The registry failed.
+    #[error("registry: {0}")]
+    Store(#[from] rusqlite::Error),
+    /// A registry row could not be decoded.
+    #[error("registry row for vm {vm_id} is corrupt: {reason}")]
+    CorruptRow {
+        /// The VM whose row is corrupt.
+        vm_id: String,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// A filesystem or OS call failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What metald was doing.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration is invalid.
+    #[error("config: {0}")]
+    Config(String),
+}
+
+impl Error {
+    /// Builds an [`Error::InvalidArgument`].
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Wraps an I/O error with what metald was doing.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}

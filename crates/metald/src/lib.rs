@@ -1,0 +1,29 @@
+//! metald: a per-host daemon that runs customer workloads in microVMs, one VMM process per VM, and
+//! keeps them running.
+//!
+//! The layers, from the wire down:
+//!
+//! * [`api`] parses and validates gRPC requests, then hands typed operations to the
+//!   [`supervisor`], which routes each to the one [`controller`] that owns the VM.
+//! * [`controller`]: one actor task per VM. It records the desired state in the [`store`] first,
+//!   then drives the VMM toward it through a [`driver`], and watches the VMM process for exit.
+//! * [`driver`]: the VMM drivers behind one trait (QEMU `microvm` over QMP today).
+//! * [`process`]: pidfds, `/proc` inspection and detached spawning; never trusts a bare pid.
+//! * [`store`]: the SQLite registry (WAL), the single source of truth.
+//!
+//! Beside them: [`config`], [`model`] (validated VM specs and the lifecycle state machine),
+//! [`daemon`] (wiring, listeners, graceful shutdown) and [`telemetry`] (structured logs).
+
+pub mod api;
+pub mod config;
+pub mod controller;
+pub mod daemon;
+pub mod driver;
+pub mod error;
+pub mod model;
+pub mod process;
+pub mod store;
+pub mod supervisor;
+pub mod telemetry;
+
+pub use error::{Error, Result};

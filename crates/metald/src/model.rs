@@ -1,0 +1,625 @@
+//! The domain model: validated VM ids and specs, and the lifecycle state machine.
+//!
+//! Nothing in here knows about gRPC or about any VMM. [`VmState::apply`] makes the
+//! lifecycle explicit (after cloud-hypervisor's `VmState`): an operation that the current state
+//! does not allow is an error value the API returns, not a bug to hunt.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+/// A VM id: `[A-Za-z0-9_-]{1,64}`. It names run directories and sockets, so it is checked before
+/// it touches the filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct VmId(String);
+
+impl VmId {
+    /// Validates an id; `field` names the request field in the error.
+    pub fn parse(field: &str, s: &str) -> Result<Self> {
+        if s.is_empty() {
+            return Err(Error::invalid(field, "must not be empty"));
+        }
+        if s.len() > 64 {
+            return Err(Error::invalid(field, "must be at most 64 characters"));
+        }
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(Error::invalid(
+                field,
+                format!("{s:?} must match [A-Za-z0-9_-]{{1,64}}"),
+            ));
+        }
+        Ok(VmId(s.to_string()))
+    }
+
+    /// A fresh random id.
+    pub fn generate() -> Self {
+        VmId(format!("vm-{}", uuid::Uuid::new_v4().simple()))
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for VmId {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        VmId::parse("vm_id", &s)
+    }
+}
+
+impl From<VmId> for String {
+    fn from(v: VmId) -> String {
+        v.0
+    }
+}
+
+impl std::fmt::Display for VmId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A VM's lifecycle state, as observed on the VMM. Also used as the desired state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum VmState {
+    /// VMM process started and configured; guest not booted.
+    Created,
+    /// Guest running.
+    Running,
+    /// vCPUs paused.
+    Paused,
+    /// No VMM process.
+    Shutdown,
+}
+
+impl VmState {
+    /// Stable name stored in the registry.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Created => "created",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Shutdown => "shutdown",
+        }
+    }
+
+    /// Parses a registry name.
+    pub fn from_db(s: &str) -> Option<Self> {
+        Some(match s {
+            "created" => VmState::Created,
+            "running" => VmState::Running,
+            "paused" => VmState::Paused,
+            "shutdown" => VmState::Shutdown,
+            _ => return None,
+        })
+    }
+
+    /// The state a user operation leads to from `self`, or why the operation is not allowed
+    /// now. This table is the lifecycle: every operation the API offers is checked here first.
+    pub fn apply(self, op: Transition) -> Result<VmState> {
+        use Transition as T;
+        use VmState::*;
+        let to = match (op, self) {
+            (T::Boot, Created | Shutdown) => Running,
+            (T::Pause, Running) => Paused,
+            (T::Resume, Paused) => Running,
+            (T::Shutdown, Created | Running | Paused) => Shutdown,
+            (T::Reboot, Running | Paused) => Running,
+            _ => {
+                return Err(Error::FailedPrecondition(format!(
+                    "cannot {} a vm that is {}",
+                    op.as_str(),
+                    self.as_str()
+                )));
+            }
+        };
+        Ok(to)
+    }
+
+    /// Whether a VMM process exists in this state.
+    pub fn has_process(self) -> bool {
+        !matches!(self, VmState::Shutdown)
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A user operation on a VM's lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// Start the guest (CREATED or SHUTDOWN to RUNNING).
+    Boot,
+    /// Pause the vCPUs.
+    Pause,
+    /// Resume the vCPUs.
+    Resume,
+    /// Power off.
+    Shutdown,
+    /// Restart the guest.
+    Reboot,
+}
+
+impl Transition {
+    /// Verb used in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transition::Boot => "boot",
+            Transition::Pause => "pause",
+            Transition::Resume => "resume",
+            Transition::Shutdown => "shut down",
+            Transition::Reboot => "reboot",
+        }
+    }
+}
+
+/// What the registry wants a VM to be. `Deleted` is a tombstone: the row stays until the VMM and
+/// every file are gone, so a crash mid-delete finishes the delete on restart instead of
+/// resurrecting the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Desired {
+    /// One of the lifecycle states.
+    State(VmState),
+    /// The VM is being deleted.
+    Deleted,
+}
+
+impl Desired {
+    /// Stable name stored in the registry.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Desired::State(s) => s.as_str(),
+            Desired::Deleted => "deleted",
+        }
+    }
+
+    /// Parses a registry name.
+    pub fn from_db(s: &str) -> Option<Self> {
+        if s == "deleted" {
+            Some(Desired::Deleted)
+        } else {
+            VmState::from_db(s).map(Desired::State)
+        }
+    }
+}
+
+/// A block device attached as virtio-blk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drive {
+    /// Device id, unique within the VM.
+    pub id: String,
+    /// Backing file, inside an asset directory.
+    pub path: PathBuf,
+    /// Attach read-only.
+    pub read_only: bool,
+    /// The guest's root filesystem.
+    pub is_root: bool,
+}
+
+/// A network interface backed by a host tap device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Nic {
+    /// Interface id, unique within the VM.
+    pub id: String,
+    /// Guest MAC, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// Host tap device name.
+    pub tap: String,
+}
+
+/// A validated VM configuration, as stored in the registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest memory in bytes (a whole number of MiB).
+    pub memory_bytes: u64,
+    /// Kernel image (canonical path inside an asset directory).
+    pub kernel: PathBuf,
+    /// Optional initrd (canonical path inside an asset directory).
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line as given by the caller.
+    pub kernel_args: String,
+    /// Block devices; the root device, if any, first.
+    pub drives: Vec<Drive>,
+    /// Network interfaces.
+    pub nics: Vec<Nic>,
+    /// Write guest serial output to the console log.
+    pub console: bool,
+    /// Free-form labels.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// What a caller asked for, before validation. The API layer fills this from the protobuf.
+#[derive(Debug, Clone, Default)]
+pub struct VmSpecInput {
+    /// `config.cpu.vcpu_count`.
+    pub vcpus: i64,
+    /// `config.memory.size_bytes`.
+    pub memory_bytes: i64,
+    /// `config.boot.kernel_path`.
+    pub kernel: String,
+    /// `config.boot.initrd_path`.
+    pub initrd: String,
+    /// `config.boot.kernel_args`.
+    pub kernel_args: String,
+    /// `config.storage`: (id, path, read_only, is_root).
+    pub drives: Vec<(String, String, bool, bool)>,
+    /// `config.network`: (id, mac, tap).
+    pub nics: Vec<(String, String, String)>,
+    /// `config.console.enabled`.
+    pub console: bool,
+    /// `config.metadata`.
+    pub metadata: BTreeMap<String, String>,
+}
+
+const MIB: u64 = 1024 * 1024;
+
+impl VmSpecInput {
+    /// Validates every field against the host config, resolving asset paths. Each error names
+    /// the request field.
+    pub fn validate(self, cfg: &Config) -> Result<VmSpec> {
+        let max_vcpus = cfg.max_vcpus();
+        if self.vcpus < 1 {
+            return Err(Error::invalid(
+                "config.cpu.vcpu_count",
+                "must be at least 1",
+            ));
+        }
+        if self.vcpus > i64::from(max_vcpus) {
+            return Err(Error::invalid(
+                "config.cpu.vcpu_count",
+                format!("{} exceeds this host's limit of {max_vcpus}", self.vcpus),
+            ));
+        }
+        let min = cfg.limits.min_memory_mib * MIB;
+        let max = cfg.limits.max_memory_mib * MIB;
+        let mem = u64::try_from(self.memory_bytes).unwrap_or(0);
+        if mem < min || mem > max {
+            return Err(Error::invalid(
+                "config.memory.size_bytes",
+                format!(
+                    "{} is outside the allowed range {} MiB to {} MiB",
+                    self.memory_bytes, cfg.limits.min_memory_mib, cfg.limits.max_memory_mib
+                ),
+            ));
+        }
+        if mem % MIB != 0 {
+            return Err(Error::invalid(
+                "config.memory.size_bytes",
+                "must be a whole number of MiB",
+            ));
+        }
+        if self.kernel.is_empty() {
+            return Err(Error::invalid("config.boot.kernel_path", "is required"));
+        }
+        let kernel = resolve_asset(cfg, "config.boot.kernel_path", &self.kernel)?;
+        let initrd = if self.initrd.is_empty() {
+            None
+        } else {
+            Some(resolve_asset(cfg, "config.boot.initrd_path", &self.initrd)?)
+        };
+        if self.kernel_args.len() > 2048 {
+            return Err(Error::invalid(
+                "config.boot.kernel_args",
+                "must be at most 2048 bytes",
+            ));
+        }
+        if self.kernel_args.chars().any(|c| c.is_control()) {
+            return Err(Error::invalid(
+                "config.boot.kernel_args",
+                "must not contain control characters",
+            ));
+        }
+
+        let mut drives = Vec::with_capacity(self.drives.len());
+        for (i, (id, path, read_only, is_root)) in self.drives.into_iter().enumerate() {
+            let field = format!("config.storage[{i}]");
+            check_device_id(&format!("{field}.id"), &id)?;
+            if drives.iter().any(|d: &Drive| d.id == id) {
+                return Err(Error::invalid(
+                    format!("{field}.id"),
+                    format!("{id:?} is used twice"),
+                ));
+            }
+            if is_root && drives.iter().any(|d: &Drive| d.is_root) {
+                return Err(Error::invalid(
+                    format!("{field}.is_root_device"),
+                    "only one storage device may be the root device",
+                ));
+            }
+            let path = resolve_asset(cfg, &format!("{field}.path"), &path)?;
+            drives.push(Drive {
+                id,
+                path,
+                read_only,
+                is_root,
+            });
+        }
+        // The root device goes first so that it is the guest's first disk (vda).
+        drives.sort_by_key(|d| !d.is_root);
+
+        let mut nics = Vec::with_capacity(self.nics.len());
+        for (i, (id, mac, tap)) in self.nics.into_iter().enumerate() {
+            let field = format!("config.network[{i}]");
+            check_device_id(&format!("{field}.id"), &id)?;
+            if nics.iter().any(|n: &Nic| n.id == id) {
+                return Err(Error::invalid(
+                    format!("{field}.id"),
+                    format!("{id:?} is used twice"),
+                ));
+            }
+            check_mac(&format!("{field}.mac_address"), &mac)?;
+            check_tap(&format!("{field}.tap_device"), &tap)?;
+            nics.push(Nic { id, mac, tap });
+        }
+
+        if self.metadata.len() > 64 {
+            return Err(Error::invalid("config.metadata", "at most 64 entries"));
+        }
+        for (k, v) in &self.metadata {
+            if k.is_empty() || k.len() > 128 || v.len() > 1024 {
+                return Err(Error::invalid(
+                    format!("config.metadata[{k:?}]"),
+                    "keys must be 1 to 128 bytes and values at most 1024 bytes",
+                ));
+            }
+        }
+
+        Ok(VmSpec {
+            vcpus: u32::try_from(self.vcpus).unwrap_or(1),
+            memory_bytes: mem,
+            kernel,
+            initrd,
+            kernel_args: self.kernel_args,
+            drives,
+            nics,
+            console: self.console,
+            metadata: self.metadata,
+        })
+    }
+}
+
+/// Resolves `path` to a canonical regular file inside one of the configured asset directories.
+/// Canonicalizing first means neither `..` nor a symlink can lead outside them.
+fn resolve_asset(cfg: &Config, field: &str, path: &str) -> Result<PathBuf> {
+    let p = Path::new(path);
+    if !p.is_absolute() {
+        return Err(Error::invalid(
+            field,
+            format!("{path:?} must be an absolute path"),
+        ));
+    }
+    let canon = std::fs::canonicalize(p)
+        .map_err(|e| Error::invalid(field, format!("{path:?} cannot be used: {e}")))?;
+    let inside = cfg.asset_dirs.iter().any(|dir| {
+        std::fs::canonicalize(dir)
+            .map(|d| canon.starts_with(d))
+            .unwrap_or(false)
+    });
+    if !inside {
+        return Err(Error::invalid(
+            field,
+            format!("{path:?} is outside the configured asset directories"),
+        ));
+    }
+    let meta = std::fs::metadata(&canon)
+        .map_err(|e| Error::invalid(field, format!("{path:?} cannot be used: {e}")))?;
+    if !meta.is_file() {
+        return Err(Error::invalid(
+            field,
+            format!("{path:?} is not a regular file"),
+        ));
+    }
+    Ok(canon)
+}
+
+fn check_device_id(field: &str, id: &str) -> Result<()> {
+    if id.is_empty()
+        || id.len() > 32
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(Error::invalid(
+            field,
+            format!("{id:?} must match [A-Za-z0-9_-]{{1,32}}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_mac(field: &str, mac: &str) -> Result<()> {
+    let parts: Vec<&str> = mac.split(':').collect();
+    let well_formed = parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !well_formed {
+        return Err(Error::invalid(
+            field,
+            format!("{mac:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"),
+        ));
+    }
+    let first = u8::from_str_radix(parts[0], 16).unwrap_or(1);
+    if first & 1 == 1 {
+        return Err(Error::invalid(
+            field,
+            format!("{mac:?} is a multicast address"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_tap(field: &str, tap: &str) -> Result<()> {
+    // Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
+    if tap.is_empty()
+        || tap.len() > 15
+        || !tap
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    {
+        return Err(Error::invalid(
+            field,
+            format!("{tap:?} is not a valid interface name"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_id_rules() {
+        assert!(VmId::parse("vm_id", "web-1_A").is_ok());
+        for bad in ["", "../x", "a/b", "a b", "é", &"x".repeat(65)] {
+            let err = VmId::parse("vm_id", bad).unwrap_err();
+            assert!(err.to_string().starts_with("vm_id: "), "{err}");
+        }
+    }
+
+    #[test]
+    fn transitions() {
+        use Transition as T;
+        use VmState::*;
+        assert_eq!(Created.apply(T::Boot).ok(), Some(Running));
+        assert_eq!(Shutdown.apply(T::Boot).ok(), Some(Running));
+        assert_eq!(Running.apply(T::Pause).ok(), Some(Paused));
+        assert_eq!(Paused.apply(T::Resume).ok(), Some(Running));
+        assert_eq!(Paused.apply(T::Shutdown).ok(), Some(Shutdown));
+        assert_eq!(Running.apply(T::Reboot).ok(), Some(Running));
+        for (s, op) in [
+            (Created, T::Pause),
+            (Shutdown, T::Pause),
+            (Paused, T::Pause),
+            (Running, T::Resume),
+            (Running, T::Boot),
+            (Shutdown, T::Shutdown),
+            (Created, T::Reboot),
+        ] {
+            let err = s.apply(op).unwrap_err();
+            assert!(matches!(err, Error::FailedPrecondition(_)), "{s:?} {op:?}");
+        }
+    }
+
+    #[test]
+    fn desired_roundtrip() {
+        for d in [
+            Desired::Deleted,
+            Desired::State(VmState::Running),
+            Desired::State(VmState::Paused),
+        ] {
+            assert_eq!(Desired::from_db(d.as_str()), Some(d));
+        }
+    }
+
+    fn cfg_with(dir: &Path) -> Config {
+        Config {
+            asset_dirs: vec![dir.to_path_buf()],
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn spec_validation_names_fields() {
+        let dir = std::env::temp_dir().join(format!("metald-model-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kernel = dir.join("k");
+        std::fs::write(&kernel, b"k").unwrap();
+        let cfg = cfg_with(&dir);
+        let good = VmSpecInput {
+            vcpus: 1,
+            memory_bytes: 128 * MIB as i64,
+            kernel: kernel.display().to_string(),
+            ..Default::default()
+        };
+        assert!(good.clone().validate(&cfg).is_ok());
+
+        let field_of = |i: VmSpecInput| match i.validate(&cfg) {
+            Err(Error::InvalidArgument { field, .. }) => field,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        };
+        assert_eq!(
+            field_of(VmSpecInput {
+                vcpus: 0,
+                ..good.clone()
+            }),
+            "config.cpu.vcpu_count"
+        );
+        assert_eq!(
+            field_of(VmSpecInput {
+                vcpus: 100_000,
+                ..good.clone()
+            }),
+            "config.cpu.vcpu_count"
+        );
+        assert_eq!(
+            field_of(VmSpecInput {
+                memory_bytes: 64 * MIB as i64,
+                ..good.clone()
+            }),
+            "config.memory.size_bytes"
+        );
+        assert_eq!(
+            field_of(VmSpecInput {
+                memory_bytes: -1,
+                ..good.clone()
+            }),
+            "config.memory.size_bytes"
+        );
+        assert_eq!(
+            field_of(VmSpecInput {
+                kernel: "/etc/passwd".into(),
+                ..good.clone()
+            }),
+            "config.boot.kernel_path"
+        );
+        assert_eq!(
+            field_of(VmSpecInput {
+                kernel: format!("{}/../../etc/passwd", dir.display()),
+                ..good.clone()
+            }),
+            "config.boot.kernel_path"
+        );
+        assert_eq!(
+            field_of(VmSpecInput {
+                kernel: dir.join("nope").display().to_string(),
+                ..good.clone()
+            }),
+            "config.boot.kernel_path"
+        );
+        assert_eq!(
+            field_of(VmSpecInput {
+                nics: vec![("n0".into(), "01:00:00:00:00:01".into(), "tap0".into())],
+                ..good.clone()
+            }),
+            "config.network[0].mac_address"
+        );
+        assert_eq!(
+            field_of(VmSpecInput {
+                drives: vec![
+                    ("a".into(), kernel.display().to_string(), false, true),
+                    ("b".into(), kernel.display().to_string(), false, true)
+                ],
+                ..good.clone()
+            }),
+            "config.storage[1].is_root_device"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

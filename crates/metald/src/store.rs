@@ -1,0 +1,443 @@
+//! The registry: SQLite in WAL mode, the single source of truth for every VM.
+//!
+//! Every state change is committed (synchronous=FULL) before the API call that caused it
+//! returns. Calls run on tokio's blocking pool so SQLite's fsyncs never stall the runtime. The
+//! schema is versioned with `PRAGMA user_version`; [`MIGRATIONS`] only ever grows.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use crate::driver::VmmEndpoint;
+use crate::error::{Error, Result};
+use crate::model::{Desired, VmId, VmSpec, VmState};
+
+/// Schema migrations, applied in order; entry `i` takes the schema to version `i + 1`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE vms (
+    vm_id          TEXT PRIMARY KEY NOT NULL,
+    customer_id    TEXT NOT NULL,
+    spec           TEXT NOT NULL,
+    desired_state  TEXT NOT NULL,
+    observed_state TEXT NOT NULL,
+    pid            INTEGER,
+    start_time     INTEGER,
+    control_socket TEXT,
+    console_log    TEXT,
+    last_exit      TEXT,
+    created_at_ms  INTEGER NOT NULL,
+    updated_at_ms  INTEGER NOT NULL
+);
+CREATE INDEX vms_observed ON vms(observed_state);
+"#];
+
+/// One VM's registry row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmRecord {
+    /// The VM.
+    pub vm_id: VmId,
+    /// Its owner.
+    pub customer_id: String,
+    /// Its validated config.
+    pub spec: VmSpec,
+    /// What the user asked for.
+    pub desired: Desired,
+    /// What metald last observed.
+    pub observed: VmState,
+    /// Where its VMM is, while it has one.
+    pub endpoint: Option<VmmEndpoint>,
+    /// How its last VMM ended, if one did.
+    pub last_exit: Option<String>,
+    /// Creation time, ms since the epoch.
+    pub created_at_ms: i64,
+    /// Last change, ms since the epoch.
+    pub updated_at_ms: i64,
+}
+
+/// A handle to the registry; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (creating if needed) the registry at `path` and migrates it.
+    pub fn open(path: &Path) -> Result<Store> {
+        let mut conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&mut conn)?;
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn run<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            // A panic while holding the lock cannot leave a half-applied transaction behind
+            // (SQLite rolls it back), so a poisoned lock is safe to keep using.
+            let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| Error::io("registry task", std::io::Error::other(e.to_string())))?
+    }
+
+    /// Inserts a new VM; [`Error::AlreadyExists`] if the id is taken.
+    pub async fn insert(&self, rec: VmRecord) -> Result<()> {
+        self.run(move |c| {
+            let spec = serde_json::to_string(&rec.spec).map_err(|e| Error::CorruptRow {
+                vm_id: rec.vm_id.to_string(),
+                reason: e.to_string(),
+            })?;
+            let ep = rec.endpoint.as_ref();
+            let res = c.execute(
+                "INSERT INTO vms (vm_id, customer_id, spec, desired_state, observed_state, pid,
+                     start_time, control_socket, console_log, last_exit, created_at_ms, updated_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                params![
+                    rec.vm_id.as_str(),
+                    rec.customer_id,
+                    spec,
+                    rec.desired.as_str(),
+                    rec.observed.as_str(),
+                    ep.map(|e| e.pid),
+                    ep.map(|e| i64::try_from(e.start_time).unwrap_or(i64::MAX)),
+                    ep.map(|e| e.control_socket.display().to_string()),
+                    ep.map(|e| e.console_log.display().to_string()),
+                    rec.last_exit,
+                    rec.created_at_ms,
+                    rec.updated_at_ms,
+                ],
+            );
+            match res {
+                Ok(_) => Ok(()),
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    Err(Error::AlreadyExists(rec.vm_id.to_string()))
+                }
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+    }
+
+    /// Records a new desired state.
+    pub async fn set_desired(&self, id: &VmId, desired: Desired) -> Result<()> {
+        let id = id.clone();
+        self.run(move |c| {
+            let n = c.execute(
+                "UPDATE vms SET desired_state = ?2, updated_at_ms = ?3 WHERE vm_id = ?1",
+                params![id.as_str(), desired.as_str(), now_ms()],
+            )?;
+            if n == 0 {
+                return Err(Error::NotFound(id.to_string()));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records what was observed: the state, the VMM endpoint (None when there is no process),
+    /// and how the last VMM ended.
+    pub async fn set_observed(
+        &self,
+        id: &VmId,
+        observed: VmState,
+        endpoint: Option<VmmEndpoint>,
+        last_exit: Option<String>,
+    ) -> Result<()> {
+        let id = id.clone();
+        self.run(move |c| {
+            let ep = endpoint.as_ref();
+            let n = c.execute(
+                "UPDATE vms SET observed_state = ?2, pid = ?3, start_time = ?4, control_socket = ?5,
+                     console_log = COALESCE(?6, console_log), last_exit = COALESCE(?7, last_exit),
+                     updated_at_ms = ?8
+                 WHERE vm_id = ?1",
+                params![
+                    id.as_str(),
+                    observed.as_str(),
+                    ep.map(|e| e.pid),
+                    ep.map(|e| i64::try_from(e.start_time).unwrap_or(i64::MAX)),
+                    ep.map(|e| e.control_socket.display().to_string()),
+                    ep.map(|e| e.console_log.display().to_string()),
+                    last_exit,
+                    now_ms(),
+                ],
+            )?;
+            if n == 0 {
+                return Err(Error::NotFound(id.to_string()));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Removes a VM's row.
+    pub async fn delete(&self, id: &VmId) -> Result<()> {
+        let id = id.clone();
+        self.run(move |c| {
+            c.execute("DELETE FROM vms WHERE vm_id = ?1", params![id.as_str()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// One VM's row.
+    pub async fn get(&self, id: &VmId) -> Result<Option<VmRecord>> {
+        let id = id.clone();
+        self.run(move |c| {
+            c.query_row(
+                &format!("SELECT {COLUMNS} FROM vms WHERE vm_id = ?1"),
+                params![id.as_str()],
+                |r| Ok(decode(r)),
+            )
+            .optional()?
+            .transpose()
+        })
+        .await
+    }
+
+    /// Every row, ordered by id.
+    pub async fn all(&self) -> Result<Vec<VmRecord>> {
+        self.run(|c| {
+            let mut stmt = c.prepare(&format!("SELECT {COLUMNS} FROM vms ORDER BY vm_id"))?;
+            let rows = stmt.query_map([], |r| Ok(decode(r)))?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(r??);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// A page of rows with `vm_id > after`, ordered by id, filtered by observed state (all
+    /// states when `states` is empty), plus the total count matching the filter. Rows being
+    /// deleted are left out.
+    pub async fn page(
+        &self,
+        states: Vec<VmState>,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<(Vec<VmRecord>, usize)> {
+        self.run(move |c| {
+            let filter = if states.is_empty() {
+                String::new()
+            } else {
+                let list: Vec<String> =
+                    states.iter().map(|s| format!("'{}'", s.as_str())).collect();
+                format!(" AND observed_state IN ({})", list.join(","))
+            };
+            let total: i64 = c.query_row(
+                &format!("SELECT COUNT(*) FROM vms WHERE desired_state != 'deleted'{filter}"),
+                [],
+                |r| r.get(0),
+            )?;
+            let mut stmt = c.prepare(&format!(
+                "SELECT {COLUMNS} FROM vms WHERE desired_state != 'deleted' AND vm_id > ?1{filter}
+                 ORDER BY vm_id LIMIT ?2"
+            ))?;
+            let lim = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows =
+                stmt.query_map(params![after.unwrap_or_default(), lim], |r| Ok(decode(r)))?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(r??);
+            }
+            Ok((out, usize::try_from(total).unwrap_or(0)))
+        })
+        .await
+    }
+
+    /// Runs a WAL checkpoint, so the main database file holds every committed change.
+    pub async fn checkpoint(&self) -> Result<()> {
+        self.run(|c| {
+            c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+const COLUMNS: &str = "vm_id, customer_id, spec, desired_state, observed_state, pid, start_time, \
+                       control_socket, console_log, last_exit, created_at_ms, updated_at_ms";
+
+fn decode(r: &Row<'_>) -> Result<VmRecord> {
+    let id: String = r.get(0)?;
+    let corrupt = |reason: String| Error::CorruptRow {
+        vm_id: id.clone(),
+        reason,
+    };
+    let vm_id = VmId::parse("vm_id", &id).map_err(|e| corrupt(e.to_string()))?;
+    let spec: String = r.get(2)?;
+    let spec: VmSpec = serde_json::from_str(&spec).map_err(|e| corrupt(format!("spec: {e}")))?;
+    let desired: String = r.get(3)?;
+    let desired =
+        Desired::from_db(&desired).ok_or_else(|| corrupt(format!("desired_state {desired:?}")))?;
+    let observed: String = r.get(4)?;
+    let observed = VmState::from_db(&observed)
+        .ok_or_else(|| corrupt(format!("observed_state {observed:?}")))?;
+    let pid: Option<i32> = r.get(5)?;
+    let start_time: Option<i64> = r.get(6)?;
+    let sock: Option<String> = r.get(7)?;
+    let console: Option<String> = r.get(8)?;
+    let endpoint = match (pid, start_time, sock) {
+        (Some(pid), Some(st), Some(sock)) => Some(VmmEndpoint {
+            pid,
+            start_time: u64::try_from(st).unwrap_or(0),
+            control_socket: PathBuf::from(sock),
+            console_log: PathBuf::from(console.clone().unwrap_or_default()),
+        }),
+        _ => None,
+    };
+    Ok(VmRecord {
+        vm_id,
+        customer_id: r.get(1)?,
+        spec,
+        desired,
+        observed,
+        endpoint,
+        last_exit: r.get(9)?,
+        created_at_ms: r.get(10)?,
+        updated_at_ms: r.get(11)?,
+    })
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let current = usize::try_from(version).unwrap_or(0);
+    if current > MIGRATIONS.len() {
+        return Err(Error::Config(format!(
+            "registry schema version {current} is newer than this metald ({}); refusing to \
+             downgrade it",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(
+            None,
+            "user_version",
+            i64::try_from(i + 1).unwrap_or(i64::MAX),
+        )?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn rec(id: &str) -> VmRecord {
+        VmRecord {
+            vm_id: VmId::parse("vm_id", id).unwrap(),
+            customer_id: "c1".into(),
+            spec: VmSpec {
+                vcpus: 1,
+                memory_bytes: 128 << 20,
+                kernel: "/k".into(),
+                initrd: None,
+                kernel_args: String::new(),
+                drives: vec![],
+                nics: vec![],
+                console: true,
+                metadata: BTreeMap::from([("a".into(), "b".into())]),
+            },
+            desired: Desired::State(VmState::Created),
+            observed: VmState::Created,
+            endpoint: None,
+            last_exit: None,
+            created_at_ms: 1,
+            updated_at_ms: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn wal_roundtrip_pages_and_reopen() {
+        let dir = std::env::temp_dir().join(format!("metald-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("db");
+        {
+            let s = Store::open(&path).unwrap();
+            for i in 0..5 {
+                s.insert(rec(&format!("vm{i}"))).await.unwrap();
+            }
+            assert!(matches!(
+                s.insert(rec("vm1")).await,
+                Err(Error::AlreadyExists(_))
+            ));
+            let id = VmId::parse("vm_id", "vm3").unwrap();
+            let ep = VmmEndpoint {
+                pid: 42,
+                start_time: 7,
+                control_socket: "/s".into(),
+                console_log: "/c".into(),
+            };
+            s.set_desired(&id, Desired::State(VmState::Running))
+                .await
+                .unwrap();
+            s.set_observed(&id, VmState::Running, Some(ep.clone()), None)
+                .await
+                .unwrap();
+            let got = s.get(&id).await.unwrap().unwrap();
+            assert_eq!(got.endpoint, Some(ep));
+            assert_eq!(got.observed, VmState::Running);
+            let (page, total) = s.page(vec![], None, 2).await.unwrap();
+            assert_eq!(total, 5);
+            assert_eq!(page.len(), 2);
+            let (page2, _) = s.page(vec![], Some("vm1".into()), 10).await.unwrap();
+            assert_eq!(page2.first().map(|r| r.vm_id.as_str()), Some("vm2"));
+            let (running, n) = s.page(vec![VmState::Running], None, 10).await.unwrap();
+            assert_eq!((running.len(), n), (1, 1));
+            s.set_desired(&VmId::parse("vm_id", "vm4").unwrap(), Desired::Deleted)
+                .await
+                .unwrap();
+            assert_eq!(s.page(vec![], None, 10).await.unwrap().1, 4);
+        }
+        let s = Store::open(&path).unwrap();
+        let mode: String = s
+            .conn
+            .lock()
+            .unwrap()
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let all = s.all().await.unwrap();
+        assert_eq!(all.len(), 5);
+        assert_eq!(all[0].spec.metadata.get("a").map(String::as_str), Some("b"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
