@@ -1,0 +1,149 @@
+//! metalctl against a real metald: every subcommand, readable tables, `--json`, and errors on
+//! stderr with a non-zero exit.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[path = "../../metald/tests/common/mod.rs"]
+mod common;
+
+use std::process::Output;
+
+use common::*;
+
+fn ctl(d: &Daemon, args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_metalctl"))
+        .arg("--endpoint")
+        .arg(format!("unix:{}", d.sock.display()))
+        .args(args)
+        .output()
+        .expect("running metalctl")
+}
+
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "metalctl failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metalctl_drives_a_vm_end_to_end() {
+    let d = Daemon::start().await;
+    let g = guest_dir();
+    let kernel = g.join("vmlinux").display().to_string();
+    let initrd = g.join("initrd.img").display().to_string();
+    let out = ok(ctl(
+        &d,
+        &[
+            "create",
+            "--id",
+            "cli-vm",
+            "--customer",
+            "acme",
+            "--kernel",
+            &kernel,
+            "--initrd",
+            &initrd,
+            "--cmdline",
+            "quiet",
+            "--vcpus",
+            "1",
+            "--memory-mib",
+            "160",
+            "--metadata",
+            "team=infra",
+        ],
+    ));
+    assert_eq!(out.trim(), "cli-vm");
+    // A generated id when none is given.
+    let gen_id = ok(ctl(&d, &["create", "--kernel", &kernel]))
+        .trim()
+        .to_string();
+    assert!(gen_id.starts_with("vm-") && gen_id.len() > 10, "{gen_id}");
+
+    assert_eq!(ok(ctl(&d, &["boot", "cli-vm"])).trim(), "cli-vm RUNNING");
+    assert_eq!(ok(ctl(&d, &["pause", "cli-vm"])).trim(), "cli-vm PAUSED");
+    assert_eq!(ok(ctl(&d, &["resume", "cli-vm"])).trim(), "cli-vm RUNNING");
+    assert_eq!(ok(ctl(&d, &["reboot", "cli-vm"])).trim(), "cli-vm RUNNING");
+
+    let table = ok(ctl(&d, &["info", "cli-vm"]));
+    for want in [
+        "STATE           RUNNING",
+        "CUSTOMER        acme",
+        "MEMORY_MIB      160",
+        "PID ",
+        "CONTROL_SOCKET",
+        "CONSOLE_LOG",
+    ] {
+        assert!(table.contains(want), "info table lacks {want:?}:\n{table}");
+    }
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(ctl(&d, &["info", "cli-vm", "--json"]))).unwrap();
+    assert_eq!(j["state"], "RUNNING");
+    assert_eq!(j["config"]["memory_bytes"], 160 << 20);
+    assert_eq!(j["config"]["metadata"]["team"], "infra");
+    assert!(
+        j["backend_info"]["pid"]
+            .as_str()
+            .unwrap()
+            .parse::<i32>()
+            .is_ok()
+    );
+
+    let list = ok(ctl(&d, &["list"]));
+    assert!(list.lines().next().unwrap().starts_with("VM "), "{list}");
+    assert!(list.contains("cli-vm") && list.contains(&gen_id), "{list}");
+    let lj: serde_json::Value =
+        serde_json::from_str(&ok(ctl(&d, &["list", "--state", "running", "--json"]))).unwrap();
+    let ids: Vec<&str> = lj
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["vm_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["cli-vm"]);
+
+    assert_eq!(
+        ok(ctl(&d, &["shutdown", "cli-vm", "--force"])).trim(),
+        "cli-vm SHUTDOWN"
+    );
+    assert_eq!(ok(ctl(&d, &["delete", "cli-vm"])).trim(), "cli-vm deleted");
+    ok(ctl(&d, &["delete", &gen_id, "--force"]));
+
+    // Errors: stderr, non-zero exit, the status code and metald's message.
+    let e = ctl(&d, &["info", "cli-vm"]);
+    assert!(!e.status.success());
+    let msg = String::from_utf8_lossy(&e.stderr);
+    assert!(msg.contains("NotFound") && msg.contains("cli-vm"), "{msg}");
+    assert!(e.stdout.is_empty());
+    let e = ctl(&d, &["create", "--id", "../x", "--kernel", &kernel]);
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("vm_id"));
+    let e = std::process::Command::new(env!("CARGO_BIN_EXE_metalctl"))
+        .args(["--endpoint", "unix:/nonexistent/metald.sock", "list"])
+        .output()
+        .unwrap();
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("connecting"));
+    assert!(d.vmm_pids().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metald_serves_tcp_when_asked() {
+    let d = Daemon::start_with(vec!["--listen".into(), "tcp:127.0.0.1:0".into()]).await;
+    let line = d
+        .wait_log_since(0, std::time::Duration::from_secs(5), |l| {
+            l.contains("metald ready")
+        })
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let addr = v["local_addr"].as_str().unwrap().to_string();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_metalctl"))
+        .args(["--endpoint", &format!("tcp:{addr}"), "list", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
+}

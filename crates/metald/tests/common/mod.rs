@@ -1,0 +1,316 @@
+//! Test harness: real metald daemons (the built binary), real QEMU guests, real gRPC over a unix
+//! socket. Every `Daemon` kills its metald and every VMM under its state directory when dropped,
+//! so a failing test leaves no process behind.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use metald_api::v1 as pb;
+use metald_api::v1::vm_service_client::VmServiceClient;
+use tokio::sync::Notify;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+pub type Client = VmServiceClient<Channel>;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// Builds (once per test binary; cached across runs) the guest kernel and initrd, and returns
+/// their directory.
+pub fn guest_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = repo_root();
+        let st = Command::new("bash")
+            .arg(root.join("scripts/build-guest.sh"))
+            .status()
+            .expect("running scripts/build-guest.sh");
+        assert!(st.success(), "scripts/build-guest.sh failed");
+        root.join("target/guest")
+    })
+    .clone()
+}
+
+/// Path of a binary built in this workspace's target dir.
+pub fn bin(name: &str) -> PathBuf {
+    // Integration tests live in target/<profile>/deps; binaries one level up.
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        p.exists(),
+        "{} is not built; run the tests with `cargo test --workspace`",
+        p.display()
+    );
+    p
+}
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// Logs a daemon printed, with a wake-up for waiters.
+#[derive(Default)]
+pub struct Logs {
+    lines: Mutex<Vec<String>>,
+    notify: Notify,
+}
+
+pub struct Daemon {
+    pub state_dir: PathBuf,
+    pub sock: PathBuf,
+    pub extra_args: Vec<String>,
+    child: Option<Child>,
+    pub logs: Arc<Logs>,
+}
+
+impl Daemon {
+    /// Starts metald on a fresh state directory (short, so socket paths fit).
+    pub async fn start() -> Daemon {
+        Self::start_with(vec![]).await
+    }
+
+    pub async fn start_with(extra_args: Vec<String>) -> Daemon {
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let state_dir = PathBuf::from(format!("/tmp/mdt-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state_dir);
+        std::fs::create_dir_all(&state_dir).unwrap();
+        let mut d = Daemon {
+            sock: state_dir.join("metald.sock"),
+            state_dir,
+            extra_args,
+            child: None,
+            logs: Arc::new(Logs::default()),
+        };
+        d.spawn().await;
+        d
+    }
+
+    /// Starts (or restarts) the metald process and waits for its `metald ready` line.
+    pub async fn spawn(&mut self) {
+        guest_dir();
+        let mut cmd = Command::new(bin("metald"));
+        cmd.arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(["--accel", "tcg", "--log-format", "json"])
+            .arg("--asset-dir")
+            .arg(guest_dir())
+            .args(&self.extra_args)
+            .env("RUST_LOG", "debug,h2=info,tower=info,hyper=info,tonic=info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("starting metald");
+        let out = child.stdout.take().unwrap();
+        let logs = self.logs.clone();
+        let mark = logs.lines.lock().unwrap().len();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[metald] {line}");
+                logs.lines.lock().unwrap().push(line);
+                logs.notify.notify_waiters();
+            }
+        });
+        self.child = Some(child);
+        self.wait_log_since(mark, Duration::from_secs(30), |l| {
+            l.contains("\"metald ready\"")
+        })
+        .await
+        .expect("metald did not become ready");
+    }
+
+    /// Sends `sig` to metald and waits for it to exit.
+    pub fn stop_with(&mut self, sig: i32) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: test code; kill() on our own child's pid, which we have not reaped yet.
+            unsafe { libc::kill(c.id() as i32, sig) };
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.sock).await
+    }
+
+    /// Waits (bounded) for a log line, printed after index `since`, matching `pred`.
+    pub async fn wait_log_since(
+        &self,
+        since: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.logs.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(l) = self
+                .logs
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .skip(since)
+                .find(|l| pred(l))
+            {
+                return Some(l.clone());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    pub fn log_mark(&self) -> usize {
+        self.logs.lines.lock().unwrap().len()
+    }
+
+    /// pids of live VMM processes started under this daemon's state directory.
+    pub fn vmm_pids(&self) -> Vec<i32> {
+        vmm_pids_under(&self.state_dir)
+    }
+
+    pub fn run_dir(&self, vm: &str) -> PathBuf {
+        self.state_dir.join("run").join(vm)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop_with(libc::SIGKILL);
+        for pid in vmm_pids_under(&self.state_dir) {
+            // SAFETY: test clean-up of processes whose command line names our state dir.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+/// Live (non-zombie) processes whose command line mentions `dir`.
+pub fn vmm_pids_under(dir: &Path) -> Vec<i32> {
+    let needle = dir.display().to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if !cmd.contains("qemu-system") || !cmd.contains(&needle) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|s| s == "Z");
+        if !zombie {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+pub fn pid_alive(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    match stat.rfind(')') {
+        Some(i) => stat[i + 1..]
+            .split_whitespace()
+            .next()
+            .is_some_and(|s| s != "Z"),
+        None => false,
+    }
+}
+
+pub async fn connect(sock: &Path) -> Client {
+    let path = sock.to_path_buf();
+    let ch = Endpoint::try_from("http://metald.invalid")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .expect("connecting to metald");
+    VmServiceClient::new(ch)
+}
+
+/// A request for the test guest.
+pub fn guest_request(vm_id: &str) -> pb::CreateVmRequest {
+    let g = guest_dir();
+    pb::CreateVmRequest {
+        vm_id: vm_id.to_string(),
+        customer_id: "cust-test".into(),
+        config: Some(pb::VmConfig {
+            cpu: Some(pb::CpuConfig { vcpu_count: 1 }),
+            memory: Some(pb::MemoryConfig {
+                size_bytes: 128 << 20,
+            }),
+            boot: Some(pb::BootConfig {
+                kernel_path: g.join("vmlinux").display().to_string(),
+                initrd_path: g.join("initrd.img").display().to_string(),
+                kernel_args: "quiet panic=-1".into(),
+            }),
+            storage: vec![],
+            network: vec![],
+            console: Some(pb::ConsoleConfig { enabled: true }),
+            metadata: [("app".to_string(), "test".to_string())]
+                .into_iter()
+                .collect(),
+        }),
+    }
+}
+
+pub async fn info(c: &mut Client, vm: &str) -> pb::GetVmInfoResponse {
+    c.get_vm_info(pb::GetVmInfoRequest { vm_id: vm.into() })
+        .await
+        .expect("GetVmInfo")
+        .into_inner()
+}
+
+pub fn pid_of(i: &pb::GetVmInfoResponse) -> Option<i32> {
+    i.backend_info.get("pid").and_then(|p| p.parse().ok())
+}
+
+/// Waits (bounded) until the guest's console log contains `needle` at least `count` times.
+/// There is no event for "a file gained a line" short of inotify, so this polls the file every
+/// 50 ms; the deadline bounds it.
+pub async fn wait_console(path: &Path, needle: &str, count: usize, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.matches(needle).count() >= count {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            eprintln!("console {} after timeout:\n{text}", path.display());
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The guest's own uptime from its last `uptime=` line.
+pub fn guest_uptime(path: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .rev()
+        .find_map(|l| l.split("uptime=").nth(1))
+        .and_then(|u| u.trim().parse().ok())
+}
+
+pub fn state(i: &pb::GetVmInfoResponse) -> pb::VmState {
+    pb::VmState::try_from(i.state).unwrap()
+}
