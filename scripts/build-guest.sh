@@ -14,7 +14,7 @@ need_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok
 
 # Packages on the host: busybox-static for the initramfs, and the tools used to unpack the kernel.
 missing=()
-for p in busybox-static cpio lz4 binutils; do need_pkg "$p" || missing+=("$p"); done
+for p in busybox-static cpio lz4 python3; do need_pkg "$p" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "build-guest: installing ${missing[*]}" >&2
   apt-get update -qq
