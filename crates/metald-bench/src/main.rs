@@ -278,8 +278,11 @@ async fn lifecycle(root: &Path, reps: usize) -> Result<Value> {
     eprintln!("bench: sequential creates");
     let n_creates = 30;
     let t0 = Instant::now();
+    let mut create_ms = Vec::new();
     for i in 0..n_creates {
+        let t = Instant::now();
         c.create_vm(guest_request(root, &format!("cr{i}"))).await?;
+        create_ms.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     let seq_rate = n_creates as f64 / t0.elapsed().as_secs_f64();
     for i in 0..n_creates {
@@ -336,6 +339,7 @@ async fn lifecycle(root: &Path, reps: usize) -> Result<Value> {
         "create_boot_via_metald_ms": {"p50": percentile(&via, 50.0), "p90": percentile(&via, 90.0), "n": via.len()},
         "added_by_metald_ms_p50": added_p50,
         "creates_per_sec_sequential": seq_rate,
+        "create_ms_sequential": {"p50": percentile(&create_ms, 50.0), "p90": percentile(&create_ms, 90.0), "n": create_ms.len()},
         "creates_per_sec_4_clients": par_rate,
         "metald_rss_mib": rss.iter().map(|(n, k)| json!({"running_vms": n, "rss_mib": (*k as f64) / 1024.0})).collect::<Vec<_>>(),
     }))
