@@ -111,6 +111,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Show one VM's health as metald's checks see it.
+    Health {
+        /// VM id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List VMs.
     List {
         /// Only VMs in this state (created, running, paused, shutdown; repeatable).
@@ -168,6 +176,7 @@ fn state_name(v: i32) -> &'static str {
         Ok(pb::VmState::Running) => "RUNNING",
         Ok(pb::VmState::Paused) => "PAUSED",
         Ok(pb::VmState::Shutdown) => "SHUTDOWN",
+        Ok(pb::VmState::Orphaned) => "ORPHANED",
         _ => "UNSPECIFIED",
     }
 }
@@ -178,7 +187,8 @@ fn parse_state(s: &str) -> Result<i32> {
         "running" => pb::VmState::Running,
         "paused" => pb::VmState::Paused,
         "shutdown" => pb::VmState::Shutdown,
-        _ => bail!("--state {s:?} is not one of created, running, paused, shutdown"),
+        "orphaned" => pb::VmState::Orphaned,
+        _ => bail!("--state {s:?} is not one of created, running, paused, shutdown, orphaned"),
     } as i32)
 }
 
@@ -186,6 +196,37 @@ fn ts(t: &Option<prost_types::Timestamp>) -> String {
     t.as_ref()
         .map(|t| format!("{}.{:03}", t.seconds, t.nanos / 1_000_000))
         .unwrap_or_default()
+}
+
+fn health_json(h: &Option<pb::VmHealthStatus>) -> Value {
+    let Some(h) = h else { return Value::Null };
+    json!({
+        "is_healthy": h.is_healthy,
+        "last_check": ts(&h.last_check),
+        "pid": h.pid,
+        "control_socket": h.control_socket,
+        "last_error": h.last_error,
+        "consecutive_failures": h.consecutive_failures,
+        "recovery_count": h.recovery_count,
+        "last_activity": ts(&h.last_activity),
+    })
+}
+
+fn print_health_rows(h: &Value) {
+    for (k, label) in [
+        ("is_healthy", "HEALTHY"),
+        ("last_check", "LAST_CHECK"),
+        ("consecutive_failures", "FAILURES"),
+        ("recovery_count", "RECOVERIES"),
+        ("last_activity", "LAST_ACTIVITY"),
+        ("last_error", "LAST_ERROR"),
+    ] {
+        let v = match &h[k] {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        println!("{label:<16}{v}");
+    }
 }
 
 fn config_json(c: &Option<pb::VmConfig>) -> Value {
@@ -337,6 +378,7 @@ async fn run(cli: Cli) -> Result<()> {
                     "backend_info": r.backend_info,
                     "created_at": ts(&r.created_at),
                     "updated_at": ts(&r.updated_at),
+                    "health": health_json(&r.health),
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -372,6 +414,20 @@ async fn run(cli: Cli) -> Result<()> {
                 for (k, v) in backend {
                     println!("{:<16}{v}", k.to_ascii_uppercase());
                 }
+                print_health_rows(&health_json(&r.health));
+            }
+        }
+        Cmd::Health { id, json } => {
+            let r = rpc(c.get_vm_health(pb::GetVmHealthRequest { vm_id: id }).await)?;
+            let mut v = health_json(&r.health);
+            v["vm_id"] = json!(r.vm_id);
+            v["state"] = json!(state_name(r.state));
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<16}{}", "VM", r.vm_id);
+                println!("{:<16}{}", "STATE", state_name(r.state));
+                print_health_rows(&v);
             }
         }
         Cmd::List { state, json } => {

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use tracing::debug;
 
 use crate::error::Error;
-use crate::model::{Transition, VmId, VmSpec, VmSpecInput, VmState};
+use crate::model::{HealthStatus, Transition, VmId, VmSpec, VmSpecInput, VmState};
 use crate::store::VmRecord;
 use crate::supervisor::Supervisor;
 
@@ -66,6 +66,7 @@ pub fn state_to_pb(s: VmState) -> pb::VmState {
         VmState::Running => pb::VmState::Running,
         VmState::Paused => pb::VmState::Paused,
         VmState::Shutdown => pb::VmState::Shutdown,
+        VmState::Orphaned => pb::VmState::Orphaned,
     }
 }
 
@@ -75,6 +76,7 @@ fn state_from_pb(field: &str, v: i32) -> Result<VmState, Error> {
         Ok(pb::VmState::Running) => Ok(VmState::Running),
         Ok(pb::VmState::Paused) => Ok(VmState::Paused),
         Ok(pb::VmState::Shutdown) => Ok(VmState::Shutdown),
+        Ok(pb::VmState::Orphaned) => Ok(VmState::Orphaned),
         _ => Err(Error::invalid(field, format!("{v} is not a VM state"))),
     }
 }
@@ -186,7 +188,27 @@ fn backend_info(kind: &str, rec: &VmRecord) -> HashMap<String, String> {
     if let Some(x) = &rec.last_exit {
         m.insert("last_exit".into(), x.clone());
     }
+    if let Some(r) = rec.orphan_reason {
+        m.insert("orphan_reason".into(), r.as_str().to_string());
+    }
+    if let Some(t) = rec.orphaned_at_ms {
+        m.insert("orphaned_at_ms".into(), t.to_string());
+    }
     m
+}
+
+fn health_to_pb(h: &HealthStatus) -> pb::VmHealthStatus {
+    let opt_ts = |ms: i64| (ms > 0).then(|| ts(ms));
+    pb::VmHealthStatus {
+        is_healthy: h.is_healthy,
+        last_check: opt_ts(h.last_check_ms),
+        pid: h.pid.unwrap_or(0),
+        control_socket: h.control_socket.clone(),
+        last_error: h.last_error.clone(),
+        consecutive_failures: i32::try_from(h.consecutive_failures).unwrap_or(i32::MAX),
+        recovery_count: i32::try_from(h.recovery_count).unwrap_or(i32::MAX),
+        last_activity: opt_ts(h.last_activity_ms),
+    }
 }
 
 fn desired_to_pb(rec: &VmRecord) -> i32 {
@@ -332,6 +354,20 @@ impl VmService for VmApi {
             desired_state: desired_to_pb(&rec),
             created_at: Some(ts(rec.created_at_ms)),
             updated_at: Some(ts(rec.updated_at_ms)),
+            health: Some(health_to_pb(&rec.health)),
+        }))
+    }
+
+    async fn get_vm_health(
+        &self,
+        req: Request<pb::GetVmHealthRequest>,
+    ) -> Result<Response<pb::GetVmHealthResponse>, Status> {
+        let id = VmId::parse("vm_id", &req.into_inner().vm_id)?;
+        let rec = self.sup.get(&id).await?;
+        Ok(Response::new(pb::GetVmHealthResponse {
+            vm_id: rec.vm_id.to_string(),
+            health: Some(health_to_pb(&rec.health)),
+            state: state_to_pb(rec.observed) as i32,
         }))
     }
 

@@ -114,6 +114,74 @@ pub struct Config {
     /// How long a guest may take to power off on ShutdownVm before its VMM is stopped.
     #[serde(with = "secs")]
     pub shutdown_timeout: Duration,
+    /// VMM health checks.
+    pub health: HealthConfig,
+    /// The sweep for stray VMMs and stale files.
+    pub sweep: SweepConfig,
+}
+
+/// Health checks: each VM's controller pings its VMM's API on an interval with jitter.
+///
+/// The defaults catch a hung VMM within 3 s: checks start every 500 ms (±10 %), each may take
+/// 500 ms, so the 4th failure in a row (`orphan_threshold`) lands at most ~2.6 s after the hang
+/// begins. A QMP `query-status` answers in about a millisecond even with both cores saturated,
+/// so 500 ms is two orders of magnitude of headroom against false alarms on a loaded host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Run health checks at all.
+    pub enabled: bool,
+    /// Time from the start of one check to the start of the next.
+    #[serde(with = "millis")]
+    pub interval: Duration,
+    /// Bound on one check, connection included.
+    #[serde(with = "millis")]
+    pub timeout: Duration,
+    /// Fraction of `interval` by which each wait is randomly shortened or lengthened, so that
+    /// 1,000 VMs do not check in lockstep.
+    pub jitter: f64,
+    /// Failures in a row that make a VM unhealthy.
+    pub failure_threshold: u32,
+    /// Failures in a row that make a VM orphaned (its VMM is then killed).
+    pub orphan_threshold: u32,
+    /// Successes in a row that make an unhealthy VM healthy again.
+    pub recovery_threshold: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            enabled: true,
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_millis(500),
+            jitter: 0.1,
+            failure_threshold: 2,
+            orphan_threshold: 4,
+            recovery_threshold: 2,
+        }
+    }
+}
+
+/// The sweep compares running processes and run directories with the registry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SweepConfig {
+    /// Time between sweeps.
+    #[serde(with = "millis")]
+    pub interval: Duration,
+    /// How long a stray VMM (metald's marker, no registry row) is left alone before it is
+    /// killed; a VMM being created is recorded well within this.
+    #[serde(with = "millis")]
+    pub stray_grace: Duration,
+}
+
+impl Default for SweepConfig {
+    fn default() -> Self {
+        SweepConfig {
+            interval: Duration::from_secs(30),
+            stray_grace: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Per-VM resource limits checked at CreateVm.
@@ -153,6 +221,8 @@ impl Default for Config {
             limits: Limits::default(),
             qemu: QemuConfig::default(),
             shutdown_timeout: Duration::from_secs(10),
+            health: HealthConfig::default(),
+            sweep: SweepConfig::default(),
         }
     }
 }
@@ -238,6 +308,24 @@ impl Config {
                 self.state_dir.display(),
                 107 - (longest.as_os_str().len() - self.state_dir.as_os_str().len())
             )));
+        }
+        let h = &self.health;
+        if h.enabled
+            && (h.interval.is_zero()
+                || h.timeout.is_zero()
+                || !(0.0..=0.5).contains(&h.jitter)
+                || h.failure_threshold == 0
+                || h.orphan_threshold < h.failure_threshold
+                || h.recovery_threshold == 0)
+        {
+            return Err(Error::Config(
+                "health: interval and timeout must be > 0, jitter within 0..=0.5, thresholds \
+                 > 0 and orphan_threshold >= failure_threshold"
+                    .into(),
+            ));
+        }
+        if self.sweep.interval.is_zero() {
+            return Err(Error::Config("sweep: interval must be > 0".into()));
         }
         self.listen()?;
         Ok(())

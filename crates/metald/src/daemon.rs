@@ -32,6 +32,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     let driver = Arc::new(QemuDriver::new(cfg.qemu.clone(), cfg.accel));
     let sup = Supervisor::new(cfg.clone(), store, driver);
     let report = sup.attach_all().await?;
+    let sweeper = sup.spawn_sweeper();
 
     let listen = cfg.listen()?;
     let server =
@@ -65,6 +66,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         }
     }
     info!("shutting down; vmms keep running");
+    sweeper.abort();
     sup.shutdown(SHUTDOWN_GRACE).await;
     info!("metald stopped");
     Ok(())

@@ -80,6 +80,8 @@ pub enum VmState {
     Paused,
     /// No VMM process.
     Shutdown,
+    /// Should be running or paused, but its VMM died, hung or became unreachable.
+    Orphaned,
 }
 
 impl VmState {
@@ -90,6 +92,7 @@ impl VmState {
             VmState::Running => "running",
             VmState::Paused => "paused",
             VmState::Shutdown => "shutdown",
+            VmState::Orphaned => "orphaned",
         }
     }
 
@@ -100,6 +103,7 @@ impl VmState {
             "running" => VmState::Running,
             "paused" => VmState::Paused,
             "shutdown" => VmState::Shutdown,
+            "orphaned" => VmState::Orphaned,
             _ => return None,
         })
     }
@@ -110,10 +114,10 @@ impl VmState {
         use Transition as T;
         use VmState::*;
         let to = match (op, self) {
-            (T::Boot, Created | Shutdown) => Running,
+            (T::Boot, Created | Shutdown | Orphaned) => Running,
             (T::Pause, Running) => Paused,
             (T::Resume, Paused) => Running,
-            (T::Shutdown, Created | Running | Paused) => Shutdown,
+            (T::Shutdown, Created | Running | Paused | Orphaned) => Shutdown,
             (T::Reboot, Running | Paused) => Running,
             _ => {
                 return Err(Error::FailedPrecondition(format!(
@@ -128,7 +132,7 @@ impl VmState {
 
     /// Whether a VMM process exists in this state.
     pub fn has_process(self) -> bool {
-        !matches!(self, VmState::Shutdown)
+        !matches!(self, VmState::Shutdown | VmState::Orphaned)
     }
 }
 
@@ -136,6 +140,75 @@ impl std::fmt::Display for VmState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// Why a VM was orphaned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrphanReason {
+    /// The VMM process exited.
+    ProcessDead,
+    /// The VMM is alive but its API does not answer (hung, or stopped with SIGSTOP).
+    ApiUnresponsive,
+    /// The VMM's control socket is gone or refuses connections.
+    SocketUnreachable,
+    /// The recorded pid now belongs to another process.
+    PidReused,
+}
+
+impl OrphanReason {
+    /// Stable name used in logs, the API and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrphanReason::ProcessDead => "process_dead",
+            OrphanReason::ApiUnresponsive => "api_unresponsive",
+            OrphanReason::SocketUnreachable => "socket_unreachable",
+            OrphanReason::PidReused => "pid_reused",
+        }
+    }
+
+    /// Parses a stable name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "process_dead" => OrphanReason::ProcessDead,
+            "api_unresponsive" => OrphanReason::ApiUnresponsive,
+            "socket_unreachable" => OrphanReason::SocketUnreachable,
+            "pid_reused" => OrphanReason::PidReused,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for OrphanReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A VM's health as metald's checks see it. Persisted on every change of `is_healthy` and kept
+/// current in memory between.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HealthStatus {
+    /// False once `failure_threshold` checks in a row failed; true again after
+    /// `recovery_threshold` successes.
+    pub is_healthy: bool,
+    /// When the last check finished (ms since the epoch; 0: never).
+    pub last_check_ms: i64,
+    /// The VMM's pid at the last check.
+    pub pid: Option<i32>,
+    /// The control socket checked.
+    pub control_socket: String,
+    /// The last check's error (empty when it passed).
+    pub last_error: String,
+    /// Failed checks in a row.
+    pub consecutive_failures: u32,
+    /// Passed checks in a row.
+    pub consecutive_successes: u32,
+    /// Times the VM came back (health restored, or VMM restarted after being orphaned).
+    pub recovery_count: u32,
+    /// When the VMM last answered (ms since the epoch).
+    pub last_activity_ms: i64,
 }
 
 /// A user operation on a VM's lifecycle.
@@ -503,6 +576,9 @@ mod tests {
         assert_eq!(Paused.apply(T::Resume).ok(), Some(Running));
         assert_eq!(Paused.apply(T::Shutdown).ok(), Some(Shutdown));
         assert_eq!(Running.apply(T::Reboot).ok(), Some(Running));
+        assert_eq!(Orphaned.apply(T::Boot).ok(), Some(Running));
+        assert_eq!(Orphaned.apply(T::Shutdown).ok(), Some(Shutdown));
+        assert!(Orphaned.apply(T::Pause).is_err());
         for (s, op) in [
             (Created, T::Pause),
             (Shutdown, T::Pause),

@@ -12,10 +12,11 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::driver::VmmEndpoint;
 use crate::error::{Error, Result};
-use crate::model::{Desired, VmId, VmSpec, VmState};
+use crate::model::{Desired, HealthStatus, OrphanReason, VmId, VmSpec, VmState};
 
 /// Schema migrations, applied in order; entry `i` takes the schema to version `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE vms (
     vm_id          TEXT PRIMARY KEY NOT NULL,
     customer_id    TEXT NOT NULL,
@@ -31,7 +32,13 @@ CREATE TABLE vms (
     updated_at_ms  INTEGER NOT NULL
 );
 CREATE INDEX vms_observed ON vms(observed_state);
-"#];
+"#,
+    r#"
+ALTER TABLE vms ADD COLUMN health TEXT;
+ALTER TABLE vms ADD COLUMN orphan_reason TEXT;
+ALTER TABLE vms ADD COLUMN orphaned_at_ms INTEGER;
+"#,
+];
 
 /// One VM's registry row.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,6 +57,12 @@ pub struct VmRecord {
     pub endpoint: Option<VmmEndpoint>,
     /// How its last VMM ended, if one did.
     pub last_exit: Option<String>,
+    /// Its health as last persisted.
+    pub health: HealthStatus,
+    /// Why it is orphaned, while it is.
+    pub orphan_reason: Option<OrphanReason>,
+    /// When it was orphaned (ms since the epoch), while it is.
+    pub orphaned_at_ms: Option<i64>,
     /// Creation time, ms since the epoch.
     pub created_at_ms: i64,
     /// Last change, ms since the epoch.
@@ -165,36 +178,34 @@ impl Store {
         .await
     }
 
-    /// Records what was observed: the state, the VMM endpoint (None when there is no process),
-    /// and how the last VMM ended.
-    pub async fn set_observed(
-        &self,
-        id: &VmId,
-        observed: VmState,
-        endpoint: Option<VmmEndpoint>,
-        last_exit: Option<String>,
-    ) -> Result<()> {
-        let id = id.clone();
+    /// Records everything observed about a VM's VMM: state, endpoint (none when there is no
+    /// process), last exit, health and orphan reason.
+    pub async fn save_runtime(&self, rec: &VmRecord) -> Result<()> {
+        let rec = rec.clone();
         self.run(move |c| {
-            let ep = endpoint.as_ref();
+            let ep = rec.endpoint.as_ref();
+            let health = serde_json::to_string(&rec.health).unwrap_or_default();
             let n = c.execute(
                 "UPDATE vms SET observed_state = ?2, pid = ?3, start_time = ?4, control_socket = ?5,
-                     console_log = COALESCE(?6, console_log), last_exit = COALESCE(?7, last_exit),
-                     updated_at_ms = ?8
+                     console_log = COALESCE(?6, console_log), last_exit = ?7, health = ?8,
+                     orphan_reason = ?9, orphaned_at_ms = ?10, updated_at_ms = ?11
                  WHERE vm_id = ?1",
                 params![
-                    id.as_str(),
-                    observed.as_str(),
+                    rec.vm_id.as_str(),
+                    rec.observed.as_str(),
                     ep.map(|e| e.pid),
                     ep.map(|e| i64::try_from(e.start_time).unwrap_or(i64::MAX)),
                     ep.map(|e| e.control_socket.display().to_string()),
                     ep.map(|e| e.console_log.display().to_string()),
-                    last_exit,
+                    rec.last_exit,
+                    health,
+                    rec.orphan_reason.map(OrphanReason::as_str),
+                    rec.orphaned_at_ms,
                     now_ms(),
                 ],
             )?;
             if n == 0 {
-                return Err(Error::NotFound(id.to_string()));
+                return Err(Error::NotFound(rec.vm_id.to_string()));
             }
             Ok(())
         })
@@ -289,7 +300,8 @@ impl Store {
 }
 
 const COLUMNS: &str = "vm_id, customer_id, spec, desired_state, observed_state, pid, start_time, \
-                       control_socket, console_log, last_exit, created_at_ms, updated_at_ms";
+                       control_socket, console_log, last_exit, created_at_ms, updated_at_ms, \
+                       health, orphan_reason, orphaned_at_ms";
 
 fn decode(r: &Row<'_>) -> Result<VmRecord> {
     let id: String = r.get(0)?;
@@ -329,6 +341,14 @@ fn decode(r: &Row<'_>) -> Result<VmRecord> {
         last_exit: r.get(9)?,
         created_at_ms: r.get(10)?,
         updated_at_ms: r.get(11)?,
+        health: r
+            .get::<_, Option<String>>(12)?
+            .and_then(|h| serde_json::from_str(&h).ok())
+            .unwrap_or_default(),
+        orphan_reason: r
+            .get::<_, Option<String>>(13)?
+            .and_then(|s| OrphanReason::parse(&s)),
+        orphaned_at_ms: r.get(14)?,
     })
 }
 
@@ -381,6 +401,9 @@ mod tests {
             last_exit: None,
             created_at_ms: 1,
             updated_at_ms: 1,
+            health: HealthStatus::default(),
+            orphan_reason: None,
+            orphaned_at_ms: None,
         }
     }
 
@@ -409,12 +432,17 @@ mod tests {
             s.set_desired(&id, Desired::State(VmState::Running))
                 .await
                 .unwrap();
-            s.set_observed(&id, VmState::Running, Some(ep.clone()), None)
-                .await
-                .unwrap();
+            let mut r = s.get(&id).await.unwrap().unwrap();
+            r.observed = VmState::Running;
+            r.endpoint = Some(ep.clone());
+            r.orphan_reason = Some(OrphanReason::PidReused);
+            r.health.consecutive_failures = 3;
+            s.save_runtime(&r).await.unwrap();
             let got = s.get(&id).await.unwrap().unwrap();
             assert_eq!(got.endpoint, Some(ep));
             assert_eq!(got.observed, VmState::Running);
+            assert_eq!(got.orphan_reason, Some(OrphanReason::PidReused));
+            assert_eq!(got.health.consecutive_failures, 3);
             let (page, total) = s.page(vec![], None, 2).await.unwrap();
             assert_eq!(total, 5);
             assert_eq!(page.len(), 2);

@@ -14,15 +14,18 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::controller::{Controller, ControllerEnv, ControllerHandle, Op};
+use crate::controller::{
+    Controller, ControllerEnv, ControllerHandle, Op, SharedHealth, orphan_record, read_health,
+};
 use crate::driver::{GuestRun, VmmDriver, VmmProcess};
 use crate::error::{Error, Result};
-use crate::model::{Desired, Transition, VmId, VmSpec, VmState};
+use crate::model::{Desired, HealthStatus, OrphanReason, Transition, VmId, VmSpec, VmState};
 use crate::process::{Pidfd, ProcInfo};
 use crate::store::{Store, VmRecord, now_ms};
 
 struct Entry {
     handle: ControllerHandle,
+    health: SharedHealth,
     task: JoinHandle<()>,
 }
 
@@ -31,6 +34,21 @@ pub struct Supervisor {
     cfg: Config,
     env: ControllerEnv,
     vms: Mutex<HashMap<VmId, Entry>>,
+    /// Stray VMMs seen by the sweep, keyed by (pid, start time), with when they were first seen.
+    strays: Mutex<HashMap<(i32, u64), Instant>>,
+}
+
+/// What one sweep found and did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Stray VMMs seen for the first time.
+    pub strays_found: usize,
+    /// Stray VMMs killed after their grace period.
+    pub strays_killed: usize,
+    /// Run directories of VMs that no longer exist, removed.
+    pub stale_dirs_removed: usize,
+    /// Control sockets of VMs without a VMM, removed.
+    pub stale_sockets_removed: usize,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -59,11 +77,13 @@ impl Supervisor {
             store,
             driver,
             run_root: cfg.run_root(),
+            health: cfg.health.clone(),
         };
         Arc::new(Supervisor {
             cfg,
             env,
             vms: Mutex::new(HashMap::new()),
+            strays: Mutex::new(HashMap::new()),
         })
     }
 
@@ -124,38 +144,46 @@ impl Supervisor {
                         GuestRun::ShutDown => VmState::Shutdown,
                     };
                     info!(vm_id = %rec.vm_id, pid = vmm.endpoint.pid, state = %observed, "vmm re-attached");
-                    if observed != rec.observed {
-                        self.env
-                            .store
-                            .set_observed(&rec.vm_id, observed, rec.endpoint.clone(), None)
-                            .await?;
-                        rec.observed = observed;
-                    }
+                    let h = &mut rec.health;
+                    h.is_healthy = true;
+                    h.consecutive_failures = 0;
+                    h.pid = Some(vmm.endpoint.pid);
+                    h.last_activity_ms = now_ms();
+                    rec.observed = observed;
+                    self.env.store.save_runtime(&rec).await?;
                     Some(vmm)
                 }
                 Verdict::Lost(reason) => {
                     report.lost += 1;
-                    warn!(
-                        vm_id = %rec.vm_id,
-                        pid = rec.endpoint.as_ref().map(|e| e.pid),
-                        reason,
-                        "orphaned vm detected"
-                    );
+                    let pid = rec.endpoint.as_ref().map(|e| e.pid);
                     let exit = format!("vmm lost while metald was down ({reason})");
-                    self.env
-                        .store
-                        .set_observed(&rec.vm_id, VmState::Shutdown, None, Some(exit.clone()))
-                        .await?;
-                    rec.observed = VmState::Shutdown;
-                    rec.endpoint = None;
-                    rec.last_exit = Some(exit);
+                    let wanted_up = matches!(
+                        rec.desired,
+                        Desired::State(VmState::Created | VmState::Running | VmState::Paused)
+                    );
+                    if wanted_up {
+                        warn!(
+                            vm_id = %rec.vm_id,
+                            pid,
+                            reason = reason.as_str(),
+                            last_seen = rec.updated_at_ms,
+                            downtime_ms = (now_ms() - rec.updated_at_ms).max(0),
+                            "orphaned vm detected"
+                        );
+                        orphan_record(&mut rec, reason, Some(exit));
+                    } else {
+                        rec.observed = VmState::Shutdown;
+                        rec.endpoint = None;
+                        rec.last_exit = Some(exit);
+                    }
+                    self.env.store.save_runtime(&rec).await?;
                     None
                 }
                 Verdict::NoProcess => None,
             };
             let deleting = rec.desired == Desired::Deleted;
             let id = rec.vm_id.clone();
-            let (handle, task) = Controller::start(rec, vmm, self.env.clone());
+            let (handle, health, task) = Controller::start(rec, vmm, self.env.clone());
             if deleting {
                 // A delete that the last run did not finish: finish it now.
                 if let Err(e) = handle.call(Op::Delete { graceful: None }).await {
@@ -165,7 +193,14 @@ impl Supervisor {
                 }
                 continue;
             }
-            self.lock().insert(id, Entry { handle, task });
+            self.lock().insert(
+                id,
+                Entry {
+                    handle,
+                    health,
+                    task,
+                },
+            );
         }
         report.elapsed = started.elapsed();
         info!(
@@ -198,15 +233,19 @@ impl Supervisor {
             last_exit: None,
             created_at_ms: now,
             updated_at_ms: now,
+            health: HealthStatus::default(),
+            orphan_reason: None,
+            orphaned_at_ms: None,
         };
         // The insert is the point of no return for the id: a duplicate fails here, before any
         // file of the existing VM could be touched.
         self.env.store.insert(rec.clone()).await?;
-        let (handle, task) = Controller::start(rec, None, self.env.clone());
+        let (handle, health, task) = Controller::start(rec, None, self.env.clone());
         self.lock().insert(
             vm_id.clone(),
             Entry {
                 handle: handle.clone(),
+                health,
                 task,
             },
         );
@@ -235,12 +274,150 @@ impl Supervisor {
         Ok(())
     }
 
-    /// One VM's row.
+    /// One VM's row, with its live health status.
     pub async fn get(&self, id: &VmId) -> Result<VmRecord> {
         match self.env.store.get(id).await? {
-            Some(r) if r.desired != Desired::Deleted => Ok(r),
+            Some(mut r) if r.desired != Desired::Deleted => {
+                if let Some(h) = self.lock().get(id).map(|e| read_health(&e.health)) {
+                    r.health = h;
+                }
+                Ok(r)
+            }
             _ => Err(Error::NotFound(id.to_string())),
         }
+    }
+
+    /// Runs [`Supervisor::sweep`] every `sweep.interval` until the task is dropped.
+    pub fn spawn_sweeper(self: &Arc<Self>) -> JoinHandle<()> {
+        let sup = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(sup.cfg.sweep.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = sup.sweep().await {
+                    warn!(error = %e, "sweep failed");
+                }
+            }
+        })
+    }
+
+    /// Compares live processes and run directories with the registry. A VMM with metald's
+    /// marker for this state directory that no row accounts for is a stray: it is logged when
+    /// first seen and killed once it has outlived `sweep.stray_grace` (a VMM being created is
+    /// recorded well within that). A run directory with no row, or a control socket of a VM
+    /// without a VMM, is stale and removed.
+    pub async fn sweep(&self) -> Result<SweepReport> {
+        let rows = self.env.store.all().await?;
+        let owned: HashMap<VmId, Option<(i32, u64)>> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.vm_id.clone(),
+                    r.endpoint.as_ref().map(|e| (e.pid, e.start_time)),
+                )
+            })
+            .collect();
+        let run_root = self.cfg.run_root();
+        let grace = self.cfg.sweep.stray_grace;
+        let mut report = SweepReport::default();
+
+        // Strays.
+        let mut seen = Vec::new();
+        let mut stray_ids = Vec::new();
+        let me = std::process::id();
+        for pid in list_pids() {
+            if u32::try_from(pid).is_ok_and(|p| p == me) {
+                continue;
+            }
+            let Some(info) = ProcInfo::read(pid).filter(ProcInfo::is_alive) else {
+                continue;
+            };
+            let Some(id) = self.env.driver.identify(&info.cmdline, &run_root) else {
+                continue;
+            };
+            if owned.get(&id).copied().flatten() == Some((pid, info.start_time)) {
+                continue;
+            }
+            // A VMM younger than the grace period may be one a controller has just spawned and
+            // not yet recorded; it is not even a suspect yet.
+            if process_age(info.start_time).is_none_or(|age| age < grace) {
+                continue;
+            }
+            let key = (pid, info.start_time);
+            seen.push(key);
+            stray_ids.push(id.clone());
+            let first = *self
+                .strays
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(key)
+                .or_insert_with(|| {
+                    report.strays_found += 1;
+                    warn!(vm_id = %id, pid, registered = owned.contains_key(&id), "stray vmm found");
+                    Instant::now()
+                });
+            if first.elapsed() >= grace && kill_verified(pid, info.start_time).await {
+                report.strays_killed += 1;
+                warn!(vm_id = %id, pid, "stray vmm killed");
+            }
+        }
+        self.strays
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| seen.contains(k));
+
+        // Stale files. Anything younger than the grace period may belong to a create or spawn
+        // in progress, so it is left for the next sweep.
+        if let Ok(dir) = std::fs::read_dir(&run_root) {
+            for entry in dir.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Ok(id) = VmId::parse("vm_id", &name) else {
+                    continue;
+                };
+                let path = entry.path();
+                if stray_ids.contains(&id) {
+                    continue;
+                }
+                match owned.get(&id) {
+                    None => {
+                        // Re-read the row: a create may have inserted it since the snapshot.
+                        let gone =
+                            older_than(&path, grace) && self.env.store.get(&id).await?.is_none();
+                        if gone && std::fs::remove_dir_all(&path).is_ok() {
+                            report.stale_dirs_removed += 1;
+                            info!(vm_id = %id, path = %path.display(), "stale run directory removed");
+                        }
+                    }
+                    Some(None) => {
+                        let sock = self.env.driver.control_socket(&path);
+                        let stale = sock.exists()
+                            && older_than(&sock, grace)
+                            && self
+                                .env
+                                .store
+                                .get(&id)
+                                .await?
+                                .is_some_and(|r| r.endpoint.is_none());
+                        if stale && std::fs::remove_file(&sock).is_ok() {
+                            report.stale_sockets_removed += 1;
+                            info!(vm_id = %id, path = %sock.display(), "stale control socket removed");
+                        }
+                    }
+                    Some(Some(_)) => {}
+                }
+            }
+        }
+        if report != SweepReport::default() {
+            info!(
+                strays_found = report.strays_found,
+                strays_killed = report.strays_killed,
+                stale_dirs_removed = report.stale_dirs_removed,
+                stale_sockets_removed = report.stale_sockets_removed,
+                "sweep done"
+            );
+        }
+        Ok(report)
     }
 
     /// Stops every controller without touching the VMMs (they outlive metald), waiting up to
@@ -264,6 +441,60 @@ impl Supervisor {
     }
 }
 
+fn list_pids() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// How long ago a process started, from its start time in clock ticks since boot.
+fn process_age(start_ticks: u64) -> Option<Duration> {
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let started = Duration::from_secs_f64(start_ticks as f64 / hz as f64);
+    Duration::try_from_secs_f64(uptime)
+        .ok()?
+        .checked_sub(started)
+}
+
+fn older_than(path: &std::path::Path, age: Duration) -> bool {
+    std::fs::symlink_metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|e| e >= age)
+}
+
+/// Kills `pid` only if it is still the process that started at `start_time`, through a pidfd
+/// opened before the check, and waits (bounded) for it to exit.
+async fn kill_verified(pid: i32, start_time: u64) -> bool {
+    let Ok(fd) = Pidfd::open(pid) else {
+        return false;
+    };
+    if ProcInfo::read(pid).map(|p| p.start_time) != Some(start_time) {
+        return false;
+    }
+    if fd.signal(libc::SIGKILL).is_err() {
+        return false;
+    }
+    let exited = tokio::time::timeout(Duration::from_secs(5), fd.exited())
+        .await
+        .is_ok();
+    fd.reap();
+    exited
+}
+
 async fn futures_join(tasks: Vec<JoinHandle<()>>) {
     for t in tasks {
         let _ = t.await;
@@ -272,7 +503,7 @@ async fn futures_join(tasks: Vec<JoinHandle<()>>) {
 
 enum Verdict {
     Adopt(VmmProcess, GuestRun),
-    Lost(&'static str),
+    Lost(OrphanReason),
     NoProcess,
 }
 
@@ -284,16 +515,16 @@ async fn verify(driver: &dyn VmmDriver, rec: &VmRecord) -> Verdict {
     // Open the pidfd first, then check the start time: if the start time matches after the fd is
     // open, the fd refers to the recorded process and cannot be redirected by pid reuse.
     let Ok(pidfd) = Pidfd::open(ep.pid) else {
-        return Verdict::Lost("process_dead");
+        return Verdict::Lost(OrphanReason::ProcessDead);
     };
     let Some(info) = ProcInfo::read(ep.pid) else {
-        return Verdict::Lost("process_dead");
+        return Verdict::Lost(OrphanReason::ProcessDead);
     };
     if !info.is_alive() || pidfd.has_exited() {
-        return Verdict::Lost("process_dead");
+        return Verdict::Lost(OrphanReason::ProcessDead);
     }
     if info.start_time != ep.start_time || !driver.owns_cmdline(&rec.vm_id, &info.cmdline) {
-        return Verdict::Lost("pid_reused");
+        return Verdict::Lost(OrphanReason::PidReused);
     }
     let vmm = VmmProcess {
         endpoint: ep.clone(),
@@ -301,7 +532,7 @@ async fn verify(driver: &dyn VmmDriver, rec: &VmRecord) -> Verdict {
     };
     if !ep.control_socket.exists() {
         let _ = driver.kill(&vmm);
-        return Verdict::Lost("socket_unreachable");
+        return Verdict::Lost(OrphanReason::SocketUnreachable);
     }
     match driver.ping(&ep).await {
         Ok(run) => Verdict::Adopt(vmm, run),
@@ -309,7 +540,7 @@ async fn verify(driver: &dyn VmmDriver, rec: &VmRecord) -> Verdict {
             // Ours, but not answering: it cannot be driven, so it is not adopted. It is killed
             // through the pidfd, which cannot hit another process.
             let _ = driver.kill(&vmm);
-            Verdict::Lost("api_unresponsive")
+            Verdict::Lost(OrphanReason::ApiUnresponsive)
         }
     }
 }

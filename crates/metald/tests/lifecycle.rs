@@ -188,44 +188,6 @@ async fn every_rpc_and_state_transition_on_a_real_guest() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vmm_exit_is_seen_at_once_and_never_reported_running() {
-    let d = Daemon::start().await;
-    let mut c = d.client().await;
-    c.create_vm(guest_request("dies")).await.unwrap();
-    c.boot_vm(pb::BootVmRequest {
-        vm_id: "dies".into(),
-    })
-    .await
-    .unwrap();
-    let pid = pid_of(&info(&mut c, "dies").await).unwrap();
-    let mark = d.log_mark();
-    // SAFETY: killing the VMM this test created.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    let line = d
-        .wait_log_since(mark, Duration::from_secs(5), |l| {
-            l.contains("orphaned vm detected")
-        })
-        .await
-        .expect("exit event logged");
-    assert!(line.contains("\"vm_id\":\"dies\""), "{line}");
-    assert!(line.contains("signal 9"), "{line}");
-    // The state change is committed right after the event.
-    d.wait_log_since(mark, Duration::from_secs(5), |l| {
-        l.contains("\"to\":\"shutdown\"")
-    })
-    .await
-    .expect("state change logged");
-    let i = info(&mut c, "dies").await;
-    assert_eq!(state(&i), pb::VmState::Shutdown);
-    assert_eq!(i.desired_state, pb::VmState::Running as i32);
-    assert!(
-        i.backend_info["last_exit"].contains("SIGKILL"),
-        "{:?}",
-        i.backend_info
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_and_vmms_survive_daemon_restarts() {
     let mut d = Daemon::start().await;
     let mut c = d.client().await;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 
 use crate::model::{VmId, VmSpec};
-use crate::process::Pidfd;
+use crate::process::{ExitInfo, Pidfd};
 
 /// Errors from a VMM driver.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +28,9 @@ pub enum DriverError {
         path: PathBuf,
         /// What went wrong.
         reason: String,
+        /// Nobody is listening there (missing file, connection refused). False when something
+        /// is listening but not accepting, as with a stopped VMM whose backlog is full.
+        unreachable: bool,
     },
     /// The VMM did not answer in time.
     #[error("the VMM did not answer {what} within {millis} ms")]
@@ -105,6 +108,30 @@ pub enum GuestRun {
     ShutDown,
 }
 
+/// Why a VMM process ended, as far as the driver can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitCause {
+    /// The guest powered itself off and the VMM exited cleanly.
+    GuestPoweroff,
+    /// A signal ended it (an external kill, or a signal the VMM caught and exited on).
+    Signal(i32),
+    /// The VMM failed on its own (non-zero exit).
+    Crash(String),
+    /// Not knowable (an adopted process that is not our child, killed without a trace).
+    Unknown,
+}
+
+impl std::fmt::Display for ExitCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitCause::GuestPoweroff => f.write_str("guest powered off"),
+            ExitCause::Signal(s) => write!(f, "signal {s}"),
+            ExitCause::Crash(m) => write!(f, "crash: {m}"),
+            ExitCause::Unknown => f.write_str("unknown"),
+        }
+    }
+}
+
 /// One kind of VMM.
 #[async_trait]
 pub trait VmmDriver: Send + Sync + 'static {
@@ -143,6 +170,17 @@ pub trait VmmDriver: Send + Sync + 'static {
     /// Whether a process command line is this VM's VMM, so a pid found in the registry is only
     /// adopted if the process really is ours.
     fn owns_cmdline(&self, vm_id: &VmId, cmdline: &[String]) -> bool;
+
+    /// If a process command line is a VMM that a metald using `run_root` started, the VM it
+    /// belongs to. Used to find strays: VMMs with metald's marker and no registry row.
+    fn identify(&self, cmdline: &[String], run_root: &Path) -> Option<VmId>;
+
+    /// Where this driver puts a VM's control socket inside its run directory.
+    fn control_socket(&self, run_dir: &Path) -> PathBuf;
+
+    /// Tells a guest power-off from a crash or an external kill, from the exit status and
+    /// whatever the VMM left in its run directory.
+    fn exit_cause(&self, run_dir: &Path, status: ExitInfo) -> ExitCause;
 
     /// Kills the VMM with SIGKILL through its pidfd, which cannot hit a reused pid.
     fn kill(&self, proc_: &VmmProcess) -> Result<(), DriverError> {

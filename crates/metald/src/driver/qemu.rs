@@ -5,17 +5,19 @@
 //! Firecracker's configure-then-InstanceStart. It runs with `-no-reboot`: a guest reboot (or a QMP
 //! `system_reset`) makes QEMU exit, and the controller turns a reboot into a supervised restart.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
-use super::{DriverError, GuestRun, SpawnRequest, VmmDriver, VmmEndpoint, VmmProcess, qmp};
+use super::{
+    DriverError, ExitCause, GuestRun, SpawnRequest, VmmDriver, VmmEndpoint, VmmProcess, qmp,
+};
 use crate::config::{Accel, QemuConfig};
 use crate::model::{VmId, VmSpec};
-use crate::process::spawn_detached;
+use crate::process::{ExitInfo, spawn_detached};
 
 /// The marker in every QEMU command line metald starts: `-name metald.<vm_id>`. It is how
 /// re-attach recognises a VM's process and how strays are found.
@@ -155,6 +157,10 @@ impl VmmDriver for QemuDriver {
         let sock = req.run_dir.join(QMP_SOCKET);
         // A socket left by an earlier process would make the readiness check below pass early.
         let _ = std::fs::remove_file(&sock);
+        // Each VMM gets a fresh log, so what its exit left there is its own; the previous one is
+        // kept beside it for post-mortems.
+        let log = req.run_dir.join(VMM_LOG);
+        let _ = std::fs::rename(&log, req.run_dir.join(format!("{VMM_LOG}.prev")));
         let mut cmd = Command::new(&self.cfg.binary);
         cmd.args(self.args(req.vm_id, req.spec, req.run_dir));
         cmd.current_dir(req.run_dir);
@@ -193,6 +199,7 @@ impl VmmDriver for QemuDriver {
             if Instant::now() >= deadline {
                 let _ = self.kill(&proc_);
                 return Err(DriverError::Socket {
+                    unreachable: true,
                     path: sock,
                     reason: format!(
                         "did not appear within {} ms",
@@ -262,10 +269,49 @@ impl VmmDriver for QemuDriver {
         let want = format!("{NAME_PREFIX}{vm_id}");
         cmdline.windows(2).any(|w| w[0] == "-name" && w[1] == want)
     }
+
+    fn control_socket(&self, run_dir: &Path) -> std::path::PathBuf {
+        run_dir.join(QMP_SOCKET)
+    }
+
+    fn identify(&self, cmdline: &[String], run_root: &Path) -> Option<VmId> {
+        let name = cmdline
+            .windows(2)
+            .find(|w| w[0] == "-name")
+            .and_then(|w| w[1].strip_prefix(NAME_PREFIX))?;
+        let id = VmId::parse("vm_id", name).ok()?;
+        // Only VMMs whose QMP socket lies under our run directory: another metald on the same
+        // host (another state dir) owns its own VMMs.
+        let sock = run_root.join(id.as_str()).join(QMP_SOCKET);
+        let want = format!("unix:{},", sock.display());
+        cmdline.iter().any(|a| a.starts_with(&want)).then_some(id)
+    }
+
+    fn exit_cause(&self, run_dir: &Path, status: ExitInfo) -> ExitCause {
+        // QEMU catches SIGTERM, SIGINT and SIGHUP, prints "terminating on signal N" and exits
+        // with code 0, the same code as a guest power-off; its log tells them apart.
+        let log = tail(&run_dir.join(VMM_LOG), 400);
+        let caught = log
+            .rsplit("terminating on signal ")
+            .next()
+            .filter(|_| log.contains("terminating on signal "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<i32>().ok());
+        match (status, caught) {
+            (ExitInfo::Signaled(sig), _) => ExitCause::Signal(sig),
+            (_, Some(sig)) => ExitCause::Signal(sig),
+            (ExitInfo::Exited(0), None) => ExitCause::GuestPoweroff,
+            (ExitInfo::Exited(code), None) => ExitCause::Crash(format!(
+                "exit code {code}: {}",
+                tail(&run_dir.join(VMM_LOG), 200)
+            )),
+            (ExitInfo::Unknown, None) => ExitCause::Unknown,
+        }
+    }
 }
 
 /// The last `max` bytes of a file, for error messages.
-fn tail(path: &PathBuf, max: usize) -> String {
+fn tail(path: &Path, max: usize) -> String {
     let data = std::fs::read(path).unwrap_or_default();
     let start = data.len().saturating_sub(max);
     String::from_utf8_lossy(&data[start..]).trim().to_string()
@@ -299,7 +345,7 @@ mod tests {
     fn command_line_carries_marker_and_escapes() {
         let d = QemuDriver::new(QemuConfig::default(), Accel::Tcg);
         let id = VmId::parse("vm_id", "web-1").unwrap();
-        let args = d.args(&id, &spec(), Path::new("/run/x"));
+        let args = d.args(&id, &spec(), Path::new("/run/web-1"));
         assert!(d.owns_cmdline(&id, &args));
         assert!(!d.owns_cmdline(&VmId::parse("vm_id", "web-10").unwrap(), &args));
         let joined = args.join(" ");
@@ -311,5 +357,35 @@ mod tests {
             append,
             "quiet console=ttyS0 tsc_early_khz=2000000 root=/dev/vda ro"
         );
+        assert_eq!(d.identify(&args, Path::new("/run")), Some(id.clone()));
+        assert_eq!(d.identify(&args, Path::new("/other")), None);
+    }
+
+    #[test]
+    fn exit_causes() {
+        let dir = std::env::temp_dir().join(format!("metald-exit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = QemuDriver::new(QemuConfig::default(), Accel::Tcg);
+        std::fs::write(dir.join(VMM_LOG), "").unwrap();
+        assert_eq!(
+            d.exit_cause(&dir, ExitInfo::Exited(0)),
+            ExitCause::GuestPoweroff
+        );
+        assert_eq!(
+            d.exit_cause(&dir, ExitInfo::Signaled(9)),
+            ExitCause::Signal(9)
+        );
+        assert_eq!(d.exit_cause(&dir, ExitInfo::Unknown), ExitCause::Unknown);
+        std::fs::write(
+            dir.join(VMM_LOG),
+            "qemu-system-x86_64: terminating on signal 15 from pid 1 (kill)\n",
+        )
+        .unwrap();
+        assert_eq!(
+            d.exit_cause(&dir, ExitInfo::Exited(0)),
+            ExitCause::Signal(15)
+        );
+        assert_eq!(d.exit_cause(&dir, ExitInfo::Unknown), ExitCause::Signal(15));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

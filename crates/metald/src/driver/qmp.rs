@@ -40,6 +40,12 @@ async fn exchange(
         .map_err(|e| DriverError::Socket {
             path: path.to_path_buf(),
             reason: e.to_string(),
+            unreachable: matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::PermissionDenied
+            ),
         })?;
     let (rd, mut wr) = stream.into_split();
     let mut lines = BufReader::new(rd).lines();

@@ -78,6 +78,14 @@ impl Daemon {
         Self::start_with(vec![]).await
     }
 
+    /// Starts metald with a TOML config file (flags from the harness still override it).
+    pub async fn start_with_toml(toml: &str) -> Daemon {
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let path = PathBuf::from(format!("/tmp/mdt-cfg-{}-{n}.toml", std::process::id()));
+        std::fs::write(&path, toml).unwrap();
+        Self::start_with(vec!["--config".into(), path.display().to_string()]).await
+    }
+
     pub async fn start_with(extra_args: Vec<String>) -> Daemon {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let state_dir = PathBuf::from(format!("/tmp/mdt-{}-{n}", std::process::id()));
@@ -180,6 +188,45 @@ impl Daemon {
 
     pub fn run_dir(&self, vm: &str) -> PathBuf {
         self.state_dir.join("run").join(vm)
+    }
+
+    /// The registry, opened directly: for tests that fake a fault the real system cannot be
+    /// made to produce on demand (a reused pid, a row lost while its VMM runs).
+    pub fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.state_dir.join("metald.db")).unwrap()
+    }
+
+    /// Waits (bounded) for a log line after `since` that mentions `vm` and `msg`; returns it
+    /// parsed.
+    pub async fn wait_event(
+        &self,
+        since: usize,
+        vm: &str,
+        msg: &str,
+        timeout: Duration,
+    ) -> serde_json::Value {
+        let vm_field = format!("\"vm_id\":\"{vm}\"");
+        let msg_field = format!("\"message\":\"{msg}\"");
+        let line = self
+            .wait_log_since(since, timeout, |l| {
+                l.contains(&vm_field) && l.contains(&msg_field)
+            })
+            .await
+            .unwrap_or_else(|| panic!("no {msg:?} event for {vm} within {timeout:?}"));
+        serde_json::from_str(&line).unwrap()
+    }
+
+    /// Whether any log line after `since` mentions `vm` and `msg`.
+    pub fn logged(&self, since: usize, vm: &str, msg: &str) -> bool {
+        let vm_field = format!("\"vm_id\":\"{vm}\"");
+        let msg_field = format!("\"message\":\"{msg}\"");
+        self.logs
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .skip(since)
+            .any(|l| l.contains(&vm_field) && l.contains(&msg_field))
     }
 }
 
@@ -313,4 +360,42 @@ pub fn guest_uptime(path: &Path) -> Option<f64> {
 
 pub fn state(i: &pb::GetVmInfoResponse) -> pb::VmState {
     pb::VmState::try_from(i.state).unwrap()
+}
+
+/// Creates and boots a test guest, returning its VMM pid.
+pub async fn running_vm(c: &mut Client, id: &str) -> i32 {
+    c.create_vm(guest_request(id)).await.unwrap();
+    c.boot_vm(pb::BootVmRequest { vm_id: id.into() })
+        .await
+        .unwrap();
+    pid_of(&info(c, id).await).unwrap()
+}
+
+pub fn signal(pid: i32, sig: i32) {
+    // SAFETY: test code signalling a process the test started (directly or through metald).
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// Waits (bounded) for a process to exit, on its pidfd.
+pub async fn wait_dead(pid: i32, timeout: Duration) -> bool {
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    tokio::task::spawn_blocking(move || {
+        // SAFETY: pidfd_open takes plain integers.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+        if fd < 0 {
+            return true; // no such process
+        }
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd on the stack; fd is ours and closed right after.
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        // SAFETY: closing the fd opened above.
+        unsafe { libc::close(fd) };
+        n > 0
+    })
+    .await
+    .unwrap()
 }
