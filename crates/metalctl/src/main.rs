@@ -63,7 +63,33 @@ enum Cmd {
         /// Discard the guest's serial output.
         #[arg(long)]
         no_console: bool,
+        /// What to do when the VMM ends unasked: always, on-failure or never.
+        #[arg(long, default_value = "on-failure")]
+        restart_policy: String,
+        /// Do not recover this VM automatically.
+        #[arg(long)]
+        no_auto_recover: bool,
     },
+    /// Recover an orphaned or failed VM now (clears FAILED and the backoff).
+    Recover {
+        /// VM id.
+        id: String,
+    },
+    /// Turn automatic recovery on or off for a VM.
+    AutoRecover {
+        /// VM id.
+        id: String,
+        /// on or off.
+        setting: String,
+    },
+    /// Show the host-wide recovery state: breaker and recoveries in flight.
+    RecoveryStatus {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a reconcile pass now and show what it found and did.
+    Reconcile,
     /// Boot a created or shut-down VM.
     Boot {
         /// VM id.
@@ -177,6 +203,7 @@ fn state_name(v: i32) -> &'static str {
         Ok(pb::VmState::Paused) => "PAUSED",
         Ok(pb::VmState::Shutdown) => "SHUTDOWN",
         Ok(pb::VmState::Orphaned) => "ORPHANED",
+        Ok(pb::VmState::Failed) => "FAILED",
         _ => "UNSPECIFIED",
     }
 }
@@ -188,7 +215,10 @@ fn parse_state(s: &str) -> Result<i32> {
         "paused" => pb::VmState::Paused,
         "shutdown" => pb::VmState::Shutdown,
         "orphaned" => pb::VmState::Orphaned,
-        _ => bail!("--state {s:?} is not one of created, running, paused, shutdown, orphaned"),
+        "failed" => pb::VmState::Failed,
+        _ => bail!(
+            "--state {s:?} is not one of created, running, paused, shutdown, orphaned, failed"
+        ),
     } as i32)
 }
 
@@ -210,6 +240,24 @@ fn health_json(h: &Option<pb::VmHealthStatus>) -> Value {
         "recovery_count": h.recovery_count,
         "last_activity": ts(&h.last_activity),
     })
+}
+
+fn history_json(r: &pb::GetVmInfoResponse) -> Value {
+    Value::Array(
+        r.recovery_history
+            .iter()
+            .map(|a| {
+                json!({
+                    "attempt": a.attempt,
+                    "started_at": ts(&a.started_at),
+                    "duration_seconds": a.duration_seconds,
+                    "outcome": a.outcome,
+                    "error": a.error,
+                    "trigger": a.trigger,
+                })
+            })
+            .collect(),
+    )
 }
 
 fn print_health_rows(h: &Value) {
@@ -245,6 +293,12 @@ fn config_json(c: &Option<pb::VmConfig>) -> Value {
         })).collect::<Vec<_>>(),
         "console": c.console.as_ref().map(|x| x.enabled),
         "metadata": c.metadata,
+        "restart_policy": match pb::RestartPolicy::try_from(c.restart_policy) {
+            Ok(pb::RestartPolicy::Always) => "always",
+            Ok(pb::RestartPolicy::Never) => "never",
+            _ => "on-failure",
+        },
+        "auto_recover": c.auto_recover.unwrap_or(true),
     })
 }
 
@@ -278,7 +332,17 @@ async fn run(cli: Cli) -> Result<()> {
             nic,
             metadata,
             no_console,
+            restart_policy,
+            no_auto_recover,
         } => {
+            let restart_policy = match restart_policy.as_str() {
+                "always" => pb::RestartPolicy::Always,
+                "on-failure" | "on_failure" => pb::RestartPolicy::OnFailure,
+                "never" => pb::RestartPolicy::Never,
+                other => {
+                    bail!("--restart-policy {other:?} is not one of always, on-failure, never")
+                }
+            } as i32;
             let mut storage = Vec::new();
             for d in &drive {
                 let m = kv_list(d, "drive")?;
@@ -324,6 +388,8 @@ async fn run(cli: Cli) -> Result<()> {
                         enabled: !no_console,
                     }),
                     metadata: md,
+                    restart_policy,
+                    auto_recover: Some(!no_auto_recover),
                 }),
             };
             let r = rpc(c.create_vm(req).await)?;
@@ -379,6 +445,8 @@ async fn run(cli: Cli) -> Result<()> {
                     "created_at": ts(&r.created_at),
                     "updated_at": ts(&r.updated_at),
                     "health": health_json(&r.health),
+                    "recovery_streak": r.recovery_streak,
+                    "recovery_history": history_json(&r),
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -415,7 +483,89 @@ async fn run(cli: Cli) -> Result<()> {
                     println!("{:<16}{v}", k.to_ascii_uppercase());
                 }
                 print_health_rows(&health_json(&r.health));
+                println!(
+                    "{:<16}{}",
+                    "RESTART_POLICY",
+                    cfg["restart_policy"].as_str().unwrap_or("")
+                );
+                println!("{:<16}{}", "AUTO_RECOVER", cfg["auto_recover"]);
+                println!("{:<16}{}", "RECOVERY_STREAK", r.recovery_streak);
+                if !r.recovery_history.is_empty() {
+                    println!("RECOVERY HISTORY (newest first)");
+                    println!(
+                        "  {:>3} {:<24} {:>8} {:<8} {:<18} ERROR",
+                        "#", "STARTED", "SECS", "OUTCOME", "TRIGGER"
+                    );
+                    for a in &r.recovery_history {
+                        println!(
+                            "  {:>3} {:<24} {:>8.3} {:<8} {:<18} {}",
+                            a.attempt,
+                            ts(&a.started_at),
+                            a.duration_seconds,
+                            a.outcome,
+                            a.trigger,
+                            a.error
+                        );
+                    }
+                }
             }
+        }
+        Cmd::Recover { id } => {
+            let r = rpc(c
+                .recover_vm(pb::RecoverVmRequest { vm_id: id.clone() })
+                .await)?;
+            println!("{id} {}", state_name(r.state));
+        }
+        Cmd::AutoRecover { id, setting } => {
+            let enabled = match setting.as_str() {
+                "on" | "true" => true,
+                "off" | "false" => false,
+                other => bail!("auto-recover setting {other:?} must be on or off"),
+            };
+            let r = rpc(c
+                .set_auto_recover(pb::SetAutoRecoverRequest {
+                    vm_id: id.clone(),
+                    enabled,
+                })
+                .await)?;
+            println!(
+                "{id} auto_recover={}",
+                if r.auto_recover { "on" } else { "off" }
+            );
+        }
+        Cmd::RecoveryStatus { json } => {
+            let r = rpc(c.get_recovery_status(pb::GetRecoveryStatusRequest {}).await)?;
+            let v = json!({
+                "breaker_state": r.breaker_state,
+                "breaker_opened_at": ts(&r.breaker_opened_at),
+                "in_flight": r.in_flight,
+                "max_concurrent": r.max_concurrent,
+                "window_attempts": r.window_attempts,
+                "window_failures": r.window_failures,
+                "auto_recovery_enabled": r.auto_recovery_enabled,
+            });
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if let Some(m) = v.as_object() {
+                for (k, v) in m {
+                    println!("{:<24}{}", k.to_ascii_uppercase(), v);
+                }
+            }
+        }
+        Cmd::Reconcile => {
+            let r = rpc(c.reconcile(pb::ReconcileRequest {}).await)?;
+            println!(
+                "vms={} recoveries_scheduled={} missed_exits={} converged={} strays_found={} strays_killed={} stale_dirs_removed={} stale_sockets_removed={} duration={:.3}s",
+                r.vms,
+                r.recoveries_scheduled,
+                r.missed_exits,
+                r.converged,
+                r.strays_found,
+                r.strays_killed,
+                r.stale_dirs_removed,
+                r.stale_sockets_removed,
+                r.duration_seconds
+            );
         }
         Cmd::Health { id, json } => {
             let r = rpc(c.get_vm_health(pb::GetVmHealthRequest { vm_id: id }).await)?;

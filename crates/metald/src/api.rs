@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use tracing::debug;
 
 use crate::error::Error;
-use crate::model::{HealthStatus, Transition, VmId, VmSpec, VmSpecInput, VmState};
+use crate::model::{HealthStatus, RestartPolicy, Transition, VmId, VmSpec, VmSpecInput, VmState};
 use crate::store::VmRecord;
 use crate::supervisor::Supervisor;
 
@@ -67,6 +67,7 @@ pub fn state_to_pb(s: VmState) -> pb::VmState {
         VmState::Paused => pb::VmState::Paused,
         VmState::Shutdown => pb::VmState::Shutdown,
         VmState::Orphaned => pb::VmState::Orphaned,
+        VmState::Failed => pb::VmState::Failed,
     }
 }
 
@@ -77,6 +78,7 @@ fn state_from_pb(field: &str, v: i32) -> Result<VmState, Error> {
         Ok(pb::VmState::Paused) => Ok(VmState::Paused),
         Ok(pb::VmState::Shutdown) => Ok(VmState::Shutdown),
         Ok(pb::VmState::Orphaned) => Ok(VmState::Orphaned),
+        Ok(pb::VmState::Failed) => Ok(VmState::Failed),
         _ => Err(Error::invalid(field, format!("{v} is not a VM state"))),
     }
 }
@@ -118,6 +120,20 @@ fn spec_input(cfg: Option<pb::VmConfig>) -> Result<VmSpecInput, Error> {
         // An absent console section means the default: console on.
         console: cfg.console.is_none_or(|c| c.enabled),
         metadata: cfg.metadata.into_iter().collect(),
+        restart_policy: match pb::RestartPolicy::try_from(cfg.restart_policy) {
+            Ok(pb::RestartPolicy::Unspecified | pb::RestartPolicy::OnFailure) => {
+                RestartPolicy::OnFailure
+            }
+            Ok(pb::RestartPolicy::Always) => RestartPolicy::Always,
+            Ok(pb::RestartPolicy::Never) => RestartPolicy::Never,
+            Err(_) => {
+                return Err(Error::invalid(
+                    "config.restart_policy",
+                    format!("{} is not a restart policy", cfg.restart_policy),
+                ));
+            }
+        },
+        auto_recover: cfg.auto_recover.unwrap_or(true),
     })
 }
 
@@ -159,6 +175,12 @@ fn spec_to_pb(s: &VmSpec) -> pb::VmConfig {
             .collect(),
         console: Some(pb::ConsoleConfig { enabled: s.console }),
         metadata: s.metadata.clone().into_iter().collect(),
+        restart_policy: match s.restart_policy {
+            RestartPolicy::Always => pb::RestartPolicy::Always,
+            RestartPolicy::OnFailure => pb::RestartPolicy::OnFailure,
+            RestartPolicy::Never => pb::RestartPolicy::Never,
+        } as i32,
+        auto_recover: Some(s.auto_recover),
     }
 }
 
@@ -345,7 +367,20 @@ impl VmService for VmApi {
     ) -> Result<Response<pb::GetVmInfoResponse>, Status> {
         let id = VmId::parse("vm_id", &req.into_inner().vm_id)?;
         let rec = self.sup.get(&id).await?;
+        let history = self.sup.store().attempts(&id).await?;
         Ok(Response::new(pb::GetVmInfoResponse {
+            recovery_history: history
+                .iter()
+                .map(|a| pb::RecoveryAttempt {
+                    attempt: i32::try_from(a.attempt).unwrap_or(i32::MAX),
+                    started_at: Some(ts(a.started_at_ms)),
+                    duration_seconds: a.duration_ms as f64 / 1000.0,
+                    outcome: a.outcome.clone(),
+                    error: a.error.clone(),
+                    trigger: a.trigger.clone(),
+                })
+                .collect(),
+            recovery_streak: i32::try_from(rec.recovery_streak).unwrap_or(i32::MAX),
             vm_id: rec.vm_id.to_string(),
             config: Some(spec_to_pb(&rec.spec)),
             state: state_to_pb(rec.observed) as i32,
@@ -355,6 +390,66 @@ impl VmService for VmApi {
             created_at: Some(ts(rec.created_at_ms)),
             updated_at: Some(ts(rec.updated_at_ms)),
             health: Some(health_to_pb(&rec.health)),
+        }))
+    }
+
+    async fn recover_vm(
+        &self,
+        req: Request<pb::RecoverVmRequest>,
+    ) -> Result<Response<pb::RecoverVmResponse>, Status> {
+        let id = VmId::parse("vm_id", &req.into_inner().vm_id)?;
+        let rec = self.sup.recover(&id).await?;
+        Ok(Response::new(pb::RecoverVmResponse {
+            success: true,
+            state: state_to_pb(rec.observed) as i32,
+        }))
+    }
+
+    async fn set_auto_recover(
+        &self,
+        req: Request<pb::SetAutoRecoverRequest>,
+    ) -> Result<Response<pb::SetAutoRecoverResponse>, Status> {
+        let r = req.into_inner();
+        let id = VmId::parse("vm_id", &r.vm_id)?;
+        let rec = self.sup.set_auto_recover(&id, r.enabled).await?;
+        Ok(Response::new(pb::SetAutoRecoverResponse {
+            auto_recover: rec.spec.auto_recover,
+        }))
+    }
+
+    async fn get_recovery_status(
+        &self,
+        _req: Request<pb::GetRecoveryStatusRequest>,
+    ) -> Result<Response<pb::GetRecoveryStatusResponse>, Status> {
+        let s = self.sup.recovery_status();
+        let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
+        Ok(Response::new(pb::GetRecoveryStatusResponse {
+            breaker_state: s.state.as_str().to_string(),
+            breaker_opened_at: s.opened_at_ms.map(ts),
+            in_flight: n(s.in_flight),
+            max_concurrent: n(s.max_concurrent),
+            window_attempts: n(s.window_attempts),
+            window_failures: n(s.window_failures),
+            auto_recovery_enabled: s.enabled,
+        }))
+    }
+
+    async fn reconcile(
+        &self,
+        _req: Request<pb::ReconcileRequest>,
+    ) -> Result<Response<pb::ReconcileResponse>, Status> {
+        let r = self.sup.reconcile_pass().await?;
+        let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
+        Ok(Response::new(pb::ReconcileResponse {
+            vms: n(r.vms),
+            recoveries_scheduled: n(r.recoveries_scheduled),
+            missed_exits: n(r.missed_exits),
+            converged: n(r.converged),
+            strays_found: n(r.sweep.strays_found),
+            strays_killed: n(r.sweep.strays_killed),
+            stale_dirs_removed: n(r.sweep.stale_dirs_removed),
+            stale_sockets_removed: n(r.sweep.stale_sockets_removed),
+            duration_seconds: r.duration.as_secs_f64(),
         }))
     }
 

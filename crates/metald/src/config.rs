@@ -116,8 +116,82 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// VMM health checks.
     pub health: HealthConfig,
-    /// The sweep for stray VMMs and stale files.
-    pub sweep: SweepConfig,
+    /// The reconcile loop: registry against processes and files.
+    pub reconcile: ReconcileConfig,
+    /// Automatic recovery of orphaned VMs.
+    pub recovery: RecoveryConfig,
+}
+
+/// Automatic recovery: how often, how fast, and the host-wide limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RecoveryConfig {
+    /// Recover orphaned VMs automatically.
+    pub enabled: bool,
+    /// Attempts per failure streak before the VM is marked FAILED.
+    pub max_retries: u32,
+    /// Wait before the second attempt (the first is immediate).
+    #[serde(with = "millis")]
+    pub retry_interval: Duration,
+    /// Each further wait is the previous times this.
+    pub backoff_factor: f64,
+    /// Cap on the wait.
+    #[serde(with = "millis")]
+    pub max_retry_interval: Duration,
+    /// Fraction by which each wait is randomly moved, so VMs that failed together do not retry
+    /// together.
+    pub jitter: f64,
+    /// A VM up and healthy this long has its attempt count reset.
+    #[serde(with = "millis")]
+    pub stable_period: Duration,
+    /// Recoveries that may run at once on this host.
+    pub max_concurrent: usize,
+    /// The circuit breaker.
+    pub breaker: BreakerConfig,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        RecoveryConfig {
+            enabled: true,
+            max_retries: 5,
+            retry_interval: Duration::from_secs(1),
+            backoff_factor: 2.0,
+            max_retry_interval: Duration::from_secs(30),
+            jitter: 0.1,
+            stable_period: Duration::from_secs(60),
+            max_concurrent: 4,
+            breaker: BreakerConfig::default(),
+        }
+    }
+}
+
+/// The recovery circuit breaker: it opens when recoveries fail at more than `failure_rate`
+/// within `window` (given at least `min_attempts`), and lets one probe through after `cool_off`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// The window over which outcomes are counted.
+    #[serde(with = "millis")]
+    pub window: Duration,
+    /// Fewer attempts than this in the window never open the breaker.
+    pub min_attempts: usize,
+    /// Failure fraction above which it opens.
+    pub failure_rate: f64,
+    /// How long it stays open before a probe.
+    #[serde(with = "millis")]
+    pub cool_off: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            window: Duration::from_secs(60),
+            min_attempts: 5,
+            failure_rate: 0.5,
+            cool_off: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Health checks: each VM's controller pings its VMM's API on an interval with jitter.
@@ -162,11 +236,15 @@ impl Default for HealthConfig {
     }
 }
 
-/// The sweep compares running processes and run directories with the registry.
+/// The reconcile loop compares the registry with live processes and run directories, nudges
+/// every controller to converge, and removes strays and stale files. It runs at start, every
+/// `interval`, and on demand (the Reconcile RPC).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct SweepConfig {
-    /// Time between sweeps.
+pub struct ReconcileConfig {
+    /// Run the periodic loop (the pass at start and on demand run regardless).
+    pub enabled: bool,
+    /// Time between passes.
     #[serde(with = "millis")]
     pub interval: Duration,
     /// How long a stray VMM (metald's marker, no registry row) is left alone before it is
@@ -175,10 +253,11 @@ pub struct SweepConfig {
     pub stray_grace: Duration,
 }
 
-impl Default for SweepConfig {
+impl Default for ReconcileConfig {
     fn default() -> Self {
-        SweepConfig {
-            interval: Duration::from_secs(30),
+        ReconcileConfig {
+            enabled: true,
+            interval: Duration::from_secs(10),
             stray_grace: Duration::from_secs(10),
         }
     }
@@ -222,7 +301,8 @@ impl Default for Config {
             qemu: QemuConfig::default(),
             shutdown_timeout: Duration::from_secs(10),
             health: HealthConfig::default(),
-            sweep: SweepConfig::default(),
+            reconcile: ReconcileConfig::default(),
+            recovery: RecoveryConfig::default(),
         }
     }
 }
@@ -324,8 +404,21 @@ impl Config {
                     .into(),
             ));
         }
-        if self.sweep.interval.is_zero() {
-            return Err(Error::Config("sweep: interval must be > 0".into()));
+        if self.reconcile.interval.is_zero() {
+            return Err(Error::Config("reconcile: interval must be > 0".into()));
+        }
+        let r = &self.recovery;
+        if r.max_retries == 0
+            || r.max_concurrent == 0
+            || r.backoff_factor < 1.0
+            || !(0.0..=0.5).contains(&r.jitter)
+            || !(0.0..=1.0).contains(&r.breaker.failure_rate)
+        {
+            return Err(Error::Config(
+                "recovery: max_retries and max_concurrent must be > 0, backoff_factor >= 1, \
+                 jitter within 0..=0.5 and breaker.failure_rate within 0..=1"
+                    .into(),
+            ));
         }
         self.listen()?;
         Ok(())

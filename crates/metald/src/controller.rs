@@ -18,15 +18,19 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::future::Future;
+use std::pin::Pin;
+
 use rand::Rng;
-use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, mpsc, oneshot};
+use tracing::{debug, error, info, warn};
 
 use crate::config::HealthConfig;
 use crate::driver::{DriverError, ExitCause, GuestRun, SpawnRequest, VmmDriver, VmmProcess};
 use crate::error::{Error, Result};
-use crate::model::{Desired, HealthStatus, OrphanReason, Transition, VmState};
-use crate::store::{Store, VmRecord, now_ms};
+use crate::model::{Desired, HealthStatus, OrphanReason, RestartPolicy, Transition, VmState};
+use crate::recovery::{Admission, RecoveryGate};
+use crate::store::{AttemptRecord, Store, VmRecord, now_ms};
 
 /// An operation sent to a VM's controller.
 #[derive(Debug, Clone, Copy)]
@@ -46,12 +50,41 @@ pub enum Op {
         /// Grace period for a guest power-off before the VMM is stopped.
         graceful: Option<Duration>,
     },
+    /// Recover an orphaned or failed VM now, bypassing backoff and breaker.
+    Recover,
+    /// Turn automatic recovery on or off for this VM.
+    SetAutoRecover(bool),
+    /// Compare what is with what should be, and repair: a pass of the reconcile loop.
+    Reconcile,
+}
+
+/// What a reconcile pass did to one VM.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Did {
+    /// Its VMM had died without the exit event being handled.
+    pub missed_exit: bool,
+    /// A recovery was scheduled for it.
+    pub scheduled: bool,
+    /// It was not in its desired state and was driven there.
+    pub converged: bool,
+}
+
+/// A controller's answer: the VM's row after the operation, and what a reconcile did.
+#[derive(Debug, Clone)]
+pub struct OpResult {
+    /// The row.
+    pub rec: VmRecord,
+    /// For [`Op::Reconcile`], what it did.
+    pub did: Did,
 }
 
 struct Request {
     op: Op,
-    reply: oneshot::Sender<Result<VmRecord>>,
+    reply: oneshot::Sender<Result<OpResult>>,
 }
+
+type PermitFuture =
+    Pin<Box<dyn Future<Output = std::result::Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
 /// The sending side of a controller; cheap to clone.
 #[derive(Debug, Clone)]
@@ -63,6 +96,11 @@ pub struct ControllerHandle {
 impl ControllerHandle {
     /// Sends `op` and waits for the controller to finish it.
     pub async fn call(&self, op: Op) -> Result<VmRecord> {
+        self.call_full(op).await.map(|r| r.rec)
+    }
+
+    /// Like [`ControllerHandle::call`], with what a reconcile did.
+    pub async fn call_full(&self, op: Op) -> Result<OpResult> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request { op, reply })
@@ -84,6 +122,8 @@ pub struct ControllerEnv {
     pub run_root: PathBuf,
     /// Health-check settings.
     pub health: HealthConfig,
+    /// The host-wide recovery gate.
+    pub gate: Arc<RecoveryGate>,
 }
 
 /// A VM's live health, shared with the supervisor so that GetVmHealth reads it without
@@ -130,6 +170,18 @@ pub struct Controller {
     health: SharedHealth,
     /// When the next health check is due.
     next_check: Instant,
+    /// When the next recovery attempt is due, while one is scheduled.
+    retry_at: Option<Instant>,
+    /// Waiting for a recovery permit, once the attempt is due and admitted.
+    permit: Option<PermitFuture>,
+    /// The scheduled attempt is the breaker's probe.
+    probe: bool,
+    /// What the current recovery streak is about.
+    trigger: String,
+    /// The last recovery error, for the final report.
+    last_recovery_error: String,
+    /// Since when the VMM has been up after a recovery, for resetting the streak.
+    up_since: Option<Instant>,
 }
 
 impl Controller {
@@ -154,6 +206,12 @@ impl Controller {
             last_seen_ms: now_ms(),
             health: health.clone(),
             next_check: first_check,
+            retry_at: None,
+            permit: None,
+            probe: false,
+            trigger: String::new(),
+            last_recovery_error: String::new(),
+            up_since: None,
         };
         let task = tokio::spawn(ctl.run(rx));
         (handle, health, task)
@@ -180,25 +238,32 @@ impl Controller {
                 }
                 _ = wait_exit(&self.vmm) => self.on_unexpected_exit().await,
                 _ = sleep_until(self.check_due()) => self.health_check().await,
+                _ = sleep_until(self.retry_at) => self.on_retry_due(),
+                permit = wait_permit(&mut self.permit) => self.on_permit(permit).await,
             }
         }
         debug!(vm_id = %self.rec.vm_id, "controller stopped");
     }
 
-    async fn handle(&mut self, op: Op) -> Result<VmRecord> {
+    async fn handle(&mut self, op: Op) -> Result<OpResult> {
+        let mut did = Did::default();
         match op {
-            Op::Create => match self.reconcile(None).await {
-                Ok(()) => Ok(self.rec.clone()),
-                Err(e) => {
+            Op::Create => {
+                if let Err(e) = self.reconcile(None).await {
                     warn!(vm_id = %self.rec.vm_id, error = %e, "create failed; removing the vm");
                     if let Err(cleanup) = self.teardown(None).await {
                         warn!(vm_id = %self.rec.vm_id, error = %cleanup, "cleanup after failed create");
                     }
-                    Err(e)
+                    return Err(e);
                 }
-            },
+            }
             Op::Lifecycle { op, graceful } => {
                 let target = self.rec.observed.apply(op)?;
+                // An operator's command supersedes any automatic recovery in progress.
+                self.cancel_recovery();
+                if matches!(self.rec.observed, VmState::Orphaned | VmState::Failed) {
+                    self.rec.recovery_streak = 0;
+                }
                 self.set_desired(Desired::State(target)).await?;
                 if op == Transition::Reboot {
                     // With -no-reboot (QEMU) or by design (Firecracker) a guest reset ends the VMM
@@ -208,14 +273,241 @@ impl Controller {
                     self.stop_vmm(None, "reboot").await?;
                 }
                 self.reconcile(graceful).await?;
-                Ok(self.rec.clone())
             }
             Op::Delete { graceful } => {
+                self.cancel_recovery();
                 self.set_desired(Desired::Deleted).await?;
                 self.teardown(graceful).await?;
                 info!(vm_id = %self.rec.vm_id, "vm deleted");
-                Ok(self.rec.clone())
             }
+            Op::Recover => {
+                self.rec.observed.apply(Transition::Recover)?;
+                self.cancel_recovery();
+                self.rec.recovery_streak = 0;
+                if self.trigger.is_empty() {
+                    self.trigger = "manual".into();
+                }
+                info!(vm_id = %self.rec.vm_id, "manual recovery requested");
+                self.attempt_recovery(true).await?;
+            }
+            Op::SetAutoRecover(on) => {
+                if self.rec.spec.auto_recover != on {
+                    let mut spec = self.rec.spec.clone();
+                    spec.auto_recover = on;
+                    self.env.store.set_spec(&self.rec.vm_id, &spec).await?;
+                    self.rec.spec = spec;
+                    info!(vm_id = %self.rec.vm_id, auto_recover = on, "auto recovery changed");
+                }
+                if on {
+                    if self.rec.observed == VmState::Orphaned {
+                        let reason = self.orphan_trigger();
+                        self.schedule_recovery(&reason).await;
+                    }
+                } else {
+                    self.cancel_recovery();
+                }
+            }
+            Op::Reconcile => did = self.reconcile_pass().await,
+        }
+        Ok(OpResult {
+            rec: self.rec.clone(),
+            did,
+        })
+    }
+
+    /// One reconcile-loop visit: catches an exit whose event was missed, schedules recovery for
+    /// an orphan nobody is recovering (one found at start-up, say), and drives a VM stuck short
+    /// of its desired state there.
+    async fn reconcile_pass(&mut self) -> Did {
+        let mut did = Did::default();
+        if self.vmm.as_ref().is_some_and(|v| v.pidfd.has_exited()) {
+            did.missed_exit = true;
+            self.on_unexpected_exit().await;
+        }
+        let Desired::State(want) = self.rec.desired else {
+            return did;
+        };
+        let idle = self.retry_at.is_none() && self.permit.is_none();
+        match self.rec.observed {
+            VmState::Orphaned if idle && want != VmState::Shutdown => {
+                let reason = self.orphan_trigger();
+                did.scheduled = self.schedule_recovery(&reason).await;
+            }
+            VmState::Created | VmState::Running | VmState::Paused
+                if self.vmm.is_some() && want != self.rec.observed =>
+            {
+                info!(vm_id = %self.rec.vm_id, observed = %self.rec.observed, desired = %want, "converging a vm stuck short of its desired state");
+                match self.reconcile(None).await {
+                    Ok(()) => did.converged = true,
+                    Err(e) => warn!(vm_id = %self.rec.vm_id, error = %e, "converging failed"),
+                }
+            }
+            VmState::Orphaned | VmState::Failed if want == VmState::Shutdown => {
+                did.converged = self.set_observed(VmState::Shutdown).await.is_ok();
+            }
+            _ => {}
+        }
+        did
+    }
+
+    fn orphan_trigger(&self) -> String {
+        self.rec
+            .orphan_reason
+            .map(|r| r.as_str().to_string())
+            .unwrap_or_else(|| "process_dead".into())
+    }
+
+    /// Schedules the next recovery attempt, with backoff, unless one is already under way (a
+    /// second trigger for the same failure coalesces into it), recovery is off for this VM or
+    /// host, or the attempts are used up (then the VM is FAILED). Returns whether it scheduled.
+    async fn schedule_recovery(&mut self, trigger: &str) -> bool {
+        if self.retry_at.is_some() || self.permit.is_some() {
+            return false;
+        }
+        let cfg = self.env.gate.config();
+        if !cfg.enabled || !self.rec.spec.auto_recover {
+            info!(vm_id = %self.rec.vm_id, reason = trigger, host_enabled = cfg.enabled, vm_enabled = self.rec.spec.auto_recover, "automatic recovery is off; vm left as is");
+            return false;
+        }
+        if self.rec.spec.restart_policy == RestartPolicy::Never {
+            info!(vm_id = %self.rec.vm_id, reason = trigger, "restart policy is never; vm left as is");
+            return false;
+        }
+        let attempt = self.rec.recovery_streak + 1;
+        if attempt > cfg.max_retries {
+            self.fail_completely().await;
+            return false;
+        }
+        let delay = self.env.gate.backoff(attempt);
+        self.trigger = trigger.to_string();
+        self.retry_at = Some(Instant::now() + delay);
+        info!(vm_id = %self.rec.vm_id, reason = trigger, attempt, delay_ms = delay.as_millis() as u64, "vm recovery scheduled");
+        true
+    }
+
+    fn cancel_recovery(&mut self) {
+        self.retry_at = None;
+        if self.permit.take().is_some() || self.probe {
+            if self.probe {
+                self.env.gate.release_probe();
+            }
+            self.probe = false;
+        }
+    }
+
+    /// The backoff ran out: ask the gate, then wait for a permit.
+    fn on_retry_due(&mut self) {
+        self.retry_at = None;
+        match self.env.gate.admit() {
+            Admission::Denied(wait) => {
+                debug!(vm_id = %self.rec.vm_id, wait_ms = wait.as_millis() as u64, "recovery held by the breaker");
+                self.retry_at = Some(Instant::now() + wait);
+            }
+            a => {
+                self.probe = a == Admission::Probe;
+                self.permit = Some(Box::pin(self.env.gate.semaphore().acquire_owned()));
+            }
+        }
+    }
+
+    async fn on_permit(&mut self, permit: std::result::Result<OwnedSemaphorePermit, AcquireError>) {
+        self.permit = None;
+        let Ok(_permit) = permit else { return };
+        let still_needed = self.vmm.is_none()
+            && matches!(
+                self.rec.desired,
+                Desired::State(VmState::Created | VmState::Running | VmState::Paused)
+            )
+            && matches!(self.rec.observed, VmState::Orphaned | VmState::Shutdown);
+        if !still_needed {
+            if self.probe {
+                self.env.gate.release_probe();
+                self.probe = false;
+            }
+            return;
+        }
+        // Failure is recorded and rescheduled inside.
+        let _ = self.attempt_recovery(false).await;
+    }
+
+    /// One recovery attempt: the ordinary reconcile, run for a VM whose VMM is gone.
+    async fn attempt_recovery(&mut self, manual: bool) -> Result<()> {
+        self.rec.recovery_streak += 1;
+        let attempt = self.rec.recovery_streak;
+        let trigger = if manual {
+            "manual".to_string()
+        } else {
+            self.trigger.clone()
+        };
+        let prev_reason = self.rec.orphan_reason;
+        let orphaned_at = self.rec.orphaned_at_ms;
+        let in_flight = self.env.gate.status().in_flight;
+        info!(vm_id = %self.rec.vm_id, attempt, reason = %trigger, in_flight, "vm recovery started");
+        let started = Instant::now();
+        let started_ms = now_ms();
+        let res = self.reconcile(None).await;
+        let duration_ms = started.elapsed().as_millis() as i64;
+        let record = AttemptRecord {
+            attempt,
+            started_at_ms: started_ms,
+            duration_ms,
+            outcome: if res.is_ok() { "success" } else { "failure" }.into(),
+            error: res
+                .as_ref()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default(),
+            trigger: trigger.clone(),
+        };
+        if let Err(e) = self.env.store.add_attempt(&self.rec.vm_id, record).await {
+            warn!(vm_id = %self.rec.vm_id, error = %e, "recording recovery attempt failed");
+        }
+        if !manual {
+            self.env.gate.record(res.is_ok(), self.probe);
+        }
+        self.probe = false;
+        match res {
+            Ok(()) => {
+                self.up_since = Some(Instant::now());
+                self.last_recovery_error.clear();
+                let saved = self.save().await;
+                info!(
+                    vm_id = %self.rec.vm_id,
+                    attempt,
+                    reason = %trigger,
+                    duration_ms,
+                    downtime_ms = orphaned_at.map(|t| (now_ms() - t).max(0)).unwrap_or(0),
+                    "vm recovered"
+                );
+                saved
+            }
+            Err(e) => {
+                self.last_recovery_error = e.to_string();
+                self.rec.observed = VmState::Orphaned;
+                self.rec.orphan_reason = prev_reason.or(Some(OrphanReason::ProcessDead));
+                self.rec.orphaned_at_ms = orphaned_at.or(Some(now_ms()));
+                let _ = self.save().await;
+                warn!(vm_id = %self.rec.vm_id, attempt, reason = %trigger, duration_ms, error = %e, "vm recovery attempt failed");
+                self.schedule_recovery(&trigger).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Retries are used up: the VM is FAILED and stays so until an operator acts.
+    async fn fail_completely(&mut self) {
+        self.cancel_recovery();
+        self.rec.observed = VmState::Failed;
+        let saved = self.save().await;
+        error!(
+            vm_id = %self.rec.vm_id,
+            attempts = self.rec.recovery_streak,
+            reason = %self.trigger,
+            error = %self.last_recovery_error,
+            "vm recovery failed completely"
+        );
+        if let Err(e) = saved {
+            warn!(vm_id = %self.rec.vm_id, error = %e, "recording FAILED failed");
         }
     }
 
@@ -229,6 +521,10 @@ impl Controller {
         if want == VmState::Shutdown {
             if self.vmm.is_some() {
                 self.stop_vmm(graceful, "shutdown requested").await?;
+            } else if self.rec.observed != VmState::Shutdown {
+                self.rec.orphan_reason = None;
+                self.rec.orphaned_at_ms = None;
+                self.set_observed(VmState::Shutdown).await?;
             }
             return Ok(());
         }
@@ -380,6 +676,16 @@ impl Controller {
             info!(vm_id = %self.rec.vm_id, pid, exit = %exit, "vmm exited");
             self.rec.last_exit = Some(exit);
             self.set_observed(VmState::Shutdown).await
+        } else if cause == ExitCause::GuestPoweroff
+            && self.rec.spec.restart_policy == RestartPolicy::Always
+        {
+            // Restart policy "always": a guest power-off is restarted like a crash, but it is not
+            // an orphan.
+            info!(vm_id = %self.rec.vm_id, pid, exit = %exit, "vm powered off by guest; restart policy is always");
+            self.rec.last_exit = Some(exit);
+            let res = self.set_observed(VmState::Shutdown).await;
+            self.schedule_recovery("guest_poweroff").await;
+            res
         } else if cause == ExitCause::GuestPoweroff {
             // The guest asked to power off: that is the VM's wish, not a crash. It stays off.
             self.rec.last_exit = Some(exit.clone());
@@ -419,6 +725,8 @@ impl Controller {
             exit = self.rec.last_exit.as_deref().unwrap_or(""),
             "orphaned vm detected"
         );
+        self.up_since = None;
+        self.schedule_recovery(reason.as_str()).await;
         saved
     }
 
@@ -482,6 +790,17 @@ impl Controller {
                     h.recovery_count += 1;
                 }
                 let mut changed = recovered;
+                let stable = self.rec.recovery_streak > 0
+                    && h.is_healthy
+                    && self
+                        .up_since
+                        .is_some_and(|t| t.elapsed() >= self.env.gate.config().stable_period);
+                if stable {
+                    info!(vm_id = %self.rec.vm_id, attempts = self.rec.recovery_streak, "vm stable; recovery backoff reset");
+                    self.rec.recovery_streak = 0;
+                    self.up_since = None;
+                    changed = true;
+                }
                 let drift = match (self.rec.observed, run) {
                     (VmState::Running, GuestRun::Paused) => Some(VmState::Paused),
                     (VmState::Paused, GuestRun::Running) => Some(VmState::Running),
@@ -608,6 +927,15 @@ fn jittered(cfg: &HealthConfig) -> Duration {
         1.0
     };
     cfg.interval.mul_f64(factor)
+}
+
+async fn wait_permit(
+    p: &mut Option<PermitFuture>,
+) -> std::result::Result<OwnedSemaphorePermit, AcquireError> {
+    match p {
+        Some(f) => f.as_mut().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {

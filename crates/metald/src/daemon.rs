@@ -32,7 +32,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     let driver = Arc::new(QemuDriver::new(cfg.qemu.clone(), cfg.accel));
     let sup = Supervisor::new(cfg.clone(), store, driver);
     let report = sup.attach_all().await?;
-    let sweeper = sup.spawn_sweeper();
+    // The pass at start: orphans found while re-attaching get their recovery scheduled, and
+    // strays and stale files left by the last run are found.
+    sup.reconcile_pass().await?;
+    let reconciler = sup
+        .config()
+        .reconcile
+        .enabled
+        .then(|| sup.spawn_reconciler());
 
     let listen = cfg.listen()?;
     let server =
@@ -66,7 +73,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         }
     }
     info!("shutting down; vmms keep running");
-    sweeper.abort();
+    if let Some(r) = reconciler {
+        r.abort();
+    }
     sup.shutdown(SHUTDOWN_GRACE).await;
     info!("metald stopped");
     Ok(())

@@ -22,6 +22,7 @@ pub mod driver;
 pub mod error;
 pub mod model;
 pub mod process;
+pub mod recovery;
 pub mod store;
 pub mod supervisor;
 pub mod telemetry;

@@ -82,6 +82,8 @@ pub enum VmState {
     Shutdown,
     /// Should be running or paused, but its VMM died, hung or became unreachable.
     Orphaned,
+    /// Automatic recovery gave up; waits for an operator.
+    Failed,
 }
 
 impl VmState {
@@ -93,6 +95,7 @@ impl VmState {
             VmState::Paused => "paused",
             VmState::Shutdown => "shutdown",
             VmState::Orphaned => "orphaned",
+            VmState::Failed => "failed",
         }
     }
 
@@ -104,6 +107,7 @@ impl VmState {
             "paused" => VmState::Paused,
             "shutdown" => VmState::Shutdown,
             "orphaned" => VmState::Orphaned,
+            "failed" => VmState::Failed,
             _ => return None,
         })
     }
@@ -114,10 +118,11 @@ impl VmState {
         use Transition as T;
         use VmState::*;
         let to = match (op, self) {
-            (T::Boot, Created | Shutdown | Orphaned) => Running,
+            (T::Boot, Created | Shutdown | Orphaned | Failed) => Running,
             (T::Pause, Running) => Paused,
             (T::Resume, Paused) => Running,
-            (T::Shutdown, Created | Running | Paused | Orphaned) => Shutdown,
+            (T::Shutdown, Created | Running | Paused | Orphaned | Failed) => Shutdown,
+            (T::Recover, Orphaned | Failed) => self,
             (T::Reboot, Running | Paused) => Running,
             _ => {
                 return Err(Error::FailedPrecondition(format!(
@@ -132,7 +137,10 @@ impl VmState {
 
     /// Whether a VMM process exists in this state.
     pub fn has_process(self) -> bool {
-        !matches!(self, VmState::Shutdown | VmState::Orphaned)
+        !matches!(
+            self,
+            VmState::Shutdown | VmState::Orphaned | VmState::Failed
+        )
     }
 }
 
@@ -224,6 +232,8 @@ pub enum Transition {
     Shutdown,
     /// Restart the guest.
     Reboot,
+    /// Recover an orphaned or failed VM now.
+    Recover,
 }
 
 impl Transition {
@@ -235,6 +245,7 @@ impl Transition {
             Transition::Resume => "resume",
             Transition::Shutdown => "shut down",
             Transition::Reboot => "reboot",
+            Transition::Recover => "recover",
         }
     }
 }
@@ -267,6 +278,34 @@ impl Desired {
             VmState::from_db(s).map(Desired::State)
         }
     }
+}
+
+/// What happens when a VM's VMM ends without metald asking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartPolicy {
+    /// Restart after crashes and after the guest powers itself off.
+    Always,
+    /// Restart after crashes only.
+    #[default]
+    OnFailure,
+    /// Never restart automatically.
+    Never,
+}
+
+impl RestartPolicy {
+    /// Stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::Always => "always",
+            RestartPolicy::OnFailure => "on_failure",
+            RestartPolicy::Never => "never",
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A block device attached as virtio-blk.
@@ -314,6 +353,12 @@ pub struct VmSpec {
     pub console: bool,
     /// Free-form labels.
     pub metadata: BTreeMap<String, String>,
+    /// What to do when the VMM ends unasked.
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    /// Recover automatically when orphaned.
+    #[serde(default = "yes")]
+    pub auto_recover: bool,
 }
 
 /// What a caller asked for, before validation. The API layer fills this from the protobuf.
@@ -337,6 +382,10 @@ pub struct VmSpecInput {
     pub console: bool,
     /// `config.metadata`.
     pub metadata: BTreeMap<String, String>,
+    /// `config.restart_policy`.
+    pub restart_policy: RestartPolicy,
+    /// `config.auto_recover`.
+    pub auto_recover: bool,
 }
 
 const MIB: u64 = 1024 * 1024;
@@ -462,6 +511,8 @@ impl VmSpecInput {
             nics,
             console: self.console,
             metadata: self.metadata,
+            restart_policy: self.restart_policy,
+            auto_recover: self.auto_recover,
         })
     }
 }

@@ -38,7 +38,41 @@ ALTER TABLE vms ADD COLUMN health TEXT;
 ALTER TABLE vms ADD COLUMN orphan_reason TEXT;
 ALTER TABLE vms ADD COLUMN orphaned_at_ms INTEGER;
 "#,
+    r#"
+ALTER TABLE vms ADD COLUMN recovery_streak INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE recovery_attempts (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    vm_id         TEXT NOT NULL,
+    attempt       INTEGER NOT NULL,
+    started_at_ms INTEGER NOT NULL,
+    duration_ms   INTEGER NOT NULL,
+    outcome       TEXT NOT NULL,
+    error         TEXT NOT NULL,
+    trigger       TEXT NOT NULL
+);
+CREATE INDEX recovery_attempts_vm ON recovery_attempts(vm_id, id);
+"#,
 ];
+
+/// Recovery attempts kept per VM.
+pub const ATTEMPTS_KEPT: usize = 20;
+
+/// One recovery attempt, as kept in the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRecord {
+    /// 1-based attempt number within its failure streak.
+    pub attempt: u32,
+    /// When it started, ms since the epoch.
+    pub started_at_ms: i64,
+    /// How long it took.
+    pub duration_ms: i64,
+    /// `success` or `failure`.
+    pub outcome: String,
+    /// The error, for a failure.
+    pub error: String,
+    /// What started it (an orphan reason, `guest_poweroff`, or `manual`).
+    pub trigger: String,
+}
 
 /// One VM's registry row.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,6 +97,8 @@ pub struct VmRecord {
     pub orphan_reason: Option<OrphanReason>,
     /// When it was orphaned (ms since the epoch), while it is.
     pub orphaned_at_ms: Option<i64>,
+    /// Recovery attempts in the current failure streak.
+    pub recovery_streak: u32,
     /// Creation time, ms since the epoch.
     pub created_at_ms: i64,
     /// Last change, ms since the epoch.
@@ -188,7 +224,8 @@ impl Store {
             let n = c.execute(
                 "UPDATE vms SET observed_state = ?2, pid = ?3, start_time = ?4, control_socket = ?5,
                      console_log = COALESCE(?6, console_log), last_exit = ?7, health = ?8,
-                     orphan_reason = ?9, orphaned_at_ms = ?10, updated_at_ms = ?11
+                     orphan_reason = ?9, orphaned_at_ms = ?10, updated_at_ms = ?11,
+                     recovery_streak = ?12
                  WHERE vm_id = ?1",
                 params![
                     rec.vm_id.as_str(),
@@ -202,6 +239,7 @@ impl Store {
                     rec.orphan_reason.map(OrphanReason::as_str),
                     rec.orphaned_at_ms,
                     now_ms(),
+                    rec.recovery_streak,
                 ],
             )?;
             if n == 0 {
@@ -212,12 +250,90 @@ impl Store {
         .await
     }
 
-    /// Removes a VM's row.
+    /// Removes a VM's row and its history.
     pub async fn delete(&self, id: &VmId) -> Result<()> {
         let id = id.clone();
         self.run(move |c| {
-            c.execute("DELETE FROM vms WHERE vm_id = ?1", params![id.as_str()])?;
+            let tx = c.transaction()?;
+            tx.execute(
+                "DELETE FROM recovery_attempts WHERE vm_id = ?1",
+                params![id.as_str()],
+            )?;
+            tx.execute("DELETE FROM vms WHERE vm_id = ?1", params![id.as_str()])?;
+            tx.commit()?;
             Ok(())
+        })
+        .await
+    }
+
+    /// Replaces a VM's stored config.
+    pub async fn set_spec(&self, id: &VmId, spec: &VmSpec) -> Result<()> {
+        let id = id.clone();
+        let text = serde_json::to_string(spec).map_err(|e| Error::CorruptRow {
+            vm_id: id.to_string(),
+            reason: e.to_string(),
+        })?;
+        self.run(move |c| {
+            let n = c.execute(
+                "UPDATE vms SET spec = ?2, updated_at_ms = ?3 WHERE vm_id = ?1",
+                params![id.as_str(), text, now_ms()],
+            )?;
+            if n == 0 {
+                return Err(Error::NotFound(id.to_string()));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Appends a recovery attempt, keeping the newest [`ATTEMPTS_KEPT`] per VM.
+    pub async fn add_attempt(&self, id: &VmId, a: AttemptRecord) -> Result<()> {
+        let id = id.clone();
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO recovery_attempts (vm_id, attempt, started_at_ms, duration_ms, outcome,
+                     error, trigger) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    id.as_str(),
+                    a.attempt,
+                    a.started_at_ms,
+                    a.duration_ms,
+                    a.outcome,
+                    a.error,
+                    a.trigger
+                ],
+            )?;
+            tx.execute(
+                "DELETE FROM recovery_attempts WHERE vm_id = ?1 AND id NOT IN
+                     (SELECT id FROM recovery_attempts WHERE vm_id = ?1 ORDER BY id DESC LIMIT ?2)",
+                params![id.as_str(), ATTEMPTS_KEPT as i64],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A VM's recovery attempts, newest first.
+    pub async fn attempts(&self, id: &VmId) -> Result<Vec<AttemptRecord>> {
+        let id = id.clone();
+        self.run(move |c| {
+            let mut stmt = c.prepare(
+                "SELECT attempt, started_at_ms, duration_ms, outcome, error, trigger
+                 FROM recovery_attempts WHERE vm_id = ?1 ORDER BY id DESC",
+            )?;
+            let rows = stmt.query_map(params![id.as_str()], |r| {
+                Ok(AttemptRecord {
+                    attempt: r.get(0)?,
+                    started_at_ms: r.get(1)?,
+                    duration_ms: r.get(2)?,
+                    outcome: r.get(3)?,
+                    error: r.get(4)?,
+                    trigger: r.get(5)?,
+                })
+            })?;
+            Ok(rows.collect::<std::result::Result<Vec<_>, _>>()?)
         })
         .await
     }
@@ -301,7 +417,7 @@ impl Store {
 
 const COLUMNS: &str = "vm_id, customer_id, spec, desired_state, observed_state, pid, start_time, \
                        control_socket, console_log, last_exit, created_at_ms, updated_at_ms, \
-                       health, orphan_reason, orphaned_at_ms";
+                       health, orphan_reason, orphaned_at_ms, recovery_streak";
 
 fn decode(r: &Row<'_>) -> Result<VmRecord> {
     let id: String = r.get(0)?;
@@ -349,6 +465,7 @@ fn decode(r: &Row<'_>) -> Result<VmRecord> {
             .get::<_, Option<String>>(13)?
             .and_then(|s| OrphanReason::parse(&s)),
         orphaned_at_ms: r.get(14)?,
+        recovery_streak: r.get(15)?,
     })
 }
 
@@ -394,6 +511,8 @@ mod tests {
                 nics: vec![],
                 console: true,
                 metadata: BTreeMap::from([("a".into(), "b".into())]),
+                restart_policy: Default::default(),
+                auto_recover: true,
             },
             desired: Desired::State(VmState::Created),
             observed: VmState::Created,
@@ -404,6 +523,7 @@ mod tests {
             health: HealthStatus::default(),
             orphan_reason: None,
             orphaned_at_ms: None,
+            recovery_streak: 0,
         }
     }
 
@@ -465,6 +585,27 @@ mod tests {
         assert_eq!(mode, "wal");
         let all = s.all().await.unwrap();
         assert_eq!(all.len(), 5);
+        let id = VmId::parse("vm_id", "vm0").unwrap();
+        for n in 0..(ATTEMPTS_KEPT as u32 + 5) {
+            s.add_attempt(
+                &id,
+                AttemptRecord {
+                    attempt: n,
+                    started_at_ms: 1,
+                    duration_ms: 2,
+                    outcome: "failure".into(),
+                    error: "e".into(),
+                    trigger: "process_dead".into(),
+                },
+            )
+            .await
+            .unwrap();
+        }
+        let hist = s.attempts(&id).await.unwrap();
+        assert_eq!(hist.len(), ATTEMPTS_KEPT);
+        assert_eq!(hist[0].attempt, ATTEMPTS_KEPT as u32 + 4, "newest first");
+        s.delete(&id).await.unwrap();
+        assert!(s.attempts(&id).await.unwrap().is_empty());
         assert_eq!(all[0].spec.metadata.get("a").map(String::as_str), Some("b"));
         let _ = std::fs::remove_dir_all(&dir);
     }

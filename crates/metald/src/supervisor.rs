@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::task::{JoinHandle, JoinSet};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::controller::{
@@ -21,6 +21,7 @@ use crate::driver::{GuestRun, VmmDriver, VmmProcess};
 use crate::error::{Error, Result};
 use crate::model::{Desired, HealthStatus, OrphanReason, Transition, VmId, VmSpec, VmState};
 use crate::process::{Pidfd, ProcInfo};
+use crate::recovery::{GateStatus, RecoveryGate};
 use crate::store::{Store, VmRecord, now_ms};
 
 struct Entry {
@@ -36,6 +37,23 @@ pub struct Supervisor {
     vms: Mutex<HashMap<VmId, Entry>>,
     /// Stray VMMs seen by the sweep, keyed by (pid, start time), with when they were first seen.
     strays: Mutex<HashMap<(i32, u64), Instant>>,
+}
+
+/// What one reconcile pass found and did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ReconcileReport {
+    /// VMs visited.
+    pub vms: usize,
+    /// Orphans whose recovery the pass scheduled.
+    pub recoveries_scheduled: usize,
+    /// VMMs found dead without their exit event handled.
+    pub missed_exits: usize,
+    /// VMs driven to their desired state.
+    pub converged: usize,
+    /// The sweep's findings.
+    pub sweep: SweepReport,
+    /// How long the pass took.
+    pub duration: Duration,
 }
 
 /// What one sweep found and did.
@@ -78,6 +96,7 @@ impl Supervisor {
             driver,
             run_root: cfg.run_root(),
             health: cfg.health.clone(),
+            gate: RecoveryGate::new(cfg.recovery.clone()),
         };
         Arc::new(Supervisor {
             cfg,
@@ -236,6 +255,7 @@ impl Supervisor {
             health: HealthStatus::default(),
             orphan_reason: None,
             orphaned_at_ms: None,
+            recovery_streak: 0,
         };
         // The insert is the point of no return for the id: a duplicate fails here, before any
         // file of the existing VM could be touched.
@@ -287,24 +307,93 @@ impl Supervisor {
         }
     }
 
-    /// Runs [`Supervisor::sweep`] every `sweep.interval` until the task is dropped.
-    pub fn spawn_sweeper(self: &Arc<Self>) -> JoinHandle<()> {
+    /// Runs [`Supervisor::reconcile_pass`] every `reconcile.interval` until the task is
+    /// dropped (the first pass after one interval: the daemon runs one itself at start).
+    pub fn spawn_reconciler(self: &Arc<Self>) -> JoinHandle<()> {
         let sup = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(sup.cfg.sweep.interval);
+            let period = sup.cfg.reconcile.interval;
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                if let Err(e) = sup.sweep().await {
-                    warn!(error = %e, "sweep failed");
+                if let Err(e) = sup.reconcile_pass().await {
+                    warn!(error = %e, "reconcile pass failed");
                 }
             }
         })
     }
 
+    /// One pass of the reconcile loop: every controller checks its VM against the registry
+    /// (missed exits, orphans nobody is recovering, VMs stuck short of their desired state),
+    /// then the sweep looks for strays and stale files. Logs what it found and did.
+    pub async fn reconcile_pass(&self) -> Result<ReconcileReport> {
+        let started = Instant::now();
+        let handles: Vec<(VmId, ControllerHandle)> = self
+            .lock()
+            .iter()
+            .map(|(id, e)| (id.clone(), e.handle.clone()))
+            .collect();
+        let mut report = ReconcileReport {
+            vms: handles.len(),
+            ..ReconcileReport::default()
+        };
+        let mut visits = JoinSet::new();
+        for (id, h) in handles {
+            visits.spawn(async move {
+                // A controller busy with a long operation is visited on the next pass.
+                let r =
+                    tokio::time::timeout(Duration::from_secs(5), h.call_full(Op::Reconcile)).await;
+                (id, r)
+            });
+        }
+        while let Some(joined) = visits.join_next().await {
+            match joined {
+                Ok((_, Ok(Ok(r)))) => {
+                    report.recoveries_scheduled += usize::from(r.did.scheduled);
+                    report.missed_exits += usize::from(r.did.missed_exit);
+                    report.converged += usize::from(r.did.converged);
+                }
+                Ok((id, Ok(Err(e)))) => debug!(vm_id = %id, error = %e, "reconcile visit failed"),
+                Ok((id, Err(_))) => debug!(vm_id = %id, "controller busy; visited next pass"),
+                Err(_) => {}
+            }
+        }
+        report.sweep = self.sweep().await?;
+        report.duration = started.elapsed();
+        info!(
+            vms = report.vms,
+            recoveries_scheduled = report.recoveries_scheduled,
+            missed_exits = report.missed_exits,
+            converged = report.converged,
+            strays_found = report.sweep.strays_found,
+            strays_killed = report.sweep.strays_killed,
+            stale_dirs_removed = report.sweep.stale_dirs_removed,
+            stale_sockets_removed = report.sweep.stale_sockets_removed,
+            duration_ms = report.duration.as_millis() as u64,
+            "reconcile pass"
+        );
+        Ok(report)
+    }
+
+    /// Recovers an orphaned or failed VM now.
+    pub async fn recover(&self, id: &VmId) -> Result<VmRecord> {
+        self.handle(id)?.call(Op::Recover).await
+    }
+
+    /// Turns automatic recovery on or off for one VM.
+    pub async fn set_auto_recover(&self, id: &VmId, on: bool) -> Result<VmRecord> {
+        self.handle(id)?.call(Op::SetAutoRecover(on)).await
+    }
+
+    /// The host-wide recovery gate's state.
+    pub fn recovery_status(&self) -> GateStatus {
+        self.env.gate.status()
+    }
+
     /// Compares live processes and run directories with the registry. A VMM with metald's
     /// marker for this state directory that no row accounts for is a stray: it is logged when
-    /// first seen and killed once it has outlived `sweep.stray_grace` (a VMM being created is
+    /// first seen and killed once it has outlived `reconcile.stray_grace` (a VMM being created is
     /// recorded well within that). A run directory with no row, or a control socket of a VM
     /// without a VMM, is stale and removed.
     pub async fn sweep(&self) -> Result<SweepReport> {
@@ -319,7 +408,7 @@ impl Supervisor {
             })
             .collect();
         let run_root = self.cfg.run_root();
-        let grace = self.cfg.sweep.stray_grace;
+        let grace = self.cfg.reconcile.stray_grace;
         let mut report = SweepReport::default();
 
         // Strays.
@@ -407,15 +496,6 @@ impl Supervisor {
                     Some(Some(_)) => {}
                 }
             }
-        }
-        if report != SweepReport::default() {
-            info!(
-                strays_found = report.strays_found,
-                strays_killed = report.strays_killed,
-                stale_dirs_removed = report.stale_dirs_removed,
-                stale_sockets_removed = report.stale_sockets_removed,
-                "sweep done"
-            );
         }
         Ok(report)
     }

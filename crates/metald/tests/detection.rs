@@ -13,12 +13,16 @@ use metald_api::v1 as pb;
 
 const EVENT: Duration = Duration::from_secs(10);
 
-/// Fast sweeps for the stray and stale-file tests; health at its defaults.
-const FAST_SWEEP: &str = "[sweep]\ninterval = 300\nstray_grace = 1000\n";
+/// These tests watch detection alone, so automatic recovery is off: an orphan stays an orphan.
+const DETECT_ONLY: &str = "[recovery]\nenabled = false\n";
+
+/// Fast reconcile passes for the stray and stale-file tests; health at its defaults.
+const FAST_SWEEP: &str =
+    "[recovery]\nenabled = false\n[reconcile]\ninterval = 300\nstray_grace = 1000\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_orphans_with_process_dead_and_exit_status() {
-    let d = Daemon::start().await;
+    let d = Daemon::start_with_toml(DETECT_ONLY).await;
     let mut c = d.client().await;
     let pid = running_vm(&mut c, "k9").await;
     let mark = d.log_mark();
@@ -49,7 +53,7 @@ async fn kill9_orphans_with_process_dead_and_exit_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_poweroff_external_sigterm_and_kill_are_told_apart() {
-    let d = Daemon::start().await;
+    let d = Daemon::start_with_toml(DETECT_ONLY).await;
     let mut c = d.client().await;
 
     // The guest powers itself off (its power button, pressed over QMP behind metald's back):
@@ -91,7 +95,7 @@ async fn guest_poweroff_external_sigterm_and_kill_are_told_apart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstop_makes_unhealthy_then_orphaned_api_unresponsive() {
-    let d = Daemon::start().await;
+    let d = Daemon::start_with_toml(DETECT_ONLY).await;
     let mut c = d.client().await;
     let pid = running_vm(&mut c, "hung").await;
     let mark = d.log_mark();
@@ -125,7 +129,7 @@ async fn sigstop_makes_unhealthy_then_orphaned_api_unresponsive() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigcont_before_the_threshold_is_no_orphan() {
-    let d = Daemon::start().await;
+    let d = Daemon::start_with_toml(DETECT_ONLY).await;
     let mut c = d.client().await;
     let pid = running_vm(&mut c, "blip").await;
     let mark = d.log_mark();
@@ -147,7 +151,7 @@ async fn sigcont_before_the_threshold_is_no_orphan() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_control_socket_orphans_with_socket_unreachable() {
-    let d = Daemon::start().await;
+    let d = Daemon::start_with_toml(DETECT_ONLY).await;
     let mut c = d.client().await;
     let pid = running_vm(&mut c, "nosock").await;
     let mark = d.log_mark();
@@ -172,7 +176,7 @@ async fn deleted_control_socket_orphans_with_socket_unreachable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reused_pid_is_never_adopted() {
-    let mut d = Daemon::start().await;
+    let mut d = Daemon::start_with_toml(DETECT_ONLY).await;
     let mut c = d.client().await;
     let pid_a = running_vm(&mut c, "reuse-a").await;
     let pid_b = running_vm(&mut c, "reuse-b").await;

@@ -338,6 +338,8 @@ mod tests {
             nics: vec![],
             console: true,
             metadata: BTreeMap::new(),
+            restart_policy: Default::default(),
+            auto_recover: true,
         }
     }
 

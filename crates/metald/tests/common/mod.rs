@@ -68,6 +68,7 @@ pub struct Daemon {
     pub state_dir: PathBuf,
     pub sock: PathBuf,
     pub extra_args: Vec<String>,
+    config_file: Option<PathBuf>,
     child: Option<Child>,
     pub logs: Arc<Logs>,
 }
@@ -80,10 +81,18 @@ impl Daemon {
 
     /// Starts metald with a TOML config file (flags from the harness still override it).
     pub async fn start_with_toml(toml: &str) -> Daemon {
+        Self::start_with_toml_args(toml, vec![]).await
+    }
+
+    /// Starts metald with a TOML config file and extra flags.
+    pub async fn start_with_toml_args(toml: &str, mut args: Vec<String>) -> Daemon {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let path = PathBuf::from(format!("/tmp/mdt-cfg-{}-{n}.toml", std::process::id()));
         std::fs::write(&path, toml).unwrap();
-        Self::start_with(vec!["--config".into(), path.display().to_string()]).await
+        args.extend(["--config".to_string(), path.display().to_string()]);
+        let mut d = Self::start_with(args).await;
+        d.config_file = Some(path);
+        d
     }
 
     pub async fn start_with(extra_args: Vec<String>) -> Daemon {
@@ -95,6 +104,7 @@ impl Daemon {
             sock: state_dir.join("metald.sock"),
             state_dir,
             extra_args,
+            config_file: None,
             child: None,
             logs: Arc::new(Logs::default()),
         };
@@ -238,6 +248,9 @@ impl Drop for Daemon {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         let _ = std::fs::remove_dir_all(&self.state_dir);
+        if let Some(f) = &self.config_file {
+            let _ = std::fs::remove_file(f);
+        }
     }
 }
 
@@ -316,6 +329,8 @@ pub fn guest_request(vm_id: &str) -> pb::CreateVmRequest {
             metadata: [("app".to_string(), "test".to_string())]
                 .into_iter()
                 .collect(),
+            restart_policy: 0,
+            auto_recover: None,
         }),
     }
 }
@@ -360,6 +375,80 @@ pub fn guest_uptime(path: &Path) -> Option<f64> {
 
 pub fn state(i: &pb::GetVmInfoResponse) -> pb::VmState {
     pb::VmState::try_from(i.state).unwrap()
+}
+
+/// A private asset directory with its own kernel and initrd, so a test can remove the kernel
+/// to make recoveries fail. Removed on drop.
+pub struct Assets {
+    pub dir: PathBuf,
+}
+
+impl Assets {
+    pub fn new() -> Assets {
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let dir = PathBuf::from(format!("/tmp/mdt-assets-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["vmlinux", "initrd.img"] {
+            let src = guest_dir().join(f);
+            if std::fs::hard_link(&src, dir.join(f)).is_err() {
+                std::fs::copy(&src, dir.join(f)).unwrap();
+            }
+        }
+        Assets { dir }
+    }
+
+    pub fn kernel(&self) -> PathBuf {
+        self.dir.join("vmlinux")
+    }
+
+    /// Takes the kernel away; recoveries that need it fail.
+    pub fn break_kernel(&self) {
+        std::fs::rename(self.kernel(), self.dir.join("vmlinux.away")).unwrap();
+    }
+
+    pub fn restore_kernel(&self) {
+        std::fs::rename(self.dir.join("vmlinux.away"), self.kernel()).unwrap();
+    }
+
+    /// A request for a guest booted from these assets.
+    pub fn request(&self, id: &str) -> pb::CreateVmRequest {
+        let mut r = guest_request(id);
+        let boot = r.config.as_mut().unwrap().boot.as_mut().unwrap();
+        boot.kernel_path = self.kernel().display().to_string();
+        boot.initrd_path = self.dir.join("initrd.img").display().to_string();
+        r
+    }
+
+    /// The metald flags that allow these assets beside the shared guest image.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "--asset-dir".into(),
+            guest_dir().display().to_string(),
+            "--asset-dir".into(),
+            self.dir.display().to_string(),
+        ]
+    }
+}
+
+impl Drop for Assets {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Every log line after `since` with this message, parsed.
+pub fn events(d: &Daemon, since: usize, msg: &str) -> Vec<serde_json::Value> {
+    let field = format!("\"message\":\"{msg}\"");
+    d.logs
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .skip(since)
+        .filter(|l| l.contains(&field))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 /// Creates and boots a test guest, returning its VMM pid.
