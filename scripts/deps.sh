@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what metald, its tests and its test guest need on a Debian host, if missing:
-# QEMU (qemu-system-x86), busybox-static and the tools that build the guest image. The Rust
+# QEMU (qemu-system-x86), busybox-static, the tools that build the guest image, and Prometheus
+# (its server and promtool test the shipped alert rules). The Rust
 # toolchain must already be on the machine (rustup); Debian's packaged Rust is too old for
 # edition 2024.
 set -euo pipefail
@@ -12,7 +13,7 @@ fi
 
 need=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
-for p in busybox-static cpio lz4 gzip python3; do
+for p in busybox-static cpio lz4 gzip python3 prometheus; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -3,13 +3,10 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use clap::{Parser, Subcommand};
-use hyper_util::rt::TokioIo;
 use metald_api::v1 as pb;
-use metald_api::v1::vm_service_client::VmServiceClient;
 use serde_json::{Value, json};
-use tonic::transport::{Channel, Endpoint, Uri};
 
 /// Drive VMs on a metald host.
 #[derive(Debug, Parser)]
@@ -90,6 +87,20 @@ enum Cmd {
     },
     /// Run a reconcile pass now and show what it found and did.
     Reconcile,
+    /// Show the event history of one VM (or all), and with --follow keep printing new events.
+    Events {
+        /// VM id; all VMs when omitted.
+        id: Option<String>,
+        /// Keep streaming events as they happen.
+        #[arg(long)]
+        follow: bool,
+        /// How many past events to show.
+        #[arg(long, default_value_t = 50)]
+        limit: i32,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Boot a created or shut-down VM.
     Boot {
         /// VM id.
@@ -156,32 +167,6 @@ enum Cmd {
     },
 }
 
-async fn connect(endpoint: &str) -> Result<VmServiceClient<Channel>> {
-    let channel = if let Some(path) = endpoint.strip_prefix("unix:") {
-        let path = PathBuf::from(path);
-        // The URI is required by tonic but unused: the connector below dials the socket.
-        Endpoint::try_from("http://metald.invalid")?
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await
-            .with_context(|| format!("connecting to {endpoint}"))?
-    } else if let Some(addr) = endpoint.strip_prefix("tcp:") {
-        Endpoint::try_from(format!("http://{addr}"))?
-            .connect()
-            .await
-            .with_context(|| format!("connecting to {endpoint}"))?
-    } else {
-        bail!("--endpoint {endpoint:?} must be unix:PATH or tcp:HOST:PORT");
-    };
-    Ok(VmServiceClient::new(channel))
-}
-
 fn kv_list(spec: &str, what: &str) -> Result<HashMap<String, String>> {
     let mut m = HashMap::new();
     for part in spec.split(',') {
@@ -240,6 +225,33 @@ fn health_json(h: &Option<pb::VmHealthStatus>) -> Value {
         "recovery_count": h.recovery_count,
         "last_activity": ts(&h.last_activity),
     })
+}
+
+fn print_event(ev: &pb::VmEvent, json: bool) {
+    if json {
+        let v = json!({
+            "seq": ev.seq, "vm_id": ev.vm_id, "at": ts(&ev.at), "kind": ev.kind,
+            "from": ev.from_state, "to": ev.to_state, "reason": ev.reason, "message": ev.message,
+        });
+        println!("{v}");
+    } else {
+        let transition = if ev.from_state.is_empty() && ev.to_state.is_empty() {
+            String::new()
+        } else {
+            format!("{} -> {}", ev.from_state, ev.to_state)
+        };
+        println!(
+            "{:<16} {:<20} {:<16} {:<22} {:<18} {}",
+            ts(&ev.at),
+            ev.vm_id,
+            ev.kind,
+            transition,
+            ev.reason,
+            ev.message
+        );
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
 }
 
 fn history_json(r: &pb::GetVmInfoResponse) -> Value {
@@ -318,7 +330,7 @@ fn rpc<T>(r: std::result::Result<tonic::Response<T>, tonic::Status>) -> Result<T
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let mut c = connect(&cli.endpoint).await?;
+    let mut c = metald_api::connect(&cli.endpoint).await?;
     match cli.cmd {
         Cmd::Create {
             id,
@@ -549,6 +561,48 @@ async fn run(cli: Cli) -> Result<()> {
             } else if let Some(m) = v.as_object() {
                 for (k, v) in m {
                     println!("{:<24}{}", k.to_ascii_uppercase(), v);
+                }
+            }
+        }
+        Cmd::Events {
+            id,
+            follow,
+            limit,
+            json,
+        } => {
+            let vm_id = id.unwrap_or_default();
+            // Subscribe before reading the history so nothing falls between the two.
+            let mut live = if follow {
+                Some(rpc(c
+                    .watch_events(pb::WatchEventsRequest {
+                        vm_id: vm_id.clone(),
+                    })
+                    .await)?)
+            } else {
+                None
+            };
+            let past = rpc(c
+                .get_vm_events(pb::GetVmEventsRequest {
+                    vm_id: vm_id.clone(),
+                    after_seq: 0,
+                    limit,
+                })
+                .await)?;
+            let mut last_seq = 0;
+            for ev in &past.events {
+                print_event(ev, json);
+                last_seq = last_seq.max(ev.seq);
+            }
+            if let Some(stream) = live.as_mut() {
+                while let Some(ev) = stream
+                    .message()
+                    .await
+                    .map_err(|s| anyhow!("{:?}: {}", s.code(), s.message()))?
+                {
+                    if ev.seq != 0 && ev.seq <= last_seq {
+                        continue;
+                    }
+                    print_event(&ev, json);
                 }
             }
         }

@@ -147,3 +147,58 @@ async fn metald_serves_tcp_when_asked() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_follow_shows_kill_orphaned_recovering_running_live() {
+    use std::io::BufRead;
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    let pid = running_vm(&mut c, "followed").await;
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_metalctl"))
+        .arg("--endpoint")
+        .arg(format!("unix:{}", d.sock.display()))
+        .args(["events", "followed", "--follow", "--json", "--limit", "0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // metalctl subscribes to the live stream before it prints the history (--limit 0: the
+    // default page), so once the first history line is out, no later event can be missed.
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+        .await
+        .expect("history printed")
+        .expect("metalctl running");
+    assert!(first.contains("\"followed\""), "{first}");
+    signal(pid, libc::SIGKILL);
+
+    let want = [
+        ("orphaned", "orphaned"),
+        ("recovering", "orphaned"),
+        ("state_changed", "running"),
+        ("recovered", "running"),
+    ];
+    let mut next = 0;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while next < want.len() {
+        let line = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("events did not arrive in time")
+            .expect("metalctl exited");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["kind"] == want[next].0 && v["to"] == want[next].1 {
+            next += 1;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

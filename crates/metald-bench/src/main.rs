@@ -11,19 +11,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use rand::Rng;
 use tokio::sync::Notify;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use hyper_util::rt::TokioIo;
 use metald::config::{Accel, QemuConfig};
 use metald::driver::qemu::{QMP_SOCKET, QemuDriver};
 use metald::driver::qmp;
 use metald::model::{VmId, VmSpec};
 use metald_api::v1 as pb;
-use metald_api::v1::vm_service_client::VmServiceClient;
 use serde_json::{Value, json};
-use tonic::transport::{Channel, Endpoint, Uri};
 
 #[derive(Debug, Parser)]
 #[command(name = "metald-bench")]
@@ -58,9 +56,22 @@ enum Bench {
         #[arg(long, default_value_t = 600)]
         soak_secs: u64,
     },
+    /// Chaos: random SIGKILLs, SIGSTOPs and control-socket deletions against running VMs, with
+    /// automatic recovery on; recovery rate and times, false recoveries, leftovers.
+    Chaos {
+        /// VMs to run.
+        #[arg(long, default_value_t = 20)]
+        vms: usize,
+        /// Seconds of fault injection.
+        #[arg(long, default_value_t = 600)]
+        secs: u64,
+        /// Mean seconds between faults.
+        #[arg(long, default_value_t = 3.0)]
+        mean_gap: f64,
+    },
 }
 
-type Client = VmServiceClient<Channel>;
+type Client = metald_api::Client;
 
 /// Log lines a daemon printed.
 #[derive(Default)]
@@ -81,9 +92,15 @@ struct Daemon {
 
 impl Daemon {
     async fn start(root: &Path) -> Result<Daemon> {
+        Self::start_with(root, "").await
+    }
+
+    /// Starts metald with this TOML config.
+    async fn start_with(root: &Path, toml: &str) -> Result<Daemon> {
         let state = PathBuf::from(format!("/tmp/mdb-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&state);
         std::fs::create_dir_all(&state)?;
+        std::fs::write(state.join("bench.toml"), toml)?;
         let logs = Arc::new(Logs::default());
         let (child, started) = spawn_metald(root, &state, &logs)?;
         let d = Daemon {
@@ -157,27 +174,27 @@ impl Daemon {
     }
 
     async fn client(&self) -> Result<Client> {
-        let path = self.state.join("metald.sock");
-        let ch = Endpoint::try_from("http://metald.invalid")?
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await?;
-        Ok(VmServiceClient::new(ch))
+        let sock = self.state.join("metald.sock");
+        Ok(metald_api::connect(&format!("unix:{}", sock.display())).await?)
     }
 }
 
 fn spawn_metald(root: &Path, state: &Path, logs: &Arc<Logs>) -> Result<(Child, Instant)> {
     let started = Instant::now();
     let mut child = Command::new(root.join("target/release/metald"))
+        .arg("--config")
+        .arg(state.join("bench.toml"))
         .arg("--state-dir")
         .arg(state)
-        .args(["--accel", "tcg", "--log-format", "json", "--asset-dir"])
+        .args([
+            "--accel",
+            "tcg",
+            "--log-format",
+            "json",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--asset-dir",
+        ])
         .arg(root.join("target/guest"))
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
@@ -527,11 +544,47 @@ async fn wait_ready(d: &Daemon, ids: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Kills (or stops) a VMM and returns the µs from the signal to the `orphaned vm detected` line.
-async fn time_orphan(d: &Daemon, c: &mut Client, id: &str, sig: i32) -> Result<(f64, String)> {
+/// What one fault injection measured, in ms from the signal.
+struct Timed {
+    /// To the `orphaned vm detected` line.
+    orphaned_ms: f64,
+    /// To the process's exit as the benchmark's own pidfd saw it (SIGKILL only): the kernel's
+    /// share, a floor no watcher can beat.
+    exit_ms: Option<f64>,
+    reason: String,
+}
+
+/// Waits on a pidfd in a blocking thread; returns µs since the epoch when it turned readable.
+fn exit_watch(pid: i32) -> Option<std::thread::JoinHandle<Option<i64>>> {
+    // SAFETY: pidfd_open takes plain integers and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = i32::try_from(fd).ok().filter(|f| *f >= 0)?;
+    Some(std::thread::spawn(move || {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd on this thread's stack; the fd is ours.
+        let n = unsafe { libc::poll(&mut p, 1, 15_000) };
+        let t = now_us();
+        // SAFETY: closing the fd opened above, once.
+        unsafe { libc::close(fd) };
+        (n > 0).then_some(t)
+    }))
+}
+
+/// Kills (or stops) a VMM, times detection, then boots the VM back and waits for its guest, so
+/// that every fault lands on a host in steady state.
+async fn time_orphan(d: &Daemon, c: &mut Client, id: &str, sig: i32) -> Result<Timed> {
     let pid = vm_pid(c, id).await?;
     let mark = d.mark();
     let vm_field = format!("\"vm_id\":\"{id}\"");
+    let watch = if sig == libc::SIGKILL {
+        exit_watch(pid)
+    } else {
+        None
+    };
     let t0 = now_us();
     signal(pid, sig);
     let line = d
@@ -541,6 +594,9 @@ async fn time_orphan(d: &Daemon, c: &mut Client, id: &str, sig: i32) -> Result<(
         .await
         .with_context(|| format!("{id}: no orphan event"))?;
     let t1 = log_time_us(&line).context("log timestamp")?;
+    let exit_ms = watch
+        .and_then(|w| w.join().ok().flatten())
+        .map(|t| (t - t0) as f64 / 1000.0);
     let reason = serde_json::from_str::<Value>(&line)?["reason"]
         .as_str()
         .unwrap_or("")
@@ -550,7 +606,12 @@ async fn time_orphan(d: &Daemon, c: &mut Client, id: &str, sig: i32) -> Result<(
     }
     // Bring it back by hand (automatic recovery is not part of this measurement).
     c.boot_vm(pb::BootVmRequest { vm_id: id.into() }).await?;
-    Ok(((t1 - t0) as f64 / 1000.0, reason))
+    wait_ready(d, &[id.to_string()]).await?;
+    Ok(Timed {
+        orphaned_ms: (t1 - t0) as f64 / 1000.0,
+        exit_ms,
+        reason,
+    })
 }
 
 async fn detection(
@@ -560,7 +621,8 @@ async fn detection(
     stops: usize,
     soak_secs: u64,
 ) -> Result<Value> {
-    let mut d = Daemon::start(root).await?;
+    // Detection alone is measured: recovery is off and the benchmark boots each VM back itself.
+    let mut d = Daemon::start_with(root, "[recovery]\nenabled = false\n").await?;
     let mut c = d.client().await?;
     let ids: Vec<String> = (0..vms).map(|i| format!("det{i}")).collect();
     for id in &ids {
@@ -572,22 +634,28 @@ async fn detection(
 
     eprintln!("bench: {kills} SIGKILLs");
     let mut kill_ms = Vec::new();
+    let mut exit_ms = Vec::new();
+    let mut metald_ms = Vec::new();
     for k in 0..kills {
-        let (ms, reason) = time_orphan(&d, &mut c, &ids[k % vms], libc::SIGKILL).await?;
-        if reason != "process_dead" {
-            bail!("SIGKILL gave reason {reason}");
+        let t = time_orphan(&d, &mut c, &ids[k % vms], libc::SIGKILL).await?;
+        if t.reason != "process_dead" {
+            bail!("SIGKILL gave reason {}", t.reason);
         }
-        kill_ms.push(ms);
+        kill_ms.push(t.orphaned_ms);
+        if let Some(e) = t.exit_ms {
+            exit_ms.push(e);
+            metald_ms.push(t.orphaned_ms - e);
+        }
     }
 
     eprintln!("bench: {stops} SIGSTOPs");
     let mut stop_ms = Vec::new();
     for k in 0..stops {
-        let (ms, reason) = time_orphan(&d, &mut c, &ids[k % vms], libc::SIGSTOP).await?;
-        if reason != "api_unresponsive" {
-            bail!("SIGSTOP gave reason {reason}");
+        let t = time_orphan(&d, &mut c, &ids[k % vms], libc::SIGSTOP).await?;
+        if t.reason != "api_unresponsive" {
+            bail!("SIGSTOP gave reason {}", t.reason);
         }
-        stop_ms.push(ms);
+        stop_ms.push(t.orphaned_ms);
     }
     wait_ready(&d, &ids).await?;
 
@@ -668,12 +736,255 @@ async fn detection(
 
     Ok(json!({
         "vms": vms,
-        "sigkill_to_orphaned_ms": {"p50": percentile(&kill_ms, 50.0), "p99": percentile(&kill_ms, 99.0), "max": percentile(&kill_ms, 100.0), "n": kill_ms.len()},
+        "sigkill_to_orphaned_ms": {"p50": percentile(&kill_ms, 50.0), "p99": percentile(&kill_ms, 99.0), "max": percentile(&kill_ms, 100.0), "n": kill_ms.len(),
+            "note": "signal sent by the benchmark to the 'orphaned vm detected' line, which is written after the registry commit; each kill lands on a host in steady state (the previous victim's guest is booted again first)"},
+        "sigkill_to_process_exit_ms": {"p50": percentile(&exit_ms, 50.0), "p99": percentile(&exit_ms, 99.0), "max": percentile(&exit_ms, 100.0), "n": exit_ms.len(),
+            "note": "the kernel's share: when the benchmark's own pidfd on the VMM turned readable (QEMU's memory teardown); no watcher can see the death earlier"},
+        "process_exit_to_orphaned_ms": {"p50": percentile(&metald_ms, 50.0), "p99": percentile(&metald_ms, 99.0), "max": percentile(&metald_ms, 100.0), "n": metald_ms.len(),
+            "note": "metald's share: pidfd wake-up, reap, exit cause, registry commit, log line"},
         "sigstop_to_orphaned_ms": {"p50": percentile(&stop_ms, 50.0), "p99": percentile(&stop_ms, 99.0), "max": percentile(&stop_ms, 100.0), "n": stop_ms.len(), "config": "interval 500 ms, timeout 500 ms, unhealthy after 2, orphaned after 4"},
         "reattach_after_sigkill": attach,
         "health_check": {"metald_cpu_us_per_vm_check": cpu_us_per_check, "window_s": window.as_secs(), "checks_est": checks, "failed_checks_idle": fails_idle},
         "soak_with_cpu_hog": {"seconds": soak_secs, "hog_threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2), "false_orphans": soak_orphans, "failed_checks": soak_failed_checks, "unhealthy_events": soak_unhealthy},
     }))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    Kill,
+    Stop,
+    Socket,
+}
+
+/// One injected fault and what followed, in ms from the injection.
+#[derive(Debug, Clone)]
+struct FaultRecord {
+    vm: String,
+    kind: Fault,
+    t0_us: i64,
+    detect_ms: Option<f64>,
+    running_ms: Option<f64>,
+    ready_ms: Option<f64>,
+}
+
+async fn chaos(root: &Path, vms: usize, secs: u64, mean_gap: f64) -> Result<Value> {
+    let mut d = Daemon::start(root).await?;
+    let mut c = d.client().await?;
+    let ids: Vec<String> = (0..vms).map(|i| format!("chaos{i}")).collect();
+    for id in &ids {
+        c.create_vm(guest_request(root, id)).await?;
+        c.boot_vm(pb::BootVmRequest { vm_id: id.clone() }).await?;
+    }
+    eprintln!("bench: waiting for {vms} guests to boot");
+    wait_ready(&d, &ids).await?;
+    let start_mark = d.mark();
+    let mut faults: Vec<FaultRecord> = Vec::new();
+    // A VM gets its next fault only once its last one has been recovered and its guest is up.
+    let mut busy_until_ready: std::collections::HashMap<String, usize> = Default::default();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut rng = rand::rng();
+    eprintln!("bench: injecting faults for {secs} s");
+    while Instant::now() < deadline {
+        let gap = rng.random_range(0.2 * mean_gap..=1.8 * mean_gap);
+        tokio::time::sleep(Duration::from_secs_f64(gap)).await;
+        update_faults(&d, &mut faults, &mut busy_until_ready);
+        let free: Vec<&String> = ids
+            .iter()
+            .filter(|i| !busy_until_ready.contains_key(*i))
+            .collect();
+        if free.is_empty() {
+            continue;
+        }
+        let vm = free[rng.random_range(0..free.len())].clone();
+        let kind = match rng.random_range(0..10) {
+            0..=4 => Fault::Kill,
+            5..=7 => Fault::Stop,
+            _ => Fault::Socket,
+        };
+        let Ok(pid) = vm_pid(&mut c, &vm).await else {
+            continue;
+        };
+        let t0_us = now_us();
+        match kind {
+            Fault::Kill => signal(pid, libc::SIGKILL),
+            Fault::Stop => signal(pid, libc::SIGSTOP),
+            Fault::Socket => {
+                let _ = std::fs::remove_file(d.state.join("run").join(&vm).join("qmp.sock"));
+            }
+        }
+        busy_until_ready.insert(vm.clone(), faults.len());
+        faults.push(FaultRecord {
+            vm,
+            kind,
+            t0_us,
+            detect_ms: None,
+            running_ms: None,
+            ready_ms: None,
+        });
+    }
+    eprintln!("bench: waiting for the last recoveries");
+    let settle = Instant::now() + Duration::from_secs(120);
+    while !busy_until_ready.is_empty() && Instant::now() < settle {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        update_faults(&d, &mut faults, &mut busy_until_ready);
+    }
+    // Leftovers: every VM running, no strays, no stale sockets.
+    let mut not_running = Vec::new();
+    for id in &ids {
+        let i = c
+            .get_vm_info(pb::GetVmInfoRequest { vm_id: id.clone() })
+            .await?
+            .into_inner();
+        if i.state != pb::VmState::Running as i32 {
+            not_running.push(id.clone());
+        }
+    }
+    let r = c.reconcile(pb::ReconcileRequest {}).await?.into_inner();
+    let live = live_vmm_pids(&d.state);
+    let mut known = Vec::new();
+    for id in &ids {
+        if let Ok(p) = vm_pid(&mut c, id).await {
+            known.push(p);
+        }
+    }
+    let strays = live.iter().filter(|p| !known.contains(p)).count();
+    let stale_sockets = ids
+        .iter()
+        .filter(|id| {
+            let sock = d.state.join("run").join(id).join("qmp.sock");
+            !sock.exists()
+        })
+        .count();
+
+    let n_faults = faults.len();
+    let recovered = faults.iter().filter(|f| f.running_ms.is_some()).count();
+    let orphan_events = d.count(start_mark, "orphaned vm detected");
+    let recover_events = d.count(start_mark, "vm recovered");
+    let pick = |f: fn(&FaultRecord) -> Option<f64>, kind: Option<Fault>| -> Vec<f64> {
+        faults
+            .iter()
+            .filter(|x| kind.is_none_or(|k| x.kind == k))
+            .filter_map(f)
+            .collect()
+    };
+    let stats = |v: Vec<f64>| json!({"p50": percentile(&v, 50.0), "p99": percentile(&v, 99.0), "max": percentile(&v, 100.0), "n": v.len()});
+    let by_kind = |k: Fault| {
+        json!({
+            "faults": faults.iter().filter(|x| x.kind == k).count(),
+            "detect_ms": stats(pick(|x| x.detect_ms, Some(k))),
+            "to_vmm_running_ms": stats(pick(|x| x.running_ms, Some(k))),
+            "to_guest_ready_ms": stats(pick(|x| x.ready_ms, Some(k))),
+        })
+    };
+    let _ = &mut d;
+    let mut slowest: Vec<&FaultRecord> = faults.iter().collect();
+    slowest.sort_by(|a, b| {
+        b.running_ms
+            .unwrap_or(f64::MAX)
+            .total_cmp(&a.running_ms.unwrap_or(f64::MAX))
+    });
+    let slowest: Vec<Value> = slowest
+        .iter()
+        .take(5)
+        .map(|f| json!({"vm": f.vm, "kind": format!("{:?}", f.kind), "detect_ms": f.detect_ms, "to_vmm_running_ms": f.running_ms, "to_guest_ready_ms": f.ready_ms}))
+        .collect();
+    Ok(json!({
+        "slowest_recoveries": slowest,
+        "vms": vms,
+        "seconds": secs,
+        "faults_injected": n_faults,
+        "recovered": recovered,
+        "recovery_success_rate": if n_faults == 0 { 1.0 } else { recovered as f64 / n_faults as f64 },
+        "detect_ms": stats(pick(|x| x.detect_ms, None)),
+        "to_vmm_running_ms": stats(pick(|x| x.running_ms, None)),
+        "to_guest_ready_ms": stats(pick(|x| x.ready_ms, None)),
+        "sigkill": by_kind(Fault::Kill),
+        "sigstop": by_kind(Fault::Stop),
+        "socket_deleted": by_kind(Fault::Socket),
+        "orphan_events": orphan_events,
+        "recovered_events": recover_events,
+        "false_recoveries": recover_events.saturating_sub(n_faults),
+        "left_at_end": {
+            "vms_not_running": not_running,
+            "strays": strays,
+            "vms_without_control_socket": stale_sockets,
+            "final_reconcile": {"missed_exits": r.missed_exits, "recoveries_scheduled": r.recoveries_scheduled, "strays_found": r.strays_found, "stale_dirs_removed": r.stale_dirs_removed, "stale_sockets_removed": r.stale_sockets_removed},
+        },
+    }))
+}
+
+/// Fills in detection and recovery times from the log, and guest readiness from the consoles;
+/// frees a VM for its next fault once its guest is ready again.
+fn update_faults(
+    d: &Daemon,
+    faults: &mut [FaultRecord],
+    busy: &mut std::collections::HashMap<String, usize>,
+) {
+    let lines: Vec<String> = d.logs.lines.lock().map(|l| l.clone()).unwrap_or_default();
+    let mut done = Vec::new();
+    for (vm, idx) in busy.iter() {
+        let f = &mut faults[*idx];
+        let vm_field = format!("\"vm_id\":\"{vm}\"");
+        let after =
+            |l: &&String| l.contains(&vm_field) && log_time_us(l).is_some_and(|t| t >= f.t0_us);
+        if f.detect_ms.is_none()
+            && let Some(l) = lines
+                .iter()
+                .filter(after)
+                .find(|l| l.contains("\"orphaned vm detected\""))
+        {
+            f.detect_ms = log_time_us(l).map(|t| (t - f.t0_us) as f64 / 1000.0);
+        }
+        if f.running_ms.is_none()
+            && let Some(l) = lines
+                .iter()
+                .filter(after)
+                .find(|l| l.contains("\"vm recovered\""))
+        {
+            f.running_ms = log_time_us(l).map(|t| (t - f.t0_us) as f64 / 1000.0);
+        }
+        if let (Some(running), None) = (f.running_ms, f.ready_ms) {
+            // The new VMM rewrote the console; the guest stamps READY with its own uptime,
+            // which starts when the VMM boots it, just before `vm recovered` is logged.
+            let console = d.state.join("run").join(vm).join("console.log");
+            let text = std::fs::read_to_string(&console).unwrap_or_default();
+            if let Some(up) = text
+                .lines()
+                .find_map(|l| l.split("METALD-GUEST-READY uptime=").nth(1))
+                .and_then(|u| u.trim().parse::<f64>().ok())
+            {
+                f.ready_ms = Some(running + up * 1000.0);
+                done.push(vm.clone());
+            }
+        }
+    }
+    for vm in done {
+        busy.remove(&vm);
+    }
+}
+
+fn live_vmm_pids(state: &Path) -> Vec<i32> {
+    let needle = state.display().to_string();
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            == Some("Z");
+        if cmd.contains("qemu-system") && cmd.contains(&needle) && !zombie {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 fn write_results(root: &Path, name: &str, figures: &Value) -> Result<()> {
@@ -724,6 +1035,11 @@ async fn main() -> Result<()> {
             "detection",
             detection(&root, vms, kills, stops, soak_secs).await?,
         ),
+        Bench::Chaos {
+            vms,
+            secs,
+            mean_gap,
+        } => ("chaos", chaos(&root, vms, secs, mean_gap).await?),
     };
     println!("{}", serde_json::to_string_pretty(&figures)?);
     write_results(&root, name, &figures)?;

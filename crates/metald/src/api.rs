@@ -233,6 +233,19 @@ fn health_to_pb(h: &HealthStatus) -> pb::VmHealthStatus {
     }
 }
 
+fn event_to_pb(e: crate::store::EventRecord) -> pb::VmEvent {
+    pb::VmEvent {
+        seq: e.seq,
+        vm_id: e.vm_id,
+        at: Some(ts(e.at_ms)),
+        kind: e.kind,
+        from_state: e.from_state,
+        to_state: e.to_state,
+        reason: e.reason,
+        message: e.message,
+    }
+}
+
 fn desired_to_pb(rec: &VmRecord) -> i32 {
     match rec.desired {
         crate::model::Desired::State(s) => state_to_pb(s) as i32,
@@ -451,6 +464,65 @@ impl VmService for VmApi {
             stale_sockets_removed: n(r.sweep.stale_sockets_removed),
             duration_seconds: r.duration.as_secs_f64(),
         }))
+    }
+
+    async fn get_vm_events(
+        &self,
+        req: Request<pb::GetVmEventsRequest>,
+    ) -> Result<Response<pb::GetVmEventsResponse>, Status> {
+        let r = req.into_inner();
+        let vm = if r.vm_id.is_empty() {
+            None
+        } else {
+            Some(VmId::parse("vm_id", &r.vm_id)?.to_string())
+        };
+        if r.limit < 0 {
+            return Err(Error::invalid("limit", "must not be negative").into());
+        }
+        let limit = match r.limit {
+            0 => 100,
+            n => n.min(1000),
+        };
+        let events = self
+            .sup
+            .store()
+            .events(vm, r.after_seq, usize::try_from(limit).unwrap_or(100))
+            .await?;
+        Ok(Response::new(pb::GetVmEventsResponse {
+            events: events.into_iter().map(event_to_pb).collect(),
+        }))
+    }
+
+    type WatchEventsStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::VmEvent, Status>> + Send>>;
+
+    async fn watch_events(
+        &self,
+        req: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        use tokio_stream::StreamExt;
+        use tokio_stream::wrappers::BroadcastStream;
+        use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+        let r = req.into_inner();
+        let only = if r.vm_id.is_empty() {
+            None
+        } else {
+            Some(VmId::parse("vm_id", &r.vm_id)?.to_string())
+        };
+        let stream = BroadcastStream::new(self.sup.events().subscribe()).filter_map(move |ev| {
+            match ev {
+                Ok(ev) if only.as_ref().is_none_or(|v| *v == ev.vm_id) => Some(Ok(event_to_pb(ev))),
+                Ok(_) => None,
+                // A watcher too slow to keep up is told how much it missed and carries on;
+                // the history (GetVmEvents) still has it.
+                Err(BroadcastStreamRecvError::Lagged(n)) => Some(Ok(pb::VmEvent {
+                    kind: "lagged".into(),
+                    message: format!("{n} events dropped for this watcher; see GetVmEvents"),
+                    ..Default::default()
+                })),
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn get_vm_health(

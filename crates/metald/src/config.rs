@@ -120,6 +120,11 @@ pub struct Config {
     pub reconcile: ReconcileConfig,
     /// Automatic recovery of orphaned VMs.
     pub recovery: RecoveryConfig,
+    /// `HOST:PORT` for the operator HTTP endpoint (`/metrics`, `/healthz`, `/readyz`); `""`
+    /// turns it off.
+    pub metrics_listen: String,
+    /// Events kept per VM in the registry.
+    pub events_per_vm: usize,
 }
 
 /// Automatic recovery: how often, how fast, and the host-wide limits.
@@ -128,7 +133,7 @@ pub struct Config {
 pub struct RecoveryConfig {
     /// Recover orphaned VMs automatically.
     pub enabled: bool,
-    /// Attempts per failure streak before the VM is marked FAILED.
+    /// Failed recovery attempts in a row before the VM is marked FAILED.
     pub max_retries: u32,
     /// Wait before the second attempt (the first is immediate).
     #[serde(with = "millis")]
@@ -141,9 +146,13 @@ pub struct RecoveryConfig {
     /// Fraction by which each wait is randomly moved, so VMs that failed together do not retry
     /// together.
     pub jitter: f64,
-    /// A VM up and healthy this long has its attempt count reset.
+    /// A VM up and healthy this long has its crash count reset.
     #[serde(with = "millis")]
     pub stable_period: Duration,
+    /// Crashes a VM may have without ever staying up for `stable_period` before its restarts
+    /// are slowed down (crash-loop backoff). A crash loop never makes a VM FAILED on its own:
+    /// only failed recovery attempts do.
+    pub crash_loop_threshold: u32,
     /// Recoveries that may run at once on this host.
     pub max_concurrent: usize,
     /// The circuit breaker.
@@ -160,6 +169,7 @@ impl Default for RecoveryConfig {
             max_retry_interval: Duration::from_secs(30),
             jitter: 0.1,
             stable_period: Duration::from_secs(60),
+            crash_loop_threshold: 5,
             max_concurrent: 4,
             breaker: BreakerConfig::default(),
         }
@@ -303,6 +313,8 @@ impl Default for Config {
             health: HealthConfig::default(),
             reconcile: ReconcileConfig::default(),
             recovery: RecoveryConfig::default(),
+            metrics_listen: "127.0.0.1:9464".into(),
+            events_per_vm: 200,
         }
     }
 }

@@ -28,6 +28,8 @@ use tracing::{debug, error, info, warn};
 use crate::config::HealthConfig;
 use crate::driver::{DriverError, ExitCause, GuestRun, SpawnRequest, VmmDriver, VmmProcess};
 use crate::error::{Error, Result};
+use crate::events::EventBus;
+use crate::metrics::Metrics;
 use crate::model::{Desired, HealthStatus, OrphanReason, RestartPolicy, Transition, VmState};
 use crate::recovery::{Admission, RecoveryGate};
 use crate::store::{AttemptRecord, Store, VmRecord, now_ms};
@@ -124,6 +126,10 @@ pub struct ControllerEnv {
     pub health: HealthConfig,
     /// The host-wide recovery gate.
     pub gate: Arc<RecoveryGate>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The event history.
+    pub events: Arc<EventBus>,
 }
 
 /// A VM's live health, shared with the supervisor so that GetVmHealth reads it without
@@ -180,8 +186,10 @@ pub struct Controller {
     trigger: String,
     /// The last recovery error, for the final report.
     last_recovery_error: String,
-    /// Since when the VMM has been up after a recovery, for resetting the streak.
+    /// Since when the VMM has been up after a recovery, for resetting the crash count.
     up_since: Option<Instant>,
+    /// Crashes since the VM was last up and healthy for the stable period.
+    crashes: u32,
 }
 
 impl Controller {
@@ -212,6 +220,7 @@ impl Controller {
             trigger: String::new(),
             last_recovery_error: String::new(),
             up_since: None,
+            crashes: 0,
         };
         let task = tokio::spawn(ctl.run(rx));
         (handle, health, task)
@@ -263,6 +272,7 @@ impl Controller {
                 self.cancel_recovery();
                 if matches!(self.rec.observed, VmState::Orphaned | VmState::Failed) {
                     self.rec.recovery_streak = 0;
+                    self.crashes = 0;
                 }
                 self.set_desired(Desired::State(target)).await?;
                 if op == Transition::Reboot {
@@ -271,6 +281,7 @@ impl Controller {
                     // starts a fresh one with the same config.
                     info!(vm_id = %self.rec.vm_id, "rebooting: restarting the vmm");
                     self.stop_vmm(None, "reboot").await?;
+                    self.env.metrics.restarted("reboot");
                 }
                 self.reconcile(graceful).await?;
             }
@@ -278,12 +289,16 @@ impl Controller {
                 self.cancel_recovery();
                 self.set_desired(Desired::Deleted).await?;
                 self.teardown(graceful).await?;
+                self.env
+                    .events
+                    .announce(self.rec.vm_id.as_str(), "deleted", "vm deleted");
                 info!(vm_id = %self.rec.vm_id, "vm deleted");
             }
             Op::Recover => {
                 self.rec.observed.apply(Transition::Recover)?;
                 self.cancel_recovery();
                 self.rec.recovery_streak = 0;
+                self.crashes = 0;
                 if self.trigger.is_empty() {
                     self.trigger = "manual".into();
                 }
@@ -378,7 +393,19 @@ impl Controller {
             self.fail_completely().await;
             return false;
         }
-        let delay = self.env.gate.backoff(attempt);
+        // Failed attempts back off; so does a crash loop: a VM that keeps dying without ever
+        // staying up for the stable period is restarted more and more slowly, never FAILED.
+        let mut delay = self.env.gate.backoff(attempt);
+        if self.crashes > cfg.crash_loop_threshold {
+            let looping = self
+                .env
+                .gate
+                .backoff(self.crashes - cfg.crash_loop_threshold + 1);
+            if looping > delay {
+                warn!(vm_id = %self.rec.vm_id, crashes = self.crashes, delay_ms = looping.as_millis() as u64, "vm crash-looping; restarts slowed down");
+                delay = looping;
+            }
+        }
         self.trigger = trigger.to_string();
         self.retry_at = Some(Instant::now() + delay);
         info!(vm_id = %self.rec.vm_id, reason = trigger, attempt, delay_ms = delay.as_millis() as u64, "vm recovery scheduled");
@@ -443,6 +470,18 @@ impl Controller {
         let orphaned_at = self.rec.orphaned_at_ms;
         let in_flight = self.env.gate.status().in_flight;
         info!(vm_id = %self.rec.vm_id, attempt, reason = %trigger, in_flight, "vm recovery started");
+        let from = self.rec.observed;
+        self.env
+            .events
+            .emit(
+                self.rec.vm_id.as_str(),
+                "recovering",
+                from.as_str(),
+                from.as_str(),
+                &trigger,
+                &format!("attempt {attempt}"),
+            )
+            .await;
         let started = Instant::now();
         let started_ms = now_ms();
         let res = self.reconcile(None).await;
@@ -466,11 +505,31 @@ impl Controller {
             self.env.gate.record(res.is_ok(), self.probe);
         }
         self.probe = false;
+        self.env.metrics.recovery_attempt(res.is_ok());
         match res {
             Ok(()) => {
                 self.up_since = Some(Instant::now());
                 self.last_recovery_error.clear();
+                self.rec.recovery_streak = 0;
                 let saved = self.save().await;
+                let m = &self.env.metrics;
+                m.recovery_success.inc();
+                m.restarted(&trigger);
+                m.recovery_duration.observe(started.elapsed().as_secs_f64());
+                if let Some(t) = orphaned_at {
+                    m.downtime.observe((now_ms() - t).max(0) as f64 / 1000.0);
+                }
+                self.env
+                    .events
+                    .emit(
+                        self.rec.vm_id.as_str(),
+                        "recovered",
+                        from.as_str(),
+                        self.rec.observed.as_str(),
+                        &trigger,
+                        &format!("attempt {attempt} took {duration_ms} ms"),
+                    )
+                    .await;
                 info!(
                     vm_id = %self.rec.vm_id,
                     attempt,
@@ -487,6 +546,17 @@ impl Controller {
                 self.rec.orphan_reason = prev_reason.or(Some(OrphanReason::ProcessDead));
                 self.rec.orphaned_at_ms = orphaned_at.or(Some(now_ms()));
                 let _ = self.save().await;
+                self.env
+                    .events
+                    .emit(
+                        self.rec.vm_id.as_str(),
+                        "recovery_failed",
+                        from.as_str(),
+                        VmState::Orphaned.as_str(),
+                        &trigger,
+                        &e.to_string(),
+                    )
+                    .await;
                 warn!(vm_id = %self.rec.vm_id, attempt, reason = %trigger, duration_ms, error = %e, "vm recovery attempt failed");
                 self.schedule_recovery(&trigger).await;
                 Err(e)
@@ -497,8 +567,20 @@ impl Controller {
     /// Retries are used up: the VM is FAILED and stays so until an operator acts.
     async fn fail_completely(&mut self) {
         self.cancel_recovery();
+        let from = self.rec.observed;
         self.rec.observed = VmState::Failed;
         let saved = self.save().await;
+        self.env
+            .events
+            .emit(
+                self.rec.vm_id.as_str(),
+                "failed",
+                from.as_str(),
+                VmState::Failed.as_str(),
+                &self.trigger,
+                &self.last_recovery_error,
+            )
+            .await;
         error!(
             vm_id = %self.rec.vm_id,
             attempts = self.rec.recovery_streak,
@@ -662,6 +744,7 @@ impl Controller {
     /// Handles the pidfd event of a VMM that exited without metald asking it to.
     async fn on_unexpected_exit(&mut self) {
         let Some(vmm) = self.vmm.take() else { return };
+        debug!(vm_id = %self.rec.vm_id, pid = vmm.endpoint.pid, "vmm exit event");
         let status = vmm.pidfd.reap();
         let cause = self.env.driver.exit_cause(&self.run_dir(), status);
         let pid = vmm.endpoint.pid;
@@ -684,6 +767,7 @@ impl Controller {
             info!(vm_id = %self.rec.vm_id, pid, exit = %exit, "vm powered off by guest; restart policy is always");
             self.rec.last_exit = Some(exit);
             let res = self.set_observed(VmState::Shutdown).await;
+            self.crashes = self.crashes.saturating_add(1);
             self.schedule_recovery("guest_poweroff").await;
             res
         } else if cause == ExitCause::GuestPoweroff {
@@ -713,8 +797,21 @@ impl Controller {
     /// Records the VM as orphaned, then logs the event alert rules match on: once the line is
     /// out, the registry already says so.
     async fn orphan(&mut self, reason: OrphanReason, pid: i32, exit: Option<String>) -> Result<()> {
+        let from = self.rec.observed;
         orphan_record(&mut self.rec, reason, exit);
         let saved = self.save().await;
+        self.env.metrics.orphaned(reason.as_str());
+        self.env
+            .events
+            .emit(
+                self.rec.vm_id.as_str(),
+                "orphaned",
+                from.as_str(),
+                VmState::Orphaned.as_str(),
+                reason.as_str(),
+                self.rec.last_exit.as_deref().unwrap_or(""),
+            )
+            .await;
         let now = now_ms();
         warn!(
             vm_id = %self.rec.vm_id,
@@ -726,6 +823,7 @@ impl Controller {
             "orphaned vm detected"
         );
         self.up_since = None;
+        self.crashes = self.crashes.saturating_add(1);
         self.schedule_recovery(reason.as_str()).await;
         saved
     }
@@ -747,12 +845,9 @@ impl Controller {
             return;
         };
         let timeout = self.env.health.timeout;
-        let verdict = if !ep.control_socket.exists() {
-            Err((
-                OrphanReason::SocketUnreachable,
-                format!("control socket {} is missing", ep.control_socket.display()),
-            ))
-        } else {
+        // A missing socket shows up as ENOENT from the connect, so no stat is needed (and no
+        // blocking call runs on the runtime).
+        let verdict = {
             match tokio::time::timeout(timeout, self.env.driver.ping(&ep)).await {
                 Ok(Ok(run)) => Ok(run),
                 Ok(Err(DriverError::Socket {
@@ -772,6 +867,10 @@ impl Controller {
             return;
         }
         let now = now_ms();
+        self.env.metrics.health_checks.inc();
+        if verdict.is_err() {
+            self.env.metrics.health_check_failures.inc();
+        }
         self.rec.health.last_check_ms = now;
         self.rec.health.pid = Some(ep.pid);
         self.rec.health.control_socket = ep.control_socket.display().to_string();
@@ -790,16 +889,15 @@ impl Controller {
                     h.recovery_count += 1;
                 }
                 let mut changed = recovered;
-                let stable = self.rec.recovery_streak > 0
+                let stable = self.crashes > 0
                     && h.is_healthy
                     && self
                         .up_since
                         .is_some_and(|t| t.elapsed() >= self.env.gate.config().stable_period);
                 if stable {
-                    info!(vm_id = %self.rec.vm_id, attempts = self.rec.recovery_streak, "vm stable; recovery backoff reset");
-                    self.rec.recovery_streak = 0;
+                    info!(vm_id = %self.rec.vm_id, crashes = self.crashes, "vm stable; crash count reset");
+                    self.crashes = 0;
                     self.up_since = None;
-                    changed = true;
                 }
                 let drift = match (self.rec.observed, run) {
                     (VmState::Running, GuestRun::Paused) => Some(VmState::Paused),
@@ -818,6 +916,17 @@ impl Controller {
                     Ok(())
                 };
                 if recovered {
+                    self.env
+                        .events
+                        .emit(
+                            self.rec.vm_id.as_str(),
+                            "health_changed",
+                            "unhealthy",
+                            "healthy",
+                            "",
+                            "",
+                        )
+                        .await;
                     info!(vm_id = %self.rec.vm_id, pid = ep.pid, "vm healthy again");
                 }
                 res
@@ -842,6 +951,17 @@ impl Controller {
                 } else if failures == cfg.failure_threshold && self.rec.health.is_healthy {
                     self.rec.health.is_healthy = false;
                     let res = self.save().await;
+                    self.env
+                        .events
+                        .emit(
+                            self.rec.vm_id.as_str(),
+                            "health_changed",
+                            "healthy",
+                            "unhealthy",
+                            reason.as_str(),
+                            &error,
+                        )
+                        .await;
                     warn!(vm_id = %self.rec.vm_id, pid = ep.pid, reason = reason.as_str(), "vm unhealthy");
                     res
                 } else {
@@ -898,11 +1018,24 @@ impl Controller {
     }
 
     async fn set_observed(&mut self, s: VmState) -> Result<()> {
-        if self.rec.observed != s {
-            info!(vm_id = %self.rec.vm_id, from = %self.rec.observed, to = %s, "vm state changed");
-        }
+        let from = self.rec.observed;
         self.rec.observed = s;
-        self.save().await
+        self.save().await?;
+        if from != s {
+            self.env
+                .events
+                .emit(
+                    self.rec.vm_id.as_str(),
+                    "state_changed",
+                    from.as_str(),
+                    s.as_str(),
+                    "",
+                    "",
+                )
+                .await;
+            info!(vm_id = %self.rec.vm_id, from = %from, to = %s, "vm state changed");
+        }
+        Ok(())
     }
 
     /// Commits the runtime part of the row and publishes the health status.

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
@@ -16,6 +17,7 @@ use crate::api::VmApi;
 use crate::config::{Config, Listen};
 use crate::driver::qemu::QemuDriver;
 use crate::error::{Error, Result};
+use crate::metrics;
 use crate::store::Store;
 use crate::supervisor::Supervisor;
 
@@ -31,6 +33,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     let store = Store::open(&cfg.db_path())?;
     let driver = Arc::new(QemuDriver::new(cfg.qemu.clone(), cfg.accel));
     let sup = Supervisor::new(cfg.clone(), store, driver);
+    let ready = Arc::new(AtomicBool::new(false));
+    let metrics_server = if cfg.metrics_listen.is_empty() {
+        None
+    } else {
+        let (l, _) = metrics::bind(&cfg.metrics_listen).await?;
+        Some(metrics::serve(l, sup.clone(), ready.clone()))
+    };
     let report = sup.attach_all().await?;
     // The pass at start: orphans found while re-attaching get their recovery scheduled, and
     // strays and stale files left by the last run are found.
@@ -40,10 +49,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         .reconcile
         .enabled
         .then(|| sup.spawn_reconciler());
+    ready.store(true, Ordering::Release);
 
     let listen = cfg.listen()?;
-    let server =
-        tonic::transport::Server::builder().add_service(VmApi::new(sup.clone()).into_server());
+    let server = tonic::transport::Server::builder()
+        .layer(metrics::ApiMetricsLayer(sup.metrics().clone()))
+        .add_service(VmApi::new(sup.clone()).into_server());
     match &listen {
         Listen::Unix(path) => {
             remove_stale_socket(path)?;
@@ -75,6 +86,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     info!("shutting down; vmms keep running");
     if let Some(r) = reconciler {
         r.abort();
+    }
+    if let Some(m) = metrics_server {
+        m.abort();
     }
     sup.shutdown(SHUTDOWN_GRACE).await;
     info!("metald stopped");

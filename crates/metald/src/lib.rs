@@ -20,6 +20,8 @@ pub mod controller;
 pub mod daemon;
 pub mod driver;
 pub mod error;
+pub mod events;
+pub mod metrics;
 pub mod model;
 pub mod process;
 pub mod recovery;

@@ -52,7 +52,42 @@ CREATE TABLE recovery_attempts (
 );
 CREATE INDEX recovery_attempts_vm ON recovery_attempts(vm_id, id);
 "#,
+    r#"
+CREATE TABLE vm_events (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    vm_id      TEXT NOT NULL,
+    at_ms      INTEGER NOT NULL,
+    kind       TEXT NOT NULL,
+    from_state TEXT NOT NULL,
+    to_state   TEXT NOT NULL,
+    reason     TEXT NOT NULL,
+    message    TEXT NOT NULL
+);
+CREATE INDEX vm_events_vm ON vm_events(vm_id, seq);
+"#,
 ];
+
+/// One entry of a VM's event history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRecord {
+    /// Global, increasing sequence number (0 until stored).
+    pub seq: i64,
+    /// The VM.
+    pub vm_id: String,
+    /// When, ms since the epoch.
+    pub at_ms: i64,
+    /// `state_changed`, `health_changed`, `orphaned`, `recovering`, `recovered`,
+    /// `recovery_failed`, `failed`, `deleted`.
+    pub kind: String,
+    /// State before (for state changes).
+    pub from_state: String,
+    /// State after (for state changes).
+    pub to_state: String,
+    /// Orphan reason or trigger, where one applies.
+    pub reason: String,
+    /// Free text.
+    pub message: String,
+}
 
 /// Recovery attempts kept per VM.
 pub const ATTEMPTS_KEPT: usize = 20;
@@ -97,7 +132,7 @@ pub struct VmRecord {
     pub orphan_reason: Option<OrphanReason>,
     /// When it was orphaned (ms since the epoch), while it is.
     pub orphaned_at_ms: Option<i64>,
-    /// Recovery attempts in the current failure streak.
+    /// Failed recovery attempts in a row (0 once a recovery succeeds).
     pub recovery_streak: u32,
     /// Creation time, ms since the epoch.
     pub created_at_ms: i64,
@@ -259,6 +294,10 @@ impl Store {
                 "DELETE FROM recovery_attempts WHERE vm_id = ?1",
                 params![id.as_str()],
             )?;
+            tx.execute(
+                "DELETE FROM vm_events WHERE vm_id = ?1",
+                params![id.as_str()],
+            )?;
             tx.execute("DELETE FROM vms WHERE vm_id = ?1", params![id.as_str()])?;
             tx.commit()?;
             Ok(())
@@ -311,6 +350,80 @@ impl Store {
             )?;
             tx.commit()?;
             Ok(())
+        })
+        .await
+    }
+
+    /// Appends an event, keeping the newest `keep` per VM; returns its sequence number.
+    pub async fn add_event(&self, ev: EventRecord, keep: usize) -> Result<i64> {
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO vm_events (vm_id, at_ms, kind, from_state, to_state, reason, message)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    ev.vm_id,
+                    ev.at_ms,
+                    ev.kind,
+                    ev.from_state,
+                    ev.to_state,
+                    ev.reason,
+                    ev.message
+                ],
+            )?;
+            let seq = tx.last_insert_rowid();
+            tx.execute(
+                "DELETE FROM vm_events WHERE vm_id = ?1 AND seq NOT IN
+                     (SELECT seq FROM vm_events WHERE vm_id = ?1 ORDER BY seq DESC LIMIT ?2)",
+                params![ev.vm_id, i64::try_from(keep).unwrap_or(i64::MAX)],
+            )?;
+            tx.commit()?;
+            Ok(seq)
+        })
+        .await
+    }
+
+    /// Events with `seq > after`, oldest first, at most `limit`, for one VM or all.
+    pub async fn events(
+        &self,
+        vm_id: Option<String>,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>> {
+        self.run(move |c| {
+            let lim = i64::try_from(limit).unwrap_or(i64::MAX);
+            let mut stmt = c.prepare(
+                "SELECT seq, vm_id, at_ms, kind, from_state, to_state, reason, message FROM
+                     (SELECT * FROM vm_events WHERE seq > ?1 AND (?2 IS NULL OR vm_id = ?2)
+                      ORDER BY seq DESC LIMIT ?3)
+                 ORDER BY seq",
+            )?;
+            let rows = stmt.query_map(params![after, vm_id, lim], |r| {
+                Ok(EventRecord {
+                    seq: r.get(0)?,
+                    vm_id: r.get(1)?,
+                    at_ms: r.get(2)?,
+                    kind: r.get(3)?,
+                    from_state: r.get(4)?,
+                    to_state: r.get(5)?,
+                    reason: r.get(6)?,
+                    message: r.get(7)?,
+                })
+            })?;
+            Ok(rows.collect::<std::result::Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// VM counts by observed state (rows being deleted left out).
+    pub async fn counts_by_state(&self) -> Result<Vec<(String, i64)>> {
+        self.run(|c| {
+            let mut stmt = c.prepare(
+                "SELECT observed_state, COUNT(*) FROM vms WHERE desired_state != 'deleted'
+                 GROUP BY observed_state",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<std::result::Result<Vec<_>, _>>()?)
         })
         .await
     }

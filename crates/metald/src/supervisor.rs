@@ -19,9 +19,11 @@ use crate::controller::{
 };
 use crate::driver::{GuestRun, VmmDriver, VmmProcess};
 use crate::error::{Error, Result};
+use crate::events::EventBus;
+use crate::metrics::{Exposer, Metrics};
 use crate::model::{Desired, HealthStatus, OrphanReason, Transition, VmId, VmSpec, VmState};
 use crate::process::{Pidfd, ProcInfo};
-use crate::recovery::{GateStatus, RecoveryGate};
+use crate::recovery::{BreakerState, GateStatus, RecoveryGate};
 use crate::store::{Store, VmRecord, now_ms};
 
 struct Entry {
@@ -91,12 +93,16 @@ pub struct AttachReport {
 impl Supervisor {
     /// A supervisor over `store`, driving VMMs through `driver`.
     pub fn new(cfg: Config, store: Store, driver: Arc<dyn VmmDriver>) -> Arc<Self> {
+        let metrics = Metrics::new(driver.kind());
+        let events = EventBus::new(store.clone(), cfg.events_per_vm);
         let env = ControllerEnv {
             store,
             driver,
             run_root: cfg.run_root(),
             health: cfg.health.clone(),
             gate: RecoveryGate::new(cfg.recovery.clone()),
+            metrics,
+            events,
         };
         Arc::new(Supervisor {
             cfg,
@@ -119,6 +125,16 @@ impl Supervisor {
     /// The driver's name.
     pub fn vmm_kind(&self) -> &'static str {
         self.env.driver.kind()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.env.metrics
+    }
+
+    /// The event history.
+    pub fn events(&self) -> &Arc<EventBus> {
+        &self.env.events
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<VmId, Entry>> {
@@ -189,7 +205,19 @@ impl Supervisor {
                             downtime_ms = (now_ms() - rec.updated_at_ms).max(0),
                             "orphaned vm detected"
                         );
-                        orphan_record(&mut rec, reason, Some(exit));
+                        orphan_record(&mut rec, reason, Some(exit.clone()));
+                        self.env.metrics.orphaned(reason.as_str());
+                        self.env
+                            .events
+                            .emit(
+                                rec.vm_id.as_str(),
+                                "orphaned",
+                                "running",
+                                VmState::Orphaned.as_str(),
+                                reason.as_str(),
+                                &exit,
+                            )
+                            .await;
                     } else {
                         rec.observed = VmState::Shutdown;
                         rec.endpoint = None;
@@ -361,6 +389,9 @@ impl Supervisor {
         }
         report.sweep = self.sweep().await?;
         report.duration = started.elapsed();
+        let m = &self.env.metrics;
+        m.reconcile_duration.observe(report.duration.as_secs_f64());
+        m.reconcile_last_run.set(now_ms() / 1000);
         info!(
             vms = report.vms,
             recoveries_scheduled = report.recoveries_scheduled,
@@ -443,6 +474,7 @@ impl Supervisor {
                 .entry(key)
                 .or_insert_with(|| {
                     report.strays_found += 1;
+                    self.env.metrics.strays.inc();
                     warn!(vm_id = %id, pid, registered = owned.contains_key(&id), "stray vmm found");
                     Instant::now()
                 });
@@ -518,6 +550,18 @@ impl Supervisor {
         if let Err(e) = self.env.store.checkpoint().await {
             warn!(error = %e, "registry checkpoint at shutdown failed");
         }
+    }
+}
+
+impl Exposer for Supervisor {
+    async fn scrape(&self) -> String {
+        match self.env.store.counts_by_state().await {
+            Ok(counts) => self.env.metrics.set_vm_counts(&counts),
+            Err(e) => warn!(error = %e, "counting vms for metrics failed"),
+        }
+        let open = self.env.gate.status().state != BreakerState::Closed;
+        self.env.metrics.breaker_open.set(i64::from(open));
+        self.env.metrics.encode()
     }
 }
 

@@ -457,3 +457,40 @@ async fn orphans_found_at_restart_are_recovered_by_the_start_pass() {
     let mut c = d.client().await;
     assert_eq!(state(&info(&mut c, "lost").await), pb::VmState::Running);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_is_slowed_down_but_never_failed() {
+    let cfg = "[recovery]
+retry_interval = 300
+max_retries = 2
+stable_period = 600000
+crash_loop_threshold = 1
+";
+    let d = Daemon::start_with_toml(cfg).await;
+    let mut c = d.client().await;
+    running_vm(&mut c, "looper").await;
+    let mark = d.log_mark();
+    // Three crashes in quick succession, more than max_retries: every recovery succeeds, so
+    // the VM is never FAILED, but the later restarts are slowed down.
+    for n in 1..=3 {
+        let pid = pid_of(&info(&mut c, "looper").await).unwrap();
+        let m = d.log_mark();
+        signal(pid, libc::SIGKILL);
+        let ev = d.wait_event(m, "looper", "vm recovered", EVENT).await;
+        assert_eq!(
+            ev["attempt"], 1,
+            "crash {n}: each crash starts a fresh attempt count"
+        );
+    }
+    let slowed = events(&d, mark, "vm crash-looping; restarts slowed down");
+    assert_eq!(
+        slowed.len(),
+        2,
+        "crashes 2 and 3 are past the threshold of 1"
+    );
+    assert!(slowed[1]["delay_ms"].as_u64().unwrap() > slowed[0]["delay_ms"].as_u64().unwrap());
+    let i = info(&mut c, "looper").await;
+    assert_eq!(state(&i), pb::VmState::Running);
+    assert_eq!(i.recovery_streak, 0);
+    assert!(!d.logged(mark, "looper", "vm recovery failed completely"));
+}

@@ -28,6 +28,9 @@ struct Args {
     /// Log format: json or text.
     #[arg(long)]
     log_format: Option<String>,
+    /// Operator HTTP endpoint (/metrics, /healthz, /readyz) as HOST:PORT; "" turns it off.
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +50,9 @@ fn main() -> anyhow::Result<()> {
     }
     if !args.asset_dirs.is_empty() {
         cfg.asset_dirs = args.asset_dirs;
+    }
+    if let Some(m) = args.metrics_listen {
+        cfg.metrics_listen = m;
     }
     if let Some(f) = args.log_format {
         cfg.log_format = f.parse::<LogFormat>()?;

@@ -10,13 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
 use metald_api::v1 as pb;
-use metald_api::v1::vm_service_client::VmServiceClient;
 use tokio::sync::Notify;
-use tonic::transport::{Channel, Endpoint, Uri};
 
-pub type Client = VmServiceClient<Channel>;
+pub type Client = metald_api::Client;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -121,6 +118,11 @@ impl Daemon {
             .args(["--accel", "tcg", "--log-format", "json"])
             .arg("--asset-dir")
             .arg(guest_dir())
+            .args(if self.extra_args.iter().any(|a| a == "--metrics-listen") {
+                vec![]
+            } else {
+                vec!["--metrics-listen", "127.0.0.1:0"]
+            })
             .args(&self.extra_args)
             .env("RUST_LOG", "debug,h2=info,tower=info,hyper=info,tonic=info")
             .stdout(Stdio::piped())
@@ -185,6 +187,25 @@ impl Daemon {
                 return None;
             }
         }
+    }
+
+    /// The bound address of the metrics endpoint of the current metald process.
+    pub async fn metrics_addr(&self) -> String {
+        let line = self
+            .wait_log_since(0, Duration::from_secs(5), |l| {
+                l.contains("\"metrics listening\"")
+            })
+            .await
+            .expect("metrics endpoint");
+        let lines = self.logs.lines.lock().unwrap();
+        let last = lines
+            .iter()
+            .rev()
+            .find(|l| l.contains("\"metrics listening\""))
+            .cloned()
+            .unwrap_or(line);
+        let v: serde_json::Value = serde_json::from_str(&last).unwrap();
+        v["metrics_addr"].as_str().unwrap().to_string()
     }
 
     pub fn log_mark(&self) -> usize {
@@ -293,18 +314,42 @@ pub fn pid_alive(pid: i32) -> bool {
 }
 
 pub async fn connect(sock: &Path) -> Client {
-    let path = sock.to_path_buf();
-    let ch = Endpoint::try_from("http://metald.invalid")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
+    metald_api::connect(&format!("unix:{}", sock.display()))
         .await
-        .expect("connecting to metald");
-    VmServiceClient::new(ch)
+        .expect("connecting to metald")
+}
+
+/// A plain HTTP/1.1 GET on loopback; returns (status, body).
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    try_http_get(addr, path).await.expect("connect")
+}
+
+/// [`http_get`], or None when nothing accepts the connection (yet).
+pub async fn try_http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    // Chunked bodies are fine for the substring checks the tests make.
+    Some((status, body))
 }
 
 /// A request for the test guest.

@@ -1,0 +1,489 @@
+//! Prometheus metrics and the operator HTTP endpoint (`/metrics`, `/healthz`, `/readyz`).
+//!
+//! Labels are bounded: reasons, outcomes, states, RPC methods and gRPC codes. No label ever
+//! carries a vm_id or customer_id, so the series count does not grow with the fleet; per-VM detail
+//! lives in the logs and the event history instead.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, Result};
+
+/// A `reason` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Orphan reason, or restart trigger.
+    pub reason: String,
+}
+
+/// An `outcome` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// `success` or `failure`.
+    pub outcome: String,
+}
+
+/// A `state` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// A VM state.
+    pub state: String,
+}
+
+/// API request labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    /// The RPC method.
+    pub method: String,
+    /// The gRPC status code.
+    pub code: String,
+}
+
+/// A `method` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabel {
+    /// The RPC method.
+    pub method: String,
+}
+
+/// Build labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    /// metald's version.
+    pub version: String,
+    /// The VMM driver.
+    pub vmm: String,
+}
+
+type Hist = Family<MethodLabel, Histogram, fn() -> Histogram>;
+
+fn api_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// Every metric metald exposes.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// `metald_vm_orphaned_total{reason}`
+    pub orphaned: Family<ReasonLabel, Counter>,
+    /// `metald_vm_recovery_attempts_total{outcome}`
+    pub recovery_attempts: Family<OutcomeLabel, Counter>,
+    /// `metald_vm_recovery_success_total`
+    pub recovery_success: Counter,
+    /// `metald_vm_health_check_failures_total`
+    pub health_check_failures: Counter,
+    /// `metald_vm_health_checks_total`
+    pub health_checks: Counter,
+    /// `metald_process_restart_total{reason}`
+    pub process_restarts: Family<ReasonLabel, Counter>,
+    /// `metald_reconcile_duration_seconds`
+    pub reconcile_duration: Histogram,
+    /// `metald_reconcile_last_run_timestamp_seconds`
+    pub reconcile_last_run: Gauge<i64, AtomicI64>,
+    /// `metald_vm_downtime_seconds`: orphaned → running again.
+    pub downtime: Histogram,
+    /// `metald_vm_recovery_duration_seconds`
+    pub recovery_duration: Histogram,
+    /// `metald_vms{state}`
+    pub vms: Family<StateLabel, Gauge<i64, AtomicI64>>,
+    /// `metald_recovery_breaker_open`
+    pub breaker_open: Gauge<i64, AtomicI64>,
+    /// `metald_stray_vmms_total`
+    pub strays: Counter,
+    /// `metald_api_requests_total{method,code}`
+    pub api_requests: Family<ApiLabels, Counter>,
+    /// `metald_api_request_duration_seconds{method}`
+    pub api_latency: Hist,
+    /// `metald_build_info{version,vmm}`
+    pub build_info: Family<BuildLabels, Gauge<i64, AtomicI64>>,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new(vmm: &str) -> Arc<Self> {
+        let mut r = Registry::default();
+        let m = Metrics {
+            orphaned: Family::default(),
+            recovery_attempts: Family::default(),
+            recovery_success: Counter::default(),
+            health_check_failures: Counter::default(),
+            health_checks: Counter::default(),
+            process_restarts: Family::default(),
+            reconcile_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            reconcile_last_run: Gauge::default(),
+            downtime: Histogram::new(exponential_buckets(0.05, 2.0, 14)),
+            recovery_duration: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
+            vms: Family::default(),
+            breaker_open: Gauge::default(),
+            strays: Counter::default(),
+            api_requests: Family::default(),
+            api_latency: Family::new_with_constructor(api_histogram as fn() -> Histogram),
+            build_info: Family::default(),
+            registry: Registry::default(),
+        };
+        // prometheus-client appends `_total` to counter names.
+        r.register(
+            "metald_vm_orphaned",
+            "VMs found orphaned, by reason",
+            m.orphaned.clone(),
+        );
+        r.register(
+            "metald_vm_recovery_attempts",
+            "Recovery attempts, by outcome",
+            m.recovery_attempts.clone(),
+        );
+        r.register(
+            "metald_vm_recovery_success",
+            "Recoveries that brought a VM back",
+            m.recovery_success.clone(),
+        );
+        r.register(
+            "metald_vm_health_check_failures",
+            "Failed VMM health checks",
+            m.health_check_failures.clone(),
+        );
+        r.register(
+            "metald_vm_health_checks",
+            "VMM health checks run",
+            m.health_checks.clone(),
+        );
+        r.register(
+            "metald_process_restart",
+            "VMM processes restarted by metald, by reason",
+            m.process_restarts.clone(),
+        );
+        r.register(
+            "metald_reconcile_duration_seconds",
+            "Duration of reconcile passes",
+            m.reconcile_duration.clone(),
+        );
+        r.register(
+            "metald_reconcile_last_run_timestamp_seconds",
+            "When the last reconcile pass finished (unix time)",
+            m.reconcile_last_run.clone(),
+        );
+        r.register(
+            "metald_vm_downtime_seconds",
+            "Time from a VM being orphaned to running again",
+            m.downtime.clone(),
+        );
+        r.register(
+            "metald_vm_recovery_duration_seconds",
+            "Duration of successful recovery attempts",
+            m.recovery_duration.clone(),
+        );
+        r.register("metald_vms", "VMs by observed state", m.vms.clone());
+        r.register(
+            "metald_recovery_breaker_open",
+            "1 while the recovery circuit breaker is open or half-open",
+            m.breaker_open.clone(),
+        );
+        r.register("metald_stray_vmms", "Stray VMMs found", m.strays.clone());
+        r.register(
+            "metald_api_requests",
+            "gRPC requests, by method and status code",
+            m.api_requests.clone(),
+        );
+        r.register(
+            "metald_api_request_duration_seconds",
+            "gRPC request latency, by method",
+            m.api_latency.clone(),
+        );
+        r.register(
+            "metald_build_info",
+            "metald build information",
+            m.build_info.clone(),
+        );
+        m.build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                vmm: vmm.to_string(),
+            })
+            .set(1);
+        Arc::new(Metrics { registry: r, ..m })
+    }
+
+    /// Counts an orphaned VM.
+    pub fn orphaned(&self, reason: &str) {
+        self.orphaned
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a VMM restart by metald.
+    pub fn restarted(&self, reason: &str) {
+        self.process_restarts
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a recovery attempt.
+    pub fn recovery_attempt(&self, success: bool) {
+        self.recovery_attempts
+            .get_or_create(&OutcomeLabel {
+                outcome: if success { "success" } else { "failure" }.into(),
+            })
+            .inc();
+    }
+
+    /// Records one API call.
+    pub fn api(&self, method: &str, started: Instant, code: tonic::Code) {
+        self.api_requests
+            .get_or_create(&ApiLabels {
+                method: method.to_string(),
+                code: format!("{code:?}"),
+            })
+            .inc();
+        self.api_latency
+            .get_or_create(&MethodLabel {
+                method: method.to_string(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Sets the per-state VM gauge; states not listed are set to 0.
+    pub fn set_vm_counts(&self, counts: &[(String, i64)]) {
+        for s in [
+            "created", "running", "paused", "shutdown", "orphaned", "failed",
+        ] {
+            let n = counts
+                .iter()
+                .find(|(k, _)| k == s)
+                .map(|(_, n)| *n)
+                .unwrap_or(0);
+            self.vms
+                .get_or_create(&StateLabel {
+                    state: s.to_string(),
+                })
+                .set(n);
+        }
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            warn!("encoding metrics failed");
+        }
+        out
+    }
+}
+
+/// The RPC methods of `metald.v1.VmService`; any other path is counted as `unknown`, so a
+/// client sending garbage paths cannot grow the label set.
+const METHODS: &[&str] = &[
+    "CreateVm",
+    "DeleteVm",
+    "BootVm",
+    "ShutdownVm",
+    "PauseVm",
+    "ResumeVm",
+    "RebootVm",
+    "GetVmInfo",
+    "ListVms",
+    "GetVmHealth",
+    "RecoverVm",
+    "SetAutoRecover",
+    "GetRecoveryStatus",
+    "Reconcile",
+    "GetVmEvents",
+    "WatchEvents",
+];
+
+/// A tower layer that counts every gRPC call by method and status code and times it.
+#[derive(Debug, Clone)]
+pub struct ApiMetricsLayer(pub Arc<Metrics>);
+
+impl<S> tower::Layer<S> for ApiMetricsLayer {
+    type Service = ApiMetricsService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        ApiMetricsService {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+/// The service [`ApiMetricsLayer`] wraps around the gRPC server.
+#[derive(Debug, Clone)]
+pub struct ApiMetricsService<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B, RB> tower::Service<hyper::Request<B>> for ApiMetricsService<S>
+where
+    S: tower::Service<hyper::Request<B>, Response = hyper::Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+    RB: 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<std::result::Result<S::Response, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::result::Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: hyper::Request<B>) -> Self::Future {
+        let name = req.uri().path().rsplit('/').next().unwrap_or("");
+        let method = METHODS
+            .iter()
+            .find(|m| **m == name)
+            .copied()
+            .unwrap_or("unknown");
+        let started = Instant::now();
+        let fut = self.inner.call(req);
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let res = fut.await;
+            // An error status travels in the response headers (a trailers-only response); a
+            // success carries its status in the trailers, so no header means OK.
+            let code = match &res {
+                Ok(resp) => resp
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map(tonic::Code::from_i32)
+                    .unwrap_or(tonic::Code::Ok),
+                Err(_) => tonic::Code::Unknown,
+            };
+            metrics.api(method, started, code);
+            res
+        })
+    }
+}
+
+/// What the HTTP endpoint needs from the daemon.
+pub trait Exposer: Send + Sync + 'static {
+    /// Refreshes gauges computed at scrape time, then returns the exposition.
+    fn scrape(&self) -> impl std::future::Future<Output = String> + Send;
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the task is dropped.
+pub fn serve<E: Exposer>(
+    listener: TcpListener,
+    exposer: Arc<E>,
+    ready: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "metrics accept failed");
+                    continue;
+                }
+            };
+            let exposer = exposer.clone();
+            let ready = ready.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let exposer = exposer.clone();
+                    let ready = ready.clone();
+                    async move { Ok::<_, Infallible>(route(req, &*exposer, &ready).await) }
+                });
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await
+                {
+                    debug!(peer = %peer, error = %e, "metrics connection ended");
+                }
+            });
+        }
+    })
+}
+
+async fn route<E: Exposer>(
+    req: Request<Incoming>,
+    exposer: &E,
+    ready: &AtomicBool,
+) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match req.uri().path() {
+        "/metrics" => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            exposer.scrape().await,
+        ),
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        "/readyz" if ready.load(Ordering::Acquire) => {
+            (StatusCode::OK, "text/plain", "ready\n".to_string())
+        }
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready: registry loading or first reconcile pending\n".to_string(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_string(),
+        ),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(ctype) {
+        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+/// Binds the metrics listener.
+pub async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::io(format!("binding metrics listener {addr}"), e))?;
+    let local = l
+        .local_addr()
+        .map_err(|e| Error::io("reading the metrics address", e))?;
+    info!(metrics_addr = %local, "metrics listening");
+    Ok((l, local))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_metrics_are_encoded() {
+        let m = Metrics::new("qemu");
+        m.api("GetVmInfo", Instant::now(), tonic::Code::NotFound);
+        let text = m.encode();
+        assert!(
+            text.contains("metald_api_requests_total{method=\"GetVmInfo\",code=\"NotFound\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("metald_api_request_duration_seconds_count{method=\"GetVmInfo\"} 1"));
+    }
+}
