@@ -23,6 +23,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once per run, so the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Create a VM (its VMM starts, configured but not booted); prints its id.
@@ -66,6 +68,9 @@ enum Cmd {
         /// Do not recover this VM automatically.
         #[arg(long)]
         no_auto_recover: bool,
+        /// The VMM: qemu or firecracker (default: the host's).
+        #[arg(long)]
+        vmm: Option<String>,
     },
     /// Recover an orphaned or failed VM now (clears FAILED and the backoff).
     Recover {
@@ -346,6 +351,7 @@ async fn run(cli: Cli) -> Result<()> {
             no_console,
             restart_policy,
             no_auto_recover,
+            vmm,
         } => {
             let restart_policy = match restart_policy.as_str() {
                 "always" => pb::RestartPolicy::Always,
@@ -402,6 +408,7 @@ async fn run(cli: Cli) -> Result<()> {
                     metadata: md,
                     restart_policy,
                     auto_recover: Some(!no_auto_recover),
+                    vmm: vmm.unwrap_or_default(),
                 }),
             };
             let r = rpc(c.create_vm(req).await)?;

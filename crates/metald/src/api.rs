@@ -134,6 +134,7 @@ fn spec_input(cfg: Option<pb::VmConfig>) -> Result<VmSpecInput, Error> {
             }
         },
         auto_recover: cfg.auto_recover.unwrap_or(true),
+        vmm: cfg.vmm,
     })
 }
 
@@ -181,6 +182,7 @@ fn spec_to_pb(s: &VmSpec) -> pb::VmConfig {
             RestartPolicy::Never => pb::RestartPolicy::Never,
         } as i32,
         auto_recover: Some(s.auto_recover),
+        vmm: s.vmm.map(|v| v.as_str().to_string()).unwrap_or_default(),
     }
 }
 
@@ -397,7 +399,7 @@ impl VmService for VmApi {
             vm_id: rec.vm_id.to_string(),
             config: Some(spec_to_pb(&rec.spec)),
             state: state_to_pb(rec.observed) as i32,
-            backend_info: backend_info(self.sup.vmm_kind(), &rec),
+            backend_info: backend_info(self.sup.vmm_kind(&rec.spec), &rec),
             customer_id: rec.customer_id.clone(),
             desired_state: desired_to_pb(&rec),
             created_at: Some(ts(rec.created_at_ms)),

@@ -31,6 +31,39 @@ impl std::str::FromStr for Accel {
     }
 }
 
+/// Which VMM runs a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmmKind {
+    /// QEMU `microvm`, driven over QMP.
+    Qemu,
+    /// Firecracker, driven over its REST API.
+    Firecracker,
+}
+
+impl VmmKind {
+    /// Stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmmKind::Qemu => "qemu",
+            VmmKind::Firecracker => "firecracker",
+        }
+    }
+}
+
+impl std::str::FromStr for VmmKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "qemu" => Ok(VmmKind::Qemu),
+            "firecracker" => Ok(VmmKind::Firecracker),
+            other => Err(Error::Config(format!(
+                "vmm: {other:?} is not one of qemu, firecracker"
+            ))),
+        }
+    }
+}
+
 /// Where the gRPC API listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
@@ -103,6 +136,10 @@ pub struct Config {
     pub listen: Option<String>,
     /// Accelerator for QEMU guests.
     pub accel: Accel,
+    /// The VMM for VMs that do not name one.
+    pub vmm: VmmKind,
+    /// Firecracker driver settings.
+    pub firecracker: FirecrackerConfig,
     /// The only roots from which kernels, initrds and drives may be used.
     pub asset_dirs: Vec<PathBuf>,
     /// Log format on stdout.
@@ -273,6 +310,30 @@ impl Default for ReconcileConfig {
     }
 }
 
+/// Firecracker driver settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FirecrackerConfig {
+    /// The `firecracker` binary.
+    pub binary: PathBuf,
+    /// How long a new Firecracker may take to answer on its API socket.
+    #[serde(with = "millis")]
+    pub spawn_timeout: Duration,
+    /// Timeout for one API request, connection included.
+    #[serde(with = "millis")]
+    pub api_timeout: Duration,
+}
+
+impl Default for FirecrackerConfig {
+    fn default() -> Self {
+        FirecrackerConfig {
+            binary: PathBuf::from("firecracker"),
+            spawn_timeout: Duration::from_secs(5),
+            api_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
 /// Per-VM resource limits checked at CreateVm.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -305,6 +366,8 @@ impl Default for Config {
             state_dir: PathBuf::from("/var/lib/metald"),
             listen: None,
             accel: Accel::Kvm,
+            vmm: VmmKind::Qemu,
+            firecracker: FirecrackerConfig::default(),
             asset_dirs: Vec::new(),
             log_format: LogFormat::Json,
             limits: Limits::default(),

@@ -15,7 +15,7 @@ use tracing::info;
 
 use crate::api::VmApi;
 use crate::config::{Config, Listen};
-use crate::driver::qemu::QemuDriver;
+use crate::driver::Drivers;
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::store::Store;
@@ -31,8 +31,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         .map_err(|e| Error::io(format!("creating {}", cfg.run_root().display()), e))?;
     let _lock = lock_state_dir(&cfg)?;
     let store = Store::open(&cfg.db_path())?;
-    let driver = Arc::new(QemuDriver::new(cfg.qemu.clone(), cfg.accel));
-    let sup = Supervisor::new(cfg.clone(), store, driver);
+    let sup = Supervisor::new(cfg.clone(), store, Drivers::from_config(&cfg));
     let ready = Arc::new(AtomicBool::new(false));
     let metrics_server = if cfg.metrics_listen.is_empty() {
         None
@@ -62,7 +61,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
                 .map_err(|e| Error::io(format!("binding {}", path.display()), e))?;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
                 .map_err(|e| Error::io(format!("chmod {}", path.display()), e))?;
-            info!(listen = %listen, adopted = report.adopted, accel = ?cfg.accel, "metald ready");
+            info!(listen = %listen, adopted = report.adopted, accel = ?cfg.accel, vmm = cfg.vmm.as_str(), "metald ready");
             server
                 .serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown)
                 .await

@@ -359,6 +359,9 @@ pub struct VmSpec {
     /// Recover automatically when orphaned.
     #[serde(default = "yes")]
     pub auto_recover: bool,
+    /// The VMM this VM runs on; the host default when unset.
+    #[serde(default)]
+    pub vmm: Option<crate::config::VmmKind>,
 }
 
 /// What a caller asked for, before validation. The API layer fills this from the protobuf.
@@ -386,6 +389,8 @@ pub struct VmSpecInput {
     pub restart_policy: RestartPolicy,
     /// `config.auto_recover`.
     pub auto_recover: bool,
+    /// `config.vmm`: "", "qemu" or "firecracker".
+    pub vmm: String,
 }
 
 const MIB: u64 = 1024 * 1024;
@@ -513,6 +518,15 @@ impl VmSpecInput {
             metadata: self.metadata,
             restart_policy: self.restart_policy,
             auto_recover: self.auto_recover,
+            vmm: match self.vmm.as_str() {
+                "" => None,
+                v => Some(v.parse().map_err(|_| {
+                    Error::invalid(
+                        "config.vmm",
+                        format!("{v:?} is not one of qemu, firecracker"),
+                    )
+                })?),
+            },
         })
     }
 }

@@ -626,6 +626,7 @@ mod tests {
                 metadata: BTreeMap::from([("a".into(), "b".into())]),
                 restart_policy: Default::default(),
                 auto_recover: true,
+                vmm: None,
             },
             desired: Desired::State(VmState::Created),
             observed: VmState::Created,

@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::controller::{
     Controller, ControllerEnv, ControllerHandle, Op, SharedHealth, orphan_record, read_health,
 };
-use crate::driver::{GuestRun, VmmDriver, VmmProcess};
+use crate::driver::{Drivers, GuestRun, VmmDriver, VmmProcess};
 use crate::error::{Error, Result};
 use crate::events::EventBus;
 use crate::metrics::{Exposer, Metrics};
@@ -35,7 +35,9 @@ struct Entry {
 /// Routes operations to per-VM controllers.
 pub struct Supervisor {
     cfg: Config,
+    /// The environment every controller shares; its driver is replaced per VM.
     env: ControllerEnv,
+    drivers: Drivers,
     vms: Mutex<HashMap<VmId, Entry>>,
     /// Stray VMMs seen by the sweep, keyed by (pid, start time), with when they were first seen.
     strays: Mutex<HashMap<(i32, u64), Instant>>,
@@ -92,8 +94,9 @@ pub struct AttachReport {
 
 impl Supervisor {
     /// A supervisor over `store`, driving VMMs through `driver`.
-    pub fn new(cfg: Config, store: Store, driver: Arc<dyn VmmDriver>) -> Arc<Self> {
-        let metrics = Metrics::new(driver.kind());
+    pub fn new(cfg: Config, store: Store, drivers: Drivers) -> Arc<Self> {
+        let driver = drivers.all()[0].clone();
+        let metrics = Metrics::new(drivers.default_kind().as_str());
         let events = EventBus::new(store.clone(), cfg.events_per_vm);
         let env = ControllerEnv {
             store,
@@ -107,6 +110,7 @@ impl Supervisor {
         Arc::new(Supervisor {
             cfg,
             env,
+            drivers,
             vms: Mutex::new(HashMap::new()),
             strays: Mutex::new(HashMap::new()),
         })
@@ -122,9 +126,17 @@ impl Supervisor {
         &self.env.store
     }
 
-    /// The driver's name.
-    pub fn vmm_kind(&self) -> &'static str {
-        self.env.driver.kind()
+    /// The VMM a VM runs on.
+    pub fn vmm_kind(&self, spec: &VmSpec) -> &'static str {
+        self.drivers.kind_for(spec).as_str()
+    }
+
+    /// The controller environment for one VM: the shared one with that VM's driver.
+    fn env_for(&self, spec: &VmSpec) -> ControllerEnv {
+        ControllerEnv {
+            driver: self.drivers.for_spec(spec),
+            ..self.env.clone()
+        }
     }
 
     /// The metrics.
@@ -156,7 +168,7 @@ impl Supervisor {
         let mut report = AttachReport::default();
         let mut checks = JoinSet::new();
         for rec in rows {
-            let driver = self.env.driver.clone();
+            let driver = self.drivers.for_spec(&rec.spec);
             checks.spawn(async move {
                 let verdict = match &rec.endpoint {
                     Some(_) => verify(&*driver, &rec).await,
@@ -230,7 +242,8 @@ impl Supervisor {
             };
             let deleting = rec.desired == Desired::Deleted;
             let id = rec.vm_id.clone();
-            let (handle, health, task) = Controller::start(rec, vmm, self.env.clone());
+            let env = self.env_for(&rec.spec);
+            let (handle, health, task) = Controller::start(rec, vmm, env);
             if deleting {
                 // A delete that the last run did not finish: finish it now.
                 if let Err(e) = handle.call(Op::Delete { graceful: None }).await {
@@ -288,7 +301,8 @@ impl Supervisor {
         // The insert is the point of no return for the id: a duplicate fails here, before any
         // file of the existing VM could be touched.
         self.env.store.insert(rec.clone()).await?;
-        let (handle, health, task) = Controller::start(rec, None, self.env.clone());
+        let env = self.env_for(&rec.spec);
+        let (handle, health, task) = Controller::start(rec, None, env);
         self.lock().insert(
             vm_id.clone(),
             Entry {
@@ -453,7 +467,12 @@ impl Supervisor {
             let Some(info) = ProcInfo::read(pid).filter(ProcInfo::is_alive) else {
                 continue;
             };
-            let Some(id) = self.env.driver.identify(&info.cmdline, &run_root) else {
+            let Some(id) = self
+                .drivers
+                .all()
+                .iter()
+                .find_map(|d| d.identify(&info.cmdline, &run_root))
+            else {
                 continue;
             };
             if owned.get(&id).copied().flatten() == Some((pid, info.start_time)) {
@@ -511,7 +530,9 @@ impl Supervisor {
                         }
                     }
                     Some(None) => {
-                        let sock = self.env.driver.control_socket(&path);
+                        let spec = rows.iter().find(|r| r.vm_id == id).map(|r| &r.spec);
+                        let Some(spec) = spec else { continue };
+                        let sock = self.drivers.for_spec(spec).control_socket(&path);
                         let stale = sock.exists()
                             && older_than(&sock, grace)
                             && self

@@ -22,6 +22,12 @@ struct Args {
     /// QEMU accelerator: kvm or tcg.
     #[arg(long)]
     accel: Option<String>,
+    /// The VMM for VMs that do not name one: qemu or firecracker.
+    #[arg(long)]
+    vmm: Option<String>,
+    /// The firecracker binary.
+    #[arg(long)]
+    firecracker_bin: Option<PathBuf>,
     /// A directory kernels, initrds and drives may come from (repeatable).
     #[arg(long = "asset-dir")]
     asset_dirs: Vec<PathBuf>,
@@ -47,6 +53,12 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(a) = args.accel {
         cfg.accel = a.parse()?;
+    }
+    if let Some(v) = args.vmm {
+        cfg.vmm = v.parse()?;
+    }
+    if let Some(b) = args.firecracker_bin {
+        cfg.firecracker.binary = b;
     }
     if !args.asset_dirs.is_empty() {
         cfg.asset_dirs = args.asset_dirs;

@@ -5,8 +5,10 @@
 //! `boot`, `pause`, `resume` and `shutdown` on user operations, `ping` for health, and `kill` when
 //! a VMM must go now. Exit is observed through the pidfd in [`VmmProcess`], never by polling.
 
+pub mod firecracker;
 pub mod qemu;
 pub mod qmp;
+pub mod uds_http;
 
 use std::path::{Path, PathBuf};
 
@@ -60,6 +62,58 @@ pub enum DriverError {
     /// An OS call failed.
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
+}
+
+/// The drivers a host has, and which one a VM uses.
+#[derive(Clone)]
+pub struct Drivers {
+    default: crate::config::VmmKind,
+    qemu: std::sync::Arc<dyn VmmDriver>,
+    firecracker: std::sync::Arc<dyn VmmDriver>,
+}
+
+impl std::fmt::Debug for Drivers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Drivers")
+            .field("default", &self.default)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drivers {
+    /// Both drivers, configured from the daemon config.
+    pub fn from_config(cfg: &crate::config::Config) -> Self {
+        Drivers {
+            default: cfg.vmm,
+            qemu: std::sync::Arc::new(qemu::QemuDriver::new(cfg.qemu.clone(), cfg.accel)),
+            firecracker: std::sync::Arc::new(firecracker::FirecrackerDriver::new(
+                cfg.firecracker.clone(),
+            )),
+        }
+    }
+
+    /// The host's default VMM.
+    pub fn default_kind(&self) -> crate::config::VmmKind {
+        self.default
+    }
+
+    /// The VMM a VM runs on.
+    pub fn kind_for(&self, spec: &VmSpec) -> crate::config::VmmKind {
+        spec.vmm.unwrap_or(self.default)
+    }
+
+    /// The driver for a VM.
+    pub fn for_spec(&self, spec: &VmSpec) -> std::sync::Arc<dyn VmmDriver> {
+        match self.kind_for(spec) {
+            crate::config::VmmKind::Qemu => self.qemu.clone(),
+            crate::config::VmmKind::Firecracker => self.firecracker.clone(),
+        }
+    }
+
+    /// Every driver, for work that must recognise any VMM (the stray sweep).
+    pub fn all(&self) -> [std::sync::Arc<dyn VmmDriver>; 2] {
+        [self.qemu.clone(), self.firecracker.clone()]
+    }
 }
 
 /// What a driver needs to start a VM's VMM.

@@ -340,6 +340,7 @@ mod tests {
             metadata: BTreeMap::new(),
             restart_policy: Default::default(),
             auto_recover: true,
+            vmm: None,
         }
     }
 

@@ -217,6 +217,11 @@ impl Daemon {
         vmm_pids_under(&self.state_dir)
     }
 
+    /// pids of live processes whose command line mentions `name` and this state directory.
+    pub fn vmm_pids_named(&self, name: &str) -> Vec<i32> {
+        pids_matching(&self.state_dir, name)
+    }
+
     pub fn run_dir(&self, vm: &str) -> PathBuf {
         self.state_dir.join("run").join(vm)
     }
@@ -264,7 +269,7 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop_with(libc::SIGKILL);
-        for pid in vmm_pids_under(&self.state_dir) {
+        for pid in pids_matching(&self.state_dir, "") {
             // SAFETY: test clean-up of processes whose command line names our state dir.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
@@ -275,8 +280,13 @@ impl Drop for Daemon {
     }
 }
 
-/// Live (non-zombie) processes whose command line mentions `dir`.
+/// Live (non-zombie) QEMU processes whose command line mentions `dir`.
 pub fn vmm_pids_under(dir: &Path) -> Vec<i32> {
+    pids_matching(dir, "qemu-system")
+}
+
+/// Live (non-zombie) processes whose command line mentions `dir` and `name`.
+pub fn pids_matching(dir: &Path, name: &str) -> Vec<i32> {
     let needle = dir.display().to_string();
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -287,7 +297,7 @@ pub fn vmm_pids_under(dir: &Path) -> Vec<i32> {
             continue;
         };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if !cmd.contains("qemu-system") || !cmd.contains(&needle) {
+        if !cmd.contains(name) || !cmd.contains(&needle) {
             continue;
         }
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -376,6 +386,7 @@ pub fn guest_request(vm_id: &str) -> pb::CreateVmRequest {
                 .collect(),
             restart_policy: 0,
             auto_recover: None,
+            vmm: String::new(),
         }),
     }
 }
