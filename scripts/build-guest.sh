@@ -25,6 +25,8 @@ fi
 # initramfs hooks are left alone. A host that already has the cloud kernel installed is used as is.
 kroot="$out/kernel-pkg"
 vmlinuz=$(ls /boot/vmlinuz-*-cloud-amd64 2>/dev/null | sort -V | tail -n 1 || true)
+# METALD_KERNEL_FROM_PACKAGE=1 ignores an installed kernel (as on a fresh machine).
+[ "${METALD_KERNEL_FROM_PACKAGE:-0}" = 1 ] && vmlinuz=""
 if [ -n "$vmlinuz" ]; then
   kver=${vmlinuz#/boot/vmlinuz-}
   moddir="/lib/modules/$kver"
@@ -54,12 +56,14 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
   exit 0
 fi
 
-cp "$vmlinuz" "$out/kernel"
+# Every output is written beside its final name and renamed into place, so a VM starting
+# while the image is rebuilt never reads a half-written file.
+cp "$vmlinuz" "$out/kernel.tmp" && mv "$out/kernel.tmp" "$out/kernel"
 
 # Extract the ELF vmlinux: the bzImage carries an LZ4 payload. Find the LZ4 legacy frame magic
 # (02 21 4c 18) and decompress from there; lz4 stops at the end of the frame and the trailing
 # bytes are ignored.
-python3 - "$out/kernel" "$out/vmlinux" <<'PY'
+python3 - "$out/kernel" "$out/vmlinux.tmp" <<'PY'
 import subprocess, sys
 data = open(sys.argv[1], "rb").read()
 magic = b"\x02\x21\x4c\x18"
@@ -72,6 +76,7 @@ while pos != -1:
     pos = data.find(magic, pos + 1)
 sys.exit("build-guest: no LZ4-compressed ELF found in " + sys.argv[1])
 PY
+mv "$out/vmlinux.tmp" "$out/vmlinux"
 
 # The initramfs: busybox, the virtio and ACPI-button modules (they are modules in this kernel),
 # and /init.

@@ -817,8 +817,8 @@ impl Controller {
             vm_id = %self.rec.vm_id,
             pid,
             reason = reason.as_str(),
-            last_seen = self.last_seen_ms,
-            downtime_ms = (now - self.last_seen_ms).max(0),
+            last_seen = %crate::telemetry::rfc3339(self.last_seen_ms),
+            downtime = (now - self.last_seen_ms).max(0) as f64 / 1000.0,
             exit = self.rec.last_exit.as_deref().unwrap_or(""),
             "orphaned vm detected"
         );

@@ -213,8 +213,8 @@ impl Supervisor {
                             vm_id = %rec.vm_id,
                             pid,
                             reason = reason.as_str(),
-                            last_seen = rec.updated_at_ms,
-                            downtime_ms = (now_ms() - rec.updated_at_ms).max(0),
+                            last_seen = %crate::telemetry::rfc3339(rec.updated_at_ms),
+                            downtime = (now_ms() - rec.updated_at_ms).max(0) as f64 / 1000.0,
                             "orphaned vm detected"
                         );
                         orphan_record(&mut rec, reason, Some(exit.clone()));

@@ -15,6 +15,15 @@ const BOOT: Duration = Duration::from_secs(60);
 async fn every_rpc_and_state_transition_on_a_real_guest() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&d.sock).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o777,
+            0o660,
+            "the API socket is group-accessible only"
+        );
+    }
 
     // Create: a VMM process exists, configured, guest not started.
     let r = c
