@@ -50,7 +50,7 @@ fi
 
 init_src="$root/guest/init"
 stamp="$out/.stamp"
-want="$vmlinuz $(sha256sum "$init_src" "$0" | sha256sum | cut -d' ' -f1)"
+want="$vmlinuz $(cat "$init_src" "$0" | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
    && [ -s "$out/kernel" ] && [ -s "$out/vmlinux" ] && [ -s "$out/initrd.img" ]; then
   exit 0

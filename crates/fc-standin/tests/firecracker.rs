@@ -90,6 +90,7 @@ fn every_request_body_the_driver_builds_satisfies_the_spec() {
         "/actions",
         "/vm",
         "/snapshot/create",
+        "/snapshot/load",
     ] {
         assert!(paths.contains(&want), "driver never sends {want}");
     }
@@ -296,4 +297,40 @@ async fn reattach_after_metald_sigkill_and_automatic_recovery_on_firecracker() {
     let i = info(&mut c, "fc-b").await;
     assert_eq!(state(&i), pb::VmState::Paused);
     assert_ne!(pid_of(&i), Some(pids[1]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_and_load_on_firecracker() {
+    let d = fc_daemon("[recovery]\nenabled = false\n").await;
+    let mut c = d.client().await;
+    running_vm(&mut c, "fc-orig").await;
+    let r = c
+        .snapshot_vm(pb::SnapshotVmRequest {
+            vm_id: "fc-orig".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, pb::VmState::Running as i32);
+    for f in ["vmstate", "memory"] {
+        assert!(std::path::Path::new(&r.path).join(f).exists(), "{f}");
+    }
+    c.create_vm(pb::CreateVmRequest {
+        vm_id: "fc-clone".into(),
+        customer_id: "c".into(),
+        config: None,
+        from_snapshot: r.snapshot_id,
+    })
+    .await
+    .unwrap();
+    let i = info(&mut c, "fc-clone").await;
+    assert_eq!(i.backend_info["vmm"], "firecracker");
+    assert_eq!(state(&i), pb::VmState::Created);
+    // Booting a VM loaded from a snapshot resumes it (InstanceStart is refused after a load).
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "fc-clone".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(state(&info(&mut c, "fc-clone").await), pb::VmState::Running);
 }

@@ -36,8 +36,11 @@ enum Cmd {
         #[arg(long, default_value = "default")]
         customer: String,
         /// Kernel image (inside one of metald's asset directories).
+        #[arg(long, required_unless_present = "from_snapshot")]
+        kernel: Option<PathBuf>,
+        /// Start from this snapshot (from `metalctl snapshot`); its config is used.
         #[arg(long)]
-        kernel: PathBuf,
+        from_snapshot: Option<String>,
         /// Initrd.
         #[arg(long)]
         initrd: Option<PathBuf>,
@@ -105,6 +108,11 @@ enum Cmd {
         /// Print JSON lines.
         #[arg(long)]
         json: bool,
+    },
+    /// Snapshot a running or paused VM; prints the snapshot id and its directory.
+    Snapshot {
+        /// VM id.
+        id: String,
     },
     /// Boot a created or shut-down VM.
     Boot {
@@ -352,6 +360,7 @@ async fn run(cli: Cli) -> Result<()> {
             restart_policy,
             no_auto_recover,
             vmm,
+            from_snapshot,
         } => {
             let restart_policy = match restart_policy.as_str() {
                 "always" => pb::RestartPolicy::Always,
@@ -387,10 +396,8 @@ async fn run(cli: Cli) -> Result<()> {
                     .ok_or_else(|| anyhow!("--metadata {kv:?} must be KEY=VALUE"))?;
                 md.insert(k.to_string(), v.to_string());
             }
-            let req = pb::CreateVmRequest {
-                vm_id: id.unwrap_or_default(),
-                customer_id: customer,
-                config: Some(pb::VmConfig {
+            let config = match (kernel, &from_snapshot) {
+                (Some(kernel), None) => Some(pb::VmConfig {
                     cpu: Some(pb::CpuConfig { vcpu_count: vcpus }),
                     memory: Some(pb::MemoryConfig {
                         size_bytes: memory_mib.saturating_mul(1024 * 1024),
@@ -410,9 +417,21 @@ async fn run(cli: Cli) -> Result<()> {
                     auto_recover: Some(!no_auto_recover),
                     vmm: vmm.unwrap_or_default(),
                 }),
+                (Some(_), Some(_)) => bail!("--kernel and --from-snapshot exclude each other"),
+                (None, _) => None,
+            };
+            let req = pb::CreateVmRequest {
+                vm_id: id.unwrap_or_default(),
+                customer_id: customer,
+                config,
+                from_snapshot: from_snapshot.unwrap_or_default(),
             };
             let r = rpc(c.create_vm(req).await)?;
             println!("{}", r.vm_id);
+        }
+        Cmd::Snapshot { id } => {
+            let r = rpc(c.snapshot_vm(pb::SnapshotVmRequest { vm_id: id }).await)?;
+            println!("{} {}", r.snapshot_id, r.path);
         }
         Cmd::Boot { id } => {
             let r = rpc(c.boot_vm(pb::BootVmRequest { vm_id: id.clone() }).await)?;

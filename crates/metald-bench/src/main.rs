@@ -305,6 +305,7 @@ fn guest_request(root: &Path, id: &str) -> pb::CreateVmRequest {
     pb::CreateVmRequest {
         vm_id: id.into(),
         customer_id: "bench".into(),
+        from_snapshot: String::new(),
         config: Some(pb::VmConfig {
             cpu: Some(pb::CpuConfig { vcpu_count: 1 }),
             memory: Some(pb::MemoryConfig {

@@ -280,8 +280,30 @@ impl VmService for VmApi {
             )
             .into());
         }
-        let spec = spec_input(r.config)?.validate(self.sup.config())?;
-        let rec = self.sup.create(vm_id, r.customer_id, spec).await?;
+        let (spec, restore) = if r.from_snapshot.is_empty() {
+            (spec_input(r.config)?.validate(self.sup.config())?, None)
+        } else {
+            if r.config.is_some() {
+                return Err(Error::invalid(
+                    "config",
+                    "must be empty with from_snapshot: the snapshot's config is used",
+                )
+                .into());
+            }
+            let snap = self
+                .sup
+                .store()
+                .snapshot(&r.from_snapshot)
+                .await?
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "from_snapshot",
+                        format!("{:?} is not a snapshot", r.from_snapshot),
+                    )
+                })?;
+            (snap.spec, Some(snap.path))
+        };
+        let rec = self.sup.create(vm_id, r.customer_id, spec, restore).await?;
         debug!(vm_id = %rec.vm_id, "CreateVm done");
         Ok(Response::new(pb::CreateVmResponse {
             vm_id: rec.vm_id.to_string(),
@@ -492,6 +514,20 @@ impl VmService for VmApi {
             .await?;
         Ok(Response::new(pb::GetVmEventsResponse {
             events: events.into_iter().map(event_to_pb).collect(),
+        }))
+    }
+
+    async fn snapshot_vm(
+        &self,
+        req: Request<pb::SnapshotVmRequest>,
+    ) -> Result<Response<pb::SnapshotVmResponse>, Status> {
+        let id = VmId::parse("vm_id", &req.into_inner().vm_id)?;
+        let (snap, rec) = self.sup.snapshot(&id).await?;
+        Ok(Response::new(pb::SnapshotVmResponse {
+            snapshot_id: snap.snapshot_id,
+            path: snap.path.display().to_string(),
+            created_at: Some(ts(snap.created_at_ms)),
+            state: state_to_pb(rec.observed) as i32,
         }))
     }
 

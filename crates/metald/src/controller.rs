@@ -35,10 +35,19 @@ use crate::recovery::{Admission, RecoveryGate};
 use crate::store::{AttemptRecord, Store, VmRecord, now_ms};
 
 /// An operation sent to a VM's controller.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Op {
-    /// Start and configure the VMM of a new VM. On failure everything created is removed.
-    Create,
+    /// Start and configure the VMM of a new VM (or load a snapshot into it). On failure
+    /// everything created is removed.
+    Create {
+        /// A snapshot directory to start from.
+        restore: Option<PathBuf>,
+    },
+    /// Write a snapshot into this (existing, empty) directory.
+    Snapshot {
+        /// Where.
+        dest: PathBuf,
+    },
     /// A lifecycle transition. `graceful` bounds how long a shutdown waits for the guest
     /// (`None`: stop the VMM at once).
     Lifecycle {
@@ -190,6 +199,8 @@ pub struct Controller {
     up_since: Option<Instant>,
     /// Crashes since the VM was last up and healthy for the stable period.
     crashes: u32,
+    /// A snapshot to start the next VMM from (only the first, at create).
+    restore_from: Option<PathBuf>,
 }
 
 impl Controller {
@@ -221,6 +232,7 @@ impl Controller {
             last_recovery_error: String::new(),
             up_since: None,
             crashes: 0,
+            restore_from: None,
         };
         let task = tokio::spawn(ctl.run(rx));
         (handle, health, task)
@@ -237,9 +249,10 @@ impl Controller {
                     // All handles dropped: metald is shutting down. The VMM is left running on
                     // purpose; the next metald adopts it.
                     let Some(req) = req else { break };
+                    let deleting = matches!(req.op, Op::Delete { .. });
+                    let creating = matches!(req.op, Op::Create { .. });
                     let res = self.handle(req.op).await;
-                    let gone = matches!(req.op, Op::Delete { .. }) && res.is_ok()
-                        || matches!(req.op, Op::Create) && res.is_err();
+                    let gone = deleting && res.is_ok() || creating && res.is_err();
                     let _ = req.reply.send(res);
                     if gone {
                         break;
@@ -257,7 +270,8 @@ impl Controller {
     async fn handle(&mut self, op: Op) -> Result<OpResult> {
         let mut did = Did::default();
         match op {
-            Op::Create => {
+            Op::Create { restore } => {
+                self.restore_from = restore;
                 if let Err(e) = self.reconcile(None).await {
                     warn!(vm_id = %self.rec.vm_id, error = %e, "create failed; removing the vm");
                     if let Err(cleanup) = self.teardown(None).await {
@@ -323,11 +337,40 @@ impl Controller {
                 }
             }
             Op::Reconcile => did = self.reconcile_pass().await,
+            Op::Snapshot { dest } => self.snapshot(&dest).await?,
         }
         Ok(OpResult {
             rec: self.rec.clone(),
             did,
         })
+    }
+
+    /// Pauses the guest (if running), has the driver write the snapshot, and resumes it.
+    async fn snapshot(&mut self, dest: &std::path::Path) -> Result<()> {
+        let was = self.rec.observed;
+        if !matches!(was, VmState::Running | VmState::Paused) {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot snapshot a vm that is {was}"
+            )));
+        }
+        let Some(ep) = self.vmm.as_ref().map(|v| v.endpoint.clone()) else {
+            return Err(Error::FailedPrecondition("the vm has no vmm".into()));
+        };
+        let driver = self.env.driver.clone();
+        if was == VmState::Running {
+            driver.pause(&ep).await?;
+            self.set_observed(VmState::Paused).await?;
+        }
+        let started = Instant::now();
+        let res = driver.snapshot(&ep, dest).await;
+        if was == VmState::Running {
+            // Resume even when the snapshot failed: the guest must not stay paused by accident.
+            driver.resume(&ep).await?;
+            self.set_observed(VmState::Running).await?;
+        }
+        res?;
+        info!(vm_id = %self.rec.vm_id, path = %dest.display(), duration_ms = started.elapsed().as_millis() as u64, "vm snapshot written");
+        Ok(())
     }
 
     /// One reconcile-loop visit: catches an exit whose event was missed, schedules recovery for
@@ -657,10 +700,12 @@ impl Controller {
         std::fs::create_dir_all(&run_dir)
             .map_err(|e| Error::io(format!("creating {}", run_dir.display()), e))?;
         let driver = self.env.driver.clone();
+        let restore = self.restore_from.take();
         let req = SpawnRequest {
             vm_id: &self.rec.vm_id,
             spec: &self.rec.spec,
             run_dir: &run_dir,
+            restore: restore.as_deref(),
         };
         let vmm = driver.spawn(&req).await?;
         info!(vm_id = %self.rec.vm_id, pid = vmm.endpoint.pid, vmm = driver.kind(), "vmm started");
@@ -684,7 +729,11 @@ impl Controller {
         h.last_activity_ms = self.last_seen_ms;
         self.next_check = Instant::now() + jittered(&self.env.health);
         self.set_observed(VmState::Created).await?;
-        if let Err(e) = driver.configure(&ep, &self.rec.spec).await {
+        let prepared = match &restore {
+            Some(dir) => driver.restore(&ep, dir).await,
+            None => driver.configure(&ep, &self.rec.spec).await,
+        };
+        if let Err(e) = prepared {
             self.stop_vmm(None, "configure failed").await?;
             return Err(e.into());
         }

@@ -312,6 +312,7 @@ const METHODS: &[&str] = &[
     "Reconcile",
     "GetVmEvents",
     "WatchEvents",
+    "SnapshotVm",
 ];
 
 /// A tower layer that counts every gRPC call by method and status code and times it.

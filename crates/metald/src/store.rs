@@ -65,7 +65,31 @@ CREATE TABLE vm_events (
 );
 CREATE INDEX vm_events_vm ON vm_events(vm_id, seq);
 "#,
+    r#"
+CREATE TABLE snapshots (
+    snapshot_id   TEXT PRIMARY KEY NOT NULL,
+    vm_id         TEXT NOT NULL,
+    spec          TEXT NOT NULL,
+    path          TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL
+);
+"#,
 ];
+
+/// A snapshot taken with SnapshotVm.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotRecord {
+    /// Its id.
+    pub snapshot_id: String,
+    /// The VM it was taken of.
+    pub vm_id: String,
+    /// That VM's config (with its VMM kind fixed), which a VM made from it gets.
+    pub spec: VmSpec,
+    /// The directory holding its files.
+    pub path: PathBuf,
+    /// When, ms since the epoch.
+    pub created_at_ms: i64,
+}
 
 /// One entry of a VM's event history.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -411,6 +435,67 @@ impl Store {
                 })
             })?;
             Ok(rows.collect::<std::result::Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Records a snapshot.
+    pub async fn insert_snapshot(&self, snap: SnapshotRecord) -> Result<()> {
+        let spec = serde_json::to_string(&snap.spec).map_err(|e| Error::CorruptRow {
+            vm_id: snap.vm_id.clone(),
+            reason: e.to_string(),
+        })?;
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO snapshots (snapshot_id, vm_id, spec, path, created_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    snap.snapshot_id,
+                    snap.vm_id,
+                    spec,
+                    snap.path.display().to_string(),
+                    snap.created_at_ms
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// One snapshot.
+    pub async fn snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>> {
+        let id = id.to_string();
+        self.run(move |c| {
+            let row = c
+                .query_row(
+                    "SELECT snapshot_id, vm_id, spec, path, created_at_ms FROM snapshots
+                     WHERE snapshot_id = ?1",
+                    params![id],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                            r.get::<_, i64>(4)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            row.map(|(snapshot_id, vm_id, spec, path, created_at_ms)| {
+                let spec = serde_json::from_str(&spec).map_err(|e| Error::CorruptRow {
+                    vm_id: vm_id.clone(),
+                    reason: format!("snapshot spec: {e}"),
+                })?;
+                Ok(SnapshotRecord {
+                    snapshot_id,
+                    vm_id,
+                    spec,
+                    path: PathBuf::from(path),
+                    created_at_ms,
+                })
+            })
+            .transpose()
         })
         .await
     }

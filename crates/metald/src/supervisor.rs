@@ -24,7 +24,7 @@ use crate::metrics::{Exposer, Metrics};
 use crate::model::{Desired, HealthStatus, OrphanReason, Transition, VmId, VmSpec, VmState};
 use crate::process::{Pidfd, ProcInfo};
 use crate::recovery::{BreakerState, GateStatus, RecoveryGate};
-use crate::store::{Store, VmRecord, now_ms};
+use crate::store::{SnapshotRecord, Store, VmRecord, now_ms};
 
 struct Entry {
     handle: ControllerHandle,
@@ -280,6 +280,7 @@ impl Supervisor {
         vm_id: Option<VmId>,
         customer_id: String,
         spec: VmSpec,
+        restore: Option<std::path::PathBuf>,
     ) -> Result<VmRecord> {
         let vm_id = vm_id.unwrap_or_else(VmId::generate);
         let now = now_ms();
@@ -311,11 +312,39 @@ impl Supervisor {
                 task,
             },
         );
-        let res = handle.call(Op::Create).await;
+        let res = handle.call(Op::Create { restore }).await;
         if res.is_err() {
             self.lock().remove(&vm_id);
         }
         res
+    }
+
+    /// Snapshots a VM into `<state_dir>/snapshots/<id>/` and records it.
+    pub async fn snapshot(&self, id: &VmId) -> Result<(SnapshotRecord, VmRecord)> {
+        let handle = self.handle(id)?;
+        let now = now_ms();
+        let snapshot_id = format!("{id}-{now}");
+        let dir = self.cfg.state_dir.join("snapshots").join(&snapshot_id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let rec = match handle.call(Op::Snapshot { dest: dir.clone() }).await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let mut spec = rec.spec.clone();
+        spec.vmm = Some(self.drivers.kind_for(&rec.spec));
+        let snap = SnapshotRecord {
+            snapshot_id,
+            vm_id: id.to_string(),
+            spec,
+            path: dir,
+            created_at_ms: now,
+        };
+        self.env.store.insert_snapshot(snap.clone()).await?;
+        Ok((snap, rec))
     }
 
     /// Applies a lifecycle transition.

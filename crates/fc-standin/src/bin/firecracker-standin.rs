@@ -136,6 +136,29 @@ fn handle(
             }
             reply(StatusCode::NO_CONTENT, Value::Null)
         }
+        ("PUT", "/snapshot/load") if started || s.boot_source => fault(
+            "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+        ),
+        ("PUT", "/snapshot/load") => {
+            let state = body["snapshot_path"].as_str().unwrap_or("");
+            let mem = body["mem_backend"]["backend_path"]
+                .as_str()
+                .or(body["mem_file_path"].as_str())
+                .unwrap_or("");
+            for p in [state, mem] {
+                if std::fs::metadata(p).is_err() {
+                    return fault(format!("Cannot open snapshot file {p}"));
+                }
+            }
+            s.boot_source = true;
+            s.run = if body["resume_vm"] == true {
+                Run::Running
+            } else {
+                Run::Paused
+            };
+            s.started_at = Some(Instant::now());
+            reply(StatusCode::NO_CONTENT, Value::Null)
+        }
         ("PUT", _) if started => {
             fault("The requested operation is not supported after starting the microVM.")
         }

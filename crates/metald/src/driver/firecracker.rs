@@ -140,6 +140,11 @@ impl FirecrackerDriver {
                 "/snapshot/create",
                 snapshot_body(&run_dir.join("snapshot")),
             ),
+            r(
+                Method::PUT,
+                "/snapshot/load",
+                load_body(&run_dir.join("snapshot")),
+            ),
         ]
     }
 
@@ -187,11 +192,26 @@ impl FirecrackerDriver {
     }
 }
 
-fn snapshot_body(dest: &Path) -> Value {
+/// Files inside a snapshot directory.
+const SNAPSHOT_STATE: &str = "vmstate";
+const SNAPSHOT_MEM: &str = "memory";
+
+fn snapshot_body(dir: &Path) -> Value {
     json!({
         "snapshot_type": "Full",
-        "snapshot_path": dest.with_extension("state").display().to_string(),
-        "mem_file_path": dest.with_extension("mem").display().to_string(),
+        "snapshot_path": dir.join(SNAPSHOT_STATE).display().to_string(),
+        "mem_file_path": dir.join(SNAPSHOT_MEM).display().to_string(),
+    })
+}
+
+fn load_body(dir: &Path) -> Value {
+    json!({
+        "snapshot_path": dir.join(SNAPSHOT_STATE).display().to_string(),
+        "mem_backend": {
+            "backend_type": "File",
+            "backend_path": dir.join(SNAPSHOT_MEM).display().to_string(),
+        },
+        "resume_vm": false,
     })
 }
 
@@ -297,6 +317,10 @@ impl VmmDriver for FirecrackerDriver {
     }
 
     async fn boot(&self, ep: &VmmEndpoint) -> Result<(), DriverError> {
+        // A VMM that loaded a snapshot is already started, paused: booting it is resuming it.
+        if self.ping(ep).await? == GuestRun::Paused {
+            return self.resume(ep).await;
+        }
         self.send(
             ep,
             Method::PUT,
@@ -346,6 +370,12 @@ impl VmmDriver for FirecrackerDriver {
 
     async fn snapshot(&self, ep: &VmmEndpoint, dest: &Path) -> Result<(), DriverError> {
         self.send(ep, Method::PUT, "/snapshot/create", snapshot_body(dest))
+            .await
+            .map(|_| ())
+    }
+
+    async fn restore(&self, ep: &VmmEndpoint, src: &Path) -> Result<(), DriverError> {
+        self.send(ep, Method::PUT, "/snapshot/load", load_body(src))
             .await
             .map(|_| ())
     }

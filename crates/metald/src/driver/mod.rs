@@ -116,6 +116,24 @@ impl Drivers {
     }
 }
 
+impl DriverError {
+    /// A failed connect to a control socket. Nobody listening (no file, connection refused,
+    /// no permission) is `unreachable`; anything else, such as a full accept backlog on a stopped
+    /// VMM, means something is there but not answering.
+    pub fn connect(path: &Path, e: &std::io::Error) -> Self {
+        DriverError::Socket {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+            unreachable: matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::PermissionDenied
+            ),
+        }
+    }
+}
+
 /// What a driver needs to start a VM's VMM.
 #[derive(Debug, Clone)]
 pub struct SpawnRequest<'a> {
@@ -125,6 +143,8 @@ pub struct SpawnRequest<'a> {
     pub spec: &'a VmSpec,
     /// Its run directory (exists, empty or holding files from an earlier run).
     pub run_dir: &'a Path,
+    /// A snapshot directory to restore from instead of booting the kernel.
+    pub restore: Option<&'a Path>,
 }
 
 /// Where a running VMM can be reached. Stored in the registry so metald can find it again.
@@ -218,8 +238,12 @@ pub trait VmmDriver: Send + Sync + 'static {
     /// Checks that the VMM's API answers, and reports the guest's run state.
     async fn ping(&self, ep: &VmmEndpoint) -> Result<GuestRun, DriverError>;
 
-    /// Writes a snapshot of a paused VM to `dest`.
+    /// Writes a snapshot of a paused VM into the directory `dest`.
     async fn snapshot(&self, ep: &VmmEndpoint, dest: &Path) -> Result<(), DriverError>;
+
+    /// Loads a snapshot written by [`VmmDriver::snapshot`] into a VMM spawned with
+    /// `SpawnRequest::restore`; the guest stays paused until `boot`.
+    async fn restore(&self, ep: &VmmEndpoint, src: &Path) -> Result<(), DriverError>;
 
     /// Whether a process command line is this VM's VMM, so a pid found in the registry is only
     /// adopted if the process really is ours.

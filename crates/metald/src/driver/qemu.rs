@@ -29,6 +29,21 @@ pub const QMP_SOCKET: &str = "qmp.sock";
 pub const CONSOLE_LOG: &str = "console.log";
 /// QEMU's own stdout and stderr.
 pub const VMM_LOG: &str = "vmm.log";
+/// The migration stream inside a snapshot directory.
+pub const MIGRATION_FILE: &str = "qemu-migration.bin";
+/// Bound on writing or loading a snapshot.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Quotes a path for the shell QEMU runs an `exec:` migration URI in.
+fn shell_quote(p: &Path) -> Result<String, DriverError> {
+    let s = p.display().to_string();
+    if s.contains('\'') {
+        return Err(DriverError::Protocol(format!(
+            "snapshot path {s:?} contains a quote"
+        )));
+    }
+    Ok(format!("'{s}'"))
+}
 
 /// Drives QEMU `microvm` guests.
 #[derive(Debug, Clone)]
@@ -133,6 +148,37 @@ impl QemuDriver {
         args
     }
 
+    /// Waits, bounded, for a migration (either direction) to complete.
+    async fn wait_migration(&self, ep: &VmmEndpoint) -> Result<(), DriverError> {
+        let deadline = Instant::now() + MIGRATION_TIMEOUT;
+        loop {
+            let v = self.qmp(ep, "query-migrate", None).await?;
+            match v.get("status").and_then(Value::as_str).unwrap_or("") {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => {
+                    let why = v
+                        .get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("migration failed");
+                    return Err(DriverError::Refused {
+                        what: "QMP migrate".into(),
+                        reason: why.to_string(),
+                    });
+                }
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(DriverError::Timeout {
+                    what: "QMP migration".into(),
+                    millis: MIGRATION_TIMEOUT.as_millis(),
+                });
+            }
+            // QMP's MIGRATION events would need a held connection; a short bounded poll of
+            // query-migrate is simpler for an operation that takes well under a second.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn qmp_timeout(&self) -> Duration {
         self.cfg.qmp_timeout
     }
@@ -163,6 +209,10 @@ impl VmmDriver for QemuDriver {
         let _ = std::fs::rename(&log, req.run_dir.join(format!("{VMM_LOG}.prev")));
         let mut cmd = Command::new(&self.cfg.binary);
         cmd.args(self.args(req.vm_id, req.spec, req.run_dir));
+        if req.restore.is_some() {
+            // The migration stream is fed in after start-up, by `restore`.
+            cmd.args(["-incoming", "defer"]);
+        }
         cmd.current_dir(req.run_dir);
         let sp = spawn_detached(cmd, &req.run_dir.join(VMM_LOG))
             .map_err(|e| DriverError::Spawn(format!("{}: {e}", self.cfg.binary.display())))?;
@@ -259,10 +309,18 @@ impl VmmDriver for QemuDriver {
     }
 
     async fn snapshot(&self, ep: &VmmEndpoint, dest: &Path) -> Result<(), DriverError> {
-        let uri = format!("file:{}", dest.display());
-        self.qmp(ep, "migrate", Some(json!({ "uri": uri })))
-            .await
-            .map(|_| ())
+        // QEMU's snapshot is its migration stream, written to a file (this QEMU has no file:
+        // migration URI, so through `exec:`). The guest is paused, so the stream is final.
+        let uri = format!("exec:cat > {}", shell_quote(&dest.join(MIGRATION_FILE))?);
+        self.qmp(ep, "migrate", Some(json!({ "uri": uri }))).await?;
+        self.wait_migration(ep).await
+    }
+
+    async fn restore(&self, ep: &VmmEndpoint, src: &Path) -> Result<(), DriverError> {
+        let uri = format!("exec:cat {}", shell_quote(&src.join(MIGRATION_FILE))?);
+        self.qmp(ep, "migrate-incoming", Some(json!({ "uri": uri })))
+            .await?;
+        self.wait_migration(ep).await
     }
 
     fn owns_cmdline(&self, vm_id: &VmId, cmdline: &[String]) -> bool {

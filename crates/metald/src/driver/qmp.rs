@@ -37,16 +37,7 @@ async fn exchange(
 ) -> Result<Value, DriverError> {
     let stream = UnixStream::connect(path)
         .await
-        .map_err(|e| DriverError::Socket {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-            unreachable: matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound
-                    | std::io::ErrorKind::ConnectionRefused
-                    | std::io::ErrorKind::PermissionDenied
-            ),
-        })?;
+        .map_err(|e| DriverError::connect(path, &e))?;
     let (rd, mut wr) = stream.into_split();
     let mut lines = BufReader::new(rd).lines();
 

@@ -42,16 +42,7 @@ async fn exchange(
 ) -> Result<(StatusCode, Value), DriverError> {
     let stream = UnixStream::connect(sock)
         .await
-        .map_err(|e| DriverError::Socket {
-            path: sock.to_path_buf(),
-            reason: e.to_string(),
-            unreachable: matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound
-                    | std::io::ErrorKind::ConnectionRefused
-                    | std::io::ErrorKind::PermissionDenied
-            ),
-        })?;
+        .map_err(|e| DriverError::connect(sock, &e))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| DriverError::Protocol(format!("HTTP handshake: {e}")))?;

@@ -368,6 +368,7 @@ pub fn guest_request(vm_id: &str) -> pb::CreateVmRequest {
     pb::CreateVmRequest {
         vm_id: vm_id.to_string(),
         customer_id: "cust-test".into(),
+        from_snapshot: String::new(),
         config: Some(pb::VmConfig {
             cpu: Some(pb::CpuConfig { vcpu_count: 1 }),
             memory: Some(pb::MemoryConfig {
