@@ -205,7 +205,9 @@ impl Default for RecoveryConfig {
             backoff_factor: 2.0,
             max_retry_interval: Duration::from_secs(30),
             jitter: 0.1,
-            stable_period: Duration::from_secs(60),
+            // Like systemd's start-rate limit: a crash loop is a VMM dying within seconds of
+            // each restart. A VM that ran for a while before it was killed is not looping.
+            stable_period: Duration::from_secs(10),
             crash_loop_threshold: 5,
             max_concurrent: 4,
             breaker: BreakerConfig::default(),
