@@ -553,6 +553,27 @@ mod tests {
         assert!(matches!(cfg.validate(), Err(Error::Config(m)) if m.contains("state_dir")));
     }
 
+    /// The config examples in the README parse, so the documentation cannot drift from the
+    /// config it describes (unknown keys are refused).
+    #[test]
+    fn readme_config_examples_parse() {
+        let readme = include_str!("../../../README.md");
+        let mut blocks = 0;
+        for block in readme.split("```toml").skip(1) {
+            let text = block.split("```").next().unwrap_or("");
+            let cfg: std::result::Result<Config, _> = toml::from_str(text);
+            assert!(
+                cfg.is_ok(),
+                "README toml block does not parse: {cfg:?}\n{text}"
+            );
+            blocks += 1;
+        }
+        assert!(
+            blocks >= 2,
+            "expected the daemon and Firecracker config examples"
+        );
+    }
+
     #[test]
     fn toml_overrides_defaults() {
         let cfg: Config = toml::from_str(
