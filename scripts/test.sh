@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every check and test: formatting, clippy, unit tests, and the integration tests that boot
-# real QEMU guests under TCG. Installs what is missing first. Test parallelism is bounded because
+# Runs every check and test: formatting, clippy, unit tests, the integration tests that boot
+# real QEMU guests under TCG, and the lifecycle, detection and recovery suites a second time on
+# the Firecracker driver. Installs what is missing first. Test parallelism is bounded because
 # each test boots guests and these machines have two cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,12 @@ trap 'rm -f "$log"' EXIT
 set +e
 cargo test --workspace --locked -- --test-threads="${METALD_TEST_THREADS:-2}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+# The lifecycle, detection and recovery suites again on the Firecracker driver: against the real
+# binary when FIRECRACKER_BIN is set, otherwise against the labelled stand-in (crates/fc-standin).
+METALD_TEST_VMM=firecracker cargo test --locked -p metald --test lifecycle --test detection \
+  --test recovery -- --test-threads="${METALD_TEST_THREADS:-2}" 2>&1 | tee -a "$log"
+fc_status=${PIPESTATUS[0]}
+[ "$status" -ne 0 ] || status=$fc_status
 set -e
 # cargo's last line is often a crate with no tests ("0 passed"); end with the whole run's total.
 passed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) passed.*/\1/' | awk '{s+=$1} END {print s+0}')

@@ -54,6 +54,27 @@ pub fn bin(name: &str) -> PathBuf {
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
+/// Whether these tests drive Firecracker (`METALD_TEST_VMM=firecracker`: the real binary when
+/// `FIRECRACKER_BIN` is set, otherwise the labelled stand-in from crates/fc-standin) instead of
+/// QEMU.
+pub fn on_firecracker() -> bool {
+    std::env::var("METALD_TEST_VMM").is_ok_and(|v| v == "firecracker")
+}
+
+fn vmm_args() -> Vec<String> {
+    if !on_firecracker() {
+        return vec![];
+    }
+    let bin_path = std::env::var("FIRECRACKER_BIN")
+        .unwrap_or_else(|_| bin("firecracker-standin").display().to_string());
+    vec![
+        "--vmm".into(),
+        "firecracker".into(),
+        "--firecracker-bin".into(),
+        bin_path,
+    ]
+}
+
 /// Logs a daemon printed, with a wake-up for waiters.
 #[derive(Default)]
 pub struct Logs {
@@ -122,6 +143,11 @@ impl Daemon {
                 vec![]
             } else {
                 vec!["--metrics-listen", "127.0.0.1:0"]
+            })
+            .args(if self.extra_args.iter().any(|a| a == "--vmm") {
+                vec![]
+            } else {
+                vmm_args()
             })
             .args(&self.extra_args)
             .env("RUST_LOG", "debug,h2=info,tower=info,hyper=info,tonic=info")
@@ -214,7 +240,65 @@ impl Daemon {
 
     /// pids of live VMM processes started under this daemon's state directory.
     pub fn vmm_pids(&self) -> Vec<i32> {
-        vmm_pids_under(&self.state_dir)
+        if on_firecracker() {
+            pids_matching(&self.state_dir, "--api-sock")
+        } else {
+            vmm_pids_under(&self.state_dir)
+        }
+    }
+
+    /// A VM's control socket (QMP, or Firecracker's API socket).
+    pub fn control_socket(&self, vm: &str) -> PathBuf {
+        let name = if on_firecracker() {
+            "firecracker.sock"
+        } else {
+            "qmp.sock"
+        };
+        self.run_dir(vm).join(name)
+    }
+
+    /// Presses the guest's power button behind metald's back, as the guest itself would act.
+    pub async fn power_button(&self, vm: &str) {
+        let sock = self.control_socket(vm);
+        if on_firecracker() {
+            let body = serde_json::json!({"action_type": "SendCtrlAltDel"});
+            metald::driver::uds_http::call(
+                &sock,
+                metald::driver::uds_http::Method::PUT,
+                "/actions",
+                Some(&body),
+                Duration::from_secs(2),
+            )
+            .await
+            .unwrap();
+        } else {
+            metald::driver::qmp::execute(&sock, "system_powerdown", None, Duration::from_secs(2))
+                .await
+                .unwrap();
+        }
+    }
+
+    /// The run state the VMM itself reports: `running`, `paused`, ...
+    pub async fn vmm_state(&self, vm: &str) -> String {
+        let sock = self.control_socket(vm);
+        if on_firecracker() {
+            let (_, v) = metald::driver::uds_http::call(
+                &sock,
+                metald::driver::uds_http::Method::GET,
+                "/",
+                None,
+                Duration::from_secs(2),
+            )
+            .await
+            .unwrap();
+            v["state"].as_str().unwrap_or("").to_ascii_lowercase()
+        } else {
+            let v =
+                metald::driver::qmp::execute(&sock, "query-status", None, Duration::from_secs(2))
+                    .await
+                    .unwrap();
+            v["status"].as_str().unwrap_or("").to_string()
+        }
     }
 
     /// pids of live processes whose command line mentions `name` and this state directory.
@@ -427,7 +511,7 @@ pub fn guest_uptime(path: &Path) -> Option<f64> {
     text.lines()
         .rev()
         .find_map(|l| l.split("uptime=").nth(1))
-        .and_then(|u| u.trim().parse().ok())
+        .and_then(|u| u.split_whitespace().next()?.parse().ok())
 }
 
 pub fn state(i: &pb::GetVmInfoResponse) -> pb::VmState {
