@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::*;
 use fc_standin::Spec;
-use metald::driver::firecracker::FirecrackerDriver;
+use metald::driver::firecracker::{FcPaths, FirecrackerDriver};
 use metald::model::{Drive, Nic, VmSpec};
 use metald_api::v1 as pb;
 
@@ -76,7 +76,13 @@ fn full_spec() -> VmSpec {
 fn every_request_body_the_driver_builds_satisfies_the_spec() {
     let spec = Spec::load().unwrap();
     let dir = Path::new("/run/metald/run/vm1");
-    let mut reqs = FirecrackerDriver::config_requests(&full_spec(), dir);
+    let spec_in = full_spec();
+    let mut reqs = FirecrackerDriver::config_requests(&spec_in, &FcPaths::host(&spec_in, dir));
+    // Jailed, the files are named inside the jail and the console goes through PUT /serial.
+    reqs.extend(FirecrackerDriver::config_requests(
+        &spec_in,
+        &FcPaths::jailed(&spec_in),
+    ));
     reqs.extend(FirecrackerDriver::action_requests(dir));
     let paths: Vec<&str> = reqs.iter().map(|r| r.path.as_str()).collect();
     for want in [
@@ -91,6 +97,7 @@ fn every_request_body_the_driver_builds_satisfies_the_spec() {
         "/vm",
         "/snapshot/create",
         "/snapshot/load",
+        "/serial",
     ] {
         assert!(paths.contains(&want), "driver never sends {want}");
     }
@@ -333,4 +340,98 @@ async fn snapshot_and_load_on_firecracker() {
     .await
     .unwrap();
     assert_eq!(state(&info(&mut c, "fc-clone").await), pb::VmState::Running);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jailed_firecracker_leaves_no_chroot_or_cgroup_behind() {
+    let top = std::path::PathBuf::from(format!("/tmp/mdt-jail-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&top);
+    let base = top.join("jails");
+    let cgroup_root = top.join("cgroup");
+    std::fs::create_dir_all(&base).unwrap();
+    // The jailer stand-in puts its "cgroup" in <chroot base>/../cgroup (it cannot touch the
+    // real cgroupfs), so metald is told that is the cgroup root.
+    let cfg = format!(
+        "[recovery]\nenabled = false\n[reconcile]\ninterval = 300\nstray_grace = 500\n[firecracker.jailer]\nenabled = true\nbinary = \"{}\"\nchroot_base = \"{}\"\ncgroup_root = \"{}\"\n",
+        env!("CARGO_BIN_EXE_jailer-standin"),
+        base.display(),
+        cgroup_root.display()
+    );
+    let d = fc_daemon(&cfg).await;
+    let mut c = d.client().await;
+    let jail = |id: &str| base.join("firecracker-standin").join(id);
+    let cg = |id: &str| cgroup_root.join("firecracker").join(id);
+
+    let pid = running_vm(&mut c, "jailed").await;
+    let i = info(&mut c, "jailed").await;
+    let root = jail("jailed").join("root");
+    assert_eq!(
+        i.backend_info["control_socket"],
+        root.join("firecracker.sock").display().to_string()
+    );
+    assert!(root.join("vmlinux").exists(), "kernel placed in the jail");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/root")).unwrap(),
+        root,
+        "the VMM runs chrooted in its jail"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("firecracker-standin.pid"))
+            .unwrap()
+            .trim(),
+        pid.to_string()
+    );
+    assert!(cg("jailed").exists());
+    let console = std::path::PathBuf::from(&i.backend_info["console_log"]);
+    assert!(wait_console(&console, "METALD-GUEST-READY", 1, Duration::from_secs(20)).await);
+    // Delete: no chroot, no cgroup.
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: "jailed".into(),
+        force: true,
+    })
+    .await
+    .unwrap();
+    assert!(!jail("jailed").exists() && !cg("jailed").exists());
+
+    // A VMM killed behind metald's back: its jail and cgroup go too.
+    let pid = running_vm(&mut c, "killed").await;
+    let mark = d.log_mark();
+    signal(pid, libc::SIGKILL);
+    d.wait_event(mark, "killed", "orphaned vm detected", EVENT)
+        .await;
+    assert!(!jail("killed").exists() && !cg("killed").exists());
+
+    // Leftovers of a VM that no longer exists are swept by the reconcile loop.
+    std::fs::create_dir_all(jail("ghost").join("root")).unwrap();
+    std::fs::create_dir_all(cg("ghost")).unwrap();
+    let ghost_cg = cg("ghost").display().to_string();
+    d.wait_log_since(d.log_mark(), EVENT, |l| {
+        l.contains("\"stale jail removed\"") && l.contains(&ghost_cg)
+    })
+    .await
+    .expect("ghost cgroup swept");
+    assert!(!jail("ghost").exists() && !cg("ghost").exists());
+
+    // A jailed stray (its row lost while metald was down) is recognised by its jail, killed,
+    // and its jail and cgroup removed.
+    let mut d = d;
+    let pid = running_vm(&mut c, "strayj").await;
+    d.stop_with(libc::SIGKILL);
+    d.db()
+        .execute("DELETE FROM vms WHERE vm_id = 'strayj'", [])
+        .unwrap();
+    let mark = d.log_mark();
+    d.spawn().await;
+    d.wait_event(mark, "strayj", "stray vmm killed", EVENT)
+        .await;
+    assert!(wait_dead(pid, Duration::from_secs(5)).await);
+    let stray_cg = cg("strayj").display().to_string();
+    d.wait_log_since(mark, EVENT, |l| {
+        l.contains("\"stale jail removed\"") && l.contains(&stray_cg)
+    })
+    .await
+    .expect("stray's cgroup swept");
+    assert!(!jail("strayj").exists() && !cg("strayj").exists());
+    drop(d);
+    let _ = std::fs::remove_dir_all(&top);
 }

@@ -324,6 +324,46 @@ pub struct FirecrackerConfig {
     /// Timeout for one API request, connection included.
     #[serde(with = "millis")]
     pub api_timeout: Duration,
+    /// Run Firecracker under its jailer.
+    pub jailer: JailerConfig,
+}
+
+/// Firecracker's jailer: each VMM in a chroot under `chroot_base`, in its own cgroup, as
+/// `uid`:`gid`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JailerConfig {
+    /// Use the jailer.
+    pub enabled: bool,
+    /// The `jailer` binary.
+    pub binary: PathBuf,
+    /// User the VMM runs as.
+    pub uid: u32,
+    /// Group the VMM runs as.
+    pub gid: u32,
+    /// Jails are `<chroot_base>/<firecracker binary name>/<vm id>/root`.
+    pub chroot_base: PathBuf,
+    /// The cgroup v2 mount, where the jailer creates `<parent_cgroup>/<vm id>`.
+    pub cgroup_root: PathBuf,
+    /// The parent cgroup of every VMM.
+    pub parent_cgroup: String,
+    /// Cgroup settings passed as `--cgroup KEY=VALUE` (for example `cpu.max=100000 100000`).
+    pub cgroups: Vec<String>,
+}
+
+impl Default for JailerConfig {
+    fn default() -> Self {
+        JailerConfig {
+            enabled: false,
+            binary: PathBuf::from("jailer"),
+            uid: 0,
+            gid: 0,
+            chroot_base: PathBuf::from("/srv/jailer"),
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            parent_cgroup: "firecracker".into(),
+            cgroups: Vec::new(),
+        }
+    }
 }
 
 impl Default for FirecrackerConfig {
@@ -332,6 +372,7 @@ impl Default for FirecrackerConfig {
             binary: PathBuf::from("firecracker"),
             spawn_timeout: Duration::from_secs(5),
             api_timeout: Duration::from_secs(2),
+            jailer: JailerConfig::default(),
         }
     }
 }

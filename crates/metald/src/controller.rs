@@ -784,6 +784,7 @@ impl Controller {
             "vmm stopped"
         );
         self.vmm = None;
+        self.env.driver.release(&self.rec.vm_id);
         self.rec.endpoint = None;
         self.rec.health.pid = None;
         self.rec.last_exit = Some(format!("{status} ({why})"));
@@ -795,6 +796,7 @@ impl Controller {
         let Some(vmm) = self.vmm.take() else { return };
         debug!(vm_id = %self.rec.vm_id, pid = vmm.endpoint.pid, "vmm exit event");
         let status = vmm.pidfd.reap();
+        self.env.driver.release(&self.rec.vm_id);
         let cause = self.env.driver.exit_cause(&self.run_dir(), status);
         let pid = vmm.endpoint.pid;
         let exit = format!("{status}; cause: {cause}");
@@ -1041,6 +1043,7 @@ impl Controller {
                 KILL_WAIT.as_millis()
             )
         };
+        self.env.driver.release(&self.rec.vm_id);
         self.orphan(reason, pid, Some(exit)).await
     }
 
@@ -1048,6 +1051,7 @@ impl Controller {
     /// so that a crash part-way leaves a `deleted` tombstone that the next start finishes.
     async fn teardown(&mut self, graceful: Option<Duration>) -> Result<()> {
         self.stop_vmm(graceful, "delete").await?;
+        self.env.driver.release(&self.rec.vm_id);
         let dir = self.run_dir();
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}

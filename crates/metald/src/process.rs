@@ -169,6 +169,8 @@ pub struct ProcInfo {
     pub start_time: u64,
     /// The command line, split on NUL.
     pub cmdline: Vec<String>,
+    /// Its root directory (`/proc/PID/root`): a chroot for a jailed VMM.
+    pub root: Option<std::path::PathBuf>,
 }
 
 impl ProcInfo {
@@ -182,10 +184,12 @@ impl ProcInfo {
             .filter(|s| !s.is_empty())
             .map(|s| String::from_utf8_lossy(s).into_owned())
             .collect();
+        let root = std::fs::read_link(format!("/proc/{pid}/root")).ok();
         Some(ProcInfo {
             state,
             start_time,
             cmdline,
+            root,
         })
     }
 

@@ -500,7 +500,7 @@ impl Supervisor {
                 .drivers
                 .all()
                 .iter()
-                .find_map(|d| d.identify(&info.cmdline, &run_root))
+                .find_map(|d| d.identify(&info, &run_root))
             else {
                 continue;
             };
@@ -535,6 +535,18 @@ impl Supervisor {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|k, _| seen.contains(k));
+
+        // Jails and cgroups of VMs without a VMM.
+        // A stray still runs in its jail until it is killed; its jail goes after that.
+        let live: Vec<VmId> = owned
+            .iter()
+            .filter(|(_, ep)| ep.is_some())
+            .map(|(id, _)| id.clone())
+            .chain(stray_ids.iter().cloned())
+            .collect();
+        for d in self.drivers.all() {
+            report.stale_dirs_removed += d.sweep_leftovers(&live, grace);
+        }
 
         // Stale files. Anything younger than the grace period may belong to a create or spawn
         // in progress, so it is left for the next sweep.

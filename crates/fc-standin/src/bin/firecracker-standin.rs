@@ -32,10 +32,28 @@ struct State {
     started_at: Option<Instant>,
 }
 
+/// Where guest serial output goes: Firecracker's stdout, or the file set with PUT /serial (as a
+/// daemonized, jailed Firecracker needs).
+static SERIAL: Mutex<Option<PathBuf>> = Mutex::new(None);
+
 fn console(line: &str) {
-    let mut out = std::io::stdout();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
+    let path = SERIAL.lock().ok().and_then(|p| p.clone());
+    match path {
+        Some(p) => {
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(p)
+            {
+                let _ = writeln!(f, "{line}");
+            }
+        }
+        None => {
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+    }
 }
 
 fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
@@ -161,6 +179,12 @@ fn handle(
         }
         ("PUT", _) if started => {
             fault("The requested operation is not supported after starting the microVM.")
+        }
+        ("PUT", "/serial") => {
+            if let (Ok(mut p), Some(path)) = (SERIAL.lock(), body["serial_out_path"].as_str()) {
+                *p = Some(PathBuf::from(path));
+            }
+            reply(StatusCode::NO_CONTENT, Value::Null)
         }
         ("PUT", "/boot-source") => {
             for k in ["kernel_image_path", "initrd_path"] {

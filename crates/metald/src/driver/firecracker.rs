@@ -29,6 +29,13 @@ pub const CONSOLE_LOG: &str = "console.log";
 pub const VMM_LOG: &str = "vmm.log";
 /// Firecracker's metrics file.
 pub const METRICS_FILE: &str = "metrics.json";
+/// The jailer's own output, in the run directory.
+pub const JAILER_LOG: &str = "jailer.log";
+
+fn chown(p: &Path, uid: u32, gid: u32) -> Result<(), DriverError> {
+    std::os::unix::fs::chown(p, Some(uid), Some(gid))
+        .map_err(|e| DriverError::Io(format!("chown {}", p.display()), e))
+}
 
 /// One API request the driver sends.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +46,54 @@ pub struct ApiRequest {
     pub path: String,
     /// JSON body.
     pub body: Value,
+}
+
+/// The files of a VM as Firecracker names them: host paths, or paths inside its jail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FcPaths {
+    /// Firecracker's log.
+    pub log: String,
+    /// Its metrics file.
+    pub metrics: String,
+    /// The guest serial output, when Firecracker's stdout does not carry it (jailed, daemonized).
+    pub serial: Option<String>,
+    /// The kernel.
+    pub kernel: String,
+    /// The initrd.
+    pub initrd: Option<String>,
+    /// The drives, in the spec's order.
+    pub drives: Vec<String>,
+}
+
+impl FcPaths {
+    /// Host paths, for an unjailed Firecracker whose run directory is `run_dir`.
+    pub fn host(spec: &VmSpec, run_dir: &Path) -> Self {
+        let s = |p: &Path| p.display().to_string();
+        FcPaths {
+            log: s(&run_dir.join(VMM_LOG)),
+            metrics: s(&run_dir.join(METRICS_FILE)),
+            serial: None,
+            kernel: s(&spec.kernel),
+            initrd: spec.initrd.as_deref().map(s),
+            drives: spec.drives.iter().map(|d| s(&d.path)).collect(),
+        }
+    }
+
+    /// Paths inside the jail, where the driver links each file.
+    pub fn jailed(spec: &VmSpec) -> Self {
+        FcPaths {
+            log: format!("/{VMM_LOG}"),
+            metrics: format!("/{METRICS_FILE}"),
+            serial: Some(format!("/{CONSOLE_LOG}")),
+            kernel: "/vmlinux".into(),
+            initrd: spec.initrd.as_ref().map(|_| "/initrd".to_string()),
+            drives: spec
+                .drives
+                .iter()
+                .map(|d| format!("/drive-{}", d.id))
+                .collect(),
+        }
+    }
 }
 
 /// Drives Firecracker microVMs.
@@ -53,9 +108,10 @@ impl FirecrackerDriver {
         FirecrackerDriver { cfg }
     }
 
-    /// The requests that configure a VM, in the order they are sent. Public so that a test can
-    /// check every body against Firecracker's API spec.
-    pub fn config_requests(spec: &VmSpec, run_dir: &Path) -> Vec<ApiRequest> {
+    /// The requests that configure a VM, in the order they are sent, with files named as
+    /// Firecracker sees them (`paths`). Public so that a test can check every body against
+    /// Firecracker's API spec.
+    pub fn config_requests(spec: &VmSpec, paths: &FcPaths) -> Vec<ApiRequest> {
         let put = |path: String, body: Value| ApiRequest {
             method: Method::PUT,
             path,
@@ -65,16 +121,13 @@ impl FirecrackerDriver {
             put(
                 "/logger".into(),
                 json!({
-                    "log_path": run_dir.join(VMM_LOG).display().to_string(),
+                    "log_path": paths.log,
                     "level": "Info",
                     "show_level": true,
                     "show_log_origin": false,
                 }),
             ),
-            put(
-                "/metrics".into(),
-                json!({ "metrics_path": run_dir.join(METRICS_FILE).display().to_string() }),
-            ),
+            put("/metrics".into(), json!({ "metrics_path": paths.metrics })),
             put(
                 "/machine-config".into(),
                 json!({
@@ -83,20 +136,23 @@ impl FirecrackerDriver {
                 }),
             ),
         ];
+        if let Some(serial) = &paths.serial {
+            out.push(put("/serial".into(), json!({ "serial_out_path": serial })));
+        }
         let mut boot = json!({
-            "kernel_image_path": spec.kernel.display().to_string(),
+            "kernel_image_path": paths.kernel,
             "boot_args": kernel_args(spec),
         });
-        if let Some(initrd) = &spec.initrd {
-            boot["initrd_path"] = json!(initrd.display().to_string());
+        if let Some(initrd) = &paths.initrd {
+            boot["initrd_path"] = json!(initrd);
         }
         out.push(put("/boot-source".into(), boot));
-        for d in &spec.drives {
+        for (d, path) in spec.drives.iter().zip(&paths.drives) {
             out.push(put(
                 format!("/drives/{}", d.id),
                 json!({
                     "drive_id": d.id,
-                    "path_on_host": d.path.display().to_string(),
+                    "path_on_host": path,
                     "is_root_device": d.is_root,
                     "is_read_only": d.read_only,
                 }),
@@ -146,6 +202,178 @@ impl FirecrackerDriver {
                 load_body(&run_dir.join("snapshot")),
             ),
         ]
+    }
+
+    fn exec_name(&self) -> String {
+        self.cfg
+            .binary
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "firecracker".into())
+    }
+
+    /// `<chroot_base>/<firecracker binary name>/<vm id>`, as the jailer lays it out.
+    fn jail_dir(&self, vm_id: &VmId) -> PathBuf {
+        self.cfg
+            .jailer
+            .chroot_base
+            .join(self.exec_name())
+            .join(vm_id.as_str())
+    }
+
+    fn cgroup_dir(&self, vm_id: &VmId) -> PathBuf {
+        let j = &self.cfg.jailer;
+        j.cgroup_root.join(&j.parent_cgroup).join(vm_id.as_str())
+    }
+
+    /// Starts Firecracker through the jailer, which daemonizes: the jailer exits once the VMM
+    /// runs, and the VMM's pid comes from the pid file in the jail, checked against /proc.
+    async fn spawn_jailed(&self, req: &SpawnRequest<'_>) -> Result<VmmProcess, DriverError> {
+        let j = &self.cfg.jailer;
+        // A jail left by an earlier VMM of this VM would make the jailer refuse.
+        self.release(req.vm_id);
+        let mut cmd = Command::new(&j.binary);
+        cmd.arg("--id")
+            .arg(req.vm_id.as_str())
+            .arg("--exec-file")
+            .arg(&self.cfg.binary)
+            .arg("--uid")
+            .arg(j.uid.to_string())
+            .arg("--gid")
+            .arg(j.gid.to_string())
+            .arg("--chroot-base-dir")
+            .arg(&j.chroot_base)
+            .arg("--parent-cgroup")
+            .arg(&j.parent_cgroup)
+            .arg("--cgroup-version")
+            .arg("2");
+        for c in &j.cgroups {
+            cmd.arg("--cgroup").arg(c);
+        }
+        cmd.args(["--daemonize", "--", "--api-sock"])
+            .arg(format!("/{API_SOCKET}"))
+            .current_dir(req.run_dir);
+        let log = req.run_dir.join(JAILER_LOG);
+        let jailer = spawn_detached(cmd, &log)
+            .map_err(|e| DriverError::Spawn(format!("{}: {e}", j.binary.display())))?;
+        let done = tokio::time::timeout(self.cfg.spawn_timeout, jailer.pidfd.exited()).await;
+        if done.is_err() {
+            let _ = jailer.pidfd.signal(libc::SIGKILL);
+            return Err(DriverError::Timeout {
+                what: "the jailer".into(),
+                millis: self.cfg.spawn_timeout.as_millis(),
+            });
+        }
+        let status = jailer.pidfd.reap();
+        if status != ExitInfo::Exited(0) {
+            let out = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(DriverError::EarlyExit(format!(
+                "jailer {status}: {}",
+                out.trim()
+            )));
+        }
+        let root = self.jail_dir(req.vm_id).join("root");
+        let pid_file = root.join(format!("{}.pid", self.exec_name()));
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .map_err(|e| DriverError::Io(format!("reading {}", pid_file.display()), e))?
+            .trim()
+            .parse()
+            .map_err(|_| DriverError::Protocol(format!("{} holds no pid", pid_file.display())))?;
+        // Open the pidfd first, then check the process: a pid that was reused in between
+        // cannot pass the start-time and command-line checks after the fd is open.
+        let pidfd = crate::process::Pidfd::open(pid)
+            .map_err(|e| DriverError::EarlyExit(format!("jailed firecracker {pid}: {e}")))?;
+        let info = crate::process::ProcInfo::read(pid)
+            .filter(crate::process::ProcInfo::is_alive)
+            .ok_or_else(|| DriverError::EarlyExit(format!("jailed firecracker {pid} is gone")))?;
+        if !self.owns_cmdline(req.vm_id, &info.cmdline) {
+            return Err(DriverError::Protocol(format!(
+                "pid {pid} from {} is not this VM's firecracker",
+                pid_file.display()
+            )));
+        }
+        Ok(VmmProcess {
+            endpoint: VmmEndpoint {
+                pid,
+                start_time: info.start_time,
+                control_socket: root.join(API_SOCKET),
+                console_log: root.join(CONSOLE_LOG),
+            },
+            pidfd,
+        })
+    }
+
+    /// Links the VM's files into the jail under the names [`FcPaths::jailed`] gives them, and
+    /// creates the files Firecracker writes, owned by the jail's user.
+    fn furnish_jail(&self, root: &Path, spec: &VmSpec) -> Result<(), DriverError> {
+        let j = &self.cfg.jailer;
+        let place = |src: &Path, name: &str| -> Result<(), DriverError> {
+            let dst = root.join(name.trim_start_matches('/'));
+            let _ = std::fs::remove_file(&dst);
+            // A hard link costs nothing; across file systems, a copy.
+            if std::fs::hard_link(src, &dst).is_err() {
+                std::fs::copy(src, &dst).map_err(|e| {
+                    DriverError::Io(format!("placing {} in the jail", src.display()), e)
+                })?;
+            }
+            chown(&dst, j.uid, j.gid)
+        };
+        let paths = FcPaths::jailed(spec);
+        place(&spec.kernel, &paths.kernel)?;
+        if let (Some(src), Some(name)) = (&spec.initrd, &paths.initrd) {
+            place(src, name)?;
+        }
+        for (d, name) in spec.drives.iter().zip(&paths.drives) {
+            place(&d.path, name)?;
+        }
+        for name in [VMM_LOG, METRICS_FILE, CONSOLE_LOG] {
+            let p = root.join(name);
+            std::fs::File::create(&p)
+                .map_err(|e| DriverError::Io(format!("creating {}", p.display()), e))?;
+            chown(&p, j.uid, j.gid)?;
+        }
+        Ok(())
+    }
+
+    /// Waits, bounded, for a new Firecracker's API to answer; gives up early if it exits,
+    /// quoting `log`.
+    async fn wait_api(&self, proc_: VmmProcess, log: &Path) -> Result<VmmProcess, DriverError> {
+        let sock = proc_.endpoint.control_socket.clone();
+        let deadline = Instant::now() + self.cfg.spawn_timeout;
+        loop {
+            if proc_.pidfd.has_exited() {
+                let status = proc_.pidfd.reap();
+                let out = std::fs::read_to_string(log).unwrap_or_default();
+                let tail: String = out
+                    .chars()
+                    .rev()
+                    .take(600)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                return Err(DriverError::EarlyExit(format!("{status}: {}", tail.trim())));
+            }
+            if sock.exists() && self.ping(&proc_.endpoint).await.is_ok() {
+                return Ok(proc_);
+            }
+            if Instant::now() >= deadline {
+                let _ = self.kill(&proc_);
+                return Err(DriverError::Socket {
+                    path: sock,
+                    reason: format!(
+                        "did not answer within {} ms",
+                        self.cfg.spawn_timeout.as_millis()
+                    ),
+                    unreachable: true,
+                });
+            }
+            // No event announces a socket file; this short poll is bounded by the deadline.
+            tokio::select! {
+                _ = proc_.pidfd.exited() => {}
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+            }
+        }
     }
 
     async fn api(&self, ep: &VmmEndpoint, req: &ApiRequest) -> Result<Value, DriverError> {
@@ -237,6 +465,10 @@ impl VmmDriver for FirecrackerDriver {
     }
 
     async fn spawn(&self, req: &SpawnRequest<'_>) -> Result<VmmProcess, DriverError> {
+        if self.cfg.jailer.enabled {
+            let proc_ = self.spawn_jailed(req).await?;
+            return self.wait_api(proc_, &req.run_dir.join(JAILER_LOG)).await;
+        }
         let sock = req.run_dir.join(API_SOCKET);
         // Firecracker refuses to start if its socket path exists.
         let _ = std::fs::remove_file(&sock);
@@ -262,55 +494,28 @@ impl VmmDriver for FirecrackerDriver {
             endpoint: VmmEndpoint {
                 pid: sp.pid,
                 start_time: sp.start_time,
-                control_socket: sock.clone(),
+                control_socket: sock,
                 console_log: console.clone(),
             },
             pidfd: sp.pidfd,
         };
-        let deadline = Instant::now() + self.cfg.spawn_timeout;
-        loop {
-            if proc_.pidfd.has_exited() {
-                let status = proc_.pidfd.reap();
-                let out = std::fs::read_to_string(&console).unwrap_or_default();
-                let tail: String = out
-                    .chars()
-                    .rev()
-                    .take(600)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect();
-                return Err(DriverError::EarlyExit(format!("{status}: {}", tail.trim())));
-            }
-            if sock.exists() && self.ping(&proc_.endpoint).await.is_ok() {
-                return Ok(proc_);
-            }
-            if Instant::now() >= deadline {
-                let _ = self.kill(&proc_);
-                return Err(DriverError::Socket {
-                    path: sock,
-                    reason: format!(
-                        "did not answer within {} ms",
-                        self.cfg.spawn_timeout.as_millis()
-                    ),
-                    unreachable: true,
-                });
-            }
-            // No event announces a socket file; this short poll is bounded by the deadline.
-            tokio::select! {
-                _ = proc_.pidfd.exited() => {}
-                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
-            }
-        }
+        self.wait_api(proc_, &console).await
     }
 
     async fn configure(&self, ep: &VmmEndpoint, spec: &VmSpec) -> Result<(), DriverError> {
-        let run_dir = ep
+        // The socket sits in the run directory, or at the root of the jail.
+        let dir = ep
             .control_socket
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_default();
-        for req in Self::config_requests(spec, &run_dir) {
+        let paths = if self.cfg.jailer.enabled {
+            self.furnish_jail(&dir, spec)?;
+            FcPaths::jailed(spec)
+        } else {
+            FcPaths::host(spec, &dir)
+        };
+        for req in Self::config_requests(spec, &paths) {
             self.api(ep, &req).await?;
         }
         Ok(())
@@ -390,16 +595,81 @@ impl VmmDriver for FirecrackerDriver {
         run_dir.join(API_SOCKET)
     }
 
-    fn identify(&self, cmdline: &[String], run_root: &Path) -> Option<VmId> {
+    fn identify(&self, proc_: &crate::process::ProcInfo, run_root: &Path) -> Option<VmId> {
+        let cmdline = &proc_.cmdline;
         let id = cmdline
             .windows(2)
             .find(|w| w[0] == "--id")
             .and_then(|w| VmId::parse("vm_id", &w[1]).ok())?;
-        let want = run_root.join(id.as_str()).join(API_SOCKET);
-        cmdline
+        let sock = cmdline
             .windows(2)
-            .any(|w| w[0] == "--api-sock" && Path::new(&w[1]) == want)
-            .then_some(id)
+            .find(|w| w[0] == "--api-sock")
+            .map(|w| PathBuf::from(&w[1]))?;
+        let ours = if self.cfg.jailer.enabled {
+            // A jailed Firecracker names its socket inside the jail; the jail is its root.
+            proc_.root.as_deref() == Some(self.jail_dir(&id).join("root").as_path())
+        } else {
+            sock == run_root.join(id.as_str()).join(API_SOCKET)
+        };
+        ours.then_some(id)
+    }
+
+    fn release(&self, vm_id: &VmId) {
+        if !self.cfg.jailer.enabled {
+            return;
+        }
+        let jail = self.jail_dir(vm_id);
+        if let Err(e) = std::fs::remove_dir_all(&jail)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(vm_id = %vm_id, path = %jail.display(), error = %e, "removing jail failed");
+        }
+        let cg = self.cgroup_dir(vm_id);
+        if let Err(e) = std::fs::remove_dir(&cg)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(vm_id = %vm_id, path = %cg.display(), error = %e, "removing cgroup failed");
+        }
+    }
+
+    fn sweep_leftovers(&self, live: &[VmId], grace: Duration) -> usize {
+        if !self.cfg.jailer.enabled {
+            return 0;
+        }
+        let j = &self.cfg.jailer;
+        let jails = j.chroot_base.join(self.exec_name());
+        let cgroups = j.cgroup_root.join(&j.parent_cgroup);
+        let mut removed = 0;
+        for (dir, is_cgroup) in [(jails, false), (cgroups, true)] {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Ok(id) = VmId::parse("vm_id", &name) else {
+                    continue;
+                };
+                let old = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|a| a >= grace);
+                if live.contains(&id) || !old {
+                    continue;
+                }
+                let res = if is_cgroup {
+                    std::fs::remove_dir(e.path())
+                } else {
+                    std::fs::remove_dir_all(e.path())
+                };
+                if res.is_ok() {
+                    removed += 1;
+                    tracing::info!(vm_id = %id, path = %e.path().display(), "stale jail removed");
+                }
+            }
+        }
+        removed
     }
 
     fn exit_cause(&self, _run_dir: &Path, status: ExitInfo) -> ExitCause {

@@ -249,9 +249,19 @@ pub trait VmmDriver: Send + Sync + 'static {
     /// adopted if the process really is ours.
     fn owns_cmdline(&self, vm_id: &VmId, cmdline: &[String]) -> bool;
 
-    /// If a process command line is a VMM that a metald using `run_root` started, the VM it
-    /// belongs to. Used to find strays: VMMs with metald's marker and no registry row.
-    fn identify(&self, cmdline: &[String], run_root: &Path) -> Option<VmId>;
+    /// If a process is a VMM that a metald using `run_root` started, the VM it belongs to. Used
+    /// to find strays: VMMs with metald's marker and no registry row.
+    fn identify(&self, proc_: &crate::process::ProcInfo, run_root: &Path) -> Option<VmId>;
+
+    /// Removes what a VM's VMM left outside the run directory once it is gone (a jail, a
+    /// cgroup). Idempotent.
+    fn release(&self, _vm_id: &VmId) {}
+
+    /// Removes leftovers (jails, cgroups) of VMs not in `live`, older than `grace`; returns how
+    /// many it removed.
+    fn sweep_leftovers(&self, _live: &[VmId], _grace: std::time::Duration) -> usize {
+        0
+    }
 
     /// Where this driver puts a VM's control socket inside its run directory.
     fn control_socket(&self, run_dir: &Path) -> PathBuf;

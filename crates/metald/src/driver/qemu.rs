@@ -332,7 +332,8 @@ impl VmmDriver for QemuDriver {
         run_dir.join(QMP_SOCKET)
     }
 
-    fn identify(&self, cmdline: &[String], run_root: &Path) -> Option<VmId> {
+    fn identify(&self, proc_: &crate::process::ProcInfo, run_root: &Path) -> Option<VmId> {
+        let cmdline = &proc_.cmdline;
         let name = cmdline
             .windows(2)
             .find(|w| w[0] == "-name")
@@ -418,8 +419,14 @@ mod tests {
             append,
             "quiet console=ttyS0 tsc_early_khz=2000000 root=/dev/vda ro"
         );
-        assert_eq!(d.identify(&args, Path::new("/run")), Some(id.clone()));
-        assert_eq!(d.identify(&args, Path::new("/other")), None);
+        let info = crate::process::ProcInfo {
+            state: 'S',
+            start_time: 1,
+            cmdline: args.clone(),
+            root: None,
+        };
+        assert_eq!(d.identify(&info, Path::new("/run")), Some(id.clone()));
+        assert_eq!(d.identify(&info, Path::new("/other")), None);
     }
 
     #[test]
