@@ -69,6 +69,7 @@ fn full_spec() -> VmSpec {
         restart_policy: Default::default(),
         auto_recover: true,
         vmm: None,
+        vsock_cid: None,
     }
 }
 
@@ -308,12 +309,31 @@ async fn reattach_after_metald_sigkill_and_automatic_recovery_on_firecracker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_and_load_on_firecracker() {
-    let d = fc_daemon("[recovery]\nenabled = false\n").await;
+    let d = fc_daemon("[recovery]\nenabled = false\n[firecracker]\ndiff_snapshots = true\n").await;
     let mut c = d.client().await;
-    running_vm(&mut c, "fc-orig").await;
+    let mut req = guest_request("fc-orig");
+    req.config.as_mut().unwrap().vsock = Some(pb::VsockConfig { guest_cid: 7 });
+    c.create_vm(req).await.unwrap();
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "fc-orig".into(),
+    })
+    .await
+    .unwrap();
+    let vsock = info(&mut c, "fc-orig").await.config.unwrap().vsock;
+    assert_eq!(vsock.map(|v| v.guest_cid), Some(7));
+    let diff = c
+        .snapshot_vm(pb::SnapshotVmRequest {
+            vm_id: "fc-orig".into(),
+            diff: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(diff.state, pb::VmState::Running as i32);
     let r = c
         .snapshot_vm(pb::SnapshotVmRequest {
             vm_id: "fc-orig".into(),
+            diff: false,
         })
         .await
         .unwrap()

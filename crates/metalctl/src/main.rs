@@ -74,6 +74,9 @@ enum Cmd {
         /// The VMM: qemu or firecracker (default: the host's).
         #[arg(long)]
         vmm: Option<String>,
+        /// Give the VM a vsock device with this guest context id (3 or more).
+        #[arg(long)]
+        vsock_cid: Option<u32>,
     },
     /// Recover an orphaned or failed VM now (clears FAILED and the backoff).
     Recover {
@@ -113,6 +116,9 @@ enum Cmd {
     Snapshot {
         /// VM id.
         id: String,
+        /// Only the memory dirtied since the last snapshot (Firecracker with diff_snapshots).
+        #[arg(long)]
+        diff: bool,
     },
     /// Boot a created or shut-down VM.
     Boot {
@@ -360,6 +366,7 @@ async fn run(cli: Cli) -> Result<()> {
             restart_policy,
             no_auto_recover,
             vmm,
+            vsock_cid,
             from_snapshot,
         } => {
             let restart_policy = match restart_policy.as_str() {
@@ -416,6 +423,7 @@ async fn run(cli: Cli) -> Result<()> {
                     restart_policy,
                     auto_recover: Some(!no_auto_recover),
                     vmm: vmm.unwrap_or_default(),
+                    vsock: vsock_cid.map(|guest_cid| pb::VsockConfig { guest_cid }),
                 }),
                 (Some(_), Some(_)) => bail!("--kernel and --from-snapshot exclude each other"),
                 (None, _) => None,
@@ -429,8 +437,10 @@ async fn run(cli: Cli) -> Result<()> {
             let r = rpc(c.create_vm(req).await)?;
             println!("{}", r.vm_id);
         }
-        Cmd::Snapshot { id } => {
-            let r = rpc(c.snapshot_vm(pb::SnapshotVmRequest { vm_id: id }).await)?;
+        Cmd::Snapshot { id, diff } => {
+            let r = rpc(c
+                .snapshot_vm(pb::SnapshotVmRequest { vm_id: id, diff })
+                .await)?;
             println!("{} {}", r.snapshot_id, r.path);
         }
         Cmd::Boot { id } => {

@@ -339,6 +339,7 @@ async fn qemu_alone(root: &Path, reps: usize) -> Result<Vec<f64>> {
         restart_policy: Default::default(),
         auto_recover: true,
         vmm: None,
+        vsock_cid: None,
     };
     let dir = PathBuf::from(format!("/tmp/mdb-q-{}", std::process::id()));
     let mut out = Vec::new();

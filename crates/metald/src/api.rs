@@ -135,6 +135,7 @@ fn spec_input(cfg: Option<pb::VmConfig>) -> Result<VmSpecInput, Error> {
         },
         auto_recover: cfg.auto_recover.unwrap_or(true),
         vmm: cfg.vmm,
+        vsock_cid: cfg.vsock.map(|v| v.guest_cid),
     })
 }
 
@@ -183,6 +184,7 @@ fn spec_to_pb(s: &VmSpec) -> pb::VmConfig {
         } as i32,
         auto_recover: Some(s.auto_recover),
         vmm: s.vmm.map(|v| v.as_str().to_string()).unwrap_or_default(),
+        vsock: s.vsock_cid.map(|guest_cid| pb::VsockConfig { guest_cid }),
     }
 }
 
@@ -521,8 +523,9 @@ impl VmService for VmApi {
         &self,
         req: Request<pb::SnapshotVmRequest>,
     ) -> Result<Response<pb::SnapshotVmResponse>, Status> {
-        let id = VmId::parse("vm_id", &req.into_inner().vm_id)?;
-        let (snap, rec) = self.sup.snapshot(&id).await?;
+        let r = req.into_inner();
+        let id = VmId::parse("vm_id", &r.vm_id)?;
+        let (snap, rec) = self.sup.snapshot(&id, r.diff).await?;
         Ok(Response::new(pb::SnapshotVmResponse {
             snapshot_id: snap.snapshot_id,
             path: snap.path.display().to_string(),

@@ -326,6 +326,8 @@ pub struct FirecrackerConfig {
     pub api_timeout: Duration,
     /// Run Firecracker under its jailer.
     pub jailer: JailerConfig,
+    /// Track dirty pages so that SnapshotVm can take diff snapshots (costs some performance).
+    pub diff_snapshots: bool,
 }
 
 /// Firecracker's jailer: each VMM in a chroot under `chroot_base`, in its own cgroup, as
@@ -373,6 +375,7 @@ impl Default for FirecrackerConfig {
             spawn_timeout: Duration::from_secs(5),
             api_timeout: Duration::from_secs(2),
             jailer: JailerConfig::default(),
+            diff_snapshots: false,
         }
     }
 }

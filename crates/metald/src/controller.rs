@@ -47,6 +47,8 @@ pub enum Op {
     Snapshot {
         /// Where.
         dest: PathBuf,
+        /// Only the memory dirtied since the last snapshot.
+        diff: bool,
     },
     /// A lifecycle transition. `graceful` bounds how long a shutdown waits for the guest
     /// (`None`: stop the VMM at once).
@@ -337,7 +339,7 @@ impl Controller {
                 }
             }
             Op::Reconcile => did = self.reconcile_pass().await,
-            Op::Snapshot { dest } => self.snapshot(&dest).await?,
+            Op::Snapshot { dest, diff } => self.snapshot(&dest, diff).await?,
         }
         Ok(OpResult {
             rec: self.rec.clone(),
@@ -346,7 +348,7 @@ impl Controller {
     }
 
     /// Pauses the guest (if running), has the driver write the snapshot, and resumes it.
-    async fn snapshot(&mut self, dest: &std::path::Path) -> Result<()> {
+    async fn snapshot(&mut self, dest: &std::path::Path, diff: bool) -> Result<()> {
         let was = self.rec.observed;
         if !matches!(was, VmState::Running | VmState::Paused) {
             return Err(Error::FailedPrecondition(format!(
@@ -362,7 +364,7 @@ impl Controller {
             self.set_observed(VmState::Paused).await?;
         }
         let started = Instant::now();
-        let res = driver.snapshot(&ep, dest).await;
+        let res = driver.snapshot(&ep, dest, diff).await;
         if was == VmState::Running {
             // Resume even when the snapshot failed: the guest must not stay paused by accident.
             driver.resume(&ep).await?;

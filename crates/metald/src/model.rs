@@ -362,6 +362,9 @@ pub struct VmSpec {
     /// The VMM this VM runs on; the host default when unset.
     #[serde(default)]
     pub vmm: Option<crate::config::VmmKind>,
+    /// The guest context id of a vsock device, when it has one.
+    #[serde(default)]
+    pub vsock_cid: Option<u32>,
 }
 
 /// What a caller asked for, before validation. The API layer fills this from the protobuf.
@@ -391,6 +394,8 @@ pub struct VmSpecInput {
     pub auto_recover: bool,
     /// `config.vmm`: "", "qemu" or "firecracker".
     pub vmm: String,
+    /// `config.vsock.guest_cid`, when `config.vsock` is set.
+    pub vsock_cid: Option<u32>,
 }
 
 const MIB: u64 = 1024 * 1024;
@@ -518,6 +523,15 @@ impl VmSpecInput {
             metadata: self.metadata,
             restart_policy: self.restart_policy,
             auto_recover: self.auto_recover,
+            vsock_cid: match self.vsock_cid {
+                Some(cid) if cid < 3 || cid == u32::MAX => {
+                    return Err(Error::invalid(
+                        "config.vsock.guest_cid",
+                        format!("{cid} is reserved; use 3 or more"),
+                    ));
+                }
+                other => other,
+            },
             vmm: match self.vmm.as_str() {
                 "" => None,
                 v => Some(v.parse().map_err(|_| {

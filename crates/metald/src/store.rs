@@ -712,6 +712,7 @@ mod tests {
                 restart_policy: Default::default(),
                 auto_recover: true,
                 vmm: None,
+                vsock_cid: None,
             },
             desired: Desired::State(VmState::Created),
             observed: VmState::Created,

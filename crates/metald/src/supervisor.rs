@@ -320,14 +320,20 @@ impl Supervisor {
     }
 
     /// Snapshots a VM into `<state_dir>/snapshots/<id>/` and records it.
-    pub async fn snapshot(&self, id: &VmId) -> Result<(SnapshotRecord, VmRecord)> {
+    pub async fn snapshot(&self, id: &VmId, diff: bool) -> Result<(SnapshotRecord, VmRecord)> {
         let handle = self.handle(id)?;
         let now = now_ms();
         let snapshot_id = format!("{id}-{now}");
         let dir = self.cfg.state_dir.join("snapshots").join(&snapshot_id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        let rec = match handle.call(Op::Snapshot { dest: dir.clone() }).await {
+        let rec = match handle
+            .call(Op::Snapshot {
+                dest: dir.clone(),
+                diff,
+            })
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);

@@ -187,6 +187,13 @@ async fn bad_create_requests_name_the_field_and_leave_nothing() {
             Code::InvalidArgument,
             "config.network[0].mac_address",
         ),
+        (
+            with("vsockcid", |c| {
+                c.vsock = Some(pb::VsockConfig { guest_cid: 2 })
+            }),
+            Code::InvalidArgument,
+            "config.vsock.guest_cid",
+        ),
     ];
     for (req, code, prefix) in cases {
         let id = req.vm_id.clone();

@@ -25,6 +25,7 @@ async fn snapshot_and_create_from_it_continue_the_guest() {
     let r = c
         .snapshot_vm(pb::SnapshotVmRequest {
             vm_id: "orig".into(),
+            diff: false,
         })
         .await
         .unwrap()
@@ -105,10 +106,30 @@ async fn snapshot_and_create_from_it_continue_the_guest() {
         .await
         .unwrap_err();
     assert!(e.message().starts_with("config"), "{}", e.message());
+    // QEMU has no diff snapshots; the refusal says so.
+    let e = c
+        .snapshot_vm(pb::SnapshotVmRequest {
+            vm_id: "orig".into(),
+            diff: true,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        e.message()
+            .contains("diff snapshot is not supported by the qemu driver"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(
+        state(&info(&mut c, "orig").await),
+        pb::VmState::Running,
+        "and the VM was resumed"
+    );
     c.create_vm(guest_request("fresh")).await.unwrap();
     let e = c
         .snapshot_vm(pb::SnapshotVmRequest {
             vm_id: "fresh".into(),
+            diff: false,
         })
         .await
         .unwrap_err();

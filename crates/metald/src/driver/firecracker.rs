@@ -29,6 +29,8 @@ pub const CONSOLE_LOG: &str = "console.log";
 pub const VMM_LOG: &str = "vmm.log";
 /// Firecracker's metrics file.
 pub const METRICS_FILE: &str = "metrics.json";
+/// The vsock device's host-side socket.
+pub const VSOCK_SOCKET: &str = "vsock.sock";
 /// The jailer's own output, in the run directory.
 pub const JAILER_LOG: &str = "jailer.log";
 
@@ -63,6 +65,10 @@ pub struct FcPaths {
     pub initrd: Option<String>,
     /// The drives, in the spec's order.
     pub drives: Vec<String>,
+    /// The vsock device's host-side socket.
+    pub vsock: String,
+    /// Track dirty pages (for diff snapshots).
+    pub track_dirty_pages: bool,
 }
 
 impl FcPaths {
@@ -76,6 +82,8 @@ impl FcPaths {
             kernel: s(&spec.kernel),
             initrd: spec.initrd.as_deref().map(s),
             drives: spec.drives.iter().map(|d| s(&d.path)).collect(),
+            vsock: s(&run_dir.join(VSOCK_SOCKET)),
+            track_dirty_pages: false,
         }
     }
 
@@ -92,6 +100,8 @@ impl FcPaths {
                 .iter()
                 .map(|d| format!("/drive-{}", d.id))
                 .collect(),
+            vsock: format!("/{VSOCK_SOCKET}"),
+            track_dirty_pages: false,
         }
     }
 }
@@ -133,6 +143,7 @@ impl FirecrackerDriver {
                 json!({
                     "vcpu_count": spec.vcpus,
                     "mem_size_mib": spec.memory_bytes / (1024 * 1024),
+                    "track_dirty_pages": paths.track_dirty_pages,
                 }),
             ),
         ];
@@ -156,6 +167,12 @@ impl FirecrackerDriver {
                     "is_root_device": d.is_root,
                     "is_read_only": d.read_only,
                 }),
+            ));
+        }
+        if let Some(cid) = spec.vsock_cid {
+            out.push(put(
+                "/vsock".into(),
+                json!({ "guest_cid": cid, "uds_path": paths.vsock }),
             ));
         }
         for n in &spec.nics {
@@ -194,7 +211,12 @@ impl FirecrackerDriver {
             r(
                 Method::PUT,
                 "/snapshot/create",
-                snapshot_body(&run_dir.join("snapshot")),
+                snapshot_body(&run_dir.join("snapshot"), false),
+            ),
+            r(
+                Method::PUT,
+                "/snapshot/create",
+                snapshot_body(&run_dir.join("snapshot"), true),
             ),
             r(
                 Method::PUT,
@@ -424,9 +446,9 @@ impl FirecrackerDriver {
 const SNAPSHOT_STATE: &str = "vmstate";
 const SNAPSHOT_MEM: &str = "memory";
 
-fn snapshot_body(dir: &Path) -> Value {
+fn snapshot_body(dir: &Path, diff: bool) -> Value {
     json!({
-        "snapshot_type": "Full",
+        "snapshot_type": if diff { "Diff" } else { "Full" },
         "snapshot_path": dir.join(SNAPSHOT_STATE).display().to_string(),
         "mem_file_path": dir.join(SNAPSHOT_MEM).display().to_string(),
     })
@@ -509,12 +531,13 @@ impl VmmDriver for FirecrackerDriver {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_default();
-        let paths = if self.cfg.jailer.enabled {
+        let mut paths = if self.cfg.jailer.enabled {
             self.furnish_jail(&dir, spec)?;
             FcPaths::jailed(spec)
         } else {
             FcPaths::host(spec, &dir)
         };
+        paths.track_dirty_pages = self.cfg.diff_snapshots;
         for req in Self::config_requests(spec, &paths) {
             self.api(ep, &req).await?;
         }
@@ -573,10 +596,15 @@ impl VmmDriver for FirecrackerDriver {
         })
     }
 
-    async fn snapshot(&self, ep: &VmmEndpoint, dest: &Path) -> Result<(), DriverError> {
-        self.send(ep, Method::PUT, "/snapshot/create", snapshot_body(dest))
-            .await
-            .map(|_| ())
+    async fn snapshot(&self, ep: &VmmEndpoint, dest: &Path, diff: bool) -> Result<(), DriverError> {
+        self.send(
+            ep,
+            Method::PUT,
+            "/snapshot/create",
+            snapshot_body(dest, diff),
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn restore(&self, ep: &VmmEndpoint, src: &Path) -> Result<(), DriverError> {

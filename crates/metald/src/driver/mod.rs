@@ -238,8 +238,9 @@ pub trait VmmDriver: Send + Sync + 'static {
     /// Checks that the VMM's API answers, and reports the guest's run state.
     async fn ping(&self, ep: &VmmEndpoint) -> Result<GuestRun, DriverError>;
 
-    /// Writes a snapshot of a paused VM into the directory `dest`.
-    async fn snapshot(&self, ep: &VmmEndpoint, dest: &Path) -> Result<(), DriverError>;
+    /// Writes a snapshot of a paused VM into the directory `dest`; `diff` asks for only the
+    /// memory dirtied since the last snapshot.
+    async fn snapshot(&self, ep: &VmmEndpoint, dest: &Path, diff: bool) -> Result<(), DriverError>;
 
     /// Loads a snapshot written by [`VmmDriver::snapshot`] into a VMM spawned with
     /// `SpawnRequest::restore`; the guest stays paused until `boot`.

@@ -105,6 +105,9 @@ impl QemuDriver {
             ]);
             push(&["-device", &format!("virtio-blk-device,drive={}", d.id)]);
         }
+        if let Some(cid) = spec.vsock_cid {
+            push(&["-device", &format!("vhost-vsock-device,guest-cid={cid}")]);
+        }
         for n in &spec.nics {
             push(&[
                 "-netdev",
@@ -308,7 +311,10 @@ impl VmmDriver for QemuDriver {
         })
     }
 
-    async fn snapshot(&self, ep: &VmmEndpoint, dest: &Path) -> Result<(), DriverError> {
+    async fn snapshot(&self, ep: &VmmEndpoint, dest: &Path, diff: bool) -> Result<(), DriverError> {
+        if diff {
+            return Err(DriverError::Unsupported("a diff snapshot", "qemu"));
+        }
         // QEMU's snapshot is its migration stream, written to a file (this QEMU has no file:
         // migration URI, so through `exec:`). The guest is paused, so the stream is final.
         let uri = format!("exec:cat > {}", shell_quote(&dest.join(MIGRATION_FILE))?);
@@ -400,6 +406,7 @@ mod tests {
             restart_policy: Default::default(),
             auto_recover: true,
             vmm: None,
+            vsock_cid: None,
         }
     }
 

@@ -472,6 +472,7 @@ pub fn guest_request(vm_id: &str) -> pb::CreateVmRequest {
             restart_policy: 0,
             auto_recover: None,
             vmm: String::new(),
+            vsock: None,
         }),
     }
 }
