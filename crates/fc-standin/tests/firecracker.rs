@@ -366,6 +366,10 @@ async fn snapshot_and_load_on_firecracker() {
 async fn jailed_firecracker_leaves_no_chroot_or_cgroup_behind() {
     let top = std::path::PathBuf::from(format!("/tmp/mdt-jail-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&top);
+    // Jailed VMMs name neither the state dir nor the jail on their command line, so the
+    // harness's clean-up cannot find them; this guard kills whatever runs inside the jails,
+    // even when the test fails.
+    let _guard = JailGuard(top.clone());
     let base = top.join("jails");
     let cgroup_root = top.join("cgroup");
     std::fs::create_dir_all(&base).unwrap();
@@ -454,4 +458,22 @@ async fn jailed_firecracker_leaves_no_chroot_or_cgroup_behind() {
     assert!(!jail("strayj").exists() && !cg("strayj").exists());
     drop(d);
     let _ = std::fs::remove_dir_all(&top);
+}
+
+/// Kills every process whose root directory lies under the jail base, then removes it.
+struct JailGuard(std::path::PathBuf);
+
+impl Drop for JailGuard {
+    fn drop(&mut self) {
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let root = std::fs::read_link(format!("/proc/{pid}/root")).unwrap_or_default();
+            if root.starts_with(&self.0) {
+                signal(pid, libc::SIGKILL);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
