@@ -786,9 +786,7 @@ impl Controller {
             "vmm stopped"
         );
         self.vmm = None;
-        self.env.driver.release(&self.rec.vm_id);
-        self.rec.endpoint = None;
-        self.rec.health.pid = None;
+        self.forget_vmm();
         self.rec.last_exit = Some(format!("{status} ({why})"));
         self.set_observed(VmState::Shutdown).await
     }
@@ -798,12 +796,10 @@ impl Controller {
         let Some(vmm) = self.vmm.take() else { return };
         debug!(vm_id = %self.rec.vm_id, pid = vmm.endpoint.pid, "vmm exit event");
         let status = vmm.pidfd.reap();
-        self.env.driver.release(&self.rec.vm_id);
+        self.forget_vmm();
         let cause = self.env.driver.exit_cause(&self.run_dir(), status);
         let pid = vmm.endpoint.pid;
         let exit = format!("{status}; cause: {cause}");
-        self.rec.endpoint = None;
-        self.rec.health.pid = None;
         let wanted_up = matches!(
             self.rec.desired,
             Desired::State(VmState::Created | VmState::Running | VmState::Paused)
@@ -845,6 +841,14 @@ impl Controller {
         if let Err(e) = res {
             warn!(vm_id = %self.rec.vm_id, error = %e, "recording vmm exit failed");
         }
+    }
+
+    /// Forgets a VMM that is gone (its process taken and reaped by the caller): no endpoint, no
+    /// pid, and whatever the driver keeps outside the run directory (a jail) released.
+    fn forget_vmm(&mut self) {
+        self.env.driver.release(&self.rec.vm_id);
+        self.rec.endpoint = None;
+        self.rec.health.pid = None;
     }
 
     /// Records the VM as orphaned, then logs the event alert rules match on: once the line is
@@ -1045,7 +1049,7 @@ impl Controller {
                 KILL_WAIT.as_millis()
             )
         };
-        self.env.driver.release(&self.rec.vm_id);
+        self.forget_vmm();
         self.orphan(reason, pid, Some(exit)).await
     }
 
