@@ -169,8 +169,8 @@ pub struct ProcInfo {
     pub start_time: u64,
     /// The command line, split on NUL.
     pub cmdline: Vec<String>,
-    /// Its root directory (`/proc/PID/root`): a chroot for a jailed VMM.
-    pub root: Option<std::path::PathBuf>,
+    /// Its pid.
+    pub pid: i32,
 }
 
 impl ProcInfo {
@@ -184,13 +184,18 @@ impl ProcInfo {
             .filter(|s| !s.is_empty())
             .map(|s| String::from_utf8_lossy(s).into_owned())
             .collect();
-        let root = std::fs::read_link(format!("/proc/{pid}/root")).ok();
         Some(ProcInfo {
             state,
             start_time,
             cmdline,
-            root,
+            pid,
         })
+    }
+
+    /// Its root directory (`/proc/PID/root`): a chroot for a jailed VMM. Read on demand, since
+    /// only the jailer's stray check needs it.
+    pub fn root(&self) -> Option<std::path::PathBuf> {
+        std::fs::read_link(format!("/proc/{}/root", self.pid)).ok()
     }
 
     /// Alive means present and not a zombie.

@@ -186,11 +186,14 @@ async fn reused_pid_is_never_adopted() {
     // Fake pid reuse (the kernel cannot be made to hand out a given pid on demand): point both
     // rows at an unrelated live process. Row a keeps the VMM's start time (start-time mismatch);
     // row b gets the impostor's own start time too (only the command line gives it away).
-    let mut impostor = std::process::Command::new("sleep")
-        .arg("300")
-        .spawn()
-        .unwrap();
-    let ipid = impostor.id() as i32;
+    // Killed on the way out even when the test fails.
+    let impostor = KillOnDrop(
+        std::process::Command::new("sleep")
+            .arg("300")
+            .spawn()
+            .unwrap(),
+    );
+    let ipid = impostor.0.id() as i32;
     let stat = std::fs::read_to_string(format!("/proc/{ipid}/stat")).unwrap();
     let start: i64 = stat[stat.rfind(')').unwrap() + 1..]
         .split_whitespace()
@@ -224,8 +227,7 @@ async fn reused_pid_is_never_adopted() {
         pid_alive(ipid),
         "metald must never signal a process that is not its VMM"
     );
-    let _ = impostor.kill();
-    let _ = impostor.wait();
+    drop(impostor);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,4 +282,14 @@ async fn stray_vmm_and_stale_files_are_removed() {
     );
     let mut c = d.client().await;
     assert_eq!(state(&info(&mut c, "offline").await), pb::VmState::Shutdown);
+}
+
+/// A child process killed and reaped when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -365,16 +365,10 @@ impl FirecrackerDriver {
         loop {
             if proc_.pidfd.has_exited() {
                 let status = proc_.pidfd.reap();
-                let out = std::fs::read_to_string(log).unwrap_or_default();
-                let tail: String = out
-                    .chars()
-                    .rev()
-                    .take(600)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect();
-                return Err(DriverError::EarlyExit(format!("{status}: {}", tail.trim())));
+                return Err(DriverError::EarlyExit(format!(
+                    "{status}: {}",
+                    super::log_tail(log, 600)
+                )));
             }
             if sock.exists() && self.ping(&proc_.endpoint).await.is_ok() {
                 return Ok(proc_);
@@ -635,7 +629,7 @@ impl VmmDriver for FirecrackerDriver {
             .map(|w| PathBuf::from(&w[1]))?;
         let ours = if self.cfg.jailer.enabled {
             // A jailed Firecracker names its socket inside the jail; the jail is its root.
-            proc_.root.as_deref() == Some(self.jail_dir(&id).join("root").as_path())
+            proc_.root().as_deref() == Some(self.jail_dir(&id).join("root").as_path())
         } else {
             sock == run_root.join(id.as_str()).join(API_SOCKET)
         };

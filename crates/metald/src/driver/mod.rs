@@ -134,6 +134,13 @@ impl DriverError {
     }
 }
 
+/// The last `max` bytes of a VMM's log file, for error messages.
+pub(crate) fn log_tail(path: &Path, max: usize) -> String {
+    let data = std::fs::read(path).unwrap_or_default();
+    let start = data.len().saturating_sub(max);
+    String::from_utf8_lossy(&data[start..]).trim().to_string()
+}
+
 /// What a driver needs to start a VM's VMM.
 #[derive(Debug, Clone)]
 pub struct SpawnRequest<'a> {

@@ -13,7 +13,8 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 
 use super::{
-    DriverError, ExitCause, GuestRun, SpawnRequest, VmmDriver, VmmEndpoint, VmmProcess, qmp,
+    DriverError, ExitCause, GuestRun, SpawnRequest, VmmDriver, VmmEndpoint, VmmProcess,
+    log_tail as tail, qmp,
 };
 use crate::config::{Accel, QemuConfig};
 use crate::model::{VmId, VmSpec};
@@ -375,13 +376,6 @@ impl VmmDriver for QemuDriver {
     }
 }
 
-/// The last `max` bytes of a file, for error messages.
-fn tail(path: &Path, max: usize) -> String {
-    let data = std::fs::read(path).unwrap_or_default();
-    let start = data.len().saturating_sub(max);
-    String::from_utf8_lossy(&data[start..]).trim().to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,7 +424,7 @@ mod tests {
             state: 'S',
             start_time: 1,
             cmdline: args.clone(),
-            root: None,
+            pid: 1,
         };
         assert_eq!(d.identify(&info, Path::new("/run")), Some(id.clone()));
         assert_eq!(d.identify(&info, Path::new("/other")), None);
