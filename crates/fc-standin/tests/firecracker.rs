@@ -70,6 +70,7 @@ fn full_spec() -> VmSpec {
         auto_recover: true,
         vmm: None,
         vsock_cid: None,
+        guest_health: Default::default(),
     }
 }
 

@@ -77,6 +77,29 @@ enum Cmd {
         /// Give the VM a vsock device with this guest context id (3 or more).
         #[arg(long)]
         vsock_cid: Option<u32>,
+        /// How the guest is probed: none (never judged by its silence) or agent (the QEMU guest
+        /// agent in the guest is pinged); the host's default when omitted.
+        #[arg(long)]
+        guest_probe: Option<String>,
+        /// Milliseconds the guest may take to answer its first probe (0: the host's default).
+        #[arg(long, default_value_t = 0)]
+        guest_startup_timeout_ms: u32,
+    },
+    /// Wait until a VM's guest is ready (it answered its probe since its last start).
+    WaitReady {
+        /// VM id.
+        id: String,
+        /// Seconds to wait at most.
+        #[arg(long, default_value_t = 60)]
+        timeout: i32,
+    },
+    /// Ask a VM's guest agent about the guest: agent version, OS, kernel, guest clock.
+    GuestInfo {
+        /// VM id.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Recover an orphaned or failed VM now (clears FAILED and the backoff).
     Recover {
@@ -124,6 +147,12 @@ enum Cmd {
     Boot {
         /// VM id.
         id: String,
+        /// Return only once the guest is ready (answered its probe).
+        #[arg(long)]
+        wait_ready: bool,
+        /// Seconds --wait-ready waits at most.
+        #[arg(long, default_value_t = 60)]
+        timeout: i32,
     },
     /// Power a VM off.
     Shutdown {
@@ -367,6 +396,8 @@ async fn run(cli: Cli) -> Result<()> {
             no_auto_recover,
             vmm,
             vsock_cid,
+            guest_probe,
+            guest_startup_timeout_ms,
             from_snapshot,
         } => {
             let restart_policy = match restart_policy.as_str() {
@@ -424,6 +455,18 @@ async fn run(cli: Cli) -> Result<()> {
                     auto_recover: Some(!no_auto_recover),
                     vmm: vmm.unwrap_or_default(),
                     vsock: vsock_cid.map(|guest_cid| pb::VsockConfig { guest_cid }),
+                    guest_health: Some(pb::GuestHealthConfig {
+                        probe: match guest_probe.as_deref() {
+                            None => pb::GuestProbe::Unspecified,
+                            Some("none") => pb::GuestProbe::None,
+                            Some("agent") => pb::GuestProbe::Agent,
+                            Some(other) => {
+                                bail!("--guest-probe {other:?} is not one of none, agent")
+                            }
+                        } as i32,
+                        startup_timeout_ms: guest_startup_timeout_ms,
+                        ..Default::default()
+                    }),
                 }),
                 (Some(_), Some(_)) => bail!("--kernel and --from-snapshot exclude each other"),
                 (None, _) => None,
@@ -443,8 +486,53 @@ async fn run(cli: Cli) -> Result<()> {
                 .await)?;
             println!("{} {}", r.snapshot_id, r.path);
         }
-        Cmd::Boot { id } => {
+        Cmd::WaitReady { id, timeout } => {
+            let r = rpc(c
+                .wait_guest_ready(pb::WaitGuestReadyRequest {
+                    vm_id: id.clone(),
+                    timeout_seconds: timeout,
+                })
+                .await)?;
+            println!("{id} guest ready since {}", ts(&r.guest_ready_at));
+        }
+        Cmd::GuestInfo { id, json } => {
+            let r = rpc(c
+                .get_guest_info(pb::GetGuestInfoRequest { vm_id: id })
+                .await)?;
+            let v = json!({
+                "agent_version": r.agent_version,
+                "os_name": r.os_name,
+                "os_version": r.os_version,
+                "kernel_release": r.kernel_release,
+                "guest_time": ts(&r.guest_time),
+                "clock_skew_seconds": r.clock_skew_seconds,
+                "ready_for_seconds": r.ready_for_seconds,
+            });
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if let Some(m) = v.as_object() {
+                for (k, val) in m {
+                    let val = val.as_str().map_or_else(|| val.to_string(), str::to_string);
+                    println!("{:<20}{val}", k.to_ascii_uppercase());
+                }
+            }
+        }
+        Cmd::Boot {
+            id,
+            wait_ready,
+            timeout,
+        } => {
             let r = rpc(c.boot_vm(pb::BootVmRequest { vm_id: id.clone() }).await)?;
+            if wait_ready {
+                rpc(c
+                    .wait_guest_ready(pb::WaitGuestReadyRequest {
+                        vm_id: id.clone(),
+                        timeout_seconds: timeout,
+                    })
+                    .await)?;
+                println!("{id} {} (guest ready)", state_name(r.state));
+                return Ok(());
+            }
             println!("{id} {}", state_name(r.state));
         }
         Cmd::Shutdown { id, force, timeout } => {
@@ -493,6 +581,7 @@ async fn run(cli: Cli) -> Result<()> {
                     "created_at": ts(&r.created_at),
                     "updated_at": ts(&r.updated_at),
                     "health": health_json(&r.health),
+                    "guest": guest_json(&r),
                     "recovery_streak": r.recovery_streak,
                     "recovery_history": history_json(&r),
                 });
@@ -531,6 +620,24 @@ async fn run(cli: Cli) -> Result<()> {
                     println!("{:<16}{v}", k.to_ascii_uppercase());
                 }
                 print_health_rows(&health_json(&r.health));
+                let g = guest_json(&r);
+                println!("{:<16}{}", "GUEST_PROBE", g["probe"].as_str().unwrap_or(""));
+                println!(
+                    "{:<16}{}",
+                    "GUEST_READY",
+                    match (g["probe"].as_str(), r.guest_ready) {
+                        (Some("none"), _) => "unprobed".to_string(),
+                        (_, true) => format!("yes, since {}", ts(&r.guest_ready_at)),
+                        (_, false) => "no".to_string(),
+                    }
+                );
+                if !g["last_error"].as_str().unwrap_or("").is_empty() {
+                    println!(
+                        "{:<16}{}",
+                        "GUEST_ERROR",
+                        g["last_error"].as_str().unwrap_or("")
+                    );
+                }
                 println!(
                     "{:<16}{}",
                     "RESTART_POLICY",
@@ -727,4 +834,20 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn guest_json(r: &pb::GetVmInfoResponse) -> serde_json::Value {
+    let g = r.guest.clone().unwrap_or_default();
+    let probe = match pb::GuestProbe::try_from(g.probe) {
+        Ok(pb::GuestProbe::Agent) => "agent",
+        _ => "none",
+    };
+    json!({
+        "probe": probe,
+        "ready": g.ready,
+        "ready_at": ts(&g.ready_at),
+        "last_probe": ts(&g.last_probe),
+        "consecutive_failures": g.consecutive_failures,
+        "last_error": g.last_error,
+    })
 }

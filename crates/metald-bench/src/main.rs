@@ -340,6 +340,7 @@ async fn qemu_alone(root: &Path, reps: usize) -> Result<Vec<f64>> {
         auto_recover: true,
         vmm: None,
         vsock_cid: None,
+        guest_health: Default::default(),
     };
     let dir = PathBuf::from(format!("/tmp/mdb-q-{}", std::process::id()));
     let mut out = Vec::new();

@@ -10,6 +10,7 @@ use metald_api::v1::vm_service_server::VmService;
 use tonic::{Request, Response, Status};
 use tracing::debug;
 
+use crate::config::GuestProbe;
 use crate::error::Error;
 use crate::model::{HealthStatus, RestartPolicy, Transition, VmId, VmSpec, VmSpecInput, VmState};
 use crate::store::VmRecord;
@@ -52,6 +53,7 @@ impl From<Error> for Status {
             Error::AlreadyExists(_) => Status::already_exists(msg),
             Error::FailedPrecondition(_) => Status::failed_precondition(msg),
             Error::Unavailable(..) => Status::unavailable(msg),
+            Error::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
             Error::Driver(_) => Status::internal(msg),
             Error::Config(_) => Status::failed_precondition(msg),
             Error::Store(_) | Error::CorruptRow { .. } | Error::Io { .. } => Status::internal(msg),
@@ -136,7 +138,50 @@ fn spec_input(cfg: Option<pb::VmConfig>) -> Result<VmSpecInput, Error> {
         auto_recover: cfg.auto_recover.unwrap_or(true),
         vmm: cfg.vmm,
         vsock_cid: cfg.vsock.map(|v| v.guest_cid),
+        guest_health: match cfg.guest_health {
+            None => Default::default(),
+            Some(g) => (
+                match pb::GuestProbe::try_from(g.probe) {
+                    Ok(pb::GuestProbe::Unspecified) => String::new(),
+                    Ok(pb::GuestProbe::None) => "none".into(),
+                    Ok(pb::GuestProbe::Agent) => "agent".into(),
+                    Err(_) => {
+                        return Err(Error::invalid(
+                            "config.guest_health.probe",
+                            format!("{} is not a guest probe", g.probe),
+                        ));
+                    }
+                },
+                g.startup_timeout_ms,
+                g.interval_ms,
+                g.timeout_ms,
+                g.failure_threshold,
+            ),
+        },
     })
+}
+
+fn probe_to_pb(p: GuestProbe) -> pb::GuestProbe {
+    match p {
+        GuestProbe::None => pb::GuestProbe::None,
+        GuestProbe::Agent => pb::GuestProbe::Agent,
+    }
+}
+
+fn ms32(d: std::time::Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+fn guest_to_pb(rec: &VmRecord) -> pb::GuestStatus {
+    let g = &rec.guest;
+    pb::GuestStatus {
+        probe: probe_to_pb(rec.spec.guest_health.probe) as i32,
+        ready: g.ready,
+        ready_at: g.ready.then(|| ts(g.ready_at_ms)),
+        last_probe: (g.last_probe_ms > 0).then(|| ts(g.last_probe_ms)),
+        consecutive_failures: i32::try_from(g.consecutive_failures).unwrap_or(i32::MAX),
+        last_error: g.last_error.clone(),
+    }
 }
 
 fn spec_to_pb(s: &VmSpec) -> pb::VmConfig {
@@ -185,6 +230,13 @@ fn spec_to_pb(s: &VmSpec) -> pb::VmConfig {
         auto_recover: Some(s.auto_recover),
         vmm: s.vmm.map(|v| v.as_str().to_string()).unwrap_or_default(),
         vsock: s.vsock_cid.map(|guest_cid| pb::VsockConfig { guest_cid }),
+        guest_health: Some(pb::GuestHealthConfig {
+            probe: probe_to_pb(s.guest_health.probe) as i32,
+            startup_timeout_ms: ms32(s.guest_health.startup_timeout),
+            interval_ms: ms32(s.guest_health.interval),
+            timeout_ms: ms32(s.guest_health.timeout),
+            failure_threshold: s.guest_health.failure_threshold,
+        }),
     }
 }
 
@@ -429,6 +481,66 @@ impl VmService for VmApi {
             created_at: Some(ts(rec.created_at_ms)),
             updated_at: Some(ts(rec.updated_at_ms)),
             health: Some(health_to_pb(&rec.health)),
+            guest_ready: rec.guest.ready,
+            guest_ready_at: rec.guest.ready.then(|| ts(rec.guest.ready_at_ms)),
+            guest: Some(guest_to_pb(&rec)),
+        }))
+    }
+
+    async fn wait_guest_ready(
+        &self,
+        req: Request<pb::WaitGuestReadyRequest>,
+    ) -> Result<Response<pb::WaitGuestReadyResponse>, Status> {
+        let r = req.into_inner();
+        let id = VmId::parse("vm_id", &r.vm_id)?;
+        let secs = match r.timeout_seconds {
+            0 => 60,
+            n if (1..=3600).contains(&n) => n,
+            _ => {
+                return Err(Error::invalid("timeout_seconds", "must be between 0 and 3600").into());
+            }
+        };
+        let timeout = std::time::Duration::from_secs(u64::try_from(secs).unwrap_or(60));
+        let rec = self.sup.wait_guest_ready(&id, timeout).await?;
+        Ok(Response::new(pb::WaitGuestReadyResponse {
+            guest_ready_at: Some(ts(rec.guest.ready_at_ms)),
+            state: state_to_pb(rec.observed) as i32,
+        }))
+    }
+
+    async fn get_guest_info(
+        &self,
+        req: Request<pb::GetGuestInfoRequest>,
+    ) -> Result<Response<pb::GetGuestInfoResponse>, Status> {
+        let id = VmId::parse("vm_id", &req.into_inner().vm_id)?;
+        let (info, rec) = self.sup.guest_info(&id).await?;
+        let host_ns = i64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        )
+        .unwrap_or(i64::MAX);
+        let ready_for = if rec.guest.ready {
+            (crate::store::now_ms() - rec.guest.ready_at_ms).max(0) as f64 / 1000.0
+        } else {
+            0.0
+        };
+        Ok(Response::new(pb::GetGuestInfoResponse {
+            agent_version: info.agent_version,
+            os_name: info.os_name,
+            os_version: info.os_version,
+            kernel_release: info.kernel_release,
+            guest_time: (info.time_ns > 0).then(|| prost_types::Timestamp {
+                seconds: info.time_ns.div_euclid(1_000_000_000),
+                nanos: i32::try_from(info.time_ns.rem_euclid(1_000_000_000)).unwrap_or(0),
+            }),
+            clock_skew_seconds: if info.time_ns > 0 {
+                (info.time_ns - host_ns) as f64 / 1e9
+            } else {
+                0.0
+            },
+            ready_for_seconds: ready_for,
         }))
     }
 
@@ -629,6 +741,8 @@ impl VmService for VmApi {
                 modified_timestamp: Some(ts(rec.updated_at_ms)),
                 metadata: rec.spec.metadata.clone().into_iter().collect(),
                 customer_id: rec.customer_id.clone(),
+                guest_ready: rec.guest.ready,
+                guest_ready_at: rec.guest.ready.then(|| ts(rec.guest.ready_at_ms)),
             })
             .collect();
         Ok(Response::new(pb::ListVmsResponse {

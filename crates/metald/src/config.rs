@@ -153,6 +153,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// VMM health checks.
     pub health: HealthConfig,
+    /// Guest probes: the defaults for VMs that do not set their own.
+    pub guest_health: GuestHealthConfig,
     /// The reconcile loop: registry against processes and files.
     pub reconcile: ReconcileConfig,
     /// Automatic recovery of orphaned VMs.
@@ -404,6 +406,110 @@ pub struct QemuConfig {
     /// Timeout for one QMP command, connection included.
     #[serde(with = "millis")]
     pub qmp_timeout: Duration,
+    /// Give each VM a pvpanic device, so a guest kernel panic reaches metald in milliseconds
+    /// (`GUEST_PANICKED`). Needs the guest kernel's pvpanic driver; harmless without it.
+    pub panic_device: bool,
+}
+
+/// How a VM's guest is probed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestProbe {
+    /// Never judge the guest by its silence (images without an agent). Panics are still caught.
+    #[default]
+    None,
+    /// Ping the QEMU guest agent (qemu-guest-agent) in the guest.
+    Agent,
+}
+
+impl GuestProbe {
+    /// Stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GuestProbe::None => "none",
+            GuestProbe::Agent => "agent",
+        }
+    }
+}
+
+impl std::str::FromStr for GuestProbe {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(GuestProbe::None),
+            "agent" => Ok(GuestProbe::Agent),
+            other => Err(Error::Config(format!(
+                "probe: {other:?} is not one of none, agent"
+            ))),
+        }
+    }
+}
+
+/// Guest readiness and liveness: the host's defaults (`[guest_health]`), and, resolved at
+/// CreateVm, each VM's own settings (stored with its config).
+///
+/// With `probe = "agent"` the guest is ready at its first answered `guest-ping` after a boot,
+/// restore or recovery; once ready, `failure_threshold` unanswered probes in a row orphan it
+/// (`guest_unresponsive`), and so does never answering within `startup_timeout`. The defaults
+/// leave a loaded TCG host (2 s boots) an order of magnitude of headroom: a probe is allowed 1 s,
+/// and only 3 in a row (about 3 s of silence) count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GuestHealthConfig {
+    /// How the guest is probed.
+    pub probe: GuestProbe,
+    /// How long after a boot, restore or recovery the guest may take to answer the first time.
+    #[serde(with = "millis")]
+    pub startup_timeout: Duration,
+    /// Time from the start of one probe to the start of the next.
+    #[serde(with = "millis")]
+    pub interval: Duration,
+    /// Bound on one probe.
+    #[serde(with = "millis")]
+    pub timeout: Duration,
+    /// Unanswered probes in a row, after the guest was ready, that orphan it.
+    pub failure_threshold: u32,
+}
+
+impl Default for GuestHealthConfig {
+    fn default() -> Self {
+        GuestHealthConfig {
+            probe: GuestProbe::None,
+            startup_timeout: Duration::from_secs(60),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            failure_threshold: 3,
+        }
+    }
+}
+
+impl GuestHealthConfig {
+    /// Checks the settings; `field` prefixes the name in the error.
+    pub fn check(&self) -> std::result::Result<(), (String, String)> {
+        let ms = |d: Duration| d.as_millis();
+        if !(1_000..=3_600_000).contains(&ms(self.startup_timeout)) {
+            return Err((
+                "startup_timeout".into(),
+                "must be between 1 s and 1 h".into(),
+            ));
+        }
+        if !(100..=600_000).contains(&ms(self.interval)) {
+            return Err((
+                "interval".into(),
+                "must be between 100 ms and 10 min".into(),
+            ));
+        }
+        if ms(self.timeout) < 50 || self.timeout > self.interval {
+            return Err((
+                "timeout".into(),
+                "must be at least 50 ms and at most the interval".into(),
+            ));
+        }
+        if !(1..=100).contains(&self.failure_threshold) {
+            return Err(("failure_threshold".into(), "must be 1 to 100".into()));
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -420,6 +526,7 @@ impl Default for Config {
             qemu: QemuConfig::default(),
             shutdown_timeout: Duration::from_secs(10),
             health: HealthConfig::default(),
+            guest_health: GuestHealthConfig::default(),
             reconcile: ReconcileConfig::default(),
             recovery: RecoveryConfig::default(),
             metrics_listen: "127.0.0.1:9464".into(),
@@ -444,6 +551,7 @@ impl Default for QemuConfig {
             binary: PathBuf::from("qemu-system-x86_64"),
             spawn_timeout: Duration::from_secs(5),
             qmp_timeout: Duration::from_secs(2),
+            panic_device: true,
         }
     }
 }
@@ -527,6 +635,9 @@ impl Config {
         }
         if self.reconcile.interval.is_zero() {
             return Err(Error::Config("reconcile: interval must be > 0".into()));
+        }
+        if let Err((field, why)) = self.guest_health.check() {
+            return Err(Error::Config(format!("guest_health.{field}: {why}")));
         }
         let r = &self.recovery;
         if r.max_retries == 0

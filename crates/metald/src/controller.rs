@@ -25,12 +25,18 @@ use rand::Rng;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
-use crate::config::HealthConfig;
-use crate::driver::{DriverError, ExitCause, GuestRun, SpawnRequest, VmmDriver, VmmProcess};
+use crate::config::{GuestProbe, HealthConfig};
+use crate::driver::qga::GuestInfo;
+use crate::driver::{
+    DriverError, ExitCause, GuestRun, ShutdownReason, SpawnRequest, VmmDriver, VmmEvent, VmmProcess,
+};
 use crate::error::{Error, Result};
 use crate::events::EventBus;
+use crate::guest::{AgentHandle, ProbeResult};
 use crate::metrics::Metrics;
-use crate::model::{Desired, HealthStatus, OrphanReason, RestartPolicy, Transition, VmState};
+use crate::model::{
+    Desired, GuestStatus, HealthStatus, OrphanReason, RestartPolicy, Transition, VmState,
+};
 use crate::recovery::{Admission, RecoveryGate};
 use crate::store::{AttemptRecord, Store, VmRecord, now_ms};
 
@@ -69,6 +75,8 @@ pub enum Op {
     SetAutoRecover(bool),
     /// Compare what is with what should be, and repair: a pass of the reconcile loop.
     Reconcile,
+    /// Ask the guest agent about the guest.
+    GuestInfo,
 }
 
 /// What a reconcile pass did to one VM.
@@ -89,6 +97,8 @@ pub struct OpResult {
     pub rec: VmRecord,
     /// For [`Op::Reconcile`], what it did.
     pub did: Did,
+    /// For [`Op::GuestInfo`], what the agent said.
+    pub guest_info: Option<GuestInfo>,
 }
 
 struct Request {
@@ -172,6 +182,9 @@ impl std::fmt::Debug for dyn VmmDriver {
     }
 }
 
+/// What the Linux kernel prints when it panics.
+const PANIC_LINE: &str = "Kernel panic - not syncing";
+
 /// How long to wait for a VMM to exit after `quit`, and after SIGKILL.
 const QUIT_WAIT: Duration = Duration::from_secs(3);
 const KILL_WAIT: Duration = Duration::from_secs(5);
@@ -203,6 +216,28 @@ pub struct Controller {
     crashes: u32,
     /// A snapshot to start the next VMM from (only the first, at create).
     restore_from: Option<PathBuf>,
+    /// The VMM's events, while its control connection is held.
+    vmm_events: Option<mpsc::Receiver<VmmEvent>>,
+    /// The VMM's driver sends events (so a lost connection is worth re-opening).
+    watchable: bool,
+    /// The last shutdown reason the VMM reported, for its exit cause.
+    reported_shutdown: Option<ShutdownReason>,
+    /// The current VMM's guest agent task.
+    agent: Option<AgentHandle>,
+    /// Its probe results.
+    probes: Option<mpsc::Receiver<ProbeResult>>,
+    /// By when a probed guest that is not ready yet must answer.
+    ready_deadline: Option<Instant>,
+    /// When the guest was last started and why (`boot`, `recovery`, `restore`), until ready.
+    guest_started: Option<(Instant, &'static str)>,
+    /// What the next guest start is: set by recovery and restore, `boot` otherwise.
+    start_trigger: &'static str,
+    /// When a recovered VM went down, while its downtime runs until the guest is ready.
+    down_since_ms: Option<i64>,
+    /// Bytes of the console log already scanned for a kernel panic.
+    console_seen: u64,
+    /// The control socket file is gone while the held connection still works.
+    socket_missing: bool,
 }
 
 impl Controller {
@@ -235,6 +270,17 @@ impl Controller {
             up_since: None,
             crashes: 0,
             restore_from: None,
+            vmm_events: None,
+            watchable: false,
+            reported_shutdown: None,
+            agent: None,
+            probes: None,
+            ready_deadline: None,
+            guest_started: None,
+            start_trigger: "boot",
+            down_since_ms: None,
+            console_seen: 0,
+            socket_missing: false,
         };
         let task = tokio::spawn(ctl.run(rx));
         (handle, health, task)
@@ -245,7 +291,24 @@ impl Controller {
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        if self.vmm.is_some() {
+            // An adopted VMM: watch it from here on. Console output it wrote while metald was
+            // away was not seen live; a panic in it shows up in the VMM's run state instead.
+            self.console_seen = self
+                .vmm
+                .as_ref()
+                .and_then(|v| std::fs::metadata(&v.endpoint.console_log).ok())
+                .map_or(0, |m| m.len());
+            self.attach_vmm().await;
+            if self.rec.observed == VmState::Running && self.probed() && !self.rec.guest.ready {
+                self.guest_started = Some((Instant::now(), "boot"));
+                self.ready_deadline =
+                    Some(Instant::now() + self.rec.spec.guest_health.startup_timeout);
+            }
+        }
         loop {
+            let check_at = self.check_due();
+            let ready_at = self.ready_due();
             tokio::select! {
                 req = rx.recv() => {
                     // All handles dropped: metald is shutting down. The VMM is left running on
@@ -261,9 +324,12 @@ impl Controller {
                     }
                 }
                 _ = wait_exit(&self.vmm) => self.on_unexpected_exit().await,
-                _ = sleep_until(self.check_due()) => self.health_check().await,
+                _ = sleep_until(check_at) => self.health_check().await,
                 _ = sleep_until(self.retry_at) => self.on_retry_due(),
                 permit = wait_permit(&mut self.permit) => self.on_permit(permit).await,
+                ev = recv_opt(&mut self.vmm_events) => self.on_vmm_event(ev).await,
+                res = recv_opt(&mut self.probes) => self.on_probe(res).await,
+                _ = sleep_until(ready_at) => self.on_ready_deadline().await,
             }
         }
         debug!(vm_id = %self.rec.vm_id, "controller stopped");
@@ -271,8 +337,12 @@ impl Controller {
 
     async fn handle(&mut self, op: Op) -> Result<OpResult> {
         let mut did = Did::default();
+        let mut guest_info = None;
         match op {
             Op::Create { restore } => {
+                if restore.is_some() {
+                    self.start_trigger = "restore";
+                }
                 self.restore_from = restore;
                 if let Err(e) = self.reconcile(None).await {
                     warn!(vm_id = %self.rec.vm_id, error = %e, "create failed; removing the vm");
@@ -340,10 +410,12 @@ impl Controller {
             }
             Op::Reconcile => did = self.reconcile_pass().await,
             Op::Snapshot { dest, diff } => self.snapshot(&dest, diff).await?,
+            Op::GuestInfo => guest_info = Some(self.guest_info().await?),
         }
         Ok(OpResult {
             rec: self.rec.clone(),
             did,
+            guest_info,
         })
     }
 
@@ -368,6 +440,7 @@ impl Controller {
         if was == VmState::Running {
             // Resume even when the snapshot failed: the guest must not stay paused by accident.
             driver.resume(&ep).await?;
+            self.guest_resumed();
             self.set_observed(VmState::Running).await?;
         }
         res?;
@@ -529,7 +602,9 @@ impl Controller {
             .await;
         let started = Instant::now();
         let started_ms = now_ms();
+        self.start_trigger = "recovery";
         let res = self.reconcile(None).await;
+        self.start_trigger = "boot";
         let duration_ms = started.elapsed().as_millis() as i64;
         let record = AttemptRecord {
             attempt,
@@ -561,8 +636,14 @@ impl Controller {
                 m.recovery_success.inc();
                 m.restarted(&trigger);
                 m.recovery_duration.observe(started.elapsed().as_secs_f64());
+                // Where the guest is probed, the VM is down until its guest answers again;
+                // otherwise until its VMM runs.
                 if let Some(t) = orphaned_at {
-                    m.downtime.observe((now_ms() - t).max(0) as f64 / 1000.0);
+                    if self.probed() && !self.rec.guest.ready {
+                        self.down_since_ms = Some(t);
+                    } else {
+                        m.downtime.observe((now_ms() - t).max(0) as f64 / 1000.0);
+                    }
                 }
                 self.env
                     .events
@@ -676,6 +757,7 @@ impl Controller {
         let mut now = self.rec.observed;
         if want != VmState::Created && now == VmState::Created {
             driver.boot(&ep).await?;
+            self.guest_starting();
             now = VmState::Running;
         }
         match (want, now) {
@@ -685,6 +767,7 @@ impl Controller {
             }
             (VmState::Running, VmState::Paused) => {
                 driver.resume(&ep).await?;
+                self.guest_resumed();
                 now = VmState::Running;
             }
             _ => {}
@@ -713,6 +796,8 @@ impl Controller {
         info!(vm_id = %self.rec.vm_id, pid = vmm.endpoint.pid, vmm = driver.kind(), "vmm started");
         let ep = vmm.endpoint.clone();
         self.vmm = Some(vmm);
+        self.console_seen = 0;
+        self.attach_vmm().await;
         self.last_seen_ms = now_ms();
         self.rec.endpoint = Some(ep.clone());
         if self.rec.observed == VmState::Orphaned {
@@ -753,8 +838,32 @@ impl Controller {
         let started = Instant::now();
         let mut how = "killed";
         if let Some(grace) = graceful.filter(|_| self.rec.observed == VmState::Running) {
-            match driver.shutdown(&ep).await {
-                Ok(()) if exited_within(vmm, grace).await => how = "guest powered off",
+            // A guest whose agent answers is asked through it first (an orderly shutdown of its
+            // services, as `guest-shutdown` does); otherwise, or if the agent refuses, through
+            // the ACPI power button.
+            let by_agent = match self.agent.as_ref().filter(|_| self.rec.guest.ready) {
+                Some(agent) => match agent.shutdown().await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        debug!(vm_id = %self.rec.vm_id, error = %e, "guest agent shutdown failed; using the power button");
+                        false
+                    }
+                },
+                None => false,
+            };
+            let requested = if by_agent {
+                Ok(())
+            } else {
+                driver.shutdown(&ep).await
+            };
+            match requested {
+                Ok(()) if exited_within(vmm, grace).await => {
+                    how = if by_agent {
+                        "guest powered off through its agent"
+                    } else {
+                        "guest powered off"
+                    }
+                }
                 Ok(()) => debug!(vm_id = %self.rec.vm_id, "guest did not power off in time"),
                 Err(e) => debug!(vm_id = %self.rec.vm_id, error = %e, "power-off request failed"),
             }
@@ -796,10 +905,19 @@ impl Controller {
         let Some(vmm) = self.vmm.take() else { return };
         debug!(vm_id = %self.rec.vm_id, pid = vmm.endpoint.pid, "vmm exit event");
         let status = vmm.pidfd.reap();
+        // The VMM's last events (its SHUTDOWN and the reason) may still be on their way: the
+        // connection ends right after them, so wait, briefly and bounded, for it to end.
+        self.drain_vmm_events().await;
         self.forget_vmm();
-        let cause = self.env.driver.exit_cause(&self.run_dir(), status);
+        let cause =
+            self.env
+                .driver
+                .exit_cause(&self.run_dir(), status, self.reported_shutdown.as_ref());
         let pid = vmm.endpoint.pid;
-        let exit = format!("{status}; cause: {cause}");
+        let exit = match &self.reported_shutdown {
+            Some(reason) => format!("{status}; cause: {cause}; vmm reported: {reason}"),
+            None => format!("{status}; cause: {cause}"),
+        };
         let wanted_up = matches!(
             self.rec.desired,
             Desired::State(VmState::Created | VmState::Running | VmState::Paused)
@@ -808,6 +926,22 @@ impl Controller {
             info!(vm_id = %self.rec.vm_id, pid, exit = %exit, "vmm exited");
             self.rec.last_exit = Some(exit);
             self.set_observed(VmState::Shutdown).await
+        } else if cause == ExitCause::GuestPanic {
+            warn!(vm_id = %self.rec.vm_id, pid, source = "vmm exit", "guest panicked");
+            self.orphan(OrphanReason::GuestPanicked, pid, Some(exit))
+                .await
+        } else if cause == ExitCause::GuestReboot {
+            // The guest rebooted itself: it wants to come back, so the VMM (which exits on a
+            // guest reset) is restarted, like a RebootVm.
+            info!(vm_id = %self.rec.vm_id, pid, exit = %exit, "vm rebooted by guest; restarting the vmm");
+            self.rec.last_exit = Some(exit);
+            let res = self.set_observed(VmState::Shutdown).await;
+            self.env.metrics.restarted("guest_reboot");
+            if let Err(e) = self.reconcile(None).await {
+                warn!(vm_id = %self.rec.vm_id, error = %e, "restart after guest reboot failed");
+                self.schedule_recovery("guest_reboot").await;
+            }
+            res
         } else if cause == ExitCause::GuestPoweroff
             && self.rec.spec.restart_policy == RestartPolicy::Always
         {
@@ -849,6 +983,279 @@ impl Controller {
         self.env.driver.release(&self.rec.vm_id);
         self.rec.endpoint = None;
         self.rec.health.pid = None;
+        // The agent task and the control connection belonged to that VMM.
+        self.agent = None;
+        self.probes = None;
+        self.vmm_events = None;
+        self.ready_deadline = None;
+        self.guest_started = None;
+        self.socket_missing = false;
+        self.rec.guest.ready = false;
+        self.rec.guest.consecutive_failures = 0;
+    }
+
+    /// Opens the control connection of the current VMM (its events) and starts its guest
+    /// agent task. Called for every new or adopted VMM.
+    async fn attach_vmm(&mut self) {
+        let Some(ep) = self.vmm.as_ref().map(|v| v.endpoint.clone()) else {
+            return;
+        };
+        self.reported_shutdown = None;
+        self.socket_missing = false;
+        self.watch_vmm().await;
+        let (agent, probes) = AgentHandle::start(
+            self.env.driver.clone(),
+            ep,
+            self.rec.spec.guest_health,
+            self.probed(),
+        );
+        self.agent = Some(agent);
+        self.probes = Some(probes);
+    }
+
+    async fn watch_vmm(&mut self) {
+        let Some(ep) = self.vmm.as_ref().map(|v| v.endpoint.clone()) else {
+            return;
+        };
+        match self.env.driver.watch(&ep).await {
+            Ok(rx) => {
+                self.watchable = rx.is_some();
+                self.vmm_events = rx;
+            }
+            Err(e) => {
+                // Health checks still reach the VMM on a connection of their own; the next one
+                // tries to open the held connection again.
+                warn!(vm_id = %self.rec.vm_id, pid = ep.pid, error = %e, "watching the vmm failed");
+                self.watchable = true;
+                self.vmm_events = None;
+            }
+        }
+    }
+
+    /// Takes the events still queued from a VMM that exited, until its connection ends.
+    async fn drain_vmm_events(&mut self) {
+        let Some(mut rx) = self.vmm_events.take() else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+            if let VmmEvent::Shutdown(reason) = ev {
+                self.reported_shutdown = Some(reason);
+            }
+        }
+    }
+
+    /// Acts on an event from the VMM's held connection (`None`: the connection ended).
+    async fn on_vmm_event(&mut self, ev: Option<VmmEvent>) {
+        let Some(ev) = ev else {
+            self.vmm_events = None;
+            if self.vmm.as_ref().is_some_and(|v| !v.pidfd.has_exited()) {
+                warn!(vm_id = %self.rec.vm_id, "vmm control connection lost; reopening it at the next health check");
+            }
+            return;
+        };
+        debug!(vm_id = %self.rec.vm_id, event = ?ev, "vmm event");
+        match ev {
+            VmmEvent::Shutdown(reason) => self.reported_shutdown = Some(reason),
+            VmmEvent::GuestPanicked => {
+                let pid = self.vmm.as_ref().map_or(0, |v| v.endpoint.pid);
+                warn!(vm_id = %self.rec.vm_id, pid, source = "panic device", "guest panicked");
+                if let Err(e) = self.orphan_live_vmm(OrphanReason::GuestPanicked).await {
+                    warn!(vm_id = %self.rec.vm_id, error = %e, "recording guest panic failed");
+                }
+            }
+            // Our own pause and resume cause these too, so they are not taken as the new state:
+            // a health check now asks the VMM what its state really is.
+            VmmEvent::Stopped | VmmEvent::Resumed => self.next_check = Instant::now(),
+            VmmEvent::Reset { guest } => {
+                info!(vm_id = %self.rec.vm_id, guest, "guest reset");
+            }
+        }
+    }
+
+    /// Whether this VM's guest is judged by its probe.
+    fn probed(&self) -> bool {
+        self.rec.spec.guest_health.probe == GuestProbe::Agent
+    }
+
+    /// When the startup deadline of a probed guest falls, while it is running and not ready.
+    fn ready_due(&self) -> Option<Instant> {
+        self.ready_deadline
+            .filter(|_| self.rec.observed == VmState::Running && self.vmm.is_some())
+    }
+
+    /// A fresh guest starts running: it is not ready until its first answered probe.
+    fn guest_starting(&mut self) {
+        let trigger = self.start_trigger;
+        self.rec.guest = GuestStatus::default();
+        self.guest_started = Some((Instant::now(), trigger));
+        if self.probed() {
+            self.ready_deadline = Some(Instant::now() + self.rec.spec.guest_health.startup_timeout);
+        }
+    }
+
+    /// A paused guest runs again: its silence while paused does not count, and one not ready
+    /// yet gets its whole startup time again.
+    fn guest_resumed(&mut self) {
+        if !self.probed() {
+            return;
+        }
+        self.rec.guest.consecutive_failures = 0;
+        if !self.rec.guest.ready {
+            self.ready_deadline = Some(Instant::now() + self.rec.spec.guest_health.startup_timeout);
+        }
+    }
+
+    /// Acts on one guest probe (`None`: the agent task ended with its VMM).
+    async fn on_probe(&mut self, res: Option<ProbeResult>) {
+        let Some(res) = res else {
+            self.probes = None;
+            return;
+        };
+        // A paused guest cannot answer; a probe of a VMM on its way out says nothing.
+        if self.rec.observed != VmState::Running || self.vmm.is_none() || !self.probed() {
+            return;
+        }
+        let now = now_ms();
+        self.env.metrics.guest_probes.inc();
+        let g = &mut self.rec.guest;
+        g.last_probe_ms = now;
+        match res.outcome {
+            Ok(()) => {
+                g.consecutive_failures = 0;
+                g.last_error.clear();
+                if !g.ready {
+                    self.on_guest_ready().await;
+                }
+            }
+            Err(error) => {
+                self.env.metrics.guest_probe_failures.inc();
+                g.consecutive_failures = g.consecutive_failures.saturating_add(1);
+                g.last_error = error.clone();
+                let failures = g.consecutive_failures;
+                if !g.ready {
+                    // Not up yet: the startup deadline, not the failure count, judges it.
+                    return;
+                }
+                let threshold = self.rec.spec.guest_health.failure_threshold;
+                warn!(vm_id = %self.rec.vm_id, error = %error, consecutive_failures = failures, took_ms = res.took.as_millis() as u64, "guest probe failed");
+                if failures >= threshold {
+                    let pid = self.vmm.as_ref().map_or(0, |v| v.endpoint.pid);
+                    warn!(vm_id = %self.rec.vm_id, pid, consecutive_failures = failures, error = %error, "guest unresponsive");
+                    if let Err(e) = self.orphan_live_vmm(OrphanReason::GuestUnresponsive).await {
+                        warn!(vm_id = %self.rec.vm_id, error = %e, "recording guest failure failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The guest answered for the first time since it started.
+    async fn on_guest_ready(&mut self) {
+        let now = now_ms();
+        self.ready_deadline = None;
+        self.rec.guest.ready = true;
+        self.rec.guest.ready_at_ms = now;
+        let (started, trigger) = self
+            .guest_started
+            .take()
+            .unwrap_or((Instant::now(), "boot"));
+        let took = started.elapsed();
+        let m = &self.env.metrics;
+        m.guest_ready
+            .get_or_create(&crate::metrics::TriggerLabel {
+                trigger: trigger.to_string(),
+            })
+            .observe(took.as_secs_f64());
+        let downtime_ms = self.down_since_ms.take().map(|t| (now - t).max(0));
+        if let Some(d) = downtime_ms {
+            m.downtime.observe(d as f64 / 1000.0);
+        }
+        let saved = self.save().await;
+        self.env
+            .events
+            .emit(
+                self.rec.vm_id.as_str(),
+                "guest_ready",
+                self.rec.observed.as_str(),
+                self.rec.observed.as_str(),
+                trigger,
+                &format!("guest answered {} ms after it started", took.as_millis()),
+            )
+            .await;
+        info!(vm_id = %self.rec.vm_id, trigger, ready_ms = took.as_millis() as u64, downtime_ms = downtime_ms.unwrap_or(0), "guest ready");
+        if let Err(e) = saved {
+            warn!(vm_id = %self.rec.vm_id, error = %e, "recording guest readiness failed");
+        }
+    }
+
+    /// A probed guest did not answer within its startup timeout.
+    async fn on_ready_deadline(&mut self) {
+        self.ready_deadline = None;
+        if self.rec.guest.ready || !self.probed() {
+            return;
+        }
+        let pid = self.vmm.as_ref().map_or(0, |v| v.endpoint.pid);
+        let timeout = self.rec.spec.guest_health.startup_timeout;
+        warn!(vm_id = %self.rec.vm_id, pid, startup_timeout_ms = timeout.as_millis() as u64, error = %self.rec.guest.last_error, "guest unresponsive");
+        if let Err(e) = self.orphan_live_vmm(OrphanReason::GuestUnresponsive).await {
+            warn!(vm_id = %self.rec.vm_id, error = %e, "recording guest failure failed");
+        }
+    }
+
+    /// Asks the guest agent about the guest.
+    async fn guest_info(&mut self) -> Result<GuestInfo> {
+        if self.rec.observed != VmState::Running {
+            return Err(Error::FailedPrecondition(format!(
+                "the guest agent of a vm that is {} cannot answer",
+                self.rec.observed
+            )));
+        }
+        let Some(agent) = self.agent.as_ref() else {
+            return Err(Error::FailedPrecondition("the vm has no vmm".into()));
+        };
+        agent.info().await.map_err(|e| {
+            Error::Unavailable(self.rec.vm_id.to_string(), format!("guest agent: {e}"))
+        })
+    }
+
+    /// Reads what the guest printed on its console since the last look, and reports whether
+    /// the kernel announced a panic. This is how a panic is seen without a panic device (and on
+    /// Firecracker): the kernel prints this line before it stops.
+    fn console_shows_panic(&mut self) -> bool {
+        use std::io::{Read, Seek, SeekFrom};
+        if !self.rec.spec.console {
+            return false;
+        }
+        let Some(path) = self.vmm.as_ref().map(|v| v.endpoint.console_log.clone()) else {
+            return false;
+        };
+        let Ok(mut f) = std::fs::File::open(&path) else {
+            return false;
+        };
+        let len = f.metadata().map_or(0, |m| m.len());
+        if len < self.console_seen {
+            // A new file (a new VMM truncated it).
+            self.console_seen = 0;
+        }
+        if len == self.console_seen {
+            return false;
+        }
+        // Re-read a little of what was seen, so a line split across two looks still matches;
+        // never more than the last 64 KiB, however much the guest wrote.
+        let from = self
+            .console_seen
+            .saturating_sub(PANIC_LINE.len() as u64)
+            .max(len.saturating_sub(64 * 1024));
+        let mut buf = Vec::new();
+        if f.seek(SeekFrom::Start(from)).is_err()
+            || f.take(len - from).read_to_end(&mut buf).is_err()
+        {
+            return false;
+        }
+        self.console_seen = len;
+        buf.windows(PANIC_LINE.len())
+            .any(|w| w == PANIC_LINE.as_bytes())
     }
 
     /// Records the VM as orphaned, then logs the event alert rules match on: once the line is
@@ -901,9 +1308,20 @@ impl Controller {
         let Some(ep) = self.vmm.as_ref().map(|v| v.endpoint.clone()) else {
             return;
         };
+        if self.console_shows_panic() {
+            warn!(vm_id = %self.rec.vm_id, pid = ep.pid, source = "console", "guest panicked");
+            if let Err(e) = self.orphan_live_vmm(OrphanReason::GuestPanicked).await {
+                warn!(vm_id = %self.rec.vm_id, error = %e, "recording guest panic failed");
+            }
+            return;
+        }
+        if self.watchable && self.vmm_events.is_none() {
+            self.watch_vmm().await;
+        }
         let timeout = self.env.health.timeout;
-        // A missing socket shows up as ENOENT from the connect, so no stat is needed (and no
-        // blocking call runs on the runtime).
+        // With the control connection held, a ping goes over it and works even when the socket
+        // file was deleted; a VMM whose API has no held connection connects anew, and a missing
+        // socket shows up as ENOENT from that connect.
         let verdict = {
             match tokio::time::timeout(timeout, self.env.driver.ping(&ep)).await {
                 Ok(Ok(run)) => Ok(run),
@@ -932,14 +1350,30 @@ impl Controller {
         self.rec.health.pid = Some(ep.pid);
         self.rec.health.control_socket = ep.control_socket.display().to_string();
         let cfg = self.env.health.clone();
+        let socket_there = ep.control_socket.exists();
         let res = match verdict {
+            Ok(GuestRun::Panicked) => {
+                warn!(vm_id = %self.rec.vm_id, pid = ep.pid, source = "vmm state", "guest panicked");
+                self.orphan_live_vmm(OrphanReason::GuestPanicked).await
+            }
+            Ok(GuestRun::Crashed(state)) => {
+                warn!(vm_id = %self.rec.vm_id, pid = ep.pid, vmm_state = %state, "guest crashed");
+                self.orphan_live_vmm(OrphanReason::GuestCrashed).await
+            }
             Ok(run) => {
+                if socket_there == self.socket_missing {
+                    self.control_socket_changed(socket_there).await;
+                }
                 self.last_seen_ms = now;
                 let h = &mut self.rec.health;
                 h.last_activity_ms = now;
                 h.consecutive_failures = 0;
                 h.consecutive_successes = h.consecutive_successes.saturating_add(1);
                 h.last_error.clear();
+                if !socket_there {
+                    h.last_error =
+                        "control socket file missing; metald's held connection still works".into();
+                }
                 let recovered = !h.is_healthy && h.consecutive_successes >= cfg.recovery_threshold;
                 if recovered {
                     h.is_healthy = true;
@@ -1029,6 +1463,39 @@ impl Controller {
         };
         if let Err(e) = res {
             warn!(vm_id = %self.rec.vm_id, error = %e, "recording health failed");
+        }
+    }
+
+    /// The VMM's control socket file disappeared (or came back) while metald's held connection
+    /// keeps working. The guest is fine and stays up; operators are told, because nothing but
+    /// this connection can reach the VMM now (a metald restart could not re-attach to it).
+    async fn control_socket_changed(&mut self, there: bool) {
+        self.socket_missing = !there;
+        let sock = self
+            .vmm
+            .as_ref()
+            .map(|v| v.endpoint.control_socket.display().to_string())
+            .unwrap_or_default();
+        let (kind, msg) = if there {
+            ("control_socket_restored", "vmm control socket back")
+        } else {
+            ("control_socket_lost", "vmm control socket missing")
+        };
+        self.env
+            .events
+            .emit(
+                self.rec.vm_id.as_str(),
+                kind,
+                self.rec.observed.as_str(),
+                self.rec.observed.as_str(),
+                "",
+                &sock,
+            )
+            .await;
+        if there {
+            info!(vm_id = %self.rec.vm_id, control_socket = %sock, "{msg}");
+        } else {
+            warn!(vm_id = %self.rec.vm_id, control_socket = %sock, "{msg}");
         }
     }
 
@@ -1126,6 +1593,14 @@ async fn wait_permit(
 ) -> std::result::Result<OwnedSemaphorePermit, AcquireError> {
     match p {
         Some(f) => f.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next message of a receiver; never, when there is none.
+async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(r) => r.recv().await,
         None => std::future::pending().await,
     }
 }

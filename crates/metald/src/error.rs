@@ -29,6 +29,9 @@ pub enum Error {
     /// The VM's controller is busy or gone (the daemon is shutting down).
     #[error("vm {0} is unavailable: {1}")]
     Unavailable(String, String),
+    /// A wait ran out before what it waited for happened.
+    #[error("{0}")]
+    DeadlineExceeded(String),
     /// The VMM driver failed.
     #[error(transparent)]
     Driver(#[from] DriverError),

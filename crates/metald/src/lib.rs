@@ -7,11 +7,13 @@
 //!   [`supervisor`], which routes each to the one [`controller`] that owns the VM.
 //! * [`controller`]: one actor task per VM. It records the desired state in the [`store`] first,
 //!   then drives the VMM toward it through a [`driver`], and watches the VMM process for exit.
-//! * [`driver`]: the VMM drivers behind one trait (QEMU `microvm` over QMP today).
+//! * [`driver`]: the VMM drivers behind one trait (QEMU `microvm` over QMP, Firecracker over its
+//!   REST API), and the guest agent protocol both use.
 //! * [`process`]: pidfds, `/proc` inspection and detached spawning; never trusts a bare pid.
 //! * [`store`]: the SQLite registry (WAL), the single source of truth.
 //!
-//! Beside them: [`config`], [`model`] (validated VM specs and the lifecycle state machine),
+//! Beside them: [`guest`] (each VMM's guest agent task, reporting to its controller),
+//! [`config`], [`model`] (validated VM specs and the lifecycle state machine),
 //! [`daemon`] (wiring, listeners, graceful shutdown) and [`telemetry`] (structured logs).
 
 pub mod api;
@@ -21,6 +23,7 @@ pub mod daemon;
 pub mod driver;
 pub mod error;
 pub mod events;
+pub mod guest;
 pub mod metrics;
 pub mod model;
 pub mod process;

@@ -65,6 +65,19 @@ pub struct MethodLabel {
     pub method: String,
 }
 
+/// A `trigger` label: what (re)started a guest.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriggerLabel {
+    /// `boot`, `recovery` or `restore`.
+    pub trigger: String,
+}
+
+type GuestHist = Family<TriggerLabel, Histogram, fn() -> Histogram>;
+
+fn guest_ready_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.05, 2.0, 14))
+}
+
 /// Build labels.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
@@ -100,8 +113,15 @@ pub struct Metrics {
     pub reconcile_duration: Histogram,
     /// `metald_reconcile_last_run_timestamp_seconds`
     pub reconcile_last_run: Gauge<i64, AtomicI64>,
-    /// `metald_vm_downtime_seconds`: orphaned → running again.
+    /// `metald_vm_downtime_seconds`: orphaned → running again (→ guest ready again where the
+    /// guest is probed).
     pub downtime: Histogram,
+    /// `metald_guest_ready_seconds{trigger}`: guest started → first answered probe.
+    pub guest_ready: GuestHist,
+    /// `metald_guest_probes_total`
+    pub guest_probes: Counter,
+    /// `metald_guest_probe_failures_total`
+    pub guest_probe_failures: Counter,
     /// `metald_vm_recovery_duration_seconds`
     pub recovery_duration: Histogram,
     /// `metald_vms{state}`
@@ -132,6 +152,9 @@ impl Metrics {
             reconcile_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             reconcile_last_run: Gauge::default(),
             downtime: Histogram::new(exponential_buckets(0.05, 2.0, 14)),
+            guest_ready: Family::new_with_constructor(guest_ready_histogram as fn() -> Histogram),
+            guest_probes: Counter::default(),
+            guest_probe_failures: Counter::default(),
             recovery_duration: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
             vms: Family::default(),
             breaker_open: Gauge::default(),
@@ -184,8 +207,23 @@ impl Metrics {
         );
         r.register(
             "metald_vm_downtime_seconds",
-            "Time from a VM being orphaned to running again",
+            "Time from a VM being orphaned to running again (to its guest answering, where probed)",
             m.downtime.clone(),
+        );
+        r.register(
+            "metald_guest_ready_seconds",
+            "Time from a guest being started to its first answered probe, by trigger",
+            m.guest_ready.clone(),
+        );
+        r.register(
+            "metald_guest_probes",
+            "Guest agent probes run",
+            m.guest_probes.clone(),
+        );
+        r.register(
+            "metald_guest_probe_failures",
+            "Guest agent probes that got no answer in time",
+            m.guest_probe_failures.clone(),
         );
         r.register(
             "metald_vm_recovery_duration_seconds",

@@ -162,6 +162,12 @@ pub enum OrphanReason {
     SocketUnreachable,
     /// The recorded pid now belongs to another process.
     PidReused,
+    /// The guest kernel panicked (panic device, the VMM's exit reason, or the console).
+    GuestPanicked,
+    /// The guest agent stopped answering, or never answered within the startup timeout.
+    GuestUnresponsive,
+    /// The VMM stopped the guest for good: an emulation error, a disk I/O error, a watchdog.
+    GuestCrashed,
 }
 
 impl OrphanReason {
@@ -172,6 +178,9 @@ impl OrphanReason {
             OrphanReason::ApiUnresponsive => "api_unresponsive",
             OrphanReason::SocketUnreachable => "socket_unreachable",
             OrphanReason::PidReused => "pid_reused",
+            OrphanReason::GuestPanicked => "guest_panicked",
+            OrphanReason::GuestUnresponsive => "guest_unresponsive",
+            OrphanReason::GuestCrashed => "guest_crashed",
         }
     }
 
@@ -182,6 +191,9 @@ impl OrphanReason {
             "api_unresponsive" => OrphanReason::ApiUnresponsive,
             "socket_unreachable" => OrphanReason::SocketUnreachable,
             "pid_reused" => OrphanReason::PidReused,
+            "guest_panicked" => OrphanReason::GuestPanicked,
+            "guest_unresponsive" => OrphanReason::GuestUnresponsive,
+            "guest_crashed" => OrphanReason::GuestCrashed,
             _ => return None,
         })
     }
@@ -217,6 +229,23 @@ pub struct HealthStatus {
     pub recovery_count: u32,
     /// When the VMM last answered (ms since the epoch).
     pub last_activity_ms: i64,
+}
+
+/// What metald knows of a VM's guest (as opposed to its VMM), from its probe. Persisted when
+/// readiness changes and kept current in memory between.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GuestStatus {
+    /// The guest answered a probe since its last boot, restore or recovery.
+    pub ready: bool,
+    /// When it first answered after that (ms since the epoch; 0: not ready).
+    pub ready_at_ms: i64,
+    /// When the last probe finished (ms since the epoch; 0: never probed).
+    pub last_probe_ms: i64,
+    /// Unanswered probes in a row.
+    pub consecutive_failures: u32,
+    /// The last probe's error (empty when it passed).
+    pub last_error: String,
 }
 
 /// A user operation on a VM's lifecycle.
@@ -365,6 +394,9 @@ pub struct VmSpec {
     /// The guest context id of a vsock device, when it has one.
     #[serde(default)]
     pub vsock_cid: Option<u32>,
+    /// How the guest is probed (resolved against the host defaults at create).
+    #[serde(default)]
+    pub guest_health: crate::config::GuestHealthConfig,
 }
 
 /// What a caller asked for, before validation. The API layer fills this from the protobuf.
@@ -396,6 +428,9 @@ pub struct VmSpecInput {
     pub vmm: String,
     /// `config.vsock.guest_cid`, when `config.vsock` is set.
     pub vsock_cid: Option<u32>,
+    /// `config.guest_health`: (probe name, startup_timeout_ms, interval_ms, timeout_ms,
+    /// failure_threshold); empty and zero fields take the host's defaults.
+    pub guest_health: (String, u32, u32, u32, u32),
 }
 
 const MIB: u64 = 1024 * 1024;
@@ -511,7 +546,9 @@ impl VmSpecInput {
             }
         }
 
+        let guest_health = resolve_guest_health(cfg, &self.guest_health)?;
         Ok(VmSpec {
+            guest_health,
             vcpus: u32::try_from(self.vcpus).unwrap_or(1),
             memory_bytes: mem,
             kernel,
@@ -543,6 +580,44 @@ impl VmSpecInput {
             },
         })
     }
+}
+
+/// A VM's guest probe settings: what the request set, the host's defaults for the rest.
+fn resolve_guest_health(
+    cfg: &Config,
+    input: &(String, u32, u32, u32, u32),
+) -> Result<crate::config::GuestHealthConfig> {
+    let (probe, startup, interval, timeout, threshold) = input;
+    let mut g = cfg.guest_health;
+    if !probe.is_empty() {
+        g.probe = probe.parse().map_err(|_| {
+            Error::invalid(
+                "config.guest_health.probe",
+                format!("{probe:?} is not one of none, agent"),
+            )
+        })?;
+    }
+    let ms = |v: u32, d: std::time::Duration| {
+        if v == 0 {
+            d
+        } else {
+            std::time::Duration::from_millis(u64::from(v))
+        }
+    };
+    g.startup_timeout = ms(*startup, g.startup_timeout);
+    g.interval = ms(*interval, g.interval);
+    g.timeout = ms(*timeout, g.timeout);
+    if *threshold != 0 {
+        g.failure_threshold = *threshold;
+    }
+    let ms_field = |f: &str| match f {
+        "failure_threshold" => f.to_string(),
+        other => format!("{other}_ms"),
+    };
+    g.check().map_err(|(field, why)| {
+        Error::invalid(format!("config.guest_health.{}", ms_field(&field)), why)
+    })?;
+    Ok(g)
 }
 
 /// Resolves `path` to a canonical regular file inside one of the configured asset directories.

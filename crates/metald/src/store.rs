@@ -12,7 +12,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::driver::VmmEndpoint;
 use crate::error::{Error, Result};
-use crate::model::{Desired, HealthStatus, OrphanReason, VmId, VmSpec, VmState};
+use crate::model::{Desired, GuestStatus, HealthStatus, OrphanReason, VmId, VmSpec, VmState};
 
 /// Schema migrations, applied in order; entry `i` takes the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -73,6 +73,9 @@ CREATE TABLE snapshots (
     path          TEXT NOT NULL,
     created_at_ms INTEGER NOT NULL
 );
+"#,
+    r#"
+ALTER TABLE vms ADD COLUMN guest TEXT;
 "#,
 ];
 
@@ -158,6 +161,8 @@ pub struct VmRecord {
     pub orphaned_at_ms: Option<i64>,
     /// Failed recovery attempts in a row (0 once a recovery succeeds).
     pub recovery_streak: u32,
+    /// What its guest probe last found.
+    pub guest: GuestStatus,
     /// Creation time, ms since the epoch.
     pub created_at_ms: i64,
     /// Last change, ms since the epoch.
@@ -284,7 +289,7 @@ impl Store {
                 "UPDATE vms SET observed_state = ?2, pid = ?3, start_time = ?4, control_socket = ?5,
                      console_log = COALESCE(?6, console_log), last_exit = ?7, health = ?8,
                      orphan_reason = ?9, orphaned_at_ms = ?10, updated_at_ms = ?11,
-                     recovery_streak = ?12
+                     recovery_streak = ?12, guest = ?13
                  WHERE vm_id = ?1",
                 params![
                     rec.vm_id.as_str(),
@@ -299,6 +304,7 @@ impl Store {
                     rec.orphaned_at_ms,
                     now_ms(),
                     rec.recovery_streak,
+                    serde_json::to_string(&rec.guest).unwrap_or_default(),
                 ],
             )?;
             if n == 0 {
@@ -615,7 +621,7 @@ impl Store {
 
 const COLUMNS: &str = "vm_id, customer_id, spec, desired_state, observed_state, pid, start_time, \
                        control_socket, console_log, last_exit, created_at_ms, updated_at_ms, \
-                       health, orphan_reason, orphaned_at_ms, recovery_streak";
+                       health, orphan_reason, orphaned_at_ms, recovery_streak, guest";
 
 fn decode(r: &Row<'_>) -> Result<VmRecord> {
     let id: String = r.get(0)?;
@@ -664,6 +670,10 @@ fn decode(r: &Row<'_>) -> Result<VmRecord> {
             .and_then(|s| OrphanReason::parse(&s)),
         orphaned_at_ms: r.get(14)?,
         recovery_streak: r.get(15)?,
+        guest: r
+            .get::<_, Option<String>>(16)?
+            .and_then(|g| serde_json::from_str(&g).ok())
+            .unwrap_or_default(),
     })
 }
 
@@ -713,6 +723,7 @@ mod tests {
                 auto_recover: true,
                 vmm: None,
                 vsock_cid: None,
+                guest_health: Default::default(),
             },
             desired: Desired::State(VmState::Created),
             observed: VmState::Created,
@@ -724,6 +735,7 @@ mod tests {
             orphan_reason: None,
             orphaned_at_ms: None,
             recovery_streak: 0,
+            guest: Default::default(),
         }
     }
 

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::controller::{
     Controller, ControllerEnv, ControllerHandle, Op, SharedHealth, orphan_record, read_health,
 };
+use crate::driver::qga::GuestInfo;
 use crate::driver::{Drivers, GuestRun, VmmDriver, VmmProcess};
 use crate::error::{Error, Result};
 use crate::events::EventBus;
@@ -184,9 +185,15 @@ impl Supervisor {
             let vmm = match verdict {
                 Verdict::Adopt(vmm, run) => {
                     report.adopted += 1;
+                    // A guest that panicked or crashed while metald was down is adopted as
+                    // running: its controller's first check sees the run state and orphans it,
+                    // so the one writer of the VM records why.
                     let observed = match run {
                         GuestRun::NotStarted => VmState::Created,
-                        GuestRun::Running => VmState::Running,
+                        GuestRun::Running
+                        | GuestRun::Suspended
+                        | GuestRun::Panicked
+                        | GuestRun::Crashed(_) => VmState::Running,
                         GuestRun::Paused => VmState::Paused,
                         GuestRun::ShutDown => VmState::Shutdown,
                     };
@@ -298,6 +305,7 @@ impl Supervisor {
             orphan_reason: None,
             orphaned_at_ms: None,
             recovery_streak: 0,
+            guest: Default::default(),
         };
         // The insert is the point of no return for the id: a duplicate fails here, before any
         // file of the existing VM could be touched.
@@ -454,6 +462,70 @@ impl Supervisor {
             "reconcile pass"
         );
         Ok(report)
+    }
+
+    /// Asks a VM's guest agent about its guest (through the VM's controller, which holds the
+    /// agent connection).
+    pub async fn guest_info(&self, id: &VmId) -> Result<(GuestInfo, VmRecord)> {
+        let r = self.handle(id)?.call_full(Op::GuestInfo).await?;
+        let info = r.guest_info.ok_or_else(|| {
+            Error::Unavailable(id.to_string(), "no answer from the guest agent".into())
+        })?;
+        Ok((info, r.rec))
+    }
+
+    /// Waits, up to `timeout`, until a VM's guest is ready. Subscribes to the event stream
+    /// before reading the row, so a `guest_ready` that lands in between is not missed.
+    pub async fn wait_guest_ready(&self, id: &VmId, timeout: Duration) -> Result<VmRecord> {
+        let mut events = self.env.events.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let rec = self.get(id).await?;
+            if rec.spec.guest_health.probe == crate::config::GuestProbe::None {
+                return Err(Error::FailedPrecondition(format!(
+                    "the guest of vm {id} is not probed (guest_health.probe is none), so its readiness is unknown"
+                )));
+            }
+            if rec.guest.ready {
+                return Ok(rec);
+            }
+            // A VM not meant to run, or whose VMM is gone (orphaned: a recovery, if any, starts
+            // a new guest, whose readiness is a new wait), ends the wait with the reason.
+            if !matches!(rec.desired, Desired::State(VmState::Running))
+                || matches!(rec.observed, VmState::Orphaned | VmState::Failed)
+            {
+                let why = rec
+                    .orphan_reason
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default();
+                return Err(Error::FailedPrecondition(format!(
+                    "vm {id} is {}{why} (desired {}); its guest is not becoming ready",
+                    rec.observed,
+                    rec.desired.as_str()
+                )));
+            }
+            // Wait for anything that happens to this VM, then look again.
+            loop {
+                match tokio::time::timeout_at(deadline, events.recv()).await {
+                    Err(_) => {
+                        return Err(Error::DeadlineExceeded(format!(
+                            "the guest of vm {id} did not become ready within {} s",
+                            timeout.as_secs()
+                        )));
+                    }
+                    Ok(Ok(ev)) if ev.vm_id == id.as_str() => break,
+                    Ok(Ok(_)) => {}
+                    // Lagged: something may have been missed, so look at the row again.
+                    Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => break,
+                    Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
+                        return Err(Error::Unavailable(
+                            id.to_string(),
+                            "metald is stopping".into(),
+                        ));
+                    }
+                }
+            }
+        }
     }
 
     /// Recovers an orphaned or failed VM now.

@@ -31,6 +31,11 @@ pub const VMM_LOG: &str = "vmm.log";
 pub const METRICS_FILE: &str = "metrics.json";
 /// The vsock device's host-side socket.
 pub const VSOCK_SOCKET: &str = "vsock.sock";
+/// The vsock port the guest agent listens on (`qemu-ga -m vsock-listen -p 4294967295:1024`).
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+/// The guest CID given to a vsock device added only for the agent. Firecracker's vsock is
+/// per VM (its host side is a unix socket), so the CID need not be unique on the host.
+const AGENT_DEFAULT_CID: u32 = 3;
 /// The jailer's own output, in the run directory.
 pub const JAILER_LOG: &str = "jailer.log";
 
@@ -107,15 +112,20 @@ impl FcPaths {
 }
 
 /// Drives Firecracker microVMs.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct FirecrackerDriver {
     cfg: FirecrackerConfig,
+    /// Kept-alive API connections, one per VMM.
+    pool: uds_http::Pool,
 }
 
 impl FirecrackerDriver {
     /// A driver with these settings.
     pub fn new(cfg: FirecrackerConfig) -> Self {
-        FirecrackerDriver { cfg }
+        FirecrackerDriver {
+            cfg,
+            pool: uds_http::Pool::default(),
+        }
     }
 
     /// The requests that configure a VM, in the order they are sent, with files named as
@@ -169,7 +179,10 @@ impl FirecrackerDriver {
                 }),
             ));
         }
-        if let Some(cid) = spec.vsock_cid {
+        // The guest agent speaks over vsock on Firecracker, so a VM probed through its agent gets
+        // a vsock device even when it did not ask for one.
+        let agent = spec.guest_health.probe == crate::config::GuestProbe::Agent;
+        if let Some(cid) = spec.vsock_cid.or(agent.then_some(AGENT_DEFAULT_CID)) {
             out.push(put(
                 "/vsock".into(),
                 json!({ "guest_cid": cid, "uds_path": paths.vsock }),
@@ -394,14 +407,16 @@ impl FirecrackerDriver {
 
     async fn api(&self, ep: &VmmEndpoint, req: &ApiRequest) -> Result<Value, DriverError> {
         let body = (!req.body.is_null()).then_some(&req.body);
-        let (status, value) = uds_http::call(
-            &ep.control_socket,
-            req.method.clone(),
-            &req.path,
-            body,
-            self.cfg.api_timeout,
-        )
-        .await?;
+        let (status, value) = self
+            .pool
+            .call(
+                &ep.control_socket,
+                req.method.clone(),
+                &req.path,
+                body,
+                self.cfg.api_timeout,
+            )
+            .await?;
         if status.is_success() {
             return Ok(value);
         }
@@ -586,8 +601,56 @@ impl VmmDriver for FirecrackerDriver {
         Ok(match v.get("state").and_then(Value::as_str).unwrap_or("") {
             "Running" => GuestRun::Running,
             "Paused" => GuestRun::Paused,
-            _ => GuestRun::NotStarted,
+            "Not started" => GuestRun::NotStarted,
+            other => {
+                return Err(DriverError::Protocol(format!(
+                    "Firecracker reported an unknown state {other:?}"
+                )));
+            }
         })
+    }
+
+    async fn agent_connect(&self, ep: &VmmEndpoint) -> Result<super::AgentStream, DriverError> {
+        // Firecracker's hybrid vsock: connect to the device's unix socket, ask for the guest
+        // port with `CONNECT <port>\n`, and read `OK <host port>\n`; the stream is then the
+        // guest connection.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = ep.control_socket.parent().unwrap_or(Path::new("/"));
+        let path = dir.join(VSOCK_SOCKET);
+        let mut s = super::AgentStream::connect(&path)
+            .await
+            .map_err(|e| DriverError::connect(&path, &e))?;
+        s.write_all(format!("CONNECT {AGENT_VSOCK_PORT}\n").as_bytes())
+            .await
+            .map_err(|e| DriverError::Io("vsock CONNECT".into(), e))?;
+        // Read the answer a byte at a time: anything after its newline is the agent's.
+        let mut line = Vec::with_capacity(16);
+        let mut b = [0u8; 1];
+        while line.len() < 64 {
+            let n = s
+                .read(&mut b)
+                .await
+                .map_err(|e| DriverError::Io("vsock CONNECT reply".into(), e))?;
+            if n == 0 {
+                // Firecracker closes the connection when nothing listens on the guest port.
+                return Err(DriverError::Socket {
+                    path,
+                    reason: format!("nothing listens on guest vsock port {AGENT_VSOCK_PORT}"),
+                    unreachable: true,
+                });
+            }
+            if b[0] == b'\n' {
+                break;
+            }
+            line.push(b[0]);
+        }
+        let line = String::from_utf8_lossy(&line);
+        if !line.starts_with("OK ") {
+            return Err(DriverError::Protocol(format!(
+                "vsock CONNECT answered {line:?}"
+            )));
+        }
+        Ok(s)
     }
 
     async fn snapshot(&self, ep: &VmmEndpoint, dest: &Path, diff: bool) -> Result<(), DriverError> {
@@ -694,7 +757,12 @@ impl VmmDriver for FirecrackerDriver {
         removed
     }
 
-    fn exit_cause(&self, _run_dir: &Path, status: ExitInfo) -> ExitCause {
+    fn exit_cause(
+        &self,
+        _run_dir: &Path,
+        status: ExitInfo,
+        _reported: Option<&super::ShutdownReason>,
+    ) -> ExitCause {
         // Firecracker exits 0 when its guest shuts down or reboots.
         match status {
             ExitInfo::Exited(0) => ExitCause::GuestPoweroff,

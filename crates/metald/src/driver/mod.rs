@@ -7,6 +7,7 @@
 
 pub mod firecracker;
 pub mod qemu;
+pub mod qga;
 pub mod qmp;
 pub mod uds_http;
 
@@ -62,6 +63,9 @@ pub enum DriverError {
     /// An OS call failed.
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
+    /// The VMM closed its control connection (it is exiting, or was told to quit).
+    #[error("the VMM closed its control connection")]
+    Closed,
 }
 
 /// The drivers a host has, and which one a VM uses.
@@ -141,6 +145,27 @@ pub(crate) fn log_tail(path: &Path, max: usize) -> String {
     String::from_utf8_lossy(&data[start..]).trim().to_string()
 }
 
+/// A connection to a guest agent's channel.
+pub type AgentStream = tokio::net::UnixStream;
+
+/// The exit cause a VMM's own shutdown report gives, where the exit status agrees with it (a VMM
+/// that reported a guest power-off and was then killed by a signal was killed).
+pub(crate) fn cause_from_report(
+    status: ExitInfo,
+    reported: Option<&ShutdownReason>,
+) -> Option<ExitCause> {
+    if !matches!(status, ExitInfo::Exited(0) | ExitInfo::Unknown) {
+        return None;
+    }
+    match reported? {
+        ShutdownReason::GuestPoweroff => Some(ExitCause::GuestPoweroff),
+        ShutdownReason::GuestReset => Some(ExitCause::GuestReboot),
+        ShutdownReason::GuestPanic => Some(ExitCause::GuestPanic),
+        ShutdownReason::HostSignal => Some(ExitCause::Signal(libc::SIGTERM)),
+        _ => None,
+    }
+}
+
 /// What a driver needs to start a VM's VMM.
 #[derive(Debug, Clone)]
 pub struct SpawnRequest<'a> {
@@ -176,17 +201,91 @@ pub struct VmmProcess {
     pub pidfd: Pidfd,
 }
 
-/// What a VMM reports about its guest on `ping`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a VMM reports about its guest on `ping`. Every run state a VMM can report maps to one of
+/// these; none is guessed.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestRun {
-    /// Created, never booted.
+    /// Created, never booted (or waiting for a snapshot to be loaded).
     NotStarted,
     /// vCPUs running.
     Running,
-    /// vCPUs paused.
+    /// vCPUs paused (by metald, or by the VMM around a snapshot or migration).
     Paused,
+    /// The guest suspended itself (ACPI S3); it is alive and wakes on an event.
+    Suspended,
     /// The guest has shut down but the VMM is still there.
     ShutDown,
+    /// The guest kernel panicked and the panic device told the VMM.
+    Panicked,
+    /// The VMM stopped the guest for good: an emulation error, a disk I/O error or a watchdog.
+    /// The text is the VMM's own name for the state.
+    Crashed(String),
+}
+
+/// Why a VMM says its guest stopped (QEMU's `SHUTDOWN` event reason).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShutdownReason {
+    /// The guest powered itself off (ACPI, or an agent's guest-shutdown).
+    GuestPoweroff,
+    /// The guest rebooted; with `-no-reboot` that ends the VMM.
+    GuestReset,
+    /// The guest kernel panicked (panic device with the shutdown action).
+    GuestPanic,
+    /// A control-API quit (metald's own stop).
+    HostQuit,
+    /// A signal to the VMM.
+    HostSignal,
+    /// A reset asked through the control API.
+    HostReset,
+    /// Any other reason, as the VMM named it.
+    Other(String),
+}
+
+impl ShutdownReason {
+    /// Parses QEMU's `ShutdownCause` name.
+    pub fn from_qemu(s: &str) -> Self {
+        match s {
+            "guest-shutdown" => ShutdownReason::GuestPoweroff,
+            "guest-reset" => ShutdownReason::GuestReset,
+            "guest-panic" => ShutdownReason::GuestPanic,
+            "host-qmp-quit" => ShutdownReason::HostQuit,
+            "host-signal" => ShutdownReason::HostSignal,
+            "host-qmp-system-reset" => ShutdownReason::HostReset,
+            other => ShutdownReason::Other(other.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for ShutdownReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ShutdownReason::GuestPoweroff => "guest-shutdown",
+            ShutdownReason::GuestReset => "guest-reset",
+            ShutdownReason::GuestPanic => "guest-panic",
+            ShutdownReason::HostQuit => "host-qmp-quit",
+            ShutdownReason::HostSignal => "host-signal",
+            ShutdownReason::HostReset => "host-qmp-system-reset",
+            ShutdownReason::Other(s) => s,
+        })
+    }
+}
+
+/// Something a VMM reported on its held control connection, as it happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmmEvent {
+    /// The guest stopped and the VMM is about to exit (or has shut the guest down).
+    Shutdown(ShutdownReason),
+    /// The vCPUs stopped.
+    Stopped,
+    /// The vCPUs resumed.
+    Resumed,
+    /// The guest kernel panicked (the panic device fired).
+    GuestPanicked,
+    /// The guest was reset; `guest` when the guest asked for it.
+    Reset {
+        /// Whether the guest itself asked.
+        guest: bool,
+    },
 }
 
 /// Why a VMM process ended, as far as the driver can tell.
@@ -194,6 +293,10 @@ pub enum GuestRun {
 pub enum ExitCause {
     /// The guest powered itself off and the VMM exited cleanly.
     GuestPoweroff,
+    /// The guest rebooted itself; the VMM exits on a reset by design.
+    GuestReboot,
+    /// The guest kernel panicked and the VMM exited on it.
+    GuestPanic,
     /// A signal ended it (an external kill, or a signal the VMM caught and exited on).
     Signal(i32),
     /// The VMM failed on its own (non-zero exit).
@@ -206,6 +309,8 @@ impl std::fmt::Display for ExitCause {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ExitCause::GuestPoweroff => f.write_str("guest powered off"),
+            ExitCause::GuestReboot => f.write_str("guest rebooted"),
+            ExitCause::GuestPanic => f.write_str("guest kernel panicked"),
             ExitCause::Signal(s) => write!(f, "signal {s}"),
             ExitCause::Crash(m) => write!(f, "crash: {m}"),
             ExitCause::Unknown => f.write_str("unknown"),
@@ -245,6 +350,20 @@ pub trait VmmDriver: Send + Sync + 'static {
     /// Checks that the VMM's API answers, and reports the guest's run state.
     async fn ping(&self, ep: &VmmEndpoint) -> Result<GuestRun, DriverError>;
 
+    /// Opens the held control connection to a VMM, through which every later command to it goes,
+    /// and returns its events, which end when the connection does. `None` for a VMM whose
+    /// control API sends no events (Firecracker): its exit and pings tell everything.
+    async fn watch(
+        &self,
+        _ep: &VmmEndpoint,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<VmmEvent>>, DriverError> {
+        Ok(None)
+    }
+
+    /// Connects to the guest agent's channel (QEMU guest agent protocol) of a VM. The stream is
+    /// the agent's byte stream: what the driver needed to reach it (a handshake) is done.
+    async fn agent_connect(&self, ep: &VmmEndpoint) -> Result<AgentStream, DriverError>;
+
     /// Writes a snapshot of a paused VM into the directory `dest`; `diff` asks for only the
     /// memory dirtied since the last snapshot.
     async fn snapshot(&self, ep: &VmmEndpoint, dest: &Path, diff: bool) -> Result<(), DriverError>;
@@ -274,9 +393,15 @@ pub trait VmmDriver: Send + Sync + 'static {
     /// Where this driver puts a VM's control socket inside its run directory.
     fn control_socket(&self, run_dir: &Path) -> PathBuf;
 
-    /// Tells a guest power-off from a crash or an external kill, from the exit status and
-    /// whatever the VMM left in its run directory.
-    fn exit_cause(&self, run_dir: &Path, status: ExitInfo) -> ExitCause;
+    /// Tells a guest power-off from a crash or an external kill, from the exit status, the last
+    /// shutdown reason the VMM reported (when it was watched), and whatever it left in its run
+    /// directory.
+    fn exit_cause(
+        &self,
+        run_dir: &Path,
+        status: ExitInfo,
+        reported: Option<&ShutdownReason>,
+    ) -> ExitCause;
 
     /// Kills the VMM with SIGKILL through its pidfd, which cannot hit a reused pid.
     fn kill(&self, proc_: &VmmProcess) -> Result<(), DriverError> {

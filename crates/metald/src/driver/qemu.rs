@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 
 use super::{
-    DriverError, ExitCause, GuestRun, SpawnRequest, VmmDriver, VmmEndpoint, VmmProcess,
-    log_tail as tail, qmp,
+    AgentStream, DriverError, ExitCause, GuestRun, ShutdownReason, SpawnRequest, VmmDriver,
+    VmmEndpoint, VmmEvent, VmmProcess, cause_from_report, log_tail as tail, qmp,
 };
 use crate::config::{Accel, QemuConfig};
 use crate::model::{VmId, VmSpec};
@@ -28,6 +28,13 @@ pub const NAME_PREFIX: &str = "metald.";
 pub const QMP_SOCKET: &str = "qmp.sock";
 /// Guest serial output.
 pub const CONSOLE_LOG: &str = "console.log";
+/// A second QMP monitor for operators and tools: metald holds `qmp.sock` for its events, and
+/// QEMU serves one client per monitor.
+pub const OPS_SOCKET: &str = "ops.sock";
+/// The host side of the guest agent's virtio-serial port.
+pub const AGENT_SOCKET: &str = "qga.sock";
+/// The port name a stock qemu-guest-agent looks for.
+pub const AGENT_PORT: &str = "org.qemu.guest_agent.0";
 /// QEMU's own stdout and stderr.
 pub const VMM_LOG: &str = "vmm.log";
 /// The migration stream inside a snapshot directory.
@@ -47,16 +54,28 @@ fn shell_quote(p: &Path) -> Result<String, DriverError> {
 }
 
 /// Drives QEMU `microvm` guests.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct QemuDriver {
     cfg: QemuConfig,
     accel: Accel,
+    /// The held QMP session of each watched VMM, by control socket. While a VMM's session is
+    /// open every command to it goes through it (QEMU serves one QMP client at a time).
+    sessions: std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, qmp::Session>>,
 }
 
 impl QemuDriver {
     /// A driver using these settings.
     pub fn new(cfg: QemuConfig, accel: Accel) -> Self {
-        QemuDriver { cfg, accel }
+        QemuDriver {
+            cfg,
+            accel,
+            sessions: Default::default(),
+        }
+    }
+
+    fn session(&self, sock: &Path) -> Option<qmp::Session> {
+        let map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(sock).filter(|s| !s.is_closed()).cloned()
     }
 
     /// The QEMU command line for a VM (without the binary).
@@ -96,6 +115,13 @@ impl QemuDriver {
                 run_dir.join(QMP_SOCKET).display()
             ),
         ]);
+        push(&[
+            "-qmp",
+            &format!(
+                "unix:{},server=on,wait=off",
+                run_dir.join(OPS_SOCKET).display()
+            ),
+        ]);
         for d in &spec.drives {
             // Commas in a QEMU option value are escaped by doubling them.
             let file = d.path.display().to_string().replace(',', ",,");
@@ -105,6 +131,27 @@ impl QemuDriver {
                 &format!("id={},file={file},format=raw,if=none,readonly={ro}", d.id),
             ]);
             push(&["-device", &format!("virtio-blk-device,drive={}", d.id)]);
+        }
+        // The guest agent's channel: a virtio-serial port named as qemu-guest-agent expects, its
+        // host side a socket in the run directory. Present on every VM (it costs nothing when
+        // the guest runs no agent); whether the guest is judged by it is the VM's probe setting.
+        push(&["-device", "virtio-serial-device,id=metald-serial"]);
+        push(&[
+            "-chardev",
+            &format!(
+                "socket,id=metald-qga,path={},server=on,wait=off",
+                run_dir.join(AGENT_SOCKET).display()
+            ),
+        ]);
+        push(&[
+            "-device",
+            &format!("virtserialport,chardev=metald-qga,name={AGENT_PORT}"),
+        ]);
+        if self.cfg.panic_device {
+            // pvpanic tells QEMU the moment the guest kernel panics (GUEST_PANICKED); with the
+            // pause action QEMU stays up in `guest-panicked` so metald, not QEMU, decides what
+            // follows.
+            push(&["-device", "pvpanic", "-action", "panic=pause"]);
         }
         if let Some(cid) = spec.vsock_cid {
             push(&["-device", &format!("vhost-vsock-device,guest-cid={cid}")]);
@@ -193,7 +240,10 @@ impl QemuDriver {
         cmd: &str,
         args: Option<Value>,
     ) -> Result<Value, DriverError> {
-        qmp::execute(&ep.control_socket, cmd, args, self.qmp_timeout()).await
+        match self.session(&ep.control_socket) {
+            Some(s) => s.execute(cmd, args, self.qmp_timeout()).await,
+            None => qmp::execute(&ep.control_socket, cmd, args, self.qmp_timeout()).await,
+        }
     }
 }
 
@@ -295,8 +345,7 @@ impl VmmDriver for QemuDriver {
         match self.qmp(ep, "quit", None).await {
             Ok(_) => Ok(()),
             // QEMU may close the socket before its reply reaches us.
-            Err(DriverError::Protocol(m)) if m.contains("closed") => Ok(()),
-            Err(DriverError::Io(..)) => Ok(()),
+            Err(DriverError::Closed | DriverError::Io(..)) => Ok(()),
             Err(e) => Err(e),
         }
     }
@@ -304,12 +353,40 @@ impl VmmDriver for QemuDriver {
     async fn ping(&self, ep: &VmmEndpoint) -> Result<GuestRun, DriverError> {
         let v = self.qmp(ep, "query-status", None).await?;
         let status = v.get("status").and_then(Value::as_str).unwrap_or("");
-        Ok(match status {
-            "running" => GuestRun::Running,
-            "prelaunch" => GuestRun::NotStarted,
-            "shutdown" => GuestRun::ShutDown,
-            _ => GuestRun::Paused,
-        })
+        run_state(status)
+    }
+
+    async fn watch(
+        &self,
+        ep: &VmmEndpoint,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<VmmEvent>>, DriverError> {
+        let (session, mut raw) =
+            qmp::Session::connect(&ep.control_socket, self.qmp_timeout()).await?;
+        {
+            let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            // Sessions of VMMs that are gone close by themselves; forget them here.
+            map.retain(|_, s| !s.is_closed());
+            map.insert(ep.control_socket.clone(), session);
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            while let Some(ev) = raw.recv().await {
+                if let Some(ev) = translate(&ev)
+                    && tx.send(ev).await.is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Ok(Some(rx))
+    }
+
+    async fn agent_connect(&self, ep: &VmmEndpoint) -> Result<AgentStream, DriverError> {
+        let dir = ep.control_socket.parent().unwrap_or(Path::new("/"));
+        let path = dir.join(AGENT_SOCKET);
+        AgentStream::connect(&path)
+            .await
+            .map_err(|e| DriverError::connect(&path, &e))
     }
 
     async fn snapshot(&self, ep: &VmmEndpoint, dest: &Path, diff: bool) -> Result<(), DriverError> {
@@ -353,8 +430,17 @@ impl VmmDriver for QemuDriver {
         cmdline.iter().any(|a| a.starts_with(&want)).then_some(id)
     }
 
-    fn exit_cause(&self, run_dir: &Path, status: ExitInfo) -> ExitCause {
-        // QEMU catches SIGTERM, SIGINT and SIGHUP, prints "terminating on signal N" and exits
+    fn exit_cause(
+        &self,
+        run_dir: &Path,
+        status: ExitInfo,
+        reported: Option<&ShutdownReason>,
+    ) -> ExitCause {
+        // The SHUTDOWN event's reason, when the session saw it, says it directly.
+        if let Some(cause) = cause_from_report(status, reported) {
+            return cause;
+        }
+        // Without it (an adopted VMM that exited before its session opened): QEMU catches SIGTERM, SIGINT and SIGHUP, prints "terminating on signal N" and exits
         // with code 0, the same code as a guest power-off; its log tells them apart.
         let log = tail(&run_dir.join(VMM_LOG), 400);
         let caught = log
@@ -374,6 +460,46 @@ impl VmmDriver for QemuDriver {
             (ExitInfo::Unknown, None) => ExitCause::Unknown,
         }
     }
+}
+
+/// Maps every QMP `RunState` QEMU 7.2 and later can report.
+fn run_state(status: &str) -> Result<GuestRun, DriverError> {
+    Ok(match status {
+        "running" | "colo" => GuestRun::Running,
+        "prelaunch" | "inmigrate" => GuestRun::NotStarted,
+        // Stopped by a command, or around a snapshot/migration that metald itself runs.
+        "paused" | "debug" | "finish-migrate" | "postmigrate" | "save-vm" | "restore-vm" => {
+            GuestRun::Paused
+        }
+        "suspended" => GuestRun::Suspended,
+        "shutdown" => GuestRun::ShutDown,
+        "guest-panicked" => GuestRun::Panicked,
+        "internal-error" | "io-error" | "watchdog" => GuestRun::Crashed(status.to_string()),
+        other => {
+            return Err(DriverError::Protocol(format!(
+                "QEMU reported an unknown run state {other:?}"
+            )));
+        }
+    })
+}
+
+/// The events metald acts on; the rest (device and migration chatter) are dropped.
+fn translate(ev: &qmp::RawEvent) -> Option<VmmEvent> {
+    let guest = ev
+        .data
+        .get("guest")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Some(match ev.name.as_str() {
+        "SHUTDOWN" => VmmEvent::Shutdown(ShutdownReason::from_qemu(
+            ev.data.get("reason").and_then(Value::as_str).unwrap_or(""),
+        )),
+        "STOP" => VmmEvent::Stopped,
+        "RESUME" => VmmEvent::Resumed,
+        "GUEST_PANICKED" => VmmEvent::GuestPanicked,
+        "RESET" => VmmEvent::Reset { guest },
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
@@ -401,6 +527,7 @@ mod tests {
             auto_recover: true,
             vmm: None,
             vsock_cid: None,
+            guest_health: Default::default(),
         }
     }
 
@@ -437,24 +564,30 @@ mod tests {
         let d = QemuDriver::new(QemuConfig::default(), Accel::Tcg);
         std::fs::write(dir.join(VMM_LOG), "").unwrap();
         assert_eq!(
-            d.exit_cause(&dir, ExitInfo::Exited(0)),
+            d.exit_cause(&dir, ExitInfo::Exited(0), None),
             ExitCause::GuestPoweroff
         );
         assert_eq!(
-            d.exit_cause(&dir, ExitInfo::Signaled(9)),
+            d.exit_cause(&dir, ExitInfo::Signaled(9), None),
             ExitCause::Signal(9)
         );
-        assert_eq!(d.exit_cause(&dir, ExitInfo::Unknown), ExitCause::Unknown);
+        assert_eq!(
+            d.exit_cause(&dir, ExitInfo::Unknown, None),
+            ExitCause::Unknown
+        );
         std::fs::write(
             dir.join(VMM_LOG),
             "qemu-system-x86_64: terminating on signal 15 from pid 1 (kill)\n",
         )
         .unwrap();
         assert_eq!(
-            d.exit_cause(&dir, ExitInfo::Exited(0)),
+            d.exit_cause(&dir, ExitInfo::Exited(0), None),
             ExitCause::Signal(15)
         );
-        assert_eq!(d.exit_cause(&dir, ExitInfo::Unknown), ExitCause::Signal(15));
+        assert_eq!(
+            d.exit_cause(&dir, ExitInfo::Unknown, None),
+            ExitCause::Signal(15)
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

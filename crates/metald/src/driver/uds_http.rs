@@ -1,6 +1,8 @@
 //! A minimal HTTP/1.1 client over a unix socket, for VMMs whose control API is REST
-//! (Firecracker). One connection per request, like the QMP client: no connection state can go
-//! stale across a hung or restarted VMM.
+//! (Firecracker): one-shot requests ([`call`]), and a [`Pool`] that keeps one idle connection
+//! per socket alive between requests. The kept connection is what lets metald keep driving a VMM
+//! whose socket file was deleted, and it saves a connect per health check. A connection the VMM
+//! closed (it exited, or a request on it timed out) is dropped and the next request connects anew.
 
 use std::path::Path;
 use std::time::Duration;
@@ -34,22 +36,86 @@ pub async fn call(
     }
 }
 
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(sock: &Path) -> Result<Sender, DriverError> {
+    let stream = UnixStream::connect(sock)
+        .await
+        .map_err(|e| DriverError::connect(sock, &e))?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| DriverError::Protocol(format!("HTTP handshake: {e}")))?;
+    // The connection task ends when the connection closes; its error, if any, surfaces on the
+    // request.
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// Kept-alive connections, one idle connection per socket.
+#[derive(Debug, Default)]
+pub struct Pool {
+    idle: std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, Sender>>,
+}
+
+impl Pool {
+    /// Like [`call`], on the socket's kept connection when there is a usable one.
+    pub async fn call(
+        &self,
+        sock: &Path,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Value), DriverError> {
+        let what = format!("{method} {path}");
+        let kept = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.retain(|_, s| !s.is_closed());
+            idle.remove(sock)
+        };
+        let work = async {
+            let mut sender = match kept {
+                Some(s) => s,
+                None => connect(sock).await?,
+            };
+            let r = send(&mut sender, method, path, body).await;
+            if r.is_ok() && sender.is_ready() {
+                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                idle.insert(sock.to_path_buf(), sender);
+            }
+            r
+        };
+        // A request that times out takes its connection with it: a late answer must not be
+        // read as the next request's.
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(DriverError::Timeout {
+                what,
+                millis: timeout.as_millis(),
+            }),
+        }
+    }
+}
+
 async fn exchange(
     sock: &Path,
     method: Method,
     path: &str,
     body: Option<&Value>,
 ) -> Result<(StatusCode, Value), DriverError> {
-    let stream = UnixStream::connect(sock)
-        .await
-        .map_err(|e| DriverError::connect(sock, &e))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| DriverError::Protocol(format!("HTTP handshake: {e}")))?;
-    // The connection task ends with the request; its error, if any, surfaces below.
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let mut sender = connect(sock).await?;
+    send(&mut sender, method, path, body).await
+}
+
+async fn send(
+    sender: &mut Sender,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<(StatusCode, Value), DriverError> {
+    sender.ready().await.map_err(|_| DriverError::Closed)?;
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
     let mut req = Request::builder()
         .method(method)

@@ -215,6 +215,12 @@ impl Daemon {
         }
     }
 
+    /// The text of the current metald's `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        let addr = self.metrics_addr().await;
+        http_get(&addr, "/metrics").await.1
+    }
+
     /// The bound address of the metrics endpoint of the current metald process.
     pub async fn metrics_addr(&self) -> String {
         let line = self
@@ -257,9 +263,19 @@ impl Daemon {
         self.run_dir(vm).join(name)
     }
 
+    /// Where a tool reaches the VMM behind metald's back: QEMU's second (operator) QMP monitor,
+    /// since metald holds the first; Firecracker's API socket.
+    pub fn ops_socket(&self, vm: &str) -> PathBuf {
+        if on_firecracker() {
+            self.control_socket(vm)
+        } else {
+            self.run_dir(vm).join("ops.sock")
+        }
+    }
+
     /// Presses the guest's power button behind metald's back, as the guest itself would act.
     pub async fn power_button(&self, vm: &str) {
-        let sock = self.control_socket(vm);
+        let sock = self.ops_socket(vm);
         if on_firecracker() {
             let body = serde_json::json!({"action_type": "SendCtrlAltDel"});
             metald::driver::uds_http::call(
@@ -280,7 +296,7 @@ impl Daemon {
 
     /// The run state the VMM itself reports: `running`, `paused`, ...
     pub async fn vmm_state(&self, vm: &str) -> String {
-        let sock = self.control_socket(vm);
+        let sock = self.ops_socket(vm);
         if on_firecracker() {
             let (_, v) = metald::driver::uds_http::call(
                 &sock,
@@ -473,6 +489,7 @@ pub fn guest_request(vm_id: &str) -> pb::CreateVmRequest {
             auto_recover: None,
             vmm: String::new(),
             vsock: None,
+            guest_health: None,
         }),
     }
 }

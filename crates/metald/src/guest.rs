@@ -1,0 +1,189 @@
+//! The guest side of a VM: its agent connection and its probes, run for the VM's controller.
+//!
+//! Each VMM that has a guest agent channel gets one agent task, started and stopped by the VM's
+//! controller with the VMM. The task holds the one connection to the agent (a QGA channel serves
+//! one client) and does two things over it: it probes the guest on the VM's interval with
+//! `guest-ping`, bounded by the probe timeout, and reports every result to the controller; and
+//! it runs the controller's agent operations (guest info, guest shutdown) between probes. It
+//! only reports: readiness, failures and what follows are decided by the controller, the VM's
+//! one writer. A probe waiting on a silent guest therefore never holds up an API call.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::GuestHealthConfig;
+use crate::driver::qga::{Agent, GuestInfo};
+use crate::driver::{DriverError, VmmDriver, VmmEndpoint};
+
+/// One probe's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeResult {
+    /// `Ok` when the agent answered; otherwise why not.
+    pub outcome: Result<(), String>,
+    /// How long the probe took.
+    pub took: Duration,
+}
+
+enum AgentOp {
+    Info(oneshot::Sender<Result<GuestInfo, DriverError>>),
+    Shutdown(oneshot::Sender<Result<(), DriverError>>),
+}
+
+/// The controller's end of a VMM's agent task. Dropping it stops the task and closes the
+/// connection.
+#[derive(Debug)]
+pub struct AgentHandle {
+    tx: mpsc::Sender<AgentOp>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for AgentHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// How long an agent operation other than a probe may take.
+const OP_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl AgentHandle {
+    /// Starts the agent task for the VMM at `ep`. With `probe` it pings the guest every
+    /// `cfg.interval` and sends each result on the returned receiver; without, it only serves
+    /// operations.
+    pub fn start(
+        driver: Arc<dyn VmmDriver>,
+        ep: VmmEndpoint,
+        cfg: GuestHealthConfig,
+        probe: bool,
+    ) -> (AgentHandle, mpsc::Receiver<ProbeResult>) {
+        let (tx, rx) = mpsc::channel(4);
+        let (res_tx, res_rx) = mpsc::channel(8);
+        let task = tokio::spawn(run(driver, ep, cfg, probe, rx, res_tx));
+        (AgentHandle { tx, task }, res_rx)
+    }
+
+    /// Asks the agent about its guest.
+    pub async fn info(&self) -> Result<GuestInfo, DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(AgentOp::Info(reply))
+            .await
+            .map_err(|_| DriverError::Closed)?;
+        rx.await.map_err(|_| DriverError::Closed)?
+    }
+
+    /// Asks the agent to power the guest off (`guest-shutdown`). Returns once the request was
+    /// delivered; the caller waits for the VMM's exit.
+    pub async fn shutdown(&self) -> Result<(), DriverError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(AgentOp::Shutdown(reply))
+            .await
+            .map_err(|_| DriverError::Closed)?;
+        rx.await.map_err(|_| DriverError::Closed)?
+    }
+}
+
+async fn run(
+    driver: Arc<dyn VmmDriver>,
+    ep: VmmEndpoint,
+    cfg: GuestHealthConfig,
+    probe: bool,
+    mut ops: mpsc::Receiver<AgentOp>,
+    results: mpsc::Sender<ProbeResult>,
+) {
+    let mut agent: Option<Agent> = None;
+    let mut next = Instant::now() + cfg.interval;
+    loop {
+        let due = async {
+            if probe {
+                tokio::time::sleep_until(next.into()).await
+            } else {
+                std::future::pending().await
+            }
+        };
+        tokio::select! {
+            op = ops.recv() => {
+                let Some(op) = op else { break };
+                match op {
+                    AgentOp::Info(reply) => {
+                        let r = bounded(OP_TIMEOUT, &mut agent, &*driver, &ep, |a| Box::pin(a.info())).await;
+                        let _ = reply.send(r);
+                    }
+                    AgentOp::Shutdown(reply) => {
+                        // The agent answers guest-shutdown only with an error; a short wait for
+                        // one, then it counts as delivered.
+                        let r = bounded(OP_TIMEOUT, &mut agent, &*driver, &ep, |a| {
+                            Box::pin(async move {
+                                a.send_only("guest-shutdown", Some(serde_json::json!({"mode": "powerdown"}))).await?;
+                                match tokio::time::timeout(Duration::from_millis(300), a.call("guest-ping", None)).await {
+                                    Ok(Err(e @ DriverError::Refused { .. })) => Err(e),
+                                    _ => Ok(()),
+                                }
+                            })
+                        })
+                        .await;
+                        // Whatever it answered, the channel is out of step now.
+                        agent = None;
+                        let _ = reply.send(r);
+                    }
+                }
+            }
+            _ = due => {
+                // Probes start on a fixed cadence; a slow probe delays the next, never stacks.
+                next = Instant::now() + cfg.interval;
+                let started = Instant::now();
+                let r = bounded(cfg.timeout, &mut agent, &*driver, &ep, |a| {
+                    Box::pin(async move { a.call("guest-ping", None).await.map(|_| ()) })
+                })
+                .await;
+                let result = ProbeResult {
+                    outcome: r.map_err(|e| e.to_string()),
+                    took: started.elapsed(),
+                };
+                if results.send(result).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+type AgentFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, DriverError>> + Send + 'a>>;
+
+/// Runs `f` on the agent connection, connecting first when there is none, all within `limit`.
+/// A connection that failed is dropped (the next use reconnects); one that only timed out is
+/// kept, and its next command syncs it.
+async fn bounded<T>(
+    limit: Duration,
+    agent: &mut Option<Agent>,
+    driver: &dyn VmmDriver,
+    ep: &VmmEndpoint,
+    f: impl for<'a> FnOnce(&'a mut Agent) -> AgentFuture<'a, T>,
+) -> Result<T, DriverError> {
+    let work = async {
+        if agent.is_none() {
+            *agent = Some(Agent::new(driver.agent_connect(ep).await?));
+        }
+        match agent.as_mut() {
+            Some(a) => f(a).await,
+            None => Err(DriverError::Closed),
+        }
+    };
+    match tokio::time::timeout(limit, work).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => {
+            if !matches!(e, DriverError::Refused { .. }) {
+                *agent = None;
+            }
+            Err(e)
+        }
+        Err(_) => Err(DriverError::Timeout {
+            what: "the guest agent".into(),
+            millis: limit.as_millis(),
+        }),
+    }
+}
