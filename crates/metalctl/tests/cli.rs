@@ -202,3 +202,51 @@ async fn events_follow_shows_kill_orphaned_recovering_running_live() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_wait_ready_returns_once_the_guest_answers() {
+    let d = Daemon::start().await;
+    let g = guest_dir();
+    let kernel = g.join("vmlinux").display().to_string();
+    let initrd = g.join("initrd.img").display().to_string();
+    ok(ctl(
+        &d,
+        &[
+            "create",
+            "--id",
+            "wr",
+            "--kernel",
+            &kernel,
+            "--initrd",
+            &initrd,
+            "--cmdline",
+            "quiet",
+            "--guest-probe",
+            "agent",
+        ],
+    ));
+    let out = ok(ctl(&d, &["boot", "wr", "--wait-ready", "--timeout", "60"]));
+    assert!(out.contains("guest ready"), "{out}");
+    // When it returned, the guest had answered: the readiness is recorded, and the event that
+    // records it came before.
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(ctl(&d, &["info", "wr", "--json"]))).unwrap();
+    assert_eq!(info["guest"]["ready"], true, "{info}");
+    assert_eq!(info["guest"]["probe"], "agent", "{info}");
+    let events = ok(ctl(&d, &["events", "wr", "--json"]));
+    assert!(events.contains("guest_ready"), "{events}");
+    let table = ok(ctl(&d, &["info", "wr"]));
+    assert!(table.contains("GUEST_READY     yes"), "{table}");
+    // wait-ready on its own returns at once now; guest-info asks the agent.
+    let out = ok(ctl(&d, &["wait-ready", "wr", "--timeout", "5"]));
+    assert!(out.contains("guest ready since"), "{out}");
+    let gi = ok(ctl(&d, &["guest-info", "wr"]));
+    assert!(gi.contains("metald test guest"), "{gi}");
+    // An unknown probe is refused by metalctl, naming the flag.
+    let o = ctl(
+        &d,
+        &["create", "--kernel", &kernel, "--guest-probe", "ping"],
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--guest-probe"));
+}

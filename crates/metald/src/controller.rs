@@ -182,6 +182,9 @@ impl std::fmt::Debug for dyn VmmDriver {
     }
 }
 
+/// How often a health check looks for the control socket file.
+const SOCKET_LOOK_EVERY: Duration = Duration::from_secs(3);
+
 /// What the Linux kernel prints when it panics.
 const PANIC_LINE: &str = "Kernel panic - not syncing";
 
@@ -234,8 +237,13 @@ pub struct Controller {
     start_trigger: &'static str,
     /// When a recovered VM went down, while its downtime runs until the guest is ready.
     down_since_ms: Option<i64>,
-    /// Bytes of the console log already scanned for a kernel panic.
-    console_seen: u64,
+    /// The console log, held open while it is scanned for a kernel panic (an fstat and a read
+    /// per health check, no path lookup), with how much of it was scanned.
+    console: Option<(std::fs::File, u64)>,
+    /// Scan the console only from its current end (an adopted VMM's old output was not live).
+    console_from_end: bool,
+    /// When the control socket file was last looked for.
+    socket_looked_at: Option<Instant>,
     /// The control socket file is gone while the held connection still works.
     socket_missing: bool,
 }
@@ -279,7 +287,9 @@ impl Controller {
             guest_started: None,
             start_trigger: "boot",
             down_since_ms: None,
-            console_seen: 0,
+            console: None,
+            console_from_end: false,
+            socket_looked_at: None,
             socket_missing: false,
         };
         let task = tokio::spawn(ctl.run(rx));
@@ -294,11 +304,7 @@ impl Controller {
         if self.vmm.is_some() {
             // An adopted VMM: watch it from here on. Console output it wrote while metald was
             // away was not seen live; a panic in it shows up in the VMM's run state instead.
-            self.console_seen = self
-                .vmm
-                .as_ref()
-                .and_then(|v| std::fs::metadata(&v.endpoint.console_log).ok())
-                .map_or(0, |m| m.len());
+            self.console_from_end = true;
             self.attach_vmm().await;
             if self.rec.observed == VmState::Running && self.probed() && !self.rec.guest.ready {
                 self.guest_started = Some((Instant::now(), "boot"));
@@ -604,6 +610,7 @@ impl Controller {
         let started_ms = now_ms();
         self.start_trigger = "recovery";
         let res = self.reconcile(None).await;
+        // Also when the attempt failed before the guest started.
         self.start_trigger = "boot";
         let duration_ms = started.elapsed().as_millis() as i64;
         let record = AttemptRecord {
@@ -796,7 +803,8 @@ impl Controller {
         info!(vm_id = %self.rec.vm_id, pid = vmm.endpoint.pid, vmm = driver.kind(), "vmm started");
         let ep = vmm.endpoint.clone();
         self.vmm = Some(vmm);
-        self.console_seen = 0;
+        self.console = None;
+        self.console_from_end = false;
         self.attach_vmm().await;
         self.last_seen_ms = now_ms();
         self.rec.endpoint = Some(ep.clone());
@@ -990,6 +998,8 @@ impl Controller {
         self.ready_deadline = None;
         self.guest_started = None;
         self.socket_missing = false;
+        self.socket_looked_at = None;
+        self.console = None;
         self.rec.guest.ready = false;
         self.rec.guest.consecutive_failures = 0;
     }
@@ -1086,7 +1096,8 @@ impl Controller {
 
     /// A fresh guest starts running: it is not ready until its first answered probe.
     fn guest_starting(&mut self) {
-        let trigger = self.start_trigger;
+        // A restore's trigger is used once; a recovery sets its own for each attempt.
+        let trigger = std::mem::replace(&mut self.start_trigger, "boot");
         self.rec.guest = GuestStatus::default();
         self.guest_started = Some((Instant::now(), trigger));
         if self.probed() {
@@ -1227,33 +1238,44 @@ impl Controller {
         if !self.rec.spec.console {
             return false;
         }
-        let Some(path) = self.vmm.as_ref().map(|v| v.endpoint.console_log.clone()) else {
-            return false;
-        };
-        let Ok(mut f) = std::fs::File::open(&path) else {
+        if self.console.is_none() {
+            let Some(path) = self.vmm.as_ref().map(|v| v.endpoint.console_log.clone()) else {
+                return false;
+            };
+            // Not there yet (a jailed Firecracker creates it when configured): look next time.
+            let Ok(f) = std::fs::File::open(&path) else {
+                return false;
+            };
+            let start = if self.console_from_end {
+                f.metadata().map_or(0, |m| m.len())
+            } else {
+                0
+            };
+            self.console = Some((f, start));
+        }
+        let Some((f, seen)) = self.console.as_mut() else {
             return false;
         };
         let len = f.metadata().map_or(0, |m| m.len());
-        if len < self.console_seen {
-            // A new file (a new VMM truncated it).
-            self.console_seen = 0;
+        if len < *seen {
+            // Truncated under us: read it from the start.
+            *seen = 0;
         }
-        if len == self.console_seen {
+        if len == *seen {
             return false;
         }
         // Re-read a little of what was seen, so a line split across two looks still matches;
         // never more than the last 64 KiB, however much the guest wrote.
-        let from = self
-            .console_seen
+        let from = seen
             .saturating_sub(PANIC_LINE.len() as u64)
             .max(len.saturating_sub(64 * 1024));
         let mut buf = Vec::new();
         if f.seek(SeekFrom::Start(from)).is_err()
-            || f.take(len - from).read_to_end(&mut buf).is_err()
+            || f.by_ref().take(len - from).read_to_end(&mut buf).is_err()
         {
             return false;
         }
-        self.console_seen = len;
+        *seen = len;
         buf.windows(PANIC_LINE.len())
             .any(|w| w == PANIC_LINE.as_bytes())
     }
@@ -1350,7 +1372,15 @@ impl Controller {
         self.rec.health.pid = Some(ep.pid);
         self.rec.health.control_socket = ep.control_socket.display().to_string();
         let cfg = self.env.health.clone();
-        let socket_there = ep.control_socket.exists();
+        // The socket file is looked for every few seconds, not at every check: losing it changes
+        // nothing while the held connection works, and each look is a path walk.
+        let socket_there = match self.socket_looked_at {
+            Some(t) if t.elapsed() < SOCKET_LOOK_EVERY => !self.socket_missing,
+            _ => {
+                self.socket_looked_at = Some(Instant::now());
+                ep.control_socket.exists()
+            }
+        };
         let res = match verdict {
             Ok(GuestRun::Panicked) => {
                 warn!(vm_id = %self.rec.vm_id, pid = ep.pid, source = "vmm state", "guest panicked");

@@ -41,6 +41,25 @@ fn probed(
     r
 }
 
+/// Creates and boots a probed test guest; returns the log mark from before its boot.
+async fn start_probed(
+    d: &Daemon,
+    c: &mut Client,
+    id: &str,
+    probe: pb::GuestProbe,
+    extra_args: &str,
+    startup_ms: u32,
+) -> usize {
+    c.create_vm(probed(id, probe, extra_args, startup_ms))
+        .await
+        .unwrap();
+    let mark = d.log_mark();
+    c.boot_vm(pb::BootVmRequest { vm_id: id.into() })
+        .await
+        .unwrap();
+    mark
+}
+
 async fn events_of(c: &mut Client, vm: &str) -> Vec<pb::VmEvent> {
     c.get_vm_events(pb::GetVmEventsRequest {
         vm_id: vm.into(),
@@ -50,6 +69,22 @@ async fn events_of(c: &mut Client, vm: &str) -> Vec<pb::VmEvent> {
     .unwrap()
     .into_inner()
     .events
+}
+
+/// Waits for the `guest ready` line of a VM's recovered guest.
+async fn ready_after_recovery(d: &Daemon, mark: usize, vm: &str) {
+    let vm_field = format!("\"vm_id\":\"{vm}\"");
+    let line = d
+        .wait_log_since(mark, EVENT, |l| {
+            l.contains(&vm_field)
+                && l.contains("\"message\":\"guest ready\"")
+                && l.contains("\"trigger\":\"recovery\"")
+        })
+        .await;
+    assert!(
+        line.is_some(),
+        "the recovered guest of {vm} never became ready"
+    );
 }
 
 async fn wait_ready(c: &mut Client, vm: &str, secs: i32) -> pb::WaitGuestReadyResponse {
@@ -66,15 +101,7 @@ async fn wait_ready(c: &mut Client, vm: &str, secs: i32) -> pb::WaitGuestReadyRe
 async fn guest_becomes_ready_and_the_agent_answers_for_it() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
-    c.create_vm(probed("ready", pb::GuestProbe::Agent, "", 0))
-        .await
-        .unwrap();
-    let mark = d.log_mark();
-    c.boot_vm(pb::BootVmRequest {
-        vm_id: "ready".into(),
-    })
-    .await
-    .unwrap();
+    let mark = start_probed(&d, &mut c, "ready", pb::GuestProbe::Agent, "", 0).await;
     // BootVm answers as soon as the VMM runs; the guest is not ready yet.
     let i = info(&mut c, "ready").await;
     assert_eq!(state(&i), pb::VmState::Running);
@@ -144,20 +171,15 @@ async fn guest_panic_is_detected_and_the_vm_comes_back_with_a_ready_guest() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
     // The guest panics 3 s after it is up (and again after each boot).
-    c.create_vm(probed(
+    let mark = start_probed(
+        &d,
+        &mut c,
         "pan",
         pb::GuestProbe::Agent,
         "metald.panic_after=3",
         0,
-    ))
-    .await
-    .unwrap();
-    let mark = d.log_mark();
-    c.boot_vm(pb::BootVmRequest {
-        vm_id: "pan".into(),
-    })
-    .await
-    .unwrap();
+    )
+    .await;
     let first = d.wait_event(mark, "pan", "guest ready", EVENT).await;
     assert_eq!(first["trigger"], "boot");
     let p = d.wait_event(mark, "pan", "guest panicked", EVENT).await;
@@ -171,14 +193,7 @@ async fn guest_panic_is_detected_and_the_vm_comes_back_with_a_ready_guest() {
     assert_eq!(orphan["reason"], "guest_panicked");
     // Recovered like any orphan, back to a ready guest.
     d.wait_event(mark, "pan", "vm recovered", EVENT).await;
-    let ev = d
-        .wait_log_since(mark, EVENT, |l| {
-            l.contains("\"vm_id\":\"pan\"")
-                && l.contains("\"message\":\"guest ready\"")
-                && l.contains("\"trigger\":\"recovery\"")
-        })
-        .await;
-    assert!(ev.is_some(), "the recovered guest never became ready");
+    ready_after_recovery(&d, mark, "pan").await;
     let i = info(&mut c, "pan").await;
     let h = &i.recovery_history[0];
     assert_eq!(h.trigger, "guest_panicked");
@@ -210,20 +225,15 @@ async fn panic_without_a_panic_device_is_seen_on_the_console() {
     let d = Daemon::start_with_toml("[recovery]\nenabled = false\n[qemu]\npanic_device = false\n")
         .await;
     let mut c = d.client().await;
-    c.create_vm(probed(
+    let mark = start_probed(
+        &d,
+        &mut c,
         "con",
         pb::GuestProbe::None,
         "metald.panic_after=1",
         0,
-    ))
-    .await
-    .unwrap();
-    let mark = d.log_mark();
-    c.boot_vm(pb::BootVmRequest {
-        vm_id: "con".into(),
-    })
-    .await
-    .unwrap();
+    )
+    .await;
     let p = d.wait_event(mark, "con", "guest panicked", EVENT).await;
     assert_eq!(p["source"], "console", "{p}");
     let orphan = d
@@ -267,14 +277,7 @@ async fn silent_agent_orphans_a_probed_guest_and_leaves_an_unprobed_one_alone() 
     assert_eq!(orphan["pid"], frz_pid);
     // Recovered to a fresh guest whose agent answers again.
     d.wait_event(mark, "frz", "vm recovered", EVENT).await;
-    let back = d
-        .wait_log_since(mark, EVENT, |l| {
-            l.contains("\"vm_id\":\"frz\"")
-                && l.contains("\"message\":\"guest ready\"")
-                && l.contains("\"trigger\":\"recovery\"")
-        })
-        .await;
-    assert!(back.is_some());
+    ready_after_recovery(&d, mark, "frz").await;
     let i = info(&mut c, "frz").await;
     assert_ne!(pid_of(&i), Some(frz_pid));
 
@@ -305,20 +308,15 @@ async fn silent_agent_orphans_a_probed_guest_and_leaves_an_unprobed_one_alone() 
 async fn guest_that_never_answers_is_orphaned_after_its_startup_timeout() {
     let d = Daemon::start_with_toml(DETECT_ONLY).await;
     let mut c = d.client().await;
-    c.create_vm(probed(
+    let mark = start_probed(
+        &d,
+        &mut c,
         "mute",
         pb::GuestProbe::Agent,
         "metald.noagent",
         4000,
-    ))
-    .await
-    .unwrap();
-    let mark = d.log_mark();
-    c.boot_vm(pb::BootVmRequest {
-        vm_id: "mute".into(),
-    })
-    .await
-    .unwrap();
+    )
+    .await;
     // A caller waiting for readiness is told when the guest is given up on.
     let wait = c
         .wait_guest_ready(pb::WaitGuestReadyRequest {

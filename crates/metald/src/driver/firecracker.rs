@@ -267,6 +267,8 @@ impl FirecrackerDriver {
         let j = &self.cfg.jailer;
         // A jail left by an earlier VMM of this VM would make the jailer refuse.
         self.release(req.vm_id);
+        self.pool
+            .forget(&self.jail_dir(req.vm_id).join("root").join(API_SOCKET));
         let mut cmd = Command::new(&j.binary);
         cmd.arg("--id")
             .arg(req.vm_id.as_str())
@@ -503,6 +505,7 @@ impl VmmDriver for FirecrackerDriver {
         let sock = req.run_dir.join(API_SOCKET);
         // Firecracker refuses to start if its socket path exists.
         let _ = std::fs::remove_file(&sock);
+        self.pool.forget(&sock);
         for f in [VMM_LOG, METRICS_FILE] {
             // Firecracker opens these, it does not create them.
             let p = req.run_dir.join(f);

@@ -132,22 +132,7 @@ impl Agent {
 }
 
 fn reply_value(command: &str, msg: &Value) -> Result<Value, DriverError> {
-    if let Some(ret) = msg.get("return") {
-        return Ok(ret.clone());
-    }
-    if let Some(err) = msg.get("error") {
-        let desc = err
-            .get("desc")
-            .and_then(Value::as_str)
-            .unwrap_or("unknown error");
-        return Err(DriverError::Refused {
-            what: format!("guest agent {command}"),
-            reason: desc.to_string(),
-        });
-    }
-    Err(DriverError::Protocol(format!(
-        "unexpected guest agent message {msg}"
-    )))
+    super::qmp::qapi_reply("guest agent", command, msg)
 }
 
 /// What the guest agent says about its guest.

@@ -8,12 +8,14 @@
 //! connection of its own and is only used where no session exists (a VMM still starting up, or one
 //! whose session was lost).
 //!
-//! A session is one task that owns the socket: commands are written with an `id` and their
-//! replies matched back by that id, so a reply that comes late (after its caller timed out) is
+//! In a session, commands are written with an `id` by their callers and a reader task matches
+//! each reply back by that id, so a reply that comes late (after its caller timed out) is
 //! dropped instead of being taken for the next command's answer.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -111,6 +113,12 @@ async fn next_message(lines: &mut Lines, what: &str) -> Result<Value, DriverErro
 
 /// The `return` value of a reply, or the error QEMU answered with.
 fn reply_value(command: &str, msg: &Value) -> Result<Value, DriverError> {
+    qapi_reply("QMP", command, msg)
+}
+
+/// The `return` value of a QAPI reply (QMP's and the guest agent's share the shape), or the
+/// error it carries; `protocol` names the peer in errors.
+pub(crate) fn qapi_reply(protocol: &str, command: &str, msg: &Value) -> Result<Value, DriverError> {
     if let Some(ret) = msg.get("return") {
         return Ok(ret.clone());
     }
@@ -120,12 +128,12 @@ fn reply_value(command: &str, msg: &Value) -> Result<Value, DriverError> {
             .and_then(Value::as_str)
             .unwrap_or("unknown error");
         return Err(DriverError::Refused {
-            what: format!("QMP {command}"),
+            what: format!("{protocol} {command}"),
             reason: desc.to_string(),
         });
     }
     Err(DriverError::Protocol(format!(
-        "unexpected QMP message {msg}"
+        "unexpected {protocol} message {msg}"
     )))
 }
 
@@ -138,26 +146,38 @@ pub struct RawEvent {
     pub data: Value,
 }
 
-struct Command {
-    name: String,
-    arguments: Option<Value>,
-    reply: oneshot::Sender<Result<Value, DriverError>>,
-}
+type Pending = HashMap<u64, (String, oneshot::Sender<Result<Value, DriverError>>)>;
 
-/// A held QMP connection. Cheap to clone; the connection closes when the VMM closes it (it
-/// exited) or when every clone and the event receiver are dropped.
+/// A held QMP connection. Cheap to clone. A command is written by its caller and its reply is
+/// handed back by the reader task, so a ping costs one write, one read and one wake-up. The
+/// connection closes when the VMM closes it (it exited) or when every clone is dropped.
 #[derive(Debug, Clone)]
 pub struct Session {
-    tx: mpsc::Sender<Command>,
+    inner: Arc<Inner>,
 }
 
-/// How many events may wait for the controller before the oldest are dropped. QEMU sends a
+#[derive(Debug)]
+struct Inner {
+    writer: tokio::sync::Mutex<tokio::net::unix::OwnedWriteHalf>,
+    pending: Mutex<Pending>,
+    next_id: AtomicU64,
+    closed: AtomicBool,
+}
+
+impl Inner {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // The map holds only reply channels; a panic elsewhere cannot leave it inconsistent.
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// How many events may wait for the controller before the newest are dropped. QEMU sends a
 /// handful per lifecycle change; a controller busy with a long operation catches up after it.
 const EVENT_QUEUE: usize = 256;
 
 impl Session {
-    /// Connects to the QMP socket at `path` (bounded by `timeout`) and starts the task that owns
-    /// the connection. Events arrive on the returned receiver, in order, until the connection
+    /// Connects to the QMP socket at `path` (bounded by `timeout`) and starts the task that
+    /// reads from it. Events arrive on the returned receiver, in order, until the connection
     /// closes.
     pub async fn connect(
         path: &Path,
@@ -172,15 +192,22 @@ impl Session {
                 });
             }
         };
-        let (tx, rx) = mpsc::channel(64);
+        let inner = Arc::new(Inner {
+            writer: tokio::sync::Mutex::new(wr),
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+        });
         let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
-        tokio::spawn(run_session(lines, wr, rx, ev_tx));
-        Ok((Session { tx }, ev_rx))
+        // The reader holds only a weak reference: when every Session clone is gone the write
+        // half closes with the last one, QEMU closes its end, and the reader ends on EOF.
+        tokio::spawn(read_session(lines, Arc::downgrade(&inner), ev_tx));
+        Ok((Session { inner }, ev_rx))
     }
 
     /// Whether the connection is gone (the VMM closed it, or it failed).
     pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
+        self.inner.closed.load(Ordering::Acquire)
     }
 
     /// Runs a command on the session, bounded by `timeout`.
@@ -190,75 +217,57 @@ impl Session {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, DriverError> {
+        if self.is_closed() {
+            return Err(DriverError::Closed);
+        }
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, rx) = oneshot::channel();
-        let cmd = Command {
-            name: command.to_string(),
-            arguments,
-            reply,
-        };
+        self.inner
+            .pending()
+            .insert(id, (command.to_string(), reply));
         let run = async {
-            self.tx.send(cmd).await.map_err(|_| DriverError::Closed)?;
+            let msg = command_message(command, arguments, Some(id));
+            send(&mut *self.inner.writer.lock().await, &msg).await?;
             rx.await.map_err(|_| DriverError::Closed)?
         };
-        match tokio::time::timeout(timeout, run).await {
+        let r = match tokio::time::timeout(timeout, run).await {
             Ok(r) => r,
             Err(_) => Err(DriverError::Timeout {
                 what: format!("QMP {command}"),
                 millis: timeout.as_millis(),
             }),
+        };
+        // A reply that comes after its caller gave up is dropped, not taken for another's.
+        if r.is_err() {
+            self.inner.pending().remove(&id);
         }
+        r
     }
 }
 
-async fn run_session(
-    mut lines: Lines,
-    mut wr: tokio::net::unix::OwnedWriteHalf,
-    mut commands: mpsc::Receiver<Command>,
-    events: mpsc::Sender<RawEvent>,
-) {
-    let mut pending: HashMap<u64, (String, oneshot::Sender<Result<Value, DriverError>>)> =
-        HashMap::new();
-    let mut next_id: u64 = 1;
-    loop {
-        tokio::select! {
-            cmd = commands.recv() => {
-                // Every handle dropped and no one listening for events: nothing left to do.
-                let Some(cmd) = cmd else {
-                    if events.is_closed() { break } else { continue }
-                };
-                let id = next_id;
-                next_id += 1;
-                let msg = command_message(&cmd.name, cmd.arguments, Some(id));
-                if let Err(e) = send(&mut wr, &msg).await {
-                    let _ = cmd.reply.send(Err(e));
-                    break;
-                }
-                pending.insert(id, (cmd.name, cmd.reply));
-            }
-            msg = next_message(&mut lines, "reply") => {
-                let msg = match msg {
-                    Ok(m) => m,
-                    Err(_) => break,
-                };
-                if let Some(name) = msg.get("event").and_then(Value::as_str) {
-                    let ev = RawEvent {
-                        name: name.to_string(),
-                        data: msg.get("data").cloned().unwrap_or(Value::Null),
-                    };
-                    // A full queue means the controller is far behind; dropping the newest event
-                    // is safer than blocking replies it may be waiting for.
-                    let _ = events.try_send(ev);
-                    continue;
-                }
-                let id = msg.get("id").and_then(Value::as_u64);
-                if let Some((name, reply)) = id.and_then(|id| pending.remove(&id)) {
-                    // The caller may have timed out and gone; then the reply is dropped.
-                    let _ = reply.send(reply_value(&name, &msg));
-                }
-            }
+async fn read_session(mut lines: Lines, inner: Weak<Inner>, events: mpsc::Sender<RawEvent>) {
+    while let Ok(msg) = next_message(&mut lines, "reply").await {
+        if let Some(name) = msg.get("event").and_then(Value::as_str) {
+            let ev = RawEvent {
+                name: name.to_string(),
+                data: msg.get("data").cloned().unwrap_or(Value::Null),
+            };
+            // A full queue means the controller is far behind; dropping the newest event is
+            // safer than blocking the replies it may be waiting for.
+            let _ = events.try_send(ev);
+            continue;
+        }
+        let Some(inner) = inner.upgrade() else { break };
+        let id = msg.get("id").and_then(Value::as_u64);
+        let waiting = id.and_then(|id| inner.pending().remove(&id));
+        if let Some((name, reply)) = waiting {
+            let _ = reply.send(reply_value(&name, &msg));
         }
     }
-    for (_, (_, reply)) in pending.drain() {
-        let _ = reply.send(Err(DriverError::Closed));
+    if let Some(inner) = inner.upgrade() {
+        inner.closed.store(true, Ordering::Release);
+        for (_, (_, reply)) in inner.pending().drain() {
+            let _ = reply.send(Err(DriverError::Closed));
+        }
     }
 }

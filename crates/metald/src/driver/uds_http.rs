@@ -60,6 +60,12 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// Drops the kept connection to `sock` (a new VMM is about to listen there).
+    pub fn forget(&self, sock: &Path) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.remove(sock);
+    }
+
     /// Like [`call`], on the socket's kept connection when there is a usable one.
     pub async fn call(
         &self,
@@ -76,7 +82,13 @@ impl Pool {
             idle.remove(sock)
         };
         let work = async {
-            let mut sender = match kept {
+            // A kept connection the VMM closed a moment ago fails before anything is sent; a
+            // fresh one is then safe to use for the same request.
+            let usable = match kept {
+                Some(mut s) => s.ready().await.is_ok().then_some(s),
+                None => None,
+            };
+            let mut sender = match usable {
                 Some(s) => s,
                 None => connect(sock).await?,
             };
