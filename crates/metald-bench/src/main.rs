@@ -1118,9 +1118,13 @@ async fn chaos(root: &Path, vms: usize, secs: u64, mean_gap: f64) -> Result<Valu
             continue;
         }
         let vm = free[rng.random_range(0..free.len())].clone();
+        let sock = d.state.join("run").join(&vm).join("qmp.sock");
         let kind = match rng.random_range(0..10) {
             0..=4 => Fault::Kill,
             5..=7 => Fault::Stop,
+            // A VM whose socket is already gone (deleted earlier, no restart since) cannot lose
+            // it again: it gets a hang instead.
+            _ if !sock.exists() => Fault::Stop,
             _ => Fault::Socket,
         };
         let Ok(pid) = vm_pid(&mut c, &vm).await else {
@@ -1131,7 +1135,7 @@ async fn chaos(root: &Path, vms: usize, secs: u64, mean_gap: f64) -> Result<Valu
             Fault::Kill => signal(pid, libc::SIGKILL),
             Fault::Stop => signal(pid, libc::SIGSTOP),
             Fault::Socket => {
-                let _ = std::fs::remove_file(d.state.join("run").join(&vm).join("qmp.sock"));
+                let _ = std::fs::remove_file(&sock);
             }
         }
         busy_until_ready.insert(vm.clone(), faults.len());
