@@ -939,16 +939,14 @@ impl Controller {
             self.orphan(OrphanReason::GuestPanicked, pid, Some(exit))
                 .await
         } else if cause == ExitCause::GuestReboot {
-            // The guest rebooted itself: it wants to come back, so the VMM (which exits on a
-            // guest reset) is restarted, like a RebootVm.
-            info!(vm_id = %self.rec.vm_id, pid, exit = %exit, "vm rebooted by guest; restarting the vmm");
+            // The guest rebooted itself (or someone reset the machine over the VMM's API), and
+            // the VMM exits on a reset: the VM wants to come back. The restart goes through recovery (its first attempt is immediate) so that a
+            // guest rebooting in a loop meets the crash-loop backoff instead of a tight loop.
+            info!(vm_id = %self.rec.vm_id, pid, exit = %exit, "vm rebooted; restarting the vmm");
             self.rec.last_exit = Some(exit);
             let res = self.set_observed(VmState::Shutdown).await;
-            self.env.metrics.restarted("guest_reboot");
-            if let Err(e) = self.reconcile(None).await {
-                warn!(vm_id = %self.rec.vm_id, error = %e, "restart after guest reboot failed");
-                self.schedule_recovery("guest_reboot").await;
-            }
+            self.crashes = self.crashes.saturating_add(1);
+            self.schedule_recovery("guest_reboot").await;
             res
         } else if cause == ExitCause::GuestPoweroff
             && self.rec.spec.restart_policy == RestartPolicy::Always

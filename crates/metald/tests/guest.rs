@@ -401,3 +401,41 @@ async fn bad_guest_health_settings_name_the_field() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_restarts_the_vmm_instead_of_leaving_the_vm_off() {
+    if on_firecracker() {
+        // The stand-in has no reset; Firecracker's exit on a guest reboot is its exit code 0.
+        return;
+    }
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    let pid = running_vm(&mut c, "rst").await;
+    let console =
+        std::path::PathBuf::from(info(&mut c, "rst").await.backend_info["console_log"].clone());
+    assert!(wait_console(&console, "METALD-GUEST-READY", 1, Duration::from_secs(60)).await);
+    let mark = d.log_mark();
+    // A reset through QEMU's operator monitor: with -no-reboot, QEMU exits on it.
+    metald::driver::qmp::execute(
+        &d.ops_socket("rst"),
+        "system_reset",
+        None,
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap();
+    d.wait_event(mark, "rst", "vm rebooted; restarting the vmm", EVENT)
+        .await;
+    d.wait_event(mark, "rst", "vm recovered", EVENT).await;
+    let i = info(&mut c, "rst").await;
+    assert_eq!(state(&i), pb::VmState::Running);
+    assert_eq!(i.desired_state, pb::VmState::Running as i32);
+    assert_ne!(pid_of(&i), Some(pid));
+    assert!(!d.logged(mark, "rst", "orphaned vm detected"));
+    assert!(
+        i.backend_info["last_exit"].contains("host-qmp-system-reset"),
+        "{:?}",
+        i.backend_info
+    );
+    assert_eq!(i.recovery_history[0].trigger, "guest_reboot");
+}

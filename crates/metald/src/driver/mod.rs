@@ -159,7 +159,7 @@ pub(crate) fn cause_from_report(
     }
     match reported? {
         ShutdownReason::GuestPoweroff => Some(ExitCause::GuestPoweroff),
-        ShutdownReason::GuestReset => Some(ExitCause::GuestReboot),
+        ShutdownReason::GuestReset | ShutdownReason::HostReset => Some(ExitCause::GuestReboot),
         ShutdownReason::GuestPanic => Some(ExitCause::GuestPanic),
         ShutdownReason::HostSignal => Some(ExitCause::Signal(libc::SIGTERM)),
         _ => None,
@@ -293,7 +293,8 @@ pub enum VmmEvent {
 pub enum ExitCause {
     /// The guest powered itself off and the VMM exited cleanly.
     GuestPoweroff,
-    /// The guest rebooted itself; the VMM exits on a reset by design.
+    /// The guest rebooted itself (or the machine was reset through the VMM's API); the VMM exits
+    /// on a reset by design.
     GuestReboot,
     /// The guest kernel panicked and the VMM exited on it.
     GuestPanic,
