@@ -750,16 +750,10 @@ async fn detection(
 
     eprintln!("bench: health-check CPU cost over 30 s");
     let window = Duration::from_secs(30);
-    let pid = d.pid();
-    let t0 = cpu_ticks(pid);
-    let mark = d.mark();
-    tokio::time::sleep(window).await;
-    let ticks = cpu_ticks(pid) - t0;
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let (cpu_us, mark) = metald_cpu_us(&d, window).await;
     let checks = vms as f64 * window.as_secs_f64() / 0.5;
     let fails_idle = d.count(mark, "vm health check failed");
-    let cpu_us_per_check = ticks as f64 / hz * 1e6 / checks;
+    let cpu_us_per_check = cpu_us / checks;
 
     eprintln!("bench: {soak_secs} s soak with both cores saturated");
     let mark = d.mark();
@@ -859,8 +853,9 @@ async fn inject_nmi(d: &Daemon, vm: &str) -> Result<()> {
     Ok(())
 }
 
-/// metald's CPU per VM per health check over `window`, from its own tick counter.
-async fn check_cost(d: &Daemon, vms: usize, window: Duration) -> Value {
+/// The CPU metald used over `window` (µs, from its own tick counter), and the log mark from the
+/// window's start.
+async fn metald_cpu_us(d: &Daemon, window: Duration) -> (f64, usize) {
     let pid = d.pid();
     let t0 = cpu_ticks(pid);
     let mark = d.mark();
@@ -868,7 +863,12 @@ async fn check_cost(d: &Daemon, vms: usize, window: Duration) -> Value {
     let ticks = cpu_ticks(pid) - t0;
     // SAFETY: sysconf only reads a configuration value.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let cpu_us = ticks as f64 / hz * 1e6;
+    (ticks as f64 / hz * 1e6, mark)
+}
+
+/// metald's CPU per VM per second over `window`, with the failures seen meanwhile.
+async fn check_cost(d: &Daemon, vms: usize, window: Duration) -> Value {
+    let (cpu_us, mark) = metald_cpu_us(d, window).await;
     let per_vm_s = cpu_us / vms as f64 / window.as_secs_f64();
     json!({
         "metald_cpu_us_per_vm_per_second": per_vm_s,

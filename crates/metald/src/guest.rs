@@ -173,17 +173,12 @@ async fn bounded<T>(
             None => Err(DriverError::Closed),
         }
     };
-    match tokio::time::timeout(limit, work).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => {
-            if !matches!(e, DriverError::Refused { .. }) {
-                *agent = None;
-            }
-            Err(e)
-        }
-        Err(_) => Err(DriverError::Timeout {
-            what: "the guest agent".into(),
-            millis: limit.as_millis(),
-        }),
+    let r = crate::driver::bounded(|| "the guest agent".into(), limit, work).await;
+    // A connection that failed is dropped; one that timed out is kept (its next command syncs).
+    if let Err(e) = &r
+        && !matches!(e, DriverError::Refused { .. } | DriverError::Timeout { .. })
+    {
+        *agent = None;
     }
+    r
 }

@@ -138,6 +138,22 @@ impl DriverError {
     }
 }
 
+/// Runs `fut` bounded by `limit`; running out is [`DriverError::Timeout`] naming `what`. Every
+/// exchange with a VMM or a guest agent goes through this, so each names what did not answer.
+pub(crate) async fn bounded<T>(
+    what: impl FnOnce() -> String,
+    limit: std::time::Duration,
+    fut: impl std::future::Future<Output = Result<T, DriverError>>,
+) -> Result<T, DriverError> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(DriverError::Timeout {
+            what: what(),
+            millis: limit.as_millis(),
+        }),
+    }
+}
+
 /// The last `max` bytes of a VMM's log file, for error messages.
 pub(crate) fn log_tail(path: &Path, max: usize) -> String {
     let data = std::fs::read(path).unwrap_or_default();

@@ -23,7 +23,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 
-use super::DriverError;
+use super::{DriverError, bounded};
 
 /// Runs one QMP command on its own connection to the socket at `path` and returns its `return`
 /// value. The whole exchange, connection included, is bounded by `timeout`.
@@ -33,13 +33,12 @@ pub async fn execute(
     arguments: Option<Value>,
     timeout: Duration,
 ) -> Result<Value, DriverError> {
-    match tokio::time::timeout(timeout, exchange(path, command, arguments)).await {
-        Ok(r) => r,
-        Err(_) => Err(DriverError::Timeout {
-            what: format!("QMP {command}"),
-            millis: timeout.as_millis(),
-        }),
-    }
+    bounded(
+        || format!("QMP {command}"),
+        timeout,
+        exchange(path, command, arguments),
+    )
+    .await
 }
 
 async fn exchange(
@@ -183,15 +182,7 @@ impl Session {
         path: &Path,
         timeout: Duration,
     ) -> Result<(Session, mpsc::Receiver<RawEvent>), DriverError> {
-        let (lines, wr) = match tokio::time::timeout(timeout, handshake(path)).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(DriverError::Timeout {
-                    what: "QMP handshake".into(),
-                    millis: timeout.as_millis(),
-                });
-            }
-        };
+        let (lines, wr) = bounded(|| "QMP handshake".into(), timeout, handshake(path)).await?;
         let inner = Arc::new(Inner {
             writer: tokio::sync::Mutex::new(wr),
             pending: Mutex::new(HashMap::new()),
@@ -230,13 +221,7 @@ impl Session {
             send(&mut *self.inner.writer.lock().await, &msg).await?;
             rx.await.map_err(|_| DriverError::Closed)?
         };
-        let r = match tokio::time::timeout(timeout, run).await {
-            Ok(r) => r,
-            Err(_) => Err(DriverError::Timeout {
-                what: format!("QMP {command}"),
-                millis: timeout.as_millis(),
-            }),
-        };
+        let r = bounded(|| format!("QMP {command}"), timeout, run).await;
         // A reply that comes after its caller gave up is dropped, not taken for another's.
         if r.is_err() {
             self.inner.pending().remove(&id);

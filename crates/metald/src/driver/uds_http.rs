@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::UnixStream;
 
-use super::DriverError;
+use super::{DriverError, bounded};
 
 /// Sends one request with an optional JSON body and returns the status and the JSON body (Null
 /// when empty). The whole exchange is bounded by `timeout`.
@@ -27,13 +27,7 @@ pub async fn call(
     timeout: Duration,
 ) -> Result<(StatusCode, Value), DriverError> {
     let what = format!("{method} {path}");
-    match tokio::time::timeout(timeout, exchange(sock, method, path, body)).await {
-        Ok(r) => r,
-        Err(_) => Err(DriverError::Timeout {
-            what,
-            millis: timeout.as_millis(),
-        }),
-    }
+    bounded(|| what, timeout, exchange(sock, method, path, body)).await
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
@@ -62,8 +56,7 @@ pub struct Pool {
 impl Pool {
     /// Drops the kept connection to `sock` (a new VMM is about to listen there).
     pub fn forget(&self, sock: &Path) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.remove(sock);
+        self.idle().remove(sock);
     }
 
     /// Like [`call`], on the socket's kept connection when there is a usable one.
@@ -77,7 +70,7 @@ impl Pool {
     ) -> Result<(StatusCode, Value), DriverError> {
         let what = format!("{method} {path}");
         let kept = {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let mut idle = self.idle();
             idle.retain(|_, s| !s.is_closed());
             idle.remove(sock)
         };
@@ -94,20 +87,20 @@ impl Pool {
             };
             let r = send(&mut sender, method, path, body).await;
             if r.is_ok() && sender.is_ready() {
-                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                idle.insert(sock.to_path_buf(), sender);
+                self.idle().insert(sock.to_path_buf(), sender);
             }
             r
         };
         // A request that times out takes its connection with it: a late answer must not be
         // read as the next request's.
-        match tokio::time::timeout(timeout, work).await {
-            Ok(r) => r,
-            Err(_) => Err(DriverError::Timeout {
-                what,
-                millis: timeout.as_millis(),
-            }),
-        }
+        bounded(|| what, timeout, work).await
+    }
+
+    fn idle(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::path::PathBuf, Sender>> {
+        // The map holds only connections; a panic elsewhere cannot leave it inconsistent.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
