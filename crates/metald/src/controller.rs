@@ -308,8 +308,7 @@ impl Controller {
             self.attach_vmm().await;
             if self.rec.observed == VmState::Running && self.probed() && !self.rec.guest.ready {
                 self.guest_started = Some((Instant::now(), "boot"));
-                self.ready_deadline =
-                    Some(Instant::now() + self.rec.spec.guest_health.startup_timeout);
+                self.arm_ready_deadline();
             }
         }
         loop {
@@ -1099,8 +1098,13 @@ impl Controller {
         self.rec.guest = GuestStatus::default();
         self.guest_started = Some((Instant::now(), trigger));
         if self.probed() {
-            self.ready_deadline = Some(Instant::now() + self.rec.spec.guest_health.startup_timeout);
+            self.arm_ready_deadline();
         }
+    }
+
+    /// A probed guest that is not ready gets its whole startup time from now.
+    fn arm_ready_deadline(&mut self) {
+        self.ready_deadline = Some(Instant::now() + self.rec.spec.guest_health.startup_timeout);
     }
 
     /// A paused guest runs again: its silence while paused does not count, and one not ready
@@ -1111,7 +1115,7 @@ impl Controller {
         }
         self.rec.guest.consecutive_failures = 0;
         if !self.rec.guest.ready {
-            self.ready_deadline = Some(Instant::now() + self.rec.spec.guest_health.startup_timeout);
+            self.arm_ready_deadline();
         }
     }
 

@@ -109,13 +109,13 @@ async fn run(
                 let Some(op) = op else { break };
                 match op {
                     AgentOp::Info(reply) => {
-                        let r = bounded(OP_TIMEOUT, &mut agent, &*driver, &ep, |a| Box::pin(a.info())).await;
+                        let r = with_agent(OP_TIMEOUT, &mut agent, &*driver, &ep, |a| Box::pin(a.info())).await;
                         let _ = reply.send(r);
                     }
                     AgentOp::Shutdown(reply) => {
                         // The agent answers guest-shutdown only with an error; a short wait for
                         // one, then it counts as delivered.
-                        let r = bounded(OP_TIMEOUT, &mut agent, &*driver, &ep, |a| {
+                        let r = with_agent(OP_TIMEOUT, &mut agent, &*driver, &ep, |a| {
                             Box::pin(async move {
                                 a.send_only("guest-shutdown", Some(serde_json::json!({"mode": "powerdown"}))).await?;
                                 match tokio::time::timeout(Duration::from_millis(300), a.call("guest-ping", None)).await {
@@ -135,7 +135,7 @@ async fn run(
                 // Probes start on a fixed cadence; a slow probe delays the next, never stacks.
                 next = Instant::now() + cfg.interval;
                 let started = Instant::now();
-                let r = bounded(cfg.timeout, &mut agent, &*driver, &ep, |a| {
+                let r = with_agent(cfg.timeout, &mut agent, &*driver, &ep, |a| {
                     Box::pin(async move { a.call("guest-ping", None).await.map(|_| ()) })
                 })
                 .await;
@@ -157,7 +157,7 @@ type AgentFuture<'a, T> =
 /// Runs `f` on the agent connection, connecting first when there is none, all within `limit`.
 /// A connection that failed is dropped (the next use reconnects); one that only timed out is
 /// kept, and its next command syncs it.
-async fn bounded<T>(
+async fn with_agent<T>(
     limit: Duration,
     agent: &mut Option<Agent>,
     driver: &dyn VmmDriver,
