@@ -211,7 +211,9 @@ async fn firecracker_refusals_become_clear_errors_and_leave_nothing() {
         })
         .await
         .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Internal);
+    // The VMM refused: the request cannot proceed as things are, which is not an internal
+    // error of metald's.
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
     assert!(
         e.message().contains("refused PUT /boot-source"),
         "{}",
@@ -322,15 +324,6 @@ async fn snapshot_and_load_on_firecracker() {
     .unwrap();
     let vsock = info(&mut c, "fc-orig").await.config.unwrap().vsock;
     assert_eq!(vsock.map(|v| v.guest_cid), Some(7));
-    let diff = c
-        .snapshot_vm(pb::SnapshotVmRequest {
-            vm_id: "fc-orig".into(),
-            diff: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(diff.state, pb::VmState::Running as i32);
     let r = c
         .snapshot_vm(pb::SnapshotVmRequest {
             vm_id: "fc-orig".into(),
@@ -340,6 +333,29 @@ async fn snapshot_and_load_on_firecracker() {
         .unwrap()
         .into_inner();
     assert_eq!(r.state, pb::VmState::Running as i32);
+    // A diff is merged onto the full snapshot before it, so it restores alone.
+    let diff = c
+        .snapshot_vm(pb::SnapshotVmRequest {
+            vm_id: "fc-orig".into(),
+            diff: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(diff.state, pb::VmState::Running as i32);
+    c.create_vm(pb::CreateVmRequest {
+        vm_id: "fc-diff".into(),
+        customer_id: "c".into(),
+        config: None,
+        from_snapshot: diff.snapshot_id,
+    })
+    .await
+    .unwrap();
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "fc-diff".into(),
+    })
+    .await
+    .unwrap();
     for f in ["vmstate", "memory"] {
         assert!(std::path::Path::new(&r.path).join(f).exists(), "{f}");
     }
@@ -364,117 +380,106 @@ async fn snapshot_and_load_on_firecracker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jailed_firecracker_leaves_no_chroot_or_cgroup_behind() {
-    let top = std::path::PathBuf::from(format!("/tmp/mdt-jail-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&top);
-    // Jailed VMMs name neither the state dir nor the jail on their command line, so the
-    // harness's clean-up cannot find them; this guard kills whatever runs inside the jails,
-    // even when the test fails.
-    let _guard = JailGuard(top.clone());
-    let base = top.join("jails");
-    let cgroup_root = top.join("cgroup");
-    std::fs::create_dir_all(&base).unwrap();
-    // The jailer stand-in puts its "cgroup" in <chroot base>/../cgroup (it cannot touch the
-    // real cgroupfs), so metald is told that is the cgroup root.
-    let cfg = format!(
-        "[recovery]\nenabled = false\n[reconcile]\ninterval = 300\nstray_grace = 500\n[firecracker.jailer]\nenabled = true\nbinary = \"{}\"\nchroot_base = \"{}\"\ncgroup_root = \"{}\"\n",
-        env!("CARGO_BIN_EXE_jailer-standin"),
-        base.display(),
-        cgroup_root.display()
-    );
-    let d = fc_daemon(&cfg).await;
+async fn a_kernel_firecracker_cannot_boot_is_refused_and_a_refused_boot_changes_nothing() {
+    let assets = Assets::new();
+    let mut args = assets.args();
+    args.extend([
+        "--vmm".into(),
+        "firecracker".into(),
+        "--firecracker-bin".into(),
+        firecracker_bin(),
+    ]);
+    let d = Daemon::start_with_toml_args("[recovery]\nenabled = false\n", args).await;
     let mut c = d.client().await;
-    let jail = |id: &str| base.join("firecracker-standin").join(id);
-    let cg = |id: &str| cgroup_root.join("firecracker").join(id);
+    // The Debian bzImage is what QEMU boots; Firecracker needs the ELF vmlinux.
+    let bz = assets.dir.join("bzImage");
+    std::fs::copy(guest_dir().join("kernel"), &bz).unwrap();
+    let mut r = assets.request("fc-bz");
+    r.config
+        .as_mut()
+        .unwrap()
+        .boot
+        .as_mut()
+        .unwrap()
+        .kernel_path = bz.display().to_string();
+    let e = c.create_vm(r).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("config.boot.kernel_path") && e.message().contains("bzImage"),
+        "{}",
+        e.message()
+    );
+    assert!(
+        c.get_vm_info(pb::GetVmInfoRequest {
+            vm_id: "fc-bz".into()
+        })
+        .await
+        .is_err(),
+        "nothing was created"
+    );
+    // A kernel that turns bad after CreateVm: the VMM refuses the boot, and the caller learns
+    // why, with FAILED_PRECONDITION; the VM's desired state is what it was.
+    let k = assets.dir.join("vmlinux-soon-bad");
+    std::fs::copy(assets.kernel(), &k).unwrap();
+    let mut r = assets.request("fc-bad");
+    r.config
+        .as_mut()
+        .unwrap()
+        .boot
+        .as_mut()
+        .unwrap()
+        .kernel_path = k.display().to_string();
+    c.create_vm(r).await.unwrap();
+    std::fs::write(&k, std::fs::read(guest_dir().join("kernel")).unwrap()).unwrap();
+    let e = c
+        .boot_vm(pb::BootVmRequest {
+            vm_id: "fc-bad".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
+    assert!(
+        e.message().contains("Invalid Elf magic number"),
+        "{}",
+        e.message()
+    );
+    let i = info(&mut c, "fc-bad").await;
+    assert_eq!(i.desired_state, pb::VmState::Created as i32);
+}
 
-    let pid = running_vm(&mut c, "jailed").await;
-    let i = info(&mut c, "jailed").await;
-    let root = jail("jailed").join("root");
-    assert_eq!(
-        i.backend_info["control_socket"],
-        root.join("firecracker.sock").display().to_string()
-    );
-    assert!(root.join("vmlinux").exists(), "kernel placed in the jail");
-    assert_eq!(
-        std::fs::read_link(format!("/proc/{pid}/root")).unwrap(),
-        root,
-        "the VMM runs chrooted in its jail"
-    );
-    assert_eq!(
-        std::fs::read_to_string(root.join("firecracker-standin.pid"))
-            .unwrap()
-            .trim(),
-        pid.to_string()
-    );
-    assert!(cg("jailed").exists());
-    let console = std::path::PathBuf::from(&i.backend_info["console_log"]);
-    assert!(wait_console(&console, "METALD-GUEST-READY", 1, Duration::from_secs(20)).await);
-    // Delete: no chroot, no cgroup.
-    c.delete_vm(pb::DeleteVmRequest {
-        vm_id: "jailed".into(),
-        force: true,
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firecracker_whose_vcpu_died_is_recovered_not_taken_for_a_power_off() {
+    if std::env::var("FIRECRACKER_BIN").is_ok() {
+        // The stand-in's knob makes the internal error; a real guest dies on its own (under a
+        // software KVM, after 35-66 s), which the closing notes of the jailer work measured.
+        return;
+    }
+    let d = fc_daemon("[recovery]\nenabled = true\nretry_interval = 100\n").await;
+    let mut c = d.client().await;
+    let mut r = guest_request("fc-ie");
+    r.config
+        .as_mut()
+        .unwrap()
+        .boot
+        .as_mut()
+        .unwrap()
+        .kernel_args = "quiet metald.internal_error_after=0.5".into();
+    c.create_vm(r).await.unwrap();
+    let mark = d.log_mark();
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "fc-ie".into(),
     })
     .await
     .unwrap();
-    assert!(!jail("jailed").exists() && !cg("jailed").exists());
-
-    // A VMM killed behind metald's back: its jail and cgroup go too.
-    let pid = running_vm(&mut c, "killed").await;
-    let mark = d.log_mark();
-    signal(pid, libc::SIGKILL);
-    d.wait_event(mark, "killed", "orphaned vm detected", EVENT)
+    d.wait_event(mark, "fc-ie", "orphaned vm detected", EVENT)
         .await;
-    assert!(!jail("killed").exists() && !cg("killed").exists());
-
-    // Leftovers of a VM that no longer exists are swept by the reconcile loop.
-    std::fs::create_dir_all(jail("ghost").join("root")).unwrap();
-    std::fs::create_dir_all(cg("ghost")).unwrap();
-    let ghost_cg = cg("ghost").display().to_string();
-    d.wait_log_since(d.log_mark(), EVENT, |l| {
-        l.contains("\"stale jail removed\"") && l.contains(&ghost_cg)
-    })
-    .await
-    .expect("ghost cgroup swept");
-    assert!(!jail("ghost").exists() && !cg("ghost").exists());
-
-    // A jailed stray (its row lost while metald was down) is recognised by its jail, killed,
-    // and its jail and cgroup removed.
-    let mut d = d;
-    let pid = running_vm(&mut c, "strayj").await;
-    d.stop_with(libc::SIGKILL);
-    d.db()
-        .execute("DELETE FROM vms WHERE vm_id = 'strayj'", [])
-        .unwrap();
-    let mark = d.log_mark();
-    d.spawn().await;
-    d.wait_event(mark, "strayj", "stray vmm killed", EVENT)
-        .await;
-    assert!(wait_dead(pid, Duration::from_secs(5)).await);
-    let stray_cg = cg("strayj").display().to_string();
-    d.wait_log_since(mark, EVENT, |l| {
-        l.contains("\"stale jail removed\"") && l.contains(&stray_cg)
-    })
-    .await
-    .expect("stray's cgroup swept");
-    assert!(!jail("strayj").exists() && !cg("strayj").exists());
-    drop(d);
-    let _ = std::fs::remove_dir_all(&top);
-}
-
-/// Kills every process whose root directory lies under the jail base, then removes it.
-struct JailGuard(std::path::PathBuf);
-
-impl Drop for JailGuard {
-    fn drop(&mut self) {
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let root = std::fs::read_link(format!("/proc/{pid}/root")).unwrap_or_default();
-            if root.starts_with(&self.0) {
-                signal(pid, libc::SIGKILL);
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    assert!(!d.logged(mark, "fc-ie", "vm powered off by guest"));
+    let orphaned = events(&d, mark, "orphaned vm detected");
+    assert!(
+        orphaned
+            .iter()
+            .any(|e| e.to_string().contains("KVM_EXIT_INTERNAL_ERROR")),
+        "{orphaned:?}"
+    );
+    d.wait_event(mark, "fc-ie", "vm recovered", EVENT).await;
 }

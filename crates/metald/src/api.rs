@@ -54,6 +54,14 @@ impl From<Error> for Status {
             Error::FailedPrecondition(_) => Status::failed_precondition(msg),
             Error::Unavailable(..) => Status::unavailable(msg),
             Error::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
+            // The VMM refused the request (a kernel it cannot load, a state it will not
+            // change from): the caller's request cannot proceed as things are.
+            Error::Driver(crate::driver::DriverError::Refused { .. }) => {
+                Status::failed_precondition(msg)
+            }
+            Error::Driver(crate::driver::DriverError::InvalidSpec { .. }) => {
+                Status::invalid_argument(msg)
+            }
             Error::Driver(_) => Status::internal(msg),
             Error::Config(_) => Status::failed_precondition(msg),
             Error::Store(_) | Error::CorruptRow { .. } | Error::Io { .. } => Status::internal(msg),

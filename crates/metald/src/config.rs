@@ -345,14 +345,33 @@ pub struct JailerConfig {
     pub uid: u32,
     /// Group the VMM runs as.
     pub gid: u32,
-    /// Jails are `<chroot_base>/<firecracker binary name>/<vm id>/root`.
+    /// Jails are `<chroot_base>/<file name of the resolved firecracker binary>/<vm id>/root`,
+    /// as the jailer names them. Created at start-up if missing.
     pub chroot_base: PathBuf,
-    /// The cgroup v2 mount, where the jailer creates `<parent_cgroup>/<vm id>`.
-    pub cgroup_root: PathBuf,
-    /// The parent cgroup of every VMM.
+    /// Which cgroup version the jailer uses: `auto` (v2 on a unified host, v1 otherwise, read
+    /// from `/proc/mounts` as the jailer reads it), `1` or `2`.
+    pub cgroup_version: CgroupVersion,
+    /// The parent cgroup of every VMM: each VM's cgroup is `<controller mount>/<parent>/<vm id>`.
     pub parent_cgroup: String,
     /// Cgroup settings passed as `--cgroup KEY=VALUE` (for example `cpu.max=100000 100000`).
+    /// When empty, metald passes `pids.max=max`, so that every VMM still gets its own cgroup,
+    /// which is how metald finds every process a jailed start left behind.
     pub cgroups: Vec<String>,
+}
+
+/// The cgroup version the jailer is told to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum CgroupVersion {
+    /// Read from the host's mounts.
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    /// cgroup v1 (one hierarchy per controller).
+    #[serde(rename = "1")]
+    V1,
+    /// cgroup v2 (the unified hierarchy).
+    #[serde(rename = "2")]
+    V2,
 }
 
 impl Default for JailerConfig {
@@ -363,7 +382,7 @@ impl Default for JailerConfig {
             uid: 0,
             gid: 0,
             chroot_base: PathBuf::from("/srv/jailer"),
-            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            cgroup_version: CgroupVersion::Auto,
             parent_cgroup: "firecracker".into(),
             cgroups: Vec::new(),
         }

@@ -219,6 +219,9 @@ pub struct Controller {
     crashes: u32,
     /// A snapshot to start the next VMM from (only the first, at create).
     restore_from: Option<PathBuf>,
+    /// The last snapshot this VMM's memory is known to match (its last snapshot, or the one it
+    /// was restored from): the base a diff snapshot is merged onto. None for a fresh VMM.
+    snapshot_base: Option<PathBuf>,
     /// The VMM's events, while its control connection is held.
     vmm_events: Option<mpsc::Receiver<VmmEvent>>,
     /// The VMM's driver sends events (so a lost connection is worth re-opening).
@@ -278,6 +281,7 @@ impl Controller {
             up_since: None,
             crashes: 0,
             restore_from: None,
+            snapshot_base: None,
             vmm_events: None,
             watchable: false,
             reported_shutdown: None,
@@ -365,6 +369,7 @@ impl Controller {
                     self.rec.recovery_streak = 0;
                     self.crashes = 0;
                 }
+                let before = self.rec.desired;
                 self.set_desired(Desired::State(target)).await?;
                 if op == Transition::Reboot {
                     // With -no-reboot (QEMU) or by design (Firecracker) a guest reset ends the VMM
@@ -374,7 +379,14 @@ impl Controller {
                     self.stop_vmm(None, "reboot").await?;
                     self.env.metrics.restarted("reboot");
                 }
-                self.reconcile(graceful).await?;
+                if let Err(e) = self.reconcile(graceful).await {
+                    // The VMM refused (a kernel it cannot load, say): nothing changed, so the
+                    // VM's desired state stays what it was rather than one it cannot reach.
+                    if matches!(e, Error::Driver(crate::driver::DriverError::Refused { .. })) {
+                        self.set_desired(before).await?;
+                    }
+                    return Err(e);
+                }
             }
             Op::Delete { graceful } => {
                 self.cancel_recovery();
@@ -435,13 +447,27 @@ impl Controller {
         let Some(ep) = self.vmm.as_ref().map(|v| v.endpoint.clone()) else {
             return Err(Error::FailedPrecondition("the vm has no vmm".into()));
         };
+        let base = match (diff, &self.snapshot_base) {
+            (false, _) => None,
+            (true, Some(b)) if b.exists() => Some(b.clone()),
+            (true, _) => {
+                return Err(Error::FailedPrecondition(
+                    "a diff snapshot holds only what changed since this VMM's last snapshot, and \
+                     this VMM has none (or it was deleted): take a full snapshot first"
+                        .into(),
+                ));
+            }
+        };
         let driver = self.env.driver.clone();
         if was == VmState::Running {
             driver.pause(&ep).await?;
             self.set_observed(VmState::Paused).await?;
         }
         let started = Instant::now();
-        let res = driver.snapshot(&ep, dest, diff).await;
+        let res = driver.snapshot(&ep, dest, base.as_deref()).await;
+        // Whatever the outcome, the VMM's dirty-page log was reset or is in doubt: only a
+        // snapshot that was written whole can be the next diff's base.
+        self.snapshot_base = res.is_ok().then(|| dest.to_path_buf());
         if was == VmState::Running {
             // Resume even when the snapshot failed: the guest must not stay paused by accident.
             driver.resume(&ep).await?;
@@ -824,9 +850,10 @@ impl Controller {
         self.next_check = Instant::now() + jittered(&self.env.health);
         self.set_observed(VmState::Created).await?;
         let prepared = match &restore {
-            Some(dir) => driver.restore(&ep, dir).await,
+            Some(dir) => driver.restore(&ep, &self.rec.spec, dir).await,
             None => driver.configure(&ep, &self.rec.spec).await,
         };
+        self.snapshot_base = restore.filter(|_| prepared.is_ok());
         if let Err(e) = prepared {
             self.stop_vmm(None, "configure failed").await?;
             return Err(e.into());
@@ -902,7 +929,7 @@ impl Controller {
             "vmm stopped"
         );
         self.vmm = None;
-        self.forget_vmm();
+        self.forget_vmm().await;
         self.rec.last_exit = Some(format!("{status} ({why})"));
         self.set_observed(VmState::Shutdown).await
     }
@@ -915,11 +942,12 @@ impl Controller {
         // The VMM's last events (its SHUTDOWN and the reason) may still be on their way: the
         // connection ends right after them, so wait, briefly and bounded, for it to end.
         self.drain_vmm_events().await;
-        self.forget_vmm();
+        // Read the cause while the VMM's files are all still there (a jail goes on release).
         let cause =
             self.env
                 .driver
                 .exit_cause(&self.run_dir(), status, self.reported_shutdown.as_ref());
+        self.forget_vmm().await;
         let pid = vmm.endpoint.pid;
         let exit = match &self.reported_shutdown {
             Some(reason) => format!("{status}; cause: {cause}; vmm reported: {reason}"),
@@ -984,8 +1012,12 @@ impl Controller {
 
     /// Forgets a VMM that is gone (its process taken and reaped by the caller): no endpoint, no
     /// pid, and whatever the driver keeps outside the run directory (a jail) released.
-    fn forget_vmm(&mut self) {
-        self.env.driver.release(&self.rec.vm_id);
+    async fn forget_vmm(&mut self) {
+        self.snapshot_base = None;
+        self.env
+            .driver
+            .release(&self.rec.vm_id, &self.run_dir())
+            .await;
         self.rec.endpoint = None;
         self.rec.health.pid = None;
         // The agent task and the control connection belonged to that VMM.
@@ -1548,7 +1580,7 @@ impl Controller {
                 KILL_WAIT.as_millis()
             )
         };
-        self.forget_vmm();
+        self.forget_vmm().await;
         self.orphan(reason, pid, Some(exit)).await
     }
 
@@ -1556,7 +1588,10 @@ impl Controller {
     /// so that a crash part-way leaves a `deleted` tombstone that the next start finishes.
     async fn teardown(&mut self, graceful: Option<Duration>) -> Result<()> {
         self.stop_vmm(graceful, "delete").await?;
-        self.env.driver.release(&self.rec.vm_id);
+        self.env
+            .driver
+            .release(&self.rec.vm_id, &self.run_dir())
+            .await;
         let dir = self.run_dir();
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}

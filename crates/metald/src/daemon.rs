@@ -31,7 +31,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         .map_err(|e| Error::io(format!("creating {}", cfg.run_root().display()), e))?;
     let _lock = lock_state_dir(&cfg)?;
     let store = Store::open(&cfg.db_path())?;
-    let sup = Supervisor::new(cfg.clone(), store, Drivers::from_config(&cfg));
+    let drivers = Drivers::from_config(&cfg);
+    // A driver that cannot run as configured (a dynamically linked firecracker under the
+    // jailer, no cgroup hierarchy) is a start-up error, not a failure at the first create.
+    for d in drivers.all() {
+        d.check_host().map_err(Error::Config)?;
+    }
+    let sup = Supervisor::new(cfg.clone(), store, drivers);
     let ready = Arc::new(AtomicBool::new(false));
     let metrics_server = if cfg.metrics_listen.is_empty() {
         None

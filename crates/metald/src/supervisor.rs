@@ -289,6 +289,16 @@ impl Supervisor {
         spec: VmSpec,
         restore: Option<std::path::PathBuf>,
     ) -> Result<VmRecord> {
+        // The driver checks what only it knows (the kernel format its VMM boots, files its
+        // jailed user must open) before anything is stored or started.
+        if let Err(e) = self.drivers.for_spec(&spec).validate_spec(&spec) {
+            return Err(match e {
+                crate::driver::DriverError::InvalidSpec { field, reason } => {
+                    Error::invalid(field, reason)
+                }
+                other => other.into(),
+            });
+        }
         let vm_id = vm_id.unwrap_or_else(VmId::generate);
         let now = now_ms();
         let rec = VmRecord {

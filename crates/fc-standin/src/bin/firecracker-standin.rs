@@ -10,11 +10,20 @@
 //! `metald.noagent` on the kernel command line keeps the agent from "starting";
 //! `metald.panic_after=N` prints the kernel's panic line N s after start and hangs the "guest"
 //! (as `panic=0` does); `metald.agent_stop_after=N` or SIGUSR1 freezes the agent (it reads but
-//! never answers), as the test guest's `metald.agent_stop_after` does to the real qemu-ga.
+//! never answers), as the test guest's `metald.agent_stop_after` does to the real qemu-ga;
+//! `metald.internal_error_after=N` makes the "vCPU" die N s after start the way a real one does
+//! on `KVM_EXIT_INTERNAL_ERROR`: the same line in the log set with `PUT /logger`, then exit
+//! code 0, as Firecracker v1.16 exits.
+//!
+//! Like Firecracker it loads only an ELF `vmlinux` at InstanceStart (a bzImage is refused with
+//! Firecracker's message). Its snapshots model guest memory as a sparse file: a Full snapshot
+//! writes every "page" (a header page and a data page), a Diff only the dirtied data page, and
+//! a load refuses a memory file without the header page, where a real guest would come back
+//! with holes in its memory.
 
 use std::convert::Infallible;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -44,7 +53,74 @@ struct State {
     vsock_uds: Option<PathBuf>,
     /// The "guest" hung (after its simulated panic).
     hung: bool,
+    /// The kernel set with PUT /boot-source.
+    kernel: Option<PathBuf>,
+    /// Guest memory size, from PUT /machine-config or the loaded snapshot.
+    mem_bytes: u64,
+    /// Snapshots taken, for the dirtied "page" a Diff writes.
+    generation: u64,
 }
+
+/// Firecracker's log, set with PUT /logger.
+static LOG: Mutex<Option<PathBuf>> = Mutex::new(None);
+/// The instance id, for log lines.
+static INSTANCE: Mutex<String> = Mutex::new(String::new());
+
+/// Writes a line to the log in Firecracker's format with `show_level`:
+/// `2026-11-27T23:57:00.493088692 [<id>:<thread>:<LEVEL>] <message>`.
+fn log(thread: &str, msg: &str) {
+    log_at(thread, "INFO", msg)
+}
+
+/// The civil UTC date and time of `secs` since the epoch.
+fn utc(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Howard Hinnant's days-to-civil.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn log_at(thread: &str, level: &str, msg: &str) {
+    let Some(path) = LOG.lock().ok().and_then(|p| p.clone()) else {
+        return;
+    };
+    let id = INSTANCE.lock().map(|s| s.clone()).unwrap_or_default();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(path) {
+        let _ = writeln!(
+            f,
+            "{}.{:09} [{id}:{thread}:{level}] {msg}",
+            utc(t.as_secs()),
+            t.subsec_nanos()
+        );
+    }
+}
+
+/// Firecracker's exit: the log's last words, then the exit code (0 in both of its stop paths).
+fn exit_like_firecracker() -> ! {
+    log("main", "Vmm is stopping.");
+    log("main", "Firecracker exiting successfully. exit_code=0");
+    std::process::exit(0);
+}
+
+const PAGE: u64 = 4096;
+const MEM_HEADER: &[u8] = b"STANDIN-MEM full snapshot\n";
 
 /// SIGUSR1 sets this: the agent stops answering.
 static AGENT_FROZEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -142,7 +218,7 @@ async fn vsock_conn(stream: tokio::net::UnixStream, st: Arc<Mutex<State>>) {
                 console("METALD-GUEST-POWEROFF");
                 std::thread::spawn(|| {
                     std::thread::sleep(Duration::from_millis(20));
-                    std::process::exit(0);
+                    exit_like_firecracker();
                 });
                 continue;
             }
@@ -172,6 +248,25 @@ fn schedule_panic(st: &Arc<Mutex<State>>) {
             .find_map(|w| w.strip_prefix("metald.agent_stop_after="))
             .and_then(|n| n.parse::<f64>().ok())
     });
+    let internal_error = st.lock().ok().and_then(|s| {
+        s.boot_args
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("metald.internal_error_after="))
+            .and_then(|n| n.parse::<f64>().ok())
+    });
+    if let Some(n) = internal_error {
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs_f64(n.max(0.0)));
+            // Firecracker's own line; then it stops, and (as reported on v1.16 hosts) exits 0.
+            log_at(
+                "fc_vcpu 0",
+                "ERROR",
+                "Received KVM_EXIT_INTERNAL_ERROR signal",
+            );
+            log("main", "Killing vCPU threads");
+            exit_like_firecracker();
+        });
+    }
     if let Some(n) = stop_agent {
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_secs_f64(n.max(0.0)));
@@ -212,6 +307,35 @@ fn console(line: &str) {
             let _ = out.flush();
         }
     }
+}
+
+fn is_elf(kernel: Option<&Path>) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    kernel
+        .and_then(|k| std::fs::File::open(k).ok())
+        .is_some_and(|mut f| f.read_exact(&mut magic).is_ok() && &magic == b"\x7fELF")
+}
+
+/// Writes the "guest memory": a sparse file of `len` bytes; a full snapshot writes the header
+/// page and the data page, a diff only the data page.
+fn write_memory(path: &Path, len: u64, full: bool, page: &[u8]) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = std::fs::File::create(path)?;
+    f.set_len(len)?;
+    if full {
+        f.write_all(MEM_HEADER)?;
+    }
+    f.seek(SeekFrom::Start(PAGE))?;
+    f.write_all(page)?;
+    f.sync_all()
+}
+
+fn has_header(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = vec![0u8; MEM_HEADER.len()];
+    std::fs::File::open(path)
+        .is_ok_and(|mut f| f.read_exact(&mut head).is_ok() && head == MEM_HEADER)
 }
 
 fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
@@ -267,6 +391,11 @@ fn handle(
             "InstanceStart" if !s.boot_source => {
                 fault("Cannot start microvm without kernel configuration.")
             }
+            "InstanceStart" if !is_elf(s.kernel.as_deref()) => fault(
+                "Start microvm error: System configuration error: Cannot load kernel due to \
+                 invalid memory configuration or invalid kernel image: Kernel Loader: failed to \
+                 load ELF kernel image: Kernel Loader: Invalid Elf magic number",
+            ),
             "InstanceStart" => {
                 s.run = Run::Running;
                 s.started_at = Some(Instant::now());
@@ -284,7 +413,7 @@ fn handle(
                 console("METALD-GUEST-POWEROFF");
                 std::thread::spawn(|| {
                     std::thread::sleep(Duration::from_millis(20));
-                    std::process::exit(0);
+                    exit_like_firecracker();
                 });
                 reply(StatusCode::NO_CONTENT, Value::Null)
             }
@@ -307,11 +436,17 @@ fn handle(
             fault("Cannot create snapshot: the microVM is not paused.")
         }
         ("PUT", "/snapshot/create") => {
-            for k in ["snapshot_path", "mem_file_path"] {
-                let p = PathBuf::from(body[k].as_str().unwrap_or(""));
-                if std::fs::write(&p, b"firecracker test stand-in snapshot\n").is_err() {
-                    return fault(format!("Cannot write {}", p.display()));
-                }
+            let state = PathBuf::from(body["snapshot_path"].as_str().unwrap_or(""));
+            let mem = PathBuf::from(body["mem_file_path"].as_str().unwrap_or(""));
+            let full = body["snapshot_type"].as_str() != Some("Diff");
+            s.generation += 1;
+            let page = format!("dirty page of generation {}\n", s.generation);
+            match write_memory(&mem, s.mem_bytes.max(2 * PAGE), full, page.as_bytes()) {
+                Ok(()) => {}
+                Err(e) => return fault(format!("Cannot write {}: {e}", mem.display())),
+            }
+            if std::fs::write(&state, b"firecracker test stand-in vmstate\n").is_err() {
+                return fault(format!("Cannot write {}", state.display()));
             }
             reply(StatusCode::NO_CONTENT, Value::Null)
         }
@@ -328,6 +463,16 @@ fn handle(
                 if std::fs::metadata(p).is_err() {
                     return fault(format!("Cannot open snapshot file {p}"));
                 }
+            }
+            if !has_header(Path::new(mem)) {
+                return fault(format!(
+                    "Load snapshot error: {mem} lacks the pages of a full snapshot (a lone \
+                     diff snapshot): the guest would resume with holes in its memory"
+                ));
+            }
+            s.mem_bytes = std::fs::metadata(mem).map(|m| m.len()).unwrap_or(0);
+            if let Some(uds) = body["vsock_override"]["uds_path"].as_str() {
+                s.vsock_uds = Some(PathBuf::from(uds));
             }
             s.boot_source = true;
             s.run = if body["resume_vm"] == true {
@@ -360,6 +505,7 @@ fn handle(
                 }
             }
             s.boot_source = true;
+            s.kernel = body["kernel_image_path"].as_str().map(PathBuf::from);
             s.boot_args = body["boot_args"].as_str().unwrap_or("").to_string();
             reply(StatusCode::NO_CONTENT, Value::Null)
         }
@@ -381,8 +527,19 @@ fn handle(
                 Some(p) if std::fs::OpenOptions::new().append(true).open(p).is_err() => {
                     fault(format!("Cannot open {p}"))
                 }
+                Some(p) if tpl == "/logger" => {
+                    if let Ok(mut l) = LOG.lock() {
+                        *l = Some(PathBuf::from(p));
+                    }
+                    log("main", "Running Firecracker v1.16.1 (metald test stand-in)");
+                    reply(StatusCode::NO_CONTENT, Value::Null)
+                }
                 _ => reply(StatusCode::NO_CONTENT, Value::Null),
             }
+        }
+        ("PUT", "/machine-config") => {
+            s.mem_bytes = body["mem_size_mib"].as_u64().unwrap_or(0) << 20;
+            reply(StatusCode::NO_CONTENT, Value::Null)
         }
         ("PUT", _) => reply(StatusCode::NO_CONTENT, Value::Null),
         _ => fault(format!(
@@ -418,6 +575,9 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if let Ok(mut i) = INSTANCE.lock() {
+        *i = id.clone();
+    }
     let state = Arc::new(Mutex::new(State {
         id,
         run: Run::NotStarted,
@@ -426,6 +586,9 @@ fn main() {
         boot_args: String::new(),
         vsock_uds: None,
         hung: false,
+        kernel: None,
+        mem_bytes: 0,
+        generation: 0,
     }));
     // Like the test guest, report uptime now and then once "booted".
     let ticker = state.clone();

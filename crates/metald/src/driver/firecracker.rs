@@ -14,6 +14,9 @@ use async_trait::async_trait;
 use hyper::Method;
 use serde_json::{Value, json};
 
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+use super::jail::{self, CgroupHost};
 use super::{
     DriverError, ExitCause, GuestRun, SpawnRequest, VmmDriver, VmmEndpoint, VmmProcess, uds_http,
 };
@@ -38,6 +41,43 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 const AGENT_DEFAULT_CID: u32 = 3;
 /// The jailer's own output, in the run directory.
 pub const JAILER_LOG: &str = "jailer.log";
+
+/// How often a start-up wait with no event to wait on (a pid file, an exec) looks again.
+const POLL: Duration = Duration::from_millis(5);
+/// How long the processes of a jail's cgroup get to die after SIGKILL.
+const KILL_WAIT: Duration = Duration::from_secs(3);
+
+/// Where the jailer puts one VM.
+#[derive(Debug, Clone)]
+struct Jail {
+    /// `<chroot base>/<exec name>/<vm id>`.
+    dir: PathBuf,
+    /// Its `root`, the VMM's `/`.
+    root: PathBuf,
+    /// The VM's cgroup directories.
+    cgroups: Vec<PathBuf>,
+    /// The file name of the resolved firecracker binary.
+    exec_name: String,
+}
+
+/// Starts a fresh file for a new VMM: the console log is the VMM's own, the VMM's log and
+/// metrics keep their previous run as `.prev`.
+fn rotate(p: &Path) {
+    if p.file_name().is_some_and(|n| n == CONSOLE_LOG) {
+        let _ = std::fs::remove_file(p);
+    } else {
+        let mut prev = p.as_os_str().to_owned();
+        prev.push(".prev");
+        let _ = std::fs::rename(p, prev);
+    }
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
 
 fn chown(p: &Path, uid: u32, gid: u32) -> Result<(), DriverError> {
     std::os::unix::fs::chown(p, Some(uid), Some(gid))
@@ -117,14 +157,22 @@ pub struct FirecrackerDriver {
     cfg: FirecrackerConfig,
     /// Kept-alive API connections, one per VMM.
     pool: uds_http::Pool,
+    /// The host's cgroup hierarchies, as the jailer will find them (jailer on only).
+    cgroups: Result<CgroupHost, String>,
 }
 
 impl FirecrackerDriver {
     /// A driver with these settings.
     pub fn new(cfg: FirecrackerConfig) -> Self {
+        let cgroups = if cfg.jailer.enabled {
+            CgroupHost::detect(cfg.jailer.cgroup_version)
+        } else {
+            Err("the jailer is off".into())
+        };
         FirecrackerDriver {
             cfg,
             pool: uds_http::Pool::default(),
+            cgroups,
         }
     }
 
@@ -224,51 +272,133 @@ impl FirecrackerDriver {
             r(
                 Method::PUT,
                 "/snapshot/create",
-                snapshot_body(&run_dir.join("snapshot"), false),
+                snapshot_body(&run_dir.join(SNAPSHOT_WORK).display().to_string(), false),
             ),
             r(
                 Method::PUT,
                 "/snapshot/create",
-                snapshot_body(&run_dir.join("snapshot"), true),
+                snapshot_body(&run_dir.join(SNAPSHOT_WORK).display().to_string(), true),
             ),
             r(
                 Method::PUT,
                 "/snapshot/load",
-                load_body(&run_dir.join("snapshot")),
+                load_body(
+                    &run_dir.join(SNAPSHOT_WORK).display().to_string(),
+                    true,
+                    Some(&run_dir.join(VSOCK_SOCKET).display().to_string()),
+                ),
             ),
         ]
     }
 
+    /// The file name of the resolved firecracker binary, which the jailer names jails after.
     fn exec_name(&self) -> String {
-        self.cfg
-            .binary
-            .file_name()
+        let b = std::fs::canonicalize(&self.cfg.binary).unwrap_or_else(|_| self.cfg.binary.clone());
+        b.file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "firecracker".into())
     }
 
-    /// `<chroot_base>/<firecracker binary name>/<vm id>`, as the jailer lays it out.
-    fn jail_dir(&self, vm_id: &VmId) -> PathBuf {
-        self.cfg
-            .jailer
-            .chroot_base
+    /// `<canonical chroot_base>/<exec name>`, the directory holding every VM's jail.
+    fn jails_dir(&self) -> PathBuf {
+        let base = &self.cfg.jailer.chroot_base;
+        std::fs::canonicalize(base)
+            .unwrap_or_else(|_| base.clone())
             .join(self.exec_name())
-            .join(vm_id.as_str())
     }
 
-    fn cgroup_dir(&self, vm_id: &VmId) -> PathBuf {
-        let j = &self.cfg.jailer;
-        j.cgroup_root.join(&j.parent_cgroup).join(vm_id.as_str())
+    /// The `--cgroup` settings: the configured ones, or one that limits nothing so that the
+    /// jailer still gives the VM a cgroup of its own.
+    fn cgroup_settings(&self) -> Vec<String> {
+        if self.cfg.jailer.cgroups.is_empty() {
+            vec![jail::DEFAULT_CGROUP_SETTING.to_string()]
+        } else {
+            self.cfg.jailer.cgroups.clone()
+        }
     }
 
-    /// Starts Firecracker through the jailer, which daemonizes: the jailer exits once the VMM
-    /// runs, and the VMM's pid comes from the pid file in the jail, checked against /proc.
+    /// Where the jailer puts VM `vm_id`'s jail and cgroups.
+    fn jail(&self, vm_id: &str) -> Jail {
+        let exec_name = self.exec_name();
+        let dir = self.jails_dir().join(vm_id);
+        let cgroups = match &self.cgroups {
+            Ok(h) => h.vm_dirs(
+                &self.cfg.jailer.parent_cgroup,
+                vm_id,
+                &self.cgroup_settings(),
+            ),
+            Err(_) => Vec::new(),
+        };
+        Jail {
+            root: dir.join("root"),
+            dir,
+            cgroups,
+            exec_name,
+        }
+    }
+
+    /// Kills every process in a jail's cgroups, then removes the jail and the cgroups; the jail
+    /// is never removed while a process may still run in it.
+    async fn clear_jail(&self, jail: &Jail) -> Result<(), DriverError> {
+        self.pool.forget(&jail.root.join(API_SOCKET));
+        let j = jail.clone();
+        let res = tokio::task::spawn_blocking(move || -> Result<usize, String> {
+            let killed = jail::kill_cgroups(&j.cgroups, KILL_WAIT)?;
+            match std::fs::remove_dir_all(&j.dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("removing jail {}: {e}", j.dir.display())),
+            }
+            Ok(killed)
+        })
+        .await
+        .map_err(|e| DriverError::Protocol(format!("jail clean-up task: {e}")))?;
+        match res {
+            Ok(0) => Ok(()),
+            Ok(killed) => {
+                tracing::warn!(path = %jail.dir.display(), killed, "processes left in a jail's cgroup killed");
+                Ok(())
+            }
+            Err(e) => Err(DriverError::Protocol(e)),
+        }
+    }
+
+    /// Starts Firecracker through the jailer. Whatever fails, nothing it started outlives the
+    /// failure: every process in the VM's cgroup is killed, then the jail and cgroup removed.
     async fn spawn_jailed(&self, req: &SpawnRequest<'_>) -> Result<VmmProcess, DriverError> {
+        if let Err(e) = &self.cgroups {
+            return Err(DriverError::Spawn(format!(
+                "the jailer cannot run here: {e}"
+            )));
+        }
+        let jail = self.jail(req.vm_id.as_str());
+        // What an earlier VMM of this VM left (the jailer refuses an existing jail's devices).
+        self.clear_jail(&jail).await?;
+        match self.start_in_jail(req, &jail).await {
+            Ok(p) => Ok(p),
+            Err(e) => {
+                if let Err(c) = self.clear_jail(&jail).await {
+                    tracing::warn!(vm_id = %req.vm_id, error = %c, "clean-up after a failed jailed start");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The jailer's sequence as it really runs with `--daemonize`: the jailer exits right after
+    /// its first fork; its grandchild writes `<exec name>.pid` in the jail and only then execs
+    /// firecracker. Each step is waited for, bounded by `spawn_timeout` in all.
+    async fn start_in_jail(
+        &self,
+        req: &SpawnRequest<'_>,
+        jail: &Jail,
+    ) -> Result<VmmProcess, DriverError> {
         let j = &self.cfg.jailer;
-        // A jail left by an earlier VMM of this VM would make the jailer refuse.
-        self.release(req.vm_id);
-        self.pool
-            .forget(&self.jail_dir(req.vm_id).join("root").join(API_SOCKET));
+        let deadline = Instant::now() + self.cfg.spawn_timeout;
+        let timeout = |what: &str| DriverError::Timeout {
+            what: what.into(),
+            millis: self.cfg.spawn_timeout.as_millis(),
+        };
         let mut cmd = Command::new(&j.binary);
         cmd.arg("--id")
             .arg(req.vm_id.as_str())
@@ -283,8 +413,14 @@ impl FirecrackerDriver {
             .arg("--parent-cgroup")
             .arg(&j.parent_cgroup)
             .arg("--cgroup-version")
-            .arg("2");
-        for c in &j.cgroups {
+            .arg(
+                self.cgroups
+                    .as_ref()
+                    .map(|h| h.version)
+                    .unwrap_or(2)
+                    .to_string(),
+            );
+        for c in self.cgroup_settings() {
             cmd.arg("--cgroup").arg(c);
         }
         cmd.args(["--daemonize", "--", "--api-sock"])
@@ -293,83 +429,157 @@ impl FirecrackerDriver {
         let log = req.run_dir.join(JAILER_LOG);
         let jailer = spawn_detached(cmd, &log)
             .map_err(|e| DriverError::Spawn(format!("{}: {e}", j.binary.display())))?;
-        let done = tokio::time::timeout(self.cfg.spawn_timeout, jailer.pidfd.exited()).await;
-        if done.is_err() {
+        if tokio::time::timeout_at(deadline.into(), jailer.pidfd.exited())
+            .await
+            .is_err()
+        {
             let _ = jailer.pidfd.signal(libc::SIGKILL);
-            return Err(DriverError::Timeout {
-                what: "the jailer".into(),
-                millis: self.cfg.spawn_timeout.as_millis(),
-            });
+            return Err(timeout("the jailer"));
         }
         let status = jailer.pidfd.reap();
         if status != ExitInfo::Exited(0) {
-            let out = std::fs::read_to_string(&log).unwrap_or_default();
             return Err(DriverError::EarlyExit(format!(
                 "jailer {status}: {}",
-                out.trim()
+                super::log_tail(&log, 600)
             )));
         }
-        let root = self.jail_dir(req.vm_id).join("root");
-        let pid_file = root.join(format!("{}.pid", self.exec_name()));
-        let pid: i32 = std::fs::read_to_string(&pid_file)
-            .map_err(|e| DriverError::Io(format!("reading {}", pid_file.display()), e))?
-            .trim()
-            .parse()
-            .map_err(|_| DriverError::Protocol(format!("{} holds no pid", pid_file.display())))?;
-        // Open the pidfd first, then check the process: a pid that was reused in between
-        // cannot pass the start-time and command-line checks after the fd is open.
+        // The daemon writes the pid file some time after the jailer exited. Until then one of
+        // its processes is in the VM's cgroup; if none is, it died (its errors went to
+        // /dev/null, as a daemon's do).
+        let pid_file = jail.root.join(format!("{}.pid", jail.exec_name));
+        let pid = loop {
+            if let Some(pid) = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
+            {
+                break pid;
+            }
+            if jail.cgroups.iter().all(|d| jail::cgroup_pids(d).is_empty()) && !pid_file.exists() {
+                return Err(DriverError::EarlyExit(format!(
+                    "the jailed firecracker exited before writing {}: {}",
+                    pid_file.display(),
+                    super::log_tail(&log, 600)
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(timeout("the jailer's pid file"));
+            }
+            // No event announces the pid file; this poll is bounded by the deadline.
+            tokio::time::sleep(POLL).await;
+        };
+        // Open the pidfd first, then check the process: a pid reused in between cannot pass the
+        // checks below once the fd is open.
         let pidfd = crate::process::Pidfd::open(pid)
             .map_err(|e| DriverError::EarlyExit(format!("jailed firecracker {pid}: {e}")))?;
-        let info = crate::process::ProcInfo::read(pid)
-            .filter(crate::process::ProcInfo::is_alive)
-            .ok_or_else(|| DriverError::EarlyExit(format!("jailed firecracker {pid} is gone")))?;
-        if !self.owns_cmdline(req.vm_id, &info.cmdline) {
+        let exec = format!("/{}", jail.exec_name);
+        let info = loop {
+            let info = crate::process::ProcInfo::read(pid)
+                .filter(crate::process::ProcInfo::is_alive)
+                .ok_or_else(|| {
+                    DriverError::EarlyExit(format!("jailed firecracker {pid} exited at start-up"))
+                })?;
+            // Until it execs, the process is still the jailer (whose command line also has
+            // `--id`); after, it is `/<exec name> --id <vm> ...` running in the jail.
+            if info.cmdline.first() == Some(&exec) && self.owns_cmdline(req.vm_id, &info.cmdline) {
+                break info;
+            }
+            if Instant::now() >= deadline {
+                return Err(timeout("the jailer's exec of firecracker"));
+            }
+            tokio::select! {
+                _ = pidfd.exited() => {}
+                _ = tokio::time::sleep(POLL) => {}
+            }
+        };
+        if !jail::runs_in(pid, &jail.root) {
             return Err(DriverError::Protocol(format!(
-                "pid {pid} from {} is not this VM's firecracker",
-                pid_file.display()
+                "pid {pid} from {} does not run in the jail {}",
+                pid_file.display(),
+                jail.root.display()
             )));
         }
-        Ok(VmmProcess {
+        let console = self.furnish_jail(jail, req.spec, req.run_dir)?;
+        let proc_ = VmmProcess {
             endpoint: VmmEndpoint {
                 pid,
                 start_time: info.start_time,
-                control_socket: root.join(API_SOCKET),
-                console_log: root.join(CONSOLE_LOG),
+                control_socket: jail.root.join(API_SOCKET),
+                console_log: console,
             },
             pidfd,
-        })
+        };
+        self.wait_api(proc_, &req.run_dir.join(VMM_LOG)).await
     }
 
-    /// Links the VM's files into the jail under the names [`FcPaths::jailed`] gives them, and
-    /// creates the files Firecracker writes, owned by the jail's user.
-    fn furnish_jail(&self, root: &Path, spec: &VmSpec) -> Result<(), DriverError> {
+    /// Puts the VM's files into the jail under the names [`FcPaths::jailed`] gives them, without
+    /// changing the originals: a file the jail's user may read is hard-linked (the link is the
+    /// same inode, so it is never chowned); one it may not read is copied and the copy given to
+    /// it. A writable drive must be the same file, so it is linked, and the jail's user must be
+    /// allowed to write it already (checked at CreateVm). The files Firecracker writes (its log,
+    /// metrics and the console) are created in the run directory, owned by the jail's user, and
+    /// linked into the jail, so they outlive it. Returns the console log's path.
+    fn furnish_jail(
+        &self,
+        jail: &Jail,
+        spec: &VmSpec,
+        run_dir: &Path,
+    ) -> Result<PathBuf, DriverError> {
         let j = &self.cfg.jailer;
-        let place = |src: &Path, name: &str| -> Result<(), DriverError> {
-            let dst = root.join(name.trim_start_matches('/'));
-            let _ = std::fs::remove_file(&dst);
-            // A hard link costs nothing; across file systems, a copy.
-            if std::fs::hard_link(src, &dst).is_err() {
-                std::fs::copy(src, &dst).map_err(|e| {
-                    DriverError::Io(format!("placing {} in the jail", src.display()), e)
-                })?;
-            }
-            chown(&dst, j.uid, j.gid)
-        };
+        let io = |what: String| move |e| DriverError::Io(what, e);
         let paths = FcPaths::jailed(spec);
-        place(&spec.kernel, &paths.kernel)?;
+        let in_jail = |name: &str| jail.root.join(name.trim_start_matches('/'));
+        let mut inputs: Vec<(&Path, &str, bool)> = vec![(&spec.kernel, &paths.kernel, false)];
         if let (Some(src), Some(name)) = (&spec.initrd, &paths.initrd) {
-            place(src, name)?;
+            inputs.push((src, name, false));
         }
         for (d, name) in spec.drives.iter().zip(&paths.drives) {
-            place(&d.path, name)?;
+            inputs.push((&d.path, name, !d.read_only));
+        }
+        for (src, name, writable) in inputs {
+            let dst = in_jail(name);
+            let _ = std::fs::remove_file(&dst);
+            let meta = std::fs::metadata(src).map_err(io(format!("{}", src.display())))?;
+            if jail::may_access(&meta, j.uid, j.gid, writable)
+                && std::fs::hard_link(src, &dst).is_ok()
+            {
+                continue;
+            }
+            if writable {
+                return Err(DriverError::Spawn(format!(
+                    "writable drive {} cannot be placed in the jail: it must be on the same file \
+                     system as {} and writable by {}:{}",
+                    src.display(),
+                    j.chroot_base.display(),
+                    j.uid,
+                    j.gid
+                )));
+            }
+            std::fs::copy(src, &dst)
+                .map_err(io(format!("copying {} into the jail", src.display())))?;
+            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o400))
+                .map_err(io(format!("chmod {}", dst.display())))?;
+            chown(&dst, j.uid, j.gid)?;
         }
         for name in [VMM_LOG, METRICS_FILE, CONSOLE_LOG] {
-            let p = root.join(name);
-            std::fs::File::create(&p)
-                .map_err(|e| DriverError::Io(format!("creating {}", p.display()), e))?;
-            chown(&p, j.uid, j.gid)?;
+            let kept = run_dir.join(name);
+            rotate(&kept);
+            std::fs::File::create(&kept).map_err(io(format!("creating {}", kept.display())))?;
+            chown(&kept, j.uid, j.gid)?;
+            let dst = jail.root.join(name);
+            let _ = std::fs::remove_file(&dst);
+            if std::fs::hard_link(&kept, &dst).is_err() {
+                // Another file system: the file lives in the jail, and is copied out when the
+                // jail is released.
+                std::fs::File::create(&dst).map_err(io(format!("creating {}", dst.display())))?;
+                chown(&dst, j.uid, j.gid)?;
+            }
         }
-        Ok(())
+        let kept = run_dir.join(CONSOLE_LOG);
+        Ok(if same_file(&kept, &jail.root.join(CONSOLE_LOG)) {
+            kept
+        } else {
+            jail.root.join(CONSOLE_LOG)
+        })
     }
 
     /// Waits, bounded, for a new Firecracker's API to answer; gives up early if it exits,
@@ -404,6 +614,38 @@ impl FirecrackerDriver {
                 _ = proc_.pidfd.exited() => {}
                 _ = tokio::time::sleep(Duration::from_millis(5)) => {}
             }
+        }
+    }
+
+    /// The VM's files as this VMM names them: inside its jail, or in its run directory (where
+    /// its socket is).
+    fn paths(&self, ep: &VmmEndpoint, spec: &VmSpec) -> FcPaths {
+        if self.cfg.jailer.enabled {
+            FcPaths::jailed(spec)
+        } else {
+            let dir = ep.control_socket.parent().unwrap_or(Path::new("/"));
+            FcPaths::host(spec, dir)
+        }
+    }
+
+    /// A fresh directory beside the VMM's socket for snapshot files, as (host path, the path
+    /// the VMM knows it by), writable by the VMM's user.
+    fn snapshot_work(&self, ep: &VmmEndpoint) -> Result<(PathBuf, String), DriverError> {
+        let dir = ep
+            .control_socket
+            .parent()
+            .unwrap_or(Path::new("/"))
+            .join(SNAPSHOT_WORK);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| DriverError::Io(format!("creating {}", dir.display()), e))?;
+        if self.cfg.jailer.enabled {
+            let j = &self.cfg.jailer;
+            chown(&dir, j.uid, j.gid)?;
+            Ok((dir, format!("/{SNAPSHOT_WORK}")))
+        } else {
+            let s = dir.display().to_string();
+            Ok((dir, s))
         }
     }
 
@@ -457,23 +699,105 @@ impl FirecrackerDriver {
 const SNAPSHOT_STATE: &str = "vmstate";
 const SNAPSHOT_MEM: &str = "memory";
 
-fn snapshot_body(dir: &Path, diff: bool) -> Value {
+/// Where Firecracker writes a snapshot before metald moves it into its snapshot store: a
+/// directory beside the API socket, so that a jailed VMM names it inside its jail.
+const SNAPSHOT_WORK: &str = "snapshot";
+
+fn snapshot_body(dir: &str, diff: bool) -> Value {
     json!({
         "snapshot_type": if diff { "Diff" } else { "Full" },
-        "snapshot_path": dir.join(SNAPSHOT_STATE).display().to_string(),
-        "mem_file_path": dir.join(SNAPSHOT_MEM).display().to_string(),
+        "snapshot_path": format!("{dir}/{SNAPSHOT_STATE}"),
+        "mem_file_path": format!("{dir}/{SNAPSHOT_MEM}"),
     })
 }
 
-fn load_body(dir: &Path) -> Value {
-    json!({
-        "snapshot_path": dir.join(SNAPSHOT_STATE).display().to_string(),
+fn load_body(dir: &str, track_dirty_pages: bool, vsock: Option<&str>) -> Value {
+    let mut body = json!({
+        "snapshot_path": format!("{dir}/{SNAPSHOT_STATE}"),
         "mem_backend": {
             "backend_type": "File",
-            "backend_path": dir.join(SNAPSHOT_MEM).display().to_string(),
+            "backend_path": format!("{dir}/{SNAPSHOT_MEM}"),
         },
+        "track_dirty_pages": track_dirty_pages,
         "resume_vm": false,
-    })
+    });
+    if let Some(uds) = vsock {
+        // The snapshot names its source VM's vsock socket; this VM has its own.
+        body["vsock_override"] = json!({ "uds_path": uds });
+    }
+    body
+}
+
+/// Moves `from` to `to`, copying when they are on different file systems.
+fn move_file(from: &Path, to: &Path) -> Result<(), DriverError> {
+    if std::fs::rename(from, to).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(from, to).map_err(|e| {
+        DriverError::Io(format!("copying {} to {}", from.display(), to.display()), e)
+    })?;
+    let _ = std::fs::remove_file(from);
+    Ok(())
+}
+
+/// Writes the data regions of the sparse diff memory file `diff` over `out` (a copy of the base
+/// memory), as Firecracker's `rebase-snap` does: a diff snapshot's memory file holds the dirtied
+/// pages at their offsets and holes everywhere else.
+fn merge_diff(diff: &Path, out: &Path) -> Result<(), DriverError> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::fd::AsRawFd;
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |e| DriverError::Io(what, e)
+    };
+    let mut src = std::fs::File::open(diff).map_err(io("opening the diff memory"))?;
+    let mut dst = std::fs::OpenOptions::new()
+        .write(true)
+        .open(out)
+        .map_err(io("opening the merged memory"))?;
+    let len = src.metadata().map_err(io("diff memory"))?.len();
+    let fd = src.as_raw_fd();
+    let mut pos: i64 = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    let end = i64::try_from(len).unwrap_or(i64::MAX);
+    while pos < end {
+        // SAFETY: lseek on a file descriptor we own, with constant whence values.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data after pos
+            }
+            return Err(DriverError::Io(
+                "finding the diff's dirty pages (SEEK_DATA)".into(),
+                e,
+            ));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(DriverError::Io(
+                "finding the diff's dirty pages (SEEK_HOLE)".into(),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let start = u64::try_from(data).unwrap_or(0);
+        let mut left = u64::try_from(hole - data).unwrap_or(0);
+        src.seek(SeekFrom::Start(start))
+            .map_err(io("diff memory"))?;
+        dst.seek(SeekFrom::Start(start))
+            .map_err(io("merged memory"))?;
+        while left > 0 {
+            let n = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+            src.read_exact(&mut buf[..n])
+                .map_err(io("reading the diff memory"))?;
+            dst.write_all(&buf[..n])
+                .map_err(io("writing the merged memory"))?;
+            left -= n as u64;
+        }
+        pos = hole;
+    }
+    dst.sync_all().map_err(io("syncing the merged memory"))
 }
 
 /// The guest command line: the caller's, plus a serial console if none is named.
@@ -499,8 +823,7 @@ impl VmmDriver for FirecrackerDriver {
 
     async fn spawn(&self, req: &SpawnRequest<'_>) -> Result<VmmProcess, DriverError> {
         if self.cfg.jailer.enabled {
-            let proc_ = self.spawn_jailed(req).await?;
-            return self.wait_api(proc_, &req.run_dir.join(JAILER_LOG)).await;
+            return self.spawn_jailed(req).await;
         }
         let sock = req.run_dir.join(API_SOCKET);
         // Firecracker refuses to start if its socket path exists.
@@ -537,18 +860,7 @@ impl VmmDriver for FirecrackerDriver {
     }
 
     async fn configure(&self, ep: &VmmEndpoint, spec: &VmSpec) -> Result<(), DriverError> {
-        // The socket sits in the run directory, or at the root of the jail.
-        let dir = ep
-            .control_socket
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
-        let mut paths = if self.cfg.jailer.enabled {
-            self.furnish_jail(&dir, spec)?;
-            FcPaths::jailed(spec)
-        } else {
-            FcPaths::host(spec, &dir)
-        };
+        let mut paths = self.paths(ep, spec);
         paths.track_dirty_pages = self.cfg.diff_snapshots;
         for req in Self::config_requests(spec, &paths) {
             self.api(ep, &req).await?;
@@ -656,21 +968,96 @@ impl VmmDriver for FirecrackerDriver {
         Ok(s)
     }
 
-    async fn snapshot(&self, ep: &VmmEndpoint, dest: &Path, diff: bool) -> Result<(), DriverError> {
+    async fn snapshot(
+        &self,
+        ep: &VmmEndpoint,
+        dest: &Path,
+        base: Option<&Path>,
+    ) -> Result<(), DriverError> {
+        // Firecracker writes into a directory beside its socket (inside the jail when jailed),
+        // then the files move to the snapshot store.
+        let (host_dir, vmm_dir) = self.snapshot_work(ep)?;
+        let res = self
+            .send(
+                ep,
+                Method::PUT,
+                "/snapshot/create",
+                snapshot_body(&vmm_dir, base.is_some()),
+            )
+            .await;
+        let dest = dest.to_path_buf();
+        let base = base.map(Path::to_path_buf);
+        let work = host_dir.clone();
+        let placed = match res {
+            Ok(_) => tokio::task::spawn_blocking(move || -> Result<(), DriverError> {
+                move_file(&work.join(SNAPSHOT_STATE), &dest.join(SNAPSHOT_STATE))?;
+                match base {
+                    None => move_file(&work.join(SNAPSHOT_MEM), &dest.join(SNAPSHOT_MEM)),
+                    Some(base) => {
+                        // A diff alone restores a guest missing every page it did not dirty:
+                        // merge it onto a copy of its base so the stored snapshot is whole.
+                        let out = dest.join(SNAPSHOT_MEM);
+                        std::fs::copy(base.join(SNAPSHOT_MEM), &out).map_err(|e| {
+                            DriverError::Io(format!("copying base {}", base.display()), e)
+                        })?;
+                        merge_diff(&work.join(SNAPSHOT_MEM), &out)
+                    }
+                }
+            })
+            .await
+            .map_err(|e| DriverError::Protocol(format!("snapshot task: {e}")))
+            .and_then(|r| r),
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_dir_all(&host_dir);
+        placed
+    }
+
+    async fn restore(
+        &self,
+        ep: &VmmEndpoint,
+        spec: &VmSpec,
+        src: &Path,
+    ) -> Result<(), DriverError> {
+        let dir = if self.cfg.jailer.enabled {
+            // The snapshot's files go into the jail; its drives were placed at spawn, under
+            // the names they had in the jail they were snapshotted in.
+            let (host_dir, vmm_dir) = self.snapshot_work(ep)?;
+            let j = &self.cfg.jailer;
+            for f in [SNAPSHOT_STATE, SNAPSHOT_MEM] {
+                let (from, to) = (src.join(f), host_dir.join(f));
+                let meta = std::fs::metadata(&from)
+                    .map_err(|e| DriverError::Io(format!("{}", from.display()), e))?;
+                if !(jail::may_access(&meta, j.uid, j.gid, false)
+                    && std::fs::hard_link(&from, &to).is_ok())
+                {
+                    std::fs::copy(&from, &to).map_err(|e| {
+                        DriverError::Io(format!("copying {} into the jail", from.display()), e)
+                    })?;
+                    chown(&to, j.uid, j.gid)?;
+                }
+            }
+            vmm_dir
+        } else {
+            src.display().to_string()
+        };
+        // A restored VMM logs and counts like a booted one.
+        let paths = self.paths(ep, spec);
+        let mut pre = Self::config_requests(spec, &paths);
+        pre.retain(|r| r.path == "/logger" || r.path == "/metrics");
+        for req in &pre {
+            self.api(ep, req).await?;
+        }
+        let agent = spec.guest_health.probe == crate::config::GuestProbe::Agent;
+        let vsock = (spec.vsock_cid.is_some() || agent).then_some(paths.vsock.as_str());
         self.send(
             ep,
             Method::PUT,
-            "/snapshot/create",
-            snapshot_body(dest, diff),
+            "/snapshot/load",
+            load_body(&dir, self.cfg.diff_snapshots, vsock),
         )
         .await
         .map(|_| ())
-    }
-
-    async fn restore(&self, ep: &VmmEndpoint, src: &Path) -> Result<(), DriverError> {
-        self.send(ep, Method::PUT, "/snapshot/load", load_body(src))
-            .await
-            .map(|_| ())
     }
 
     fn owns_cmdline(&self, vm_id: &VmId, cmdline: &[String]) -> bool {
@@ -694,29 +1081,33 @@ impl VmmDriver for FirecrackerDriver {
             .find(|w| w[0] == "--api-sock")
             .map(|w| PathBuf::from(&w[1]))?;
         let ours = if self.cfg.jailer.enabled {
-            // A jailed Firecracker names its socket inside the jail; the jail is its root.
-            proc_.root().as_deref() == Some(self.jail_dir(&id).join("root").as_path())
+            // The jailer pivots into a new mount namespace, so `/proc/PID/root` reads `/`; the
+            // directory it *is* (device and inode) is this VM's jail, which is under this host's
+            // chroot base and named after this VM.
+            let jail = self.jail(id.as_str());
+            cmdline.first() == Some(&format!("/{}", jail.exec_name))
+                && jail::runs_in(proc_.pid, &jail.root)
         } else {
             sock == run_root.join(id.as_str()).join(API_SOCKET)
         };
         ours.then_some(id)
     }
 
-    fn release(&self, vm_id: &VmId) {
+    async fn release(&self, vm_id: &VmId, run_dir: &Path) {
         if !self.cfg.jailer.enabled {
             return;
         }
-        let jail = self.jail_dir(vm_id);
-        if let Err(e) = std::fs::remove_dir_all(&jail)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(vm_id = %vm_id, path = %jail.display(), error = %e, "removing jail failed");
+        let jail = self.jail(vm_id.as_str());
+        // Keep the VMM's log, metrics and console: when they could not be linked to the run
+        // directory (another file system), they live only in the jail.
+        for name in [VMM_LOG, METRICS_FILE, CONSOLE_LOG] {
+            let (inside, kept) = (jail.root.join(name), run_dir.join(name));
+            if inside.exists() && !same_file(&inside, &kept) {
+                let _ = std::fs::copy(&inside, &kept);
+            }
         }
-        let cg = self.cgroup_dir(vm_id);
-        if let Err(e) = std::fs::remove_dir(&cg)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(vm_id = %vm_id, path = %cg.display(), error = %e, "removing cgroup failed");
+        if let Err(e) = self.clear_jail(&jail).await {
+            tracing::warn!(vm_id = %vm_id, error = %e, "releasing the jail failed; the sweep retries");
         }
     }
 
@@ -724,37 +1115,61 @@ impl VmmDriver for FirecrackerDriver {
         if !self.cfg.jailer.enabled {
             return 0;
         }
-        let j = &self.cfg.jailer;
-        let jails = j.chroot_base.join(self.exec_name());
-        let cgroups = j.cgroup_root.join(&j.parent_cgroup);
-        let mut removed = 0;
-        for (dir, is_cgroup) in [(jails, false), (cgroups, true)] {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let Ok(id) = VmId::parse("vm_id", &name) else {
-                    continue;
-                };
+        let Ok(host) = &self.cgroups else { return 0 };
+        let settings = self.cgroup_settings();
+        let parent = &self.cfg.jailer.parent_cgroup;
+        let mut ids: Vec<String> = Vec::new();
+        let mut dirs = vec![self.jails_dir()];
+        dirs.extend(host.parent_dirs(parent, &settings));
+        for dir in dirs {
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                 let old = e
                     .metadata()
                     .and_then(|m| m.modified())
                     .ok()
                     .and_then(|t| t.elapsed().ok())
                     .is_some_and(|a| a >= grace);
-                if live.contains(&id) || !old {
-                    continue;
+                let name = e.file_name().to_string_lossy().into_owned();
+                if old
+                    && e.path().is_dir()
+                    && VmId::parse("vm_id", &name).is_ok_and(|id| !live.contains(&id))
+                    && !ids.contains(&name)
+                {
+                    ids.push(name);
                 }
-                let res = if is_cgroup {
-                    std::fs::remove_dir(e.path())
-                } else {
-                    std::fs::remove_dir_all(e.path())
-                };
-                if res.is_ok() {
-                    removed += 1;
-                    tracing::info!(vm_id = %id, path = %e.path().display(), "stale jail removed");
+            }
+        }
+        let mut removed = 0;
+        for id in ids {
+            let jail = self.jail(&id);
+            // A process still in the VM's cgroup keeps its jail: it is killed now and the jail
+            // goes on a later pass, once the cgroup is empty.
+            let pids: Vec<i32> = jail
+                .cgroups
+                .iter()
+                .flat_map(|d| jail::cgroup_pids(d))
+                .collect();
+            if !pids.is_empty() {
+                for pid in &pids {
+                    // SAFETY: kill(2) with a pid from the cgroup of a VM that has no VMM; no
+                    // memory is involved.
+                    unsafe { libc::kill(*pid, libc::SIGKILL) };
                 }
+                tracing::warn!(vm_id = %id, pids = ?pids, "processes left in a jail's cgroup killed");
+                continue;
+            }
+            let mut gone = false;
+            if jail.dir.exists() && std::fs::remove_dir_all(&jail.dir).is_ok() {
+                gone = true;
+            }
+            for cg in &jail.cgroups {
+                if cg.exists() && std::fs::remove_dir(cg).is_ok() {
+                    gone = true;
+                }
+            }
+            if gone {
+                removed += 1;
+                tracing::info!(vm_id = %id, path = %jail.dir.display(), cgroups = ?jail.cgroups, "stale jail removed");
             }
         }
         removed
@@ -762,16 +1177,132 @@ impl VmmDriver for FirecrackerDriver {
 
     fn exit_cause(
         &self,
-        _run_dir: &Path,
+        run_dir: &Path,
         status: ExitInfo,
         _reported: Option<&super::ShutdownReason>,
     ) -> ExitCause {
-        // Firecracker exits 0 when its guest shuts down or reboots.
+        // Firecracker exits 0 both when its guest stops it (a reset, Ctrl-Alt-Del) and when a
+        // vCPU dies on an internal error, and a jailed one is not our child, so its status is
+        // unknown. Its log says which.
+        if let Some(line) = crash_line(&run_dir.join(VMM_LOG)) {
+            return ExitCause::Crash(format!("firecracker: {line}"));
+        }
+        if vcpu_failures(&run_dir.join(METRICS_FILE)) > 0 {
+            return ExitCause::Crash("firecracker counted vcpu failures".into());
+        }
         match status {
             ExitInfo::Exited(0) => ExitCause::GuestPoweroff,
             ExitInfo::Exited(c) => ExitCause::Crash(format!("exit code {c}")),
             ExitInfo::Signaled(s) => ExitCause::Signal(s),
-            ExitInfo::Unknown => ExitCause::Unknown,
+            ExitInfo::Unknown => match last_line(&run_dir.join(VMM_LOG)) {
+                // A jailed VMM that stopped on its own says so last.
+                Some(l) if l.contains("Vmm is stopping") || l.contains("exiting successfully") => {
+                    ExitCause::GuestPoweroff
+                }
+                _ => ExitCause::Unknown,
+            },
         }
     }
+
+    fn validate_spec(&self, spec: &VmSpec) -> Result<(), DriverError> {
+        if let Some(why) = jail::firecracker_kernel_problem(&spec.kernel) {
+            return Err(DriverError::InvalidSpec {
+                field: "config.boot.kernel_path".into(),
+                reason: format!("{} {why}", spec.kernel.display()),
+            });
+        }
+        if self.cfg.jailer.enabled {
+            let j = &self.cfg.jailer;
+            for (i, d) in spec.drives.iter().enumerate() {
+                let Ok(meta) = std::fs::metadata(&d.path) else {
+                    continue;
+                };
+                if !d.read_only && !jail::may_access(&meta, j.uid, j.gid, true) {
+                    return Err(DriverError::InvalidSpec {
+                        field: format!("config.storage[{i}].path"),
+                        reason: format!(
+                            "{} is writable in the VM but not by the jailed VMM's user {}:{} \
+                             (owner {}:{}, mode {:o}); metald never changes a drive's owner: \
+                             give the file to that user or group, or make the drive read-only",
+                            d.path.display(),
+                            j.uid,
+                            j.gid,
+                            meta.uid(),
+                            meta.gid(),
+                            meta.mode() & 0o7777
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_host(&self) -> Result<(), String> {
+        if !self.cfg.jailer.enabled {
+            return Ok(());
+        }
+        let j = &self.cfg.jailer;
+        if let Err(e) = &self.cgroups {
+            return Err(format!("firecracker.jailer: {e}"));
+        }
+        if let Some(why) = jail::jailed_binary_problem(&self.cfg.binary) {
+            return Err(format!("firecracker.binary: {why}"));
+        }
+        std::fs::create_dir_all(&j.chroot_base).map_err(|e| {
+            format!(
+                "firecracker.jailer.chroot_base {}: {e}",
+                j.chroot_base.display()
+            )
+        })?;
+        Ok(())
+    }
+}
+
+/// The last lines of a file, at most `max` bytes of it.
+fn tail(path: &Path, max: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
+    let mut buf = Vec::new();
+    let _ = f.take(max).read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// The line of Firecracker's log that says its VM died rather than stopped: a vCPU's fatal KVM
+/// exit or run failure, or a panic.
+fn crash_line(log: &Path) -> Option<String> {
+    const MARKS: [&str; 6] = [
+        "KVM_EXIT_INTERNAL_ERROR",
+        "KVM_EXIT_FAIL_ENTRY",
+        "Failed to run vcpu",
+        "MicroVM stopped with an error",
+        "panicked at",
+        "Firecracker exiting with error",
+    ];
+    tail(log, 64 * 1024)
+        .lines()
+        .find(|l| MARKS.iter().any(|m| l.contains(m)))
+        .map(|l| l.trim().chars().take(300).collect())
+}
+
+fn last_line(log: &Path) -> Option<String> {
+    tail(log, 4096)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(str::to_string)
+}
+
+/// `vcpu.failures` from the last metrics record Firecracker flushed (one JSON object a line).
+fn vcpu_failures(metrics: &Path) -> u64 {
+    tail(metrics, 64 * 1024)
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .and_then(|v| v.get("vcpu")?.get("failures")?.as_u64())
+        .unwrap_or(0)
 }

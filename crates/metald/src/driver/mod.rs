@@ -6,6 +6,7 @@
 //! a VMM must go now. Exit is observed through the pidfd in [`VmmProcess`], never by polling.
 
 pub mod firecracker;
+pub mod jail;
 pub mod qemu;
 pub mod qga;
 pub mod qmp;
@@ -57,6 +58,14 @@ pub enum DriverError {
     /// The VMM exited while starting.
     #[error("the VMM exited during start-up: {0}")]
     EarlyExit(String),
+    /// A VM's config cannot run on this driver; `field` names the request field.
+    #[error("{field}: {reason}")]
+    InvalidSpec {
+        /// Dotted path of the request field.
+        field: String,
+        /// Why.
+        reason: String,
+    },
     /// The driver does not support this operation.
     #[error("{0} is not supported by the {1} driver")]
     Unsupported(&'static str, &'static str),
@@ -381,13 +390,32 @@ pub trait VmmDriver: Send + Sync + 'static {
     /// the agent's byte stream: what the driver needed to reach it (a handshake) is done.
     async fn agent_connect(&self, ep: &VmmEndpoint) -> Result<AgentStream, DriverError>;
 
-    /// Writes a snapshot of a paused VM into the directory `dest`; `diff` asks for only the
-    /// memory dirtied since the last snapshot.
-    async fn snapshot(&self, ep: &VmmEndpoint, dest: &Path, diff: bool) -> Result<(), DriverError>;
+    /// Writes a complete snapshot of a paused VM into the directory `dest`. With `diff`, the VMM
+    /// writes only the memory dirtied since the snapshot in `base` (the last one of this VMM),
+    /// and the driver merges it onto a copy of that base, so that what `dest` holds can be
+    /// restored alone.
+    async fn snapshot(
+        &self,
+        ep: &VmmEndpoint,
+        dest: &Path,
+        diff: Option<&Path>,
+    ) -> Result<(), DriverError>;
 
     /// Loads a snapshot written by [`VmmDriver::snapshot`] into a VMM spawned with
     /// `SpawnRequest::restore`; the guest stays paused until `boot`.
-    async fn restore(&self, ep: &VmmEndpoint, src: &Path) -> Result<(), DriverError>;
+    async fn restore(&self, ep: &VmmEndpoint, spec: &VmSpec, src: &Path)
+    -> Result<(), DriverError>;
+
+    /// Checks, at CreateVm, that a VM's config can run on this driver (a kernel in the format
+    /// the VMM boots, files the VMM's user may open).
+    fn validate_spec(&self, _spec: &VmSpec) -> Result<(), DriverError> {
+        Ok(())
+    }
+
+    /// Checks, at start-up, that this host can run the driver as configured.
+    fn check_host(&self) -> Result<(), String> {
+        Ok(())
+    }
 
     /// Whether a process command line is this VM's VMM, so a pid found in the registry is only
     /// adopted if the process really is ours.
@@ -398,8 +426,8 @@ pub trait VmmDriver: Send + Sync + 'static {
     fn identify(&self, proc_: &crate::process::ProcInfo, run_root: &Path) -> Option<VmId>;
 
     /// Removes what a VM's VMM left outside the run directory once it is gone (a jail, a
-    /// cgroup). Idempotent.
-    fn release(&self, _vm_id: &VmId) {}
+    /// cgroup, and any process still in them), keeping its logs in `run_dir`. Idempotent.
+    async fn release(&self, _vm_id: &VmId, _run_dir: &Path) {}
 
     /// Removes leftovers (jails, cgroups) of VMs not in `live`, older than `grace`; returns how
     /// many it removed.

@@ -389,8 +389,13 @@ impl VmmDriver for QemuDriver {
             .map_err(|e| DriverError::connect(&path, &e))
     }
 
-    async fn snapshot(&self, ep: &VmmEndpoint, dest: &Path, diff: bool) -> Result<(), DriverError> {
-        if diff {
+    async fn snapshot(
+        &self,
+        ep: &VmmEndpoint,
+        dest: &Path,
+        diff: Option<&Path>,
+    ) -> Result<(), DriverError> {
+        if diff.is_some() {
             return Err(DriverError::Unsupported("a diff snapshot", "qemu"));
         }
         // QEMU's snapshot is its migration stream, written to a file (this QEMU has no file:
@@ -400,7 +405,12 @@ impl VmmDriver for QemuDriver {
         self.wait_migration(ep).await
     }
 
-    async fn restore(&self, ep: &VmmEndpoint, src: &Path) -> Result<(), DriverError> {
+    async fn restore(
+        &self,
+        ep: &VmmEndpoint,
+        _spec: &VmSpec,
+        src: &Path,
+    ) -> Result<(), DriverError> {
         let uri = format!("exec:cat {}", shell_quote(&src.join(MIGRATION_FILE))?);
         self.qmp(ep, "migrate-incoming", Some(json!({ "uri": uri })))
             .await?;
