@@ -9,6 +9,11 @@ cd "$(dirname "$0")/.."
 scripts/deps.sh
 scripts/build-guest.sh
 
+# The jailer copies only the firecracker binary into an empty chroot, so the jailer tests need
+# a statically linked Firecracker stand-in (crates/fc-standin/tests/jailer.rs).
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --locked -p fc-standin \
+  --bin firecracker-standin --target x86_64-unknown-linux-gnu --target-dir target/static
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 log=$(mktemp)

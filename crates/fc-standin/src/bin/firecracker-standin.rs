@@ -63,6 +63,8 @@ struct State {
 
 /// Firecracker's log, set with PUT /logger.
 static LOG: Mutex<Option<PathBuf>> = Mutex::new(None);
+/// Firecracker's metrics file, set with PUT /metrics.
+static METRICS: Mutex<Option<PathBuf>> = Mutex::new(None);
 /// The instance id, for log lines.
 static INSTANCE: Mutex<String> = Mutex::new(String::new());
 
@@ -526,6 +528,12 @@ fn handle(
             match body[key].as_str() {
                 Some(p) if std::fs::OpenOptions::new().append(true).open(p).is_err() => {
                     fault(format!("Cannot open {p}"))
+                }
+                Some(p) if tpl == "/metrics" => {
+                    if let Ok(mut m) = METRICS.lock() {
+                        *m = Some(PathBuf::from(p));
+                    }
+                    reply(StatusCode::NO_CONTENT, Value::Null)
                 }
                 Some(p) if tpl == "/logger" => {
                     if let Ok(mut l) = LOG.lock() {

@@ -454,7 +454,10 @@ impl FirecrackerDriver {
             {
                 break pid;
             }
-            if jail.cgroups.iter().all(|d| jail::cgroup_pids(d).is_empty()) && !pid_file.exists() {
+            if !jail.cgroups.is_empty()
+                && jail.cgroups.iter().all(|d| jail::cgroup_pids(d).is_empty())
+                && !pid_file.exists()
+            {
                 return Err(DriverError::EarlyExit(format!(
                     "the jailed firecracker exited before writing {}: {}",
                     pid_file.display(),
@@ -1041,10 +1044,11 @@ impl VmmDriver for FirecrackerDriver {
         } else {
             src.display().to_string()
         };
-        // A restored VMM logs and counts like a booted one.
+        // A restored VMM logs, counts and prints its console like a booted one.
         let paths = self.paths(ep, spec);
         let mut pre = Self::config_requests(spec, &paths);
-        pre.retain(|r| r.path == "/logger" || r.path == "/metrics");
+        // A jailed, daemonized VMM's console goes to a file (`/serial`), restored or not.
+        pre.retain(|r| matches!(r.path.as_str(), "/logger" | "/metrics" | "/serial"));
         for req in &pre {
             self.api(ep, req).await?;
         }
