@@ -77,6 +77,24 @@ enum Bench {
         #[arg(long, default_value_t = 600)]
         soak_secs: u64,
     },
+    /// Firecracker under the jailer: jailed CreateVm and CreateVm+BootVm latency, SIGKILL →
+    /// recovered, starts cut off at each step of the jailer's sequence (and what they leave),
+    /// and what is left in the jails and cgroups at the end. Uses the static Firecracker
+    /// stand-in and the jailer stand-in unless given real binaries.
+    Jailer {
+        /// A statically linked firecracker (default: target/static/.../firecracker-standin).
+        #[arg(long)]
+        firecracker: Option<PathBuf>,
+        /// The jailer (default: target/release/jailer-standin).
+        #[arg(long)]
+        jailer: Option<PathBuf>,
+        /// Jailed VMs to create and boot one after another.
+        #[arg(long, default_value_t = 50)]
+        creates: usize,
+        /// SIGKILLs of a jailed VMM to time to its recovery.
+        #[arg(long, default_value_t = 20)]
+        kills: usize,
+    },
     /// Chaos: random SIGKILLs, SIGSTOPs and control-socket deletions against running VMs, with
     /// automatic recovery on; recovery rate and times, false recoveries, leftovers.
     Chaos {
@@ -1338,6 +1356,166 @@ fn live_vmm_pids(state: &Path) -> Vec<i32> {
     out
 }
 
+/// Processes in any cgroup under `<controller mount>/<parent>`, across hierarchies.
+fn cgroup_processes(parent: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut parents: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join(parent))
+        .collect();
+    parents.push(PathBuf::from("/sys/fs/cgroup").join(parent));
+    for p in parents {
+        for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+            out.extend(
+                std::fs::read_to_string(e.path().join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|x| x.parse::<i32>().ok()),
+            );
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+fn remove_cgroups(parent: &str) {
+    for e in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let p = e.path().join(parent);
+        for v in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+            let _ = std::fs::remove_dir(v.path());
+        }
+        let _ = std::fs::remove_dir(&p);
+    }
+}
+
+fn stats(v: &[f64]) -> Value {
+    json!({
+        "n": v.len(),
+        "p50": percentile(v, 50.0),
+        "p99": percentile(v, 99.0),
+        "max": v.iter().copied().fold(0.0, f64::max),
+    })
+}
+
+async fn jailer_bench(
+    root: &Path,
+    firecracker: Option<PathBuf>,
+    jailer: Option<PathBuf>,
+    creates: usize,
+    kills: usize,
+) -> Result<Value> {
+    let fc = firecracker.unwrap_or_else(|| {
+        root.join("target/static/x86_64-unknown-linux-gnu/debug/firecracker-standin")
+    });
+    let jailer = jailer.unwrap_or_else(|| root.join("target/release/jailer-standin"));
+    let real = !fc.display().to_string().contains("standin");
+    let parent = format!("mdb-{}", std::process::id());
+    let base = PathBuf::from(format!("/tmp/mdb-jails-{}", std::process::id()));
+    std::fs::create_dir_all(&base)?;
+    let toml = |extra: &str| {
+        format!(
+            "vmm = \"firecracker\"\n[recovery]\nenabled = true\nretry_interval = 50\nmax_retries = 1000\ncrash_loop_threshold = 100000\n[reconcile]\ninterval = 1000\nstray_grace = 2000\n[firecracker]\nbinary = \"{}\"\n{extra}\n[firecracker.jailer]\nenabled = true\nbinary = \"{}\"\nuid = 4321\ngid = 4321\nchroot_base = \"{}\"\nparent_cgroup = \"{parent}\"\n",
+            fc.display(),
+            jailer.display(),
+            base.display()
+        )
+    };
+    let result = async {
+        let d = Daemon::start_with(root, &toml("")).await?;
+        let mut c = d.client().await?;
+        eprintln!("bench: {creates} jailed CreateVm + BootVm, one after another");
+        let (mut create_ms, mut both_ms) = (Vec::new(), Vec::new());
+        let mut failed = 0;
+        for i in 0..creates {
+            let id = format!("jc{i}");
+            let t0 = Instant::now();
+            if c.create_vm(guest_request(root, &id)).await.is_err() {
+                failed += 1;
+                continue;
+            }
+            create_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+            if c.boot_vm(pb::BootVmRequest { vm_id: id.clone() }).await.is_err() {
+                failed += 1;
+            }
+            both_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+            c.delete_vm(pb::DeleteVmRequest { vm_id: id, force: true }).await?;
+        }
+        let after_creates = cgroup_processes(&parent).len();
+
+        eprintln!("bench: {kills} SIGKILLs of a jailed VMM → recovered");
+        c.create_vm(guest_request(root, "jk")).await?;
+        c.boot_vm(pb::BootVmRequest { vm_id: "jk".into() }).await?;
+        let mut recover_ms = Vec::new();
+        for _ in 0..kills {
+            let info = c
+                .get_vm_info(pb::GetVmInfoRequest { vm_id: "jk".into() })
+                .await?
+                .into_inner();
+            let pid: i32 = info.backend_info.get("pid").and_then(|p| p.parse().ok()).unwrap_or(0);
+            let mark = d.mark();
+            let t0 = Instant::now();
+            // SAFETY: kill takes plain integers; the target is this benchmark's jailed VMM.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            if d
+                .wait_log(mark, Duration::from_secs(30), |l| l.contains("\"vm recovered\""))
+                .await
+                .is_some()
+            {
+                recover_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+            }
+            // Past the stable period is not needed: recovery attempts are counted per failure.
+        }
+        let jk_processes = cgroup_processes(&parent).len();
+        c.delete_vm(pb::DeleteVmRequest { vm_id: "jk".into(), force: true }).await?;
+        drop(d);
+
+        eprintln!("bench: starts cut off by spawn timeouts of 1 to 100 ms");
+        let mut cut = Vec::new();
+        for ms in [1u64, 5, 10, 20, 40, 60, 80, 100] {
+            let d = Daemon::start_with(root, &toml(&format!("spawn_timeout = {ms}"))).await?;
+            let mut c = d.client().await?;
+            let ok = c.create_vm(guest_request(root, "jt")).await.is_ok();
+            // What a failed start leaves: processes in the VM's cgroup, and its jail.
+            let left = cgroup_processes(&parent).len();
+            let jail_left = std::fs::read_dir(&base)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| e.path().join("jt").exists());
+            cut.push(json!({"spawn_timeout_ms": ms, "create_succeeded": ok, "processes_left": if ok { Value::Null } else { json!(left) }, "jail_left": !ok && jail_left}));
+            drop(d);
+        }
+        Ok::<_, anyhow::Error>(json!({
+            "binaries": if real { "real Firecracker v1.16.1 and jailer, built from source (static)" } else { "static Firecracker stand-in and jailer stand-in" },
+            "jailed_create_ms": stats(&create_ms),
+            "jailed_create_and_boot_ms": stats(&both_ms),
+            "failed_creates": failed,
+            "processes_in_cgroups_after_creates": after_creates,
+            "sigkill_to_recovered_ms": stats(&recover_ms),
+            "recoveries": format!("{}/{kills}", recover_ms.len()),
+            "processes_in_cgroups_during_recoveries": jk_processes,
+            "starts_cut_off": cut,
+            "note": "a jailed start waits for the jailer to exit, its daemon's pid file, the exec of firecracker and the API socket; the jailer stand-in widens the pid-file and exec windows to 40 ms each on purpose",
+        }))
+    }
+    .await;
+    for pid in cgroup_processes(&parent) {
+        // SAFETY: kill takes plain integers; these run in this benchmark's cgroups.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    remove_cgroups(&parent);
+    let _ = std::fs::remove_dir_all(&base);
+    result
+}
+
 fn write_results(root: &Path, name: &str, figures: &Value) -> Result<()> {
     let dir = root.join("bench/results");
     std::fs::create_dir_all(&dir)?;
@@ -1401,6 +1579,15 @@ async fn main() -> Result<()> {
             secs,
             mean_gap,
         } => ("chaos", chaos(&root, vms, secs, mean_gap).await?),
+        Bench::Jailer {
+            firecracker,
+            jailer,
+            creates,
+            kills,
+        } => (
+            "jailer",
+            jailer_bench(&root, firecracker, jailer, creates, kills).await?,
+        ),
     };
     println!("{}", serde_json::to_string_pretty(&figures)?);
     write_results(&root, name, &figures)?;

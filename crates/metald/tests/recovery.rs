@@ -108,7 +108,7 @@ async fn failing_recovery_backs_off_then_fails_and_recover_vm_brings_it_back() {
     );
     assert!(
         hist[0].error.contains("exited during start-up")
-            || hist[0].error.contains("kernel_image_path"),
+            || hist[0].error.contains("kernel file cannot be opened"),
         "{}",
         hist[0].error
     );
