@@ -1584,10 +1584,16 @@ async fn main() -> Result<()> {
             jailer,
             creates,
             kills,
-        } => (
-            "jailer",
-            jailer_bench(&root, firecracker, jailer, creates, kills).await?,
-        ),
+        } => {
+            // Runs against the real binaries are kept beside the stand-ins' figures.
+            let real = firecracker
+                .as_ref()
+                .is_some_and(|p| !p.to_string_lossy().contains("standin"));
+            (
+                if real { "jailer-real" } else { "jailer" },
+                jailer_bench(&root, firecracker, jailer, creates, kills).await?,
+            )
+        }
     };
     println!("{}", serde_json::to_string_pretty(&figures)?);
     write_results(&root, name, &figures)?;
