@@ -146,8 +146,43 @@ impl Jails {
     }
 }
 
+impl Jails {
+    /// Processes whose root directory is one of this test's jails (a VMM that escaped its
+    /// cgroup, or one started without a cgroup), by device and inode.
+    fn jailed_anywhere(&self) -> Vec<i32> {
+        let roots: Vec<(u64, u64)> = std::fs::read_dir(self.base())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|exec| {
+                std::fs::read_dir(exec.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
+            .filter_map(|vm| std::fs::metadata(vm.path().join("root")).ok())
+            .map(|m| (m.dev(), m.ino()))
+            .collect();
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if let Ok(m) = std::fs::metadata(format!("/proc/{pid}/root"))
+                && roots.contains(&(m.dev(), m.ino()))
+            {
+                out.push(pid);
+            }
+        }
+        out
+    }
+}
+
 impl Drop for Jails {
     fn drop(&mut self) {
+        for pid in self.jailed_anywhere() {
+            signal(pid, libc::SIGKILL);
+        }
         for _ in 0..200 {
             let pids = self.processes();
             if pids.is_empty() {
@@ -166,6 +201,30 @@ impl Drop for Jails {
         }
         let _ = std::fs::remove_dir_all(&self.top);
     }
+}
+
+/// Live processes whose command line has `--id <vm>` (a jailer or a jailed firecracker).
+fn with_id(vm: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = stat
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+        if !zombie
+            && args
+                .windows(2)
+                .any(|w| w[0] == b"--id" && w[1] == vm.as_bytes())
+        {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 fn exec_name(binary: &Path) -> String {
@@ -277,10 +336,14 @@ async fn a_jailed_start_that_fails_at_any_step_leaves_no_process_jail_or_cgroup(
         }
         failed += 1;
         eprintln!("spawn timeout {ms} ms: {}", err.unwrap_err().message());
-        // Whatever the start had begun is gone.
+        // Whatever the start had begun is gone: nothing in the VM's cgroup, and no process of
+        // the VM's anywhere (the jailer's daemon or firecracker, found by its `--id`).
         let left = async {
             for _ in 0..100 {
-                if j.processes().is_empty() && j.cgroups_of("jf").is_empty() {
+                if j.processes().is_empty()
+                    && j.cgroups_of("jf").is_empty()
+                    && with_id("jf").is_empty()
+                {
                     return true;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -289,8 +352,9 @@ async fn a_jailed_start_that_fails_at_any_step_leaves_no_process_jail_or_cgroup(
         };
         assert!(
             left.await,
-            "timeout {ms} ms left processes {:?}",
-            j.processes()
+            "timeout {ms} ms left processes {:?} {:?}",
+            j.processes(),
+            with_id("jf")
         );
         assert!(
             !j.jail(&exec_name(&fc), "jf").exists(),
@@ -593,7 +657,7 @@ async fn a_dynamically_linked_firecracker_under_the_jailer_is_a_start_up_error()
     )
     .unwrap();
     let state = PathBuf::from(format!("/tmp/mdt-d{}", std::process::id()));
-    let out = std::process::Command::new(bin("metald"))
+    let mut child = std::process::Command::new(bin("metald"))
         .arg("--state-dir")
         .arg(&state)
         .arg("--config")
@@ -601,11 +665,29 @@ async fn a_dynamically_linked_firecracker_under_the_jailer_is_a_start_up_error()
         .arg("--asset-dir")
         .arg(guest_dir())
         .args(["--vmm", "firecracker"])
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(!out.status.success());
+    // It must refuse at once; one that starts is killed (bounded) and the test fails.
+    let mut exited = None;
+    for _ in 0..200 {
+        if let Some(st) = child.try_wait().unwrap() {
+            exited = Some(st);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if exited.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let _ = std::fs::remove_dir_all(&state);
+    assert!(
+        exited.is_some_and(|s| !s.success()),
+        "metald started with a dynamic firecracker"
+    );
     let err =
         String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
-    let _ = std::fs::remove_dir_all(&state);
     assert!(err.contains("dynamically linked"), "{err}");
 }
