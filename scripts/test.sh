@@ -21,10 +21,10 @@ trap 'rm -f "$log"' EXIT
 set +e
 cargo test --workspace --locked -- --test-threads="${METALD_TEST_THREADS:-2}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
-# The lifecycle, detection, recovery and guest suites again on the Firecracker driver: against the real
+# The lifecycle, detection, recovery, guest and degraded suites again on the Firecracker driver: against the real
 # binary when FIRECRACKER_BIN is set, otherwise against the labelled stand-in (crates/fc-standin).
 METALD_TEST_VMM=firecracker cargo test --locked -p metald --test lifecycle --test detection \
-  --test recovery --test guest -- --test-threads="${METALD_TEST_THREADS:-2}" 2>&1 | tee -a "$log"
+  --test recovery --test guest --test degraded -- --test-threads="${METALD_TEST_THREADS:-2}" 2>&1 | tee -a "$log"
 fc_status=${PIPESTATUS[0]}
 [ "$status" -ne 0 ] || status=$fc_status
 set -e

@@ -26,6 +26,27 @@ struct Cli {
 // Parsed once per run, so the size of the largest variant does not matter.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
+enum HostCmd {
+    /// Show the mode, why and since when, free space and whether the registry takes writes.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set the mode: normal, readonly (reads and supervision only) or maintenance (no new VMs,
+    /// no automatic recovery).
+    Mode {
+        /// normal, readonly or maintenance.
+        mode: String,
+        /// Why (required for readonly and maintenance).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+// Parsed once per run; boxing Create's many flags would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
 enum Cmd {
     /// Create a VM (its VMM starts, configured but not booted); prints its id.
     Create {
@@ -121,6 +142,11 @@ enum Cmd {
     },
     /// Run a reconcile pass now and show what it found and did.
     Reconcile,
+    /// The host's mode: `host status`, `host mode normal|readonly|maintenance --reason TEXT`.
+    Host {
+        #[command(subcommand)]
+        cmd: HostCmd,
+    },
     /// Show the event history of one VM (or all), and with --follow keep printing new events.
     Events {
         /// VM id; all VMs when omitted.
@@ -687,6 +713,45 @@ async fn run(cli: Cli) -> Result<()> {
                 "{id} auto_recover={}",
                 if r.auto_recover { "on" } else { "off" }
             );
+        }
+        Cmd::Host {
+            cmd: HostCmd::Status { json },
+        } => {
+            let r = rpc(c.get_host_status(pb::GetHostStatusRequest {}).await)?;
+            let m = r.mode.unwrap_or_default();
+            let v = json!({
+                "mode": m.mode,
+                "reason": m.reason,
+                "set_by": m.set_by,
+                "since": ts(&m.since),
+                "free_bytes": r.free_bytes,
+                "min_free_bytes": r.min_free_bytes,
+                "registry_writable": r.registry_writable,
+                "registry_error": r.registry_error,
+            });
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if let Some(m) = v.as_object() {
+                for (k, v) in m {
+                    println!("{:<20}{}", k.to_ascii_uppercase(), v);
+                }
+            }
+        }
+        Cmd::Host {
+            cmd: HostCmd::Mode { mode, reason },
+        } => {
+            let who = std::env::var("USER")
+                .or_else(|_| std::env::var("LOGNAME"))
+                .unwrap_or_default();
+            let r = rpc(c
+                .set_host_mode(pb::SetHostModeRequest {
+                    mode,
+                    reason,
+                    requested_by: who,
+                })
+                .await)?;
+            let m = r.mode.unwrap_or_default();
+            println!("host mode {} ({}; set by {})", m.mode, m.reason, m.set_by);
         }
         Cmd::RecoveryStatus { json } => {
             let r = rpc(c.get_recovery_status(pb::GetRecoveryStatusRequest {}).await)?;

@@ -62,8 +62,42 @@ impl From<Error> for Status {
             Error::Driver(crate::driver::DriverError::InvalidSpec { .. }) => {
                 Status::invalid_argument(msg)
             }
+            // The VMM went away under the call (it died, or is being replaced): the VM's
+            // controller is already handling it.
+            Error::Driver(
+                crate::driver::DriverError::Socket {
+                    unreachable: true, ..
+                }
+                | crate::driver::DriverError::Closed,
+            ) => Status::unavailable(format!(
+                "{msg}: the VMM is gone and the VM is being recovered; retry the call"
+            )),
             Error::Driver(_) => Status::internal(msg),
             Error::Config(_) => Status::failed_precondition(msg),
+            Error::HostMode(_) => Status::unavailable(msg),
+            // The host ran out of something (a full disk, files, memory): the caller may retry
+            // once it is back; not a fault of metald's.
+            Error::Store(rusqlite::Error::SqliteFailure(f, _))
+                if f.code == rusqlite::ErrorCode::DiskFull =>
+            {
+                Status::resource_exhausted(msg)
+            }
+            Error::Io { ref source, .. }
+                if matches!(
+                    source.raw_os_error(),
+                    Some(
+                        libc::ENOSPC
+                            | libc::EDQUOT
+                            | libc::ENOMEM
+                            | libc::EMFILE
+                            | libc::ENFILE
+                            | libc::EAGAIN
+                    )
+                ) =>
+            {
+                Status::resource_exhausted(msg)
+            }
+            ref e if e.registry_unwritable() => Status::unavailable(msg),
             Error::Store(_) | Error::CorruptRow { .. } | Error::Io { .. } => Status::internal(msg),
         }
     }
@@ -90,6 +124,15 @@ fn state_from_pb(field: &str, v: i32) -> Result<VmState, Error> {
         Ok(pb::VmState::Orphaned) => Ok(VmState::Orphaned),
         Ok(pb::VmState::Failed) => Ok(VmState::Failed),
         _ => Err(Error::invalid(field, format!("{v} is not a VM state"))),
+    }
+}
+
+fn host_mode_to_pb(m: &crate::host::HostMode) -> pb::HostMode {
+    pb::HostMode {
+        mode: m.mode.as_str().into(),
+        reason: m.reason.clone(),
+        set_by: m.set_by.clone(),
+        since: Some(ts(m.since_ms)),
     }
 }
 
@@ -516,6 +559,46 @@ impl VmService for VmApi {
         }))
     }
 
+    async fn get_host_status(
+        &self,
+        _req: Request<pb::GetHostStatusRequest>,
+    ) -> Result<Response<pb::GetHostStatusResponse>, Status> {
+        let st = self.sup.host().status();
+        Ok(Response::new(pb::GetHostStatusResponse {
+            mode: Some(host_mode_to_pb(&st.mode)),
+            free_bytes: st.free_bytes,
+            min_free_bytes: self.sup.config().degraded.min_free_bytes,
+            registry_writable: st.registry_writable,
+            registry_error: st.registry_error,
+        }))
+    }
+
+    async fn set_host_mode(
+        &self,
+        req: Request<pb::SetHostModeRequest>,
+    ) -> Result<Response<pb::SetHostModeResponse>, Status> {
+        let r = req.into_inner();
+        let mode = crate::host::Mode::parse("mode", &r.mode)?;
+        let reason = r.reason.trim().to_string();
+        if mode != crate::host::Mode::Normal && reason.is_empty() {
+            return Err(
+                Error::invalid("reason", "is required for readonly and maintenance").into(),
+            );
+        }
+        if reason.len() > 1024 || r.requested_by.len() > 256 {
+            return Err(Error::invalid("reason", "at most 1024 bytes (requested_by 256)").into());
+        }
+        let set_by = if r.requested_by.trim().is_empty() {
+            "operator".to_string()
+        } else {
+            r.requested_by.trim().to_string()
+        };
+        let m = self.sup.set_host_mode(mode, reason, set_by).await?;
+        Ok(Response::new(pb::SetHostModeResponse {
+            mode: Some(host_mode_to_pb(&m)),
+        }))
+    }
+
     async fn get_guest_info(
         &self,
         req: Request<pb::GetGuestInfoRequest>,
@@ -725,12 +808,19 @@ impl VmService for VmApi {
                 .map_err(|_| Error::invalid("page_token", "is not a token from ListVms"))?;
             Some(id.to_string())
         };
-        let (rows, total) = self
+        // From the controllers, which hold the truth even while the registry is behind.
+        let matching: Vec<VmRecord> = self
             .sup
-            .store()
-            .page(states, after, size + 1)
-            .await
-            .map_err(Status::from)?;
+            .all_live()
+            .into_iter()
+            .filter(|r| states.is_empty() || states.contains(&r.observed))
+            .collect();
+        let total = matching.len();
+        let rows: Vec<VmRecord> = matching
+            .into_iter()
+            .filter(|r| after.as_deref().is_none_or(|a| r.vm_id.as_str() > a))
+            .take(size + 1)
+            .collect();
         let more = rows.len() > size;
         let rows: Vec<VmRecord> = rows.into_iter().take(size).collect();
         let next_page_token = if more {

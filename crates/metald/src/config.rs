@@ -164,6 +164,29 @@ pub struct Config {
     pub metrics_listen: String,
     /// Events kept per VM in the registry.
     pub events_per_vm: usize,
+    /// When metald goes readonly by itself.
+    pub degraded: DegradedConfig,
+}
+
+/// When metald goes readonly by itself (see [`crate::host`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DegradedConfig {
+    /// Below this many free bytes under the state directory the host is readonly; it is normal
+    /// again above this plus 10 %.
+    pub min_free_bytes: u64,
+    /// How often the disk and a probe write are looked at, in ms.
+    #[serde(with = "millis")]
+    pub check_interval: Duration,
+}
+
+impl Default for DegradedConfig {
+    fn default() -> Self {
+        DegradedConfig {
+            min_free_bytes: 256 << 20,
+            check_interval: Duration::from_secs(1),
+        }
+    }
 }
 
 /// Automatic recovery: how often, how fast, and the host-wide limits.
@@ -550,6 +573,7 @@ impl Default for Config {
             recovery: RecoveryConfig::default(),
             metrics_listen: "127.0.0.1:9464".into(),
             events_per_vm: 200,
+            degraded: DegradedConfig::default(),
         }
     }
 }

@@ -34,9 +34,7 @@ use crate::error::{Error, Result};
 use crate::events::EventBus;
 use crate::guest::{AgentHandle, ProbeResult};
 use crate::metrics::Metrics;
-use crate::model::{
-    Desired, GuestStatus, HealthStatus, OrphanReason, RestartPolicy, Transition, VmState,
-};
+use crate::model::{Desired, GuestStatus, OrphanReason, RestartPolicy, Transition, VmState};
 use crate::recovery::{Admission, RecoveryGate};
 use crate::store::{AttemptRecord, Store, VmRecord, now_ms};
 
@@ -151,14 +149,17 @@ pub struct ControllerEnv {
     pub metrics: Arc<Metrics>,
     /// The event history.
     pub events: Arc<EventBus>,
+    /// The host's mode.
+    pub host: Arc<crate::host::Host>,
 }
 
-/// A VM's live health, shared with the supervisor so that GetVmHealth reads it without
-/// queueing behind an operation in progress.
-pub type SharedHealth = Arc<Mutex<HealthStatus>>;
+/// The VM as its controller knows it, shared with the supervisor so that reads get the truth
+/// without queueing behind an operation in progress, and even while the registry cannot be
+/// written.
+pub type SharedRecord = Arc<Mutex<VmRecord>>;
 
-/// Reads a [`SharedHealth`]; a poisoned lock still holds a usable status.
-pub fn read_health(h: &SharedHealth) -> HealthStatus {
+/// Reads a [`SharedRecord`]; a poisoned lock still holds a usable record.
+pub fn read_live(h: &SharedRecord) -> VmRecord {
     h.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
@@ -200,7 +201,10 @@ pub struct Controller {
     /// When the VMM was last known good (spawned, adopted, or answering), ms since the epoch.
     last_seen_ms: i64,
     /// The live health status, shared with the supervisor.
-    health: SharedHealth,
+    /// What reads see: this VM as the controller knows it.
+    health: SharedRecord,
+    /// The registry is behind `rec` (a write was refused); the next save writes it all.
+    unsaved: bool,
     /// When the next health check is due.
     next_check: Instant,
     /// When the next recovery attempt is due, while one is scheduled.
@@ -258,13 +262,14 @@ impl Controller {
         rec: VmRecord,
         vmm: Option<VmmProcess>,
         env: ControllerEnv,
-    ) -> (ControllerHandle, SharedHealth, tokio::task::JoinHandle<()>) {
+        unsaved: bool,
+    ) -> (ControllerHandle, SharedRecord, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(16);
         let handle = ControllerHandle {
             tx,
             vm_id: rec.vm_id.to_string(),
         };
-        let health = Arc::new(Mutex::new(rec.health.clone()));
+        let health = Arc::new(Mutex::new(rec.clone()));
         let first_check = Instant::now() + jittered(&env.health);
         let ctl = Controller {
             rec,
@@ -272,6 +277,7 @@ impl Controller {
             env,
             last_seen_ms: now_ms(),
             health: health.clone(),
+            unsaved,
             next_check: first_check,
             retry_at: None,
             permit: None,
@@ -326,6 +332,8 @@ impl Controller {
                     let deleting = matches!(req.op, Op::Delete { .. });
                     let creating = matches!(req.op, Op::Create { .. });
                     let res = self.handle(req.op).await;
+                    // Before the reply, so that the caller's next read sees what it did.
+                    self.publish();
                     let gone = deleting && res.is_ok() || creating && res.is_err();
                     let _ = req.reply.send(res);
                     if gone {
@@ -340,6 +348,8 @@ impl Controller {
                 res = recv_opt(&mut self.probes) => self.on_probe(res).await,
                 _ = sleep_until(ready_at) => self.on_ready_deadline().await,
             }
+            // Reads see the VM as this controller now knows it, whatever the handler changed.
+            self.publish();
         }
         debug!(vm_id = %self.rec.vm_id, "controller stopped");
     }
@@ -484,6 +494,10 @@ impl Controller {
     /// of its desired state there.
     async fn reconcile_pass(&mut self) -> Did {
         let mut did = Did::default();
+        if self.unsaved {
+            // The registry refused an earlier write; try again with everything.
+            let _ = self.save().await;
+        }
         if self.vmm.as_ref().is_some_and(|v| v.pidfd.has_exited()) {
             did.missed_exit = true;
             self.on_unexpected_exit().await;
@@ -508,6 +522,22 @@ impl Controller {
             }
             VmState::Orphaned | VmState::Failed if want == VmState::Shutdown => {
                 did.converged = self.set_observed(VmState::Shutdown).await.is_ok();
+            }
+            // No VMM where the caller wants one: a metald killed between the steps of an
+            // operation (a reboot's stop and its new start, a create's row and its VMM) left the
+            // VM short of what was asked. Start it, unless the host is in maintenance.
+            VmState::Shutdown | VmState::Created
+                if idle && self.vmm.is_none() && want != VmState::Shutdown =>
+            {
+                if !self.env.host.recovery_allowed() {
+                    info!(vm_id = %self.rec.vm_id, observed = %self.rec.observed, desired = %want, "host in maintenance; vm left short of its desired state");
+                    return did;
+                }
+                info!(vm_id = %self.rec.vm_id, observed = %self.rec.observed, desired = %want, "converging a vm with no vmm to its desired state");
+                match self.reconcile(None).await {
+                    Ok(()) => did.converged = true,
+                    Err(e) => warn!(vm_id = %self.rec.vm_id, error = %e, "converging failed"),
+                }
             }
             _ => {}
         }
@@ -535,6 +565,11 @@ impl Controller {
         }
         if self.rec.spec.restart_policy == RestartPolicy::Never {
             info!(vm_id = %self.rec.vm_id, reason = trigger, "restart policy is never; vm left as is");
+            return false;
+        }
+        if !self.env.host.recovery_allowed() {
+            // Reported, not restarted: the reconcile loop schedules it once maintenance ends.
+            info!(vm_id = %self.rec.vm_id, reason = trigger, "host in maintenance; vm left as is");
             return false;
         }
         let attempt = self.rec.recovery_streak + 1;
@@ -990,15 +1025,22 @@ impl Controller {
             // The guest asked to power off: that is the VM's wish, not a crash. It stays off.
             self.rec.last_exit = Some(exit.clone());
             self.rec.desired = Desired::State(VmState::Shutdown);
-            let res = match self
+            // The guest's own wish, not a caller's: kept in memory (and written with the next
+            // save) when the registry refuses it, like any observed change.
+            if let Err(e) = self
                 .env
                 .store
                 .set_desired(&self.rec.vm_id, self.rec.desired)
                 .await
             {
-                Ok(()) => self.set_observed(VmState::Shutdown).await,
-                Err(e) => Err(e),
-            };
+                if e.registry_unwritable() {
+                    self.unsaved = true;
+                    self.env.host.registry_failed(&e.to_string());
+                } else {
+                    warn!(vm_id = %self.rec.vm_id, error = %e, "recording the guest's power-off failed");
+                }
+            }
+            let res = self.set_observed(VmState::Shutdown).await;
             info!(vm_id = %self.rec.vm_id, pid, exit = %exit, "vm powered off by guest");
             res
         } else {
@@ -1467,7 +1509,7 @@ impl Controller {
                 let res = if changed {
                     self.save().await
                 } else {
-                    self.publish_health();
+                    self.publish();
                     Ok(())
                 };
                 if recovered {
@@ -1520,7 +1562,7 @@ impl Controller {
                     warn!(vm_id = %self.rec.vm_id, pid = ep.pid, reason = reason.as_str(), "vm unhealthy");
                     res
                 } else {
-                    self.publish_health();
+                    self.publish();
                     Ok(())
                 }
             }
@@ -1603,7 +1645,14 @@ impl Controller {
 
     async fn set_desired(&mut self, d: Desired) -> Result<()> {
         if self.rec.desired != d {
-            self.env.store.set_desired(&self.rec.vm_id, d).await?;
+            // A caller's wish is acknowledged only once it is recorded: a refused write fails
+            // the call (and puts the host in readonly), and nothing changes.
+            if let Err(e) = self.env.store.set_desired(&self.rec.vm_id, d).await {
+                if e.registry_unwritable() {
+                    self.env.host.registry_failed(&e.to_string());
+                }
+                return Err(e);
+            }
             self.rec.desired = d;
             self.rec.updated_at_ms = now_ms();
         }
@@ -1631,16 +1680,46 @@ impl Controller {
         Ok(())
     }
 
-    /// Commits the runtime part of the row and publishes the health status.
+    /// Publishes the VM's state to reads, then commits the runtime part of the row. The truth
+    /// goes out first: a registry that refuses the write (a full disk, an I/O error) must not
+    /// leave reads and metrics showing a VM as it no longer is. A refused write is kept in
+    /// memory, the host goes readonly, and the next save (the reconcile loop tries each pass)
+    /// writes everything that is pending, desired state included.
     async fn save(&mut self) -> Result<()> {
-        self.env.store.save_runtime(&self.rec).await?;
         self.rec.updated_at_ms = now_ms();
-        self.publish_health();
-        Ok(())
+        self.publish();
+        let mut res = self.env.store.save_runtime(&self.rec).await;
+        if res.is_ok() && self.unsaved {
+            res = self
+                .env
+                .store
+                .set_desired(&self.rec.vm_id, self.rec.desired)
+                .await;
+        }
+        match res {
+            Ok(()) => {
+                if self.unsaved {
+                    self.unsaved = false;
+                    info!(vm_id = %self.rec.vm_id, "registry caught up with the vm");
+                }
+                Ok(())
+            }
+            Err(e) if e.registry_unwritable() => {
+                self.env.metrics.registry_write_failures.inc();
+                if !self.unsaved {
+                    warn!(vm_id = %self.rec.vm_id, error = %e, observed = %self.rec.observed, "registry write refused; the vm's state is kept in memory until it can be written");
+                }
+                self.unsaved = true;
+                self.env.host.registry_failed(&e.to_string());
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
-    fn publish_health(&self) {
-        *self.health.lock().unwrap_or_else(|p| p.into_inner()) = self.rec.health.clone();
+    /// Publishes the VM's record to reads.
+    fn publish(&self) {
+        *self.health.lock().unwrap_or_else(|p| p.into_inner()) = self.rec.clone();
     }
 }
 

@@ -37,7 +37,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     for d in drivers.all() {
         d.check_host().map_err(Error::Config)?;
     }
-    let sup = Supervisor::new(cfg.clone(), store, drivers);
+    // The mode an operator set survives restarts; metald's own readonly is re-derived below.
+    let operator_mode = store.host_mode().await?.unwrap_or_default();
+    let sup = Supervisor::new(cfg.clone(), store, drivers, operator_mode);
     let ready = Arc::new(AtomicBool::new(false));
     let metrics_server = if cfg.metrics_listen.is_empty() {
         None
@@ -45,6 +47,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         let (l, _) = metrics::bind(&cfg.metrics_listen).await?;
         Some(metrics::serve(l, sup.clone(), ready.clone()))
     };
+    // The disk and the registry are looked at before anything is written.
+    sup.check_host().await;
+    let host_monitor = sup.spawn_host_monitor();
     let report = sup.attach_all().await?;
     // The pass at start: orphans found while re-attaching get their recovery scheduled, and
     // strays and stale files left by the last run are found.
@@ -89,6 +94,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         }
     }
     info!("shutting down; vmms keep running");
+    host_monitor.abort();
     if let Some(r) = reconciler {
         r.abort();
     }

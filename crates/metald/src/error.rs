@@ -29,6 +29,9 @@ pub enum Error {
     /// The VM's controller is busy or gone (the daemon is shutting down).
     #[error("vm {0} is unavailable: {1}")]
     Unavailable(String, String),
+    /// The host's mode refuses the call (readonly).
+    #[error("{0}")]
+    HostMode(String),
     /// A wait ran out before what it waited for happened.
     #[error("{0}")]
     DeadlineExceeded(String),
@@ -69,6 +72,26 @@ impl Error {
         }
     }
 
+    /// Whether this is the registry refusing writes for a reason of the host's (a full disk, an
+    /// I/O error, a read-only file system), rather than a fault in the request.
+    pub fn registry_unwritable(&self) -> bool {
+        use rusqlite::ErrorCode as C;
+        match self {
+            Error::Store(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.code,
+                C::DiskFull
+                    | C::ReadOnly
+                    | C::SystemIoFailure
+                    | C::CannotOpen
+                    | C::DatabaseBusy
+                    | C::DatabaseLocked
+                    | C::OutOfMemory
+            ),
+            Error::Io { source, .. } => is_resource_fault(source),
+            _ => false,
+        }
+    }
+
     /// Wraps an I/O error with what metald was doing.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
@@ -76,4 +99,22 @@ impl Error {
             source,
         }
     }
+}
+
+/// Whether an OS error is the host running out of something or failing (a full disk, quota,
+/// read-only file system, I/O error, no memory, too many files), not a fault in the request.
+pub fn is_resource_fault(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ENOSPC
+                | libc::EDQUOT
+                | libc::EROFS
+                | libc::EIO
+                | libc::ENOMEM
+                | libc::EMFILE
+                | libc::ENFILE
+                | libc::EAGAIN
+        )
+    )
 }

@@ -13,7 +13,7 @@
 //! * [`store`]: the SQLite registry (WAL), the single source of truth.
 //!
 //! Beside them: [`guest`] (each VMM's guest agent task, reporting to its controller),
-//! [`config`], [`model`] (validated VM specs and the lifecycle state machine),
+//! [`host`] (the host's mode: normal, readonly, maintenance), [`config`], [`model`] (validated VM specs and the lifecycle state machine),
 //! [`daemon`] (wiring, listeners, graceful shutdown) and [`telemetry`] (structured logs).
 
 pub mod api;
@@ -24,6 +24,7 @@ pub mod driver;
 pub mod error;
 pub mod events;
 pub mod guest;
+pub mod host;
 pub mod metrics;
 pub mod model;
 pub mod process;

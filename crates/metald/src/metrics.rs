@@ -49,6 +49,13 @@ pub struct StateLabel {
     pub state: String,
 }
 
+/// The host-mode label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabel {
+    /// normal, readonly or maintenance.
+    pub mode: String,
+}
+
 /// API request labels.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiLabels {
@@ -126,6 +133,10 @@ pub struct Metrics {
     pub recovery_duration: Histogram,
     /// `metald_vms{state}`
     pub vms: Family<StateLabel, Gauge<i64, AtomicI64>>,
+    /// `metald_host_mode{mode}`: 1 for the mode in force.
+    pub host_mode: Family<ModeLabel, Gauge<i64, AtomicI64>>,
+    /// `metald_registry_write_failures_total`
+    pub registry_write_failures: Counter,
     /// `metald_recovery_breaker_open`
     pub breaker_open: Gauge<i64, AtomicI64>,
     /// `metald_stray_vmms_total`
@@ -157,6 +168,8 @@ impl Metrics {
             guest_probe_failures: Counter::default(),
             recovery_duration: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
             vms: Family::default(),
+            host_mode: Family::default(),
+            registry_write_failures: Counter::default(),
             breaker_open: Gauge::default(),
             strays: Counter::default(),
             api_requests: Family::default(),
@@ -231,6 +244,16 @@ impl Metrics {
             m.recovery_duration.clone(),
         );
         r.register("metald_vms", "VMs by observed state", m.vms.clone());
+        r.register(
+            "metald_host_mode",
+            "1 for the host mode in force (normal, readonly, maintenance)",
+            m.host_mode.clone(),
+        );
+        r.register(
+            "metald_registry_write_failures",
+            "Registry writes refused (a full disk, an I/O error); the state is kept in memory",
+            m.registry_write_failures.clone(),
+        );
         r.register(
             "metald_recovery_breaker_open",
             "1 while the recovery circuit breaker is open or half-open",
@@ -319,6 +342,15 @@ impl Metrics {
                 })
                 .set(n);
         }
+    }
+
+    /// Sets `metald_host_mode{mode}`.
+    pub fn host_mode(&self, mode: &str, on: bool) {
+        self.host_mode
+            .get_or_create(&ModeLabel {
+                mode: mode.to_string(),
+            })
+            .set(i64::from(on));
     }
 
     /// The text exposition.

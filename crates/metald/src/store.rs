@@ -77,6 +77,12 @@ CREATE TABLE snapshots (
     r#"
 ALTER TABLE vms ADD COLUMN guest TEXT;
 "#,
+    r#"
+CREATE TABLE host (
+    key   TEXT PRIMARY KEY NOT NULL,
+    value TEXT NOT NULL
+);
+"#,
 ];
 
 /// A snapshot taken with SnapshotVm.
@@ -605,6 +611,46 @@ impl Store {
                 out.push(r??);
             }
             Ok((out, usize::try_from(total).unwrap_or(0)))
+        })
+        .await
+    }
+
+    /// The host mode an operator set, if any.
+    pub async fn host_mode(&self) -> Result<Option<crate::host::HostMode>> {
+        self.run(|c| {
+            let v: Option<String> = c
+                .query_row("SELECT value FROM host WHERE key = 'mode'", [], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            Ok(v.and_then(|v| serde_json::from_str(&v).ok()))
+        })
+        .await
+    }
+
+    /// Records the host mode an operator set.
+    pub async fn set_host_mode(&self, m: &crate::host::HostMode) -> Result<()> {
+        let v = serde_json::to_string(m).unwrap_or_default();
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO host (key, value) VALUES ('mode', ?1)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![v],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A write that changes nothing of consequence, to learn whether the registry takes writes.
+    pub async fn probe_write(&self) -> Result<()> {
+        self.run(|c| {
+            c.execute(
+                "INSERT INTO host (key, value) VALUES ('probe', ?1)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![now_ms().to_string()],
+            )?;
+            Ok(())
         })
         .await
     }

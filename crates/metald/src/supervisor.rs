@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::controller::{
-    Controller, ControllerEnv, ControllerHandle, Op, SharedHealth, orphan_record, read_health,
+    Controller, ControllerEnv, ControllerHandle, Op, SharedRecord, orphan_record, read_live,
 };
 use crate::driver::qga::GuestInfo;
 use crate::driver::{Drivers, GuestRun, VmmDriver, VmmProcess};
@@ -29,7 +29,8 @@ use crate::store::{SnapshotRecord, Store, VmRecord, now_ms};
 
 struct Entry {
     handle: ControllerHandle,
-    health: SharedHealth,
+    /// The VM as its controller knows it, which is the truth even when the registry is behind.
+    live: SharedRecord,
     task: JoinHandle<()>,
 }
 
@@ -95,11 +96,23 @@ pub struct AttachReport {
 
 impl Supervisor {
     /// A supervisor over `store`, driving VMMs through `driver`.
-    pub fn new(cfg: Config, store: Store, drivers: Drivers) -> Arc<Self> {
+    pub fn new(
+        cfg: Config,
+        store: Store,
+        drivers: Drivers,
+        operator_mode: crate::host::HostMode,
+    ) -> Arc<Self> {
         let driver = drivers.all()[0].clone();
         let metrics = Metrics::new(drivers.default_kind().as_str());
         let events = EventBus::new(store.clone(), cfg.events_per_vm);
+        let host = Arc::new(crate::host::Host::new(
+            operator_mode,
+            cfg.state_dir.clone(),
+            cfg.degraded.min_free_bytes,
+            metrics.clone(),
+        ));
         let env = ControllerEnv {
+            host,
             store,
             driver,
             run_root: cfg.run_root(),
@@ -162,19 +175,71 @@ impl Supervisor {
             .ok_or_else(|| Error::NotFound(id.to_string()))
     }
 
+    /// Writes what re-attachment found. A registry that refuses (a full disk) does not stop
+    /// metald from starting: the VM's controller keeps it in memory and writes it later.
+    /// Returns whether it is unsaved.
+    async fn save_at_start(&self, rec: &VmRecord) -> Result<bool> {
+        match self.env.store.save_runtime(rec).await {
+            Ok(()) => Ok(false),
+            Err(e) if e.registry_unwritable() => {
+                warn!(vm_id = %rec.vm_id, error = %e, "registry write refused at start; the vm's state is kept in memory");
+                self.env.host.registry_failed(&e.to_string());
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Loads every VM from the registry and re-attaches to its VMM where it can be trusted.
     pub async fn attach_all(&self) -> Result<AttachReport> {
         let started = Instant::now();
         let rows = self.env.store.all().await?;
         let mut report = AttachReport::default();
+        // VMMs with a VM's marker, by VM: one that no row records may be a VMM metald started
+        // and died before writing down (a reboot's new VMM, a recovery's); a VM that wants to
+        // run adopts it rather than leaving it to be killed as a stray and starting another.
+        let run_root = self.cfg.run_root();
+        let mut marked: HashMap<VmId, (i32, u64)> = HashMap::new();
+        for pid in list_pids() {
+            let Some(info) = ProcInfo::read(pid).filter(ProcInfo::is_alive) else {
+                continue;
+            };
+            if let Some(id) = self
+                .drivers
+                .all()
+                .iter()
+                .find_map(|d| d.identify(&info, &run_root))
+            {
+                marked.insert(id, (pid, info.start_time));
+            }
+        }
         let mut checks = JoinSet::new();
         for rec in rows {
             let driver = self.drivers.for_spec(&rec.spec);
+            let unrecorded = marked
+                .get(&rec.vm_id)
+                .copied()
+                .filter(|m| rec.endpoint.as_ref().map(|e| (e.pid, e.start_time)) != Some(*m));
+            let run_dir = run_root.join(rec.vm_id.as_str());
             checks.spawn(async move {
-                let verdict = match &rec.endpoint {
+                let mut verdict = match &rec.endpoint {
                     Some(_) => verify(&*driver, &rec).await,
                     None => Verdict::NoProcess,
                 };
+                let wanted_up = matches!(
+                    rec.desired,
+                    Desired::State(VmState::Created | VmState::Running | VmState::Paused)
+                );
+                if let (true, Some((pid, start)), Verdict::NoProcess | Verdict::Lost(_)) =
+                    (wanted_up, unrecorded, &verdict)
+                {
+                    let mut found = rec.clone();
+                    found.endpoint = Some(driver.endpoint_for(&rec.vm_id, &run_dir, pid, start));
+                    if let v @ Verdict::Adopt(..) = verify(&*driver, &found).await {
+                        info!(vm_id = %rec.vm_id, pid, "unrecorded vmm with the vm's marker adopted");
+                        verdict = v;
+                    }
+                }
                 (rec, verdict)
             });
         }
@@ -182,6 +247,7 @@ impl Supervisor {
             let Ok((mut rec, verdict)) = joined else {
                 continue;
             };
+            let mut unsaved = false;
             let vmm = match verdict {
                 Verdict::Adopt(vmm, run) => {
                     report.adopted += 1;
@@ -204,7 +270,10 @@ impl Supervisor {
                     h.pid = Some(vmm.endpoint.pid);
                     h.last_activity_ms = now_ms();
                     rec.observed = observed;
-                    self.env.store.save_runtime(&rec).await?;
+                    rec.endpoint = Some(vmm.endpoint.clone());
+                    rec.orphan_reason = None;
+                    rec.orphaned_at_ms = None;
+                    unsaved = self.save_at_start(&rec).await?;
                     Some(vmm)
                 }
                 Verdict::Lost(reason) => {
@@ -242,7 +311,7 @@ impl Supervisor {
                         rec.endpoint = None;
                         rec.last_exit = Some(exit);
                     }
-                    self.env.store.save_runtime(&rec).await?;
+                    unsaved = self.save_at_start(&rec).await?;
                     None
                 }
                 Verdict::NoProcess => None,
@@ -250,7 +319,7 @@ impl Supervisor {
             let deleting = rec.desired == Desired::Deleted;
             let id = rec.vm_id.clone();
             let env = self.env_for(&rec.spec);
-            let (handle, health, task) = Controller::start(rec, vmm, env);
+            let (handle, live, task) = Controller::start(rec, vmm, env, unsaved);
             if deleting {
                 // A delete that the last run did not finish: finish it now.
                 if let Err(e) = handle.call(Op::Delete { graceful: None }).await {
@@ -260,14 +329,7 @@ impl Supervisor {
                 }
                 continue;
             }
-            self.lock().insert(
-                id,
-                Entry {
-                    handle,
-                    health,
-                    task,
-                },
-            );
+            self.lock().insert(id, Entry { handle, live, task });
         }
         report.elapsed = started.elapsed();
         info!(
@@ -289,6 +351,7 @@ impl Supervisor {
         spec: VmSpec,
         restore: Option<std::path::PathBuf>,
     ) -> Result<VmRecord> {
+        self.env.host.allow_new_vm()?;
         // The driver checks what only it knows (the kernel format its VMM boots, files its
         // jailed user must open) before anything is stored or started.
         if let Err(e) = self.drivers.for_spec(&spec).validate_spec(&spec) {
@@ -321,12 +384,12 @@ impl Supervisor {
         // file of the existing VM could be touched.
         self.env.store.insert(rec.clone()).await?;
         let env = self.env_for(&rec.spec);
-        let (handle, health, task) = Controller::start(rec, None, env);
+        let (handle, live, task) = Controller::start(rec, None, env, false);
         self.lock().insert(
             vm_id.clone(),
             Entry {
                 handle: handle.clone(),
-                health,
+                live,
                 task,
             },
         );
@@ -339,6 +402,7 @@ impl Supervisor {
 
     /// Snapshots a VM into `<state_dir>/snapshots/<id>/` and records it.
     pub async fn snapshot(&self, id: &VmId, diff: bool) -> Result<(SnapshotRecord, VmRecord)> {
+        self.env.host.allow_change()?;
         let handle = self.handle(id)?;
         let now = now_ms();
         let snapshot_id = format!("{id}-{now}");
@@ -378,27 +442,111 @@ impl Supervisor {
         op: Transition,
         graceful: Option<Duration>,
     ) -> Result<VmRecord> {
+        self.env.host.allow_change()?;
         self.handle(id)?.call(Op::Lifecycle { op, graceful }).await
     }
 
     /// Deletes a VM and everything it had.
     pub async fn delete(&self, id: &VmId, graceful: Option<Duration>) -> Result<()> {
+        self.env.host.allow_change()?;
         let handle = self.handle(id)?;
         handle.call(Op::Delete { graceful }).await?;
         self.lock().remove(id);
         Ok(())
     }
 
-    /// One VM's row, with its live health status.
+    /// One VM as its controller knows it: the truth, even while the registry cannot be written.
     pub async fn get(&self, id: &VmId) -> Result<VmRecord> {
-        match self.env.store.get(id).await? {
-            Some(mut r) if r.desired != Desired::Deleted => {
-                if let Some(h) = self.lock().get(id).map(|e| read_health(&e.health)) {
-                    r.health = h;
-                }
-                Ok(r)
-            }
+        let live = self.lock().get(id).map(|e| read_live(&e.live));
+        let rec = match live {
+            Some(r) => Some(r),
+            None => self.env.store.get(id).await?,
+        };
+        match rec {
+            Some(r) if r.desired != Desired::Deleted => Ok(r),
             _ => Err(Error::NotFound(id.to_string())),
+        }
+    }
+
+    /// Every VM as its controller knows it, by id.
+    pub fn all_live(&self) -> Vec<VmRecord> {
+        let mut v: Vec<VmRecord> = self
+            .lock()
+            .values()
+            .map(|e| read_live(&e.live))
+            .filter(|r| r.desired != Desired::Deleted)
+            .collect();
+        v.sort_by(|a, b| a.vm_id.as_str().cmp(b.vm_id.as_str()));
+        v
+    }
+
+    /// The host's mode.
+    pub fn host(&self) -> &crate::host::Host {
+        &self.env.host
+    }
+
+    /// An operator's SetHostMode: recorded first, then in force. Returns the mode in force
+    /// (metald's own readonly still wins over an operator's normal while it lasts).
+    pub async fn set_host_mode(
+        &self,
+        mode: crate::host::Mode,
+        reason: String,
+        set_by: String,
+    ) -> Result<crate::host::HostMode> {
+        let m = crate::host::HostMode {
+            mode,
+            reason,
+            set_by,
+            since_ms: crate::store::now_ms(),
+        };
+        if let Err(e) = self.env.store.set_host_mode(&m).await {
+            if e.registry_unwritable() {
+                self.env.host.registry_failed(&e.to_string());
+            }
+            return Err(e);
+        }
+        self.env.host.set_operator(m);
+        if mode == crate::host::Mode::Normal {
+            // Orphans left alone during maintenance get their recovery now.
+            if let Err(e) = self.reconcile_pass().await {
+                warn!(error = %e, "reconcile pass after leaving a host mode failed");
+            }
+        }
+        Ok(self.env.host.mode())
+    }
+
+    /// Looks at the disk and the registry every `degraded.check_interval`: a probe write and the
+    /// free space under the state directory put the host in readonly or take it out. When the
+    /// registry takes writes again, a reconcile pass writes what the controllers kept in memory.
+    pub fn spawn_host_monitor(self: &Arc<Self>) -> JoinHandle<()> {
+        let sup = self.clone();
+        tokio::spawn(async move {
+            let period = sup.cfg.degraded.check_interval;
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                sup.check_host().await;
+            }
+        })
+    }
+
+    /// One look at the disk and the registry (see [`Supervisor::spawn_host_monitor`]).
+    pub async fn check_host(&self) {
+        let was_writable = self.env.host.status().registry_writable;
+        let probe = self
+            .env
+            .store
+            .probe_write()
+            .await
+            .map_err(|e| e.to_string());
+        let ok = probe.is_ok();
+        self.env.host.check(probe);
+        if ok && !was_writable {
+            // Write what the controllers kept in memory now, not at the next reconcile tick.
+            if let Err(e) = self.reconcile_pass().await {
+                warn!(error = %e, "reconcile pass after the registry came back failed");
+            }
         }
     }
 
@@ -540,11 +688,13 @@ impl Supervisor {
 
     /// Recovers an orphaned or failed VM now.
     pub async fn recover(&self, id: &VmId) -> Result<VmRecord> {
+        self.env.host.allow_change()?;
         self.handle(id)?.call(Op::Recover).await
     }
 
     /// Turns automatic recovery on or off for one VM.
     pub async fn set_auto_recover(&self, id: &VmId, on: bool) -> Result<VmRecord> {
+        self.env.host.allow_change()?;
         self.handle(id)?.call(Op::SetAutoRecover(on)).await
     }
 
@@ -705,10 +855,16 @@ impl Supervisor {
 
 impl Exposer for Supervisor {
     async fn scrape(&self) -> String {
-        match self.env.store.counts_by_state().await {
-            Ok(counts) => self.env.metrics.set_vm_counts(&counts),
-            Err(e) => warn!(error = %e, "counting vms for metrics failed"),
+        // Counted from the controllers' truth, not the registry, which may be behind.
+        let mut counts: Vec<(String, i64)> = Vec::new();
+        for r in self.all_live() {
+            let s = r.observed.as_str().to_string();
+            match counts.iter_mut().find(|(k, _)| *k == s) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((s, 1)),
+            }
         }
+        self.env.metrics.set_vm_counts(&counts);
         let open = self.env.gate.status().state != BreakerState::Closed;
         self.env.metrics.breaker_open.set(i64::from(open));
         self.env.metrics.encode()

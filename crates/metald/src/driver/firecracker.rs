@@ -1074,6 +1074,20 @@ impl VmmDriver for FirecrackerDriver {
         run_dir.join(API_SOCKET)
     }
 
+    fn endpoint_for(&self, vm_id: &VmId, run_dir: &Path, pid: i32, start_time: u64) -> VmmEndpoint {
+        let control_socket = if self.cfg.jailer.enabled {
+            self.jail(vm_id.as_str()).root.join(API_SOCKET)
+        } else {
+            run_dir.join(API_SOCKET)
+        };
+        VmmEndpoint {
+            pid,
+            start_time,
+            control_socket,
+            console_log: run_dir.join(CONSOLE_LOG),
+        }
+    }
+
     fn identify(&self, proc_: &crate::process::ProcInfo, run_root: &Path) -> Option<VmId> {
         let cmdline = &proc_.cmdline;
         let id = cmdline

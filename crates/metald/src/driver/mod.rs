@@ -438,6 +438,24 @@ pub trait VmmDriver: Send + Sync + 'static {
     /// Where this driver puts a VM's control socket inside its run directory.
     fn control_socket(&self, run_dir: &Path) -> PathBuf;
 
+    /// The endpoint a VMM of VM `vm_id` started by this driver has: used to adopt a VMM that
+    /// carries the VM's marker but was never recorded (metald died between starting it and
+    /// writing it down). The caller still verifies it (start time, command line, a ping).
+    fn endpoint_for(
+        &self,
+        _vm_id: &VmId,
+        run_dir: &Path,
+        pid: i32,
+        start_time: u64,
+    ) -> VmmEndpoint {
+        VmmEndpoint {
+            pid,
+            start_time,
+            control_socket: self.control_socket(run_dir),
+            console_log: run_dir.join("console.log"),
+        }
+    }
+
     /// Tells a guest power-off from a crash or an external kill, from the exit status, the last
     /// shutdown reason the VMM reported (when it was watched), and whatever it left in its run
     /// directory.

@@ -118,6 +118,11 @@ impl Daemon {
         let state_dir = PathBuf::from(format!("/tmp/mdt-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&state_dir);
         std::fs::create_dir_all(&state_dir).unwrap();
+        Self::start_in(state_dir, extra_args).await
+    }
+
+    /// Starts metald on `state_dir`, which exists (a tmpfs mounted there, say).
+    pub async fn start_in(state_dir: PathBuf, extra_args: Vec<String>) -> Daemon {
         let mut d = Daemon {
             sock: state_dir.join("metald.sock"),
             state_dir,

@@ -1,0 +1,344 @@
+//! metald when its own host fails it: the registry's disk full (a real tmpfs filled to ENOSPC),
+//! and the host modes (normal, readonly, maintenance) an operator sets. Real QEMU guests (or the
+//! Firecracker driver with `METALD_TEST_VMM=firecracker`), real SQLite on a real full disk.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use metald_api::v1 as pb;
+
+const EVENT: Duration = Duration::from_secs(30);
+
+/// A small tmpfs at a short path (unix socket paths must fit), unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = PathBuf::from(format!("/tmp/mdf-{}", std::process::id()));
+        let _ = std::process::Command::new("umount")
+            .arg(&dir)
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mounting a tmpfs at {}", dir.display());
+        Tmpfs(dir)
+    }
+
+    /// Writes a file until the file system is full.
+    fn fill(&self) -> PathBuf {
+        let p = self.0.join("filler");
+        let mut f = std::fs::File::create(&p).unwrap();
+        let chunk = vec![0xa5u8; 1 << 20];
+        loop {
+            if f.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        // The last partial pages too.
+        let small = vec![0xa5u8; 4096];
+        while f.write_all(&small).is_ok() {}
+        let _ = f.sync_all();
+        p
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        for pid in pids_matching(&self.0, "") {
+            signal(pid, libc::SIGKILL);
+        }
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn host_status(c: &mut Client) -> pb::GetHostStatusResponse {
+    c.get_host_status(pb::GetHostStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Waits (bounded) for the host's mode to be `mode`.
+async fn wait_mode(c: &mut Client, mode: &str, within: Duration) -> pb::GetHostStatusResponse {
+    let deadline = Instant::now() + within;
+    loop {
+        let st = host_status(c).await;
+        if st.mode.as_ref().is_some_and(|m| m.mode == mode) {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "host mode is {:?}, not {mode}",
+            st.mode
+        );
+        // The mode is polled through the API the way an operator would; bounded above.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn db_row(state_dir: &Path, vm: &str) -> (String, Option<i64>) {
+    let c = rusqlite::Connection::open(state_dir.join("metald.db")).unwrap();
+    c.query_row(
+        "SELECT observed_state, pid FROM vms WHERE vm_id = ?1",
+        [vm],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_registry_disk_never_shows_a_dead_vm_as_running_and_the_vm_is_recovered() {
+    let fs = Tmpfs::mount("48m");
+    let cfg = fs.0.join("metald.toml");
+    std::fs::write(
+        &cfg,
+        "[recovery]\nenabled = true\nretry_interval = 100\n[degraded]\nmin_free_bytes = 1\ncheck_interval = 200\n",
+    )
+    .unwrap();
+    let mut d = Daemon::start_in(
+        fs.0.clone(),
+        vec!["--config".into(), cfg.display().to_string()],
+    )
+    .await;
+    let mut c = d.client().await;
+    let pid = running_vm(&mut c, "full").await;
+    assert!(wait_mode(&mut c, "normal", EVENT).await.registry_writable);
+
+    let filler = fs.fill();
+    let mark = d.log_mark();
+    let killed_at = Instant::now();
+    signal(pid, libc::SIGKILL);
+    // Within a second, no read says RUNNING with the dead pid.
+    loop {
+        let i = info(&mut c, "full").await;
+        if state(&i) != pb::VmState::Running || pid_of(&i) != Some(pid) {
+            break;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(1),
+            "still RUNNING with dead pid {pid} after 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The registry refused the exit: the host is readonly, saying why.
+    let st = wait_mode(&mut c, "readonly", EVENT).await;
+    let m = st.mode.unwrap();
+    assert!(m.reason.contains("registry not writable"), "{}", m.reason);
+    assert_eq!(m.set_by, "metald");
+    assert!(!st.registry_writable);
+    // A call that changes desired state is refused, naming the mode; reads still work.
+    let e = c.create_vm(guest_request("refused")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{}", e.message());
+    assert!(e.message().contains("readonly"), "{}", e.message());
+    // The VM is recovered while the disk is still full.
+    d.wait_event(mark, "full", "vm recovered", EVENT).await;
+    let i = info(&mut c, "full").await;
+    assert_eq!(state(&i), pb::VmState::Running);
+    let pid2 = pid_of(&i).unwrap();
+    assert_ne!(pid2, pid);
+    assert!(pid_alive(pid2));
+    assert_eq!(d.vmm_pids().len(), 1, "exactly one VMM for the VM");
+    let metrics = d.metrics_text().await;
+    assert!(
+        metrics.contains("metald_host_mode{mode=\"readonly\"} 1"),
+        "{metrics}"
+    );
+
+    // Space comes back: the mode returns to normal by itself and the registry holds the truth.
+    std::fs::remove_file(&filler).unwrap();
+    wait_mode(&mut c, "normal", EVENT).await;
+    let deadline = Instant::now() + EVENT;
+    loop {
+        let row = db_row(&fs.0, "full");
+        if row == ("running".to_string(), Some(i64::from(pid2))) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "registry row is {row:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And after a restart of metald.
+    d.stop_with(libc::SIGKILL);
+    d.spawn().await;
+    let mut c = d.client().await;
+    let i = info(&mut c, "full").await;
+    assert_eq!(state(&i), pb::VmState::Running);
+    assert_eq!(pid_of(&i), Some(pid2));
+    assert_eq!(host_status(&mut c).await.mode.unwrap().mode, "normal");
+    drop(d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_modes_refuse_and_allow_what_they_say_and_survive_a_restart() {
+    let mut d = Daemon::start_with_toml(
+        "[recovery]\nenabled = true\nretry_interval = 100\n[degraded]\nmin_free_bytes = 1\n",
+    )
+    .await;
+    let mut c = d.client().await;
+    let pid = running_vm(&mut c, "m1").await;
+    let set = |mode: &str, reason: &str| pb::SetHostModeRequest {
+        mode: mode.into(),
+        reason: reason.into(),
+        requested_by: "test".into(),
+    };
+    // Bad input names the field.
+    let e = c.set_host_mode(set("bogus", "x")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().starts_with("mode:"), "{}", e.message());
+    let e = c.set_host_mode(set("readonly", " ")).await.unwrap_err();
+    assert!(e.message().starts_with("reason:"), "{}", e.message());
+
+    // readonly: reads work, changes are refused with UNAVAILABLE naming the mode and reason.
+    let r = c
+        .set_host_mode(set("readonly", "disk replacement"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.mode.unwrap().mode, "readonly");
+    let e = c
+        .pause_vm(pb::PauseVmRequest { vm_id: "m1".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable);
+    assert!(e.message().contains("disk replacement"), "{}", e.message());
+    assert_eq!(state(&info(&mut c, "m1").await), pb::VmState::Running);
+    assert!(!events(&d, 0, "host mode changed").is_empty());
+
+    // maintenance: no new VMs, no automatic recovery; shutdown and delete still work.
+    c.set_host_mode(set("maintenance", "kernel update"))
+        .await
+        .unwrap();
+    let e = c.create_vm(guest_request("m2")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("maintenance"), "{}", e.message());
+    let mark = d.log_mark();
+    signal(pid, libc::SIGKILL);
+    d.wait_event(mark, "m1", "orphaned vm detected", EVENT)
+        .await;
+    d.wait_event(mark, "m1", "host in maintenance; vm left as is", EVENT)
+        .await;
+    assert_eq!(state(&info(&mut c, "m1").await), pb::VmState::Orphaned);
+    let metrics = d.metrics_text().await;
+    assert!(
+        metrics.contains("metald_host_mode{mode=\"maintenance\"} 1"),
+        "{metrics}"
+    );
+
+    // The mode survives a restart of metald.
+    d.stop_with(libc::SIGKILL);
+    d.spawn().await;
+    let mut c = d.client().await;
+    let st = host_status(&mut c).await.mode.unwrap();
+    assert_eq!(
+        (st.mode.as_str(), st.reason.as_str(), st.set_by.as_str()),
+        ("maintenance", "kernel update", "test")
+    );
+    assert_eq!(state(&info(&mut c, "m1").await), pb::VmState::Orphaned);
+
+    // Back to normal: the orphan left alone is recovered now.
+    let mark = d.log_mark();
+    c.set_host_mode(set("normal", "")).await.unwrap();
+    d.wait_event(mark, "m1", "vm recovered", EVENT).await;
+    assert_eq!(state(&info(&mut c, "m1").await), pb::VmState::Running);
+    c.shutdown_vm(pb::ShutdownVmRequest {
+        vm_id: "m1".into(),
+        force: true,
+        timeout_seconds: 0,
+    })
+    .await
+    .unwrap();
+}
+
+/// Leaves the registry as a metald killed between two steps of an operation leaves it: the VM
+/// wanted RUNNING, recorded SHUTDOWN with no VMM (a reboot's stop was written, its new start was
+/// not). A stand-in for a kill at that exact step, which cannot be produced on demand.
+fn crash_between_steps(d: &Daemon, vm: &str) {
+    d.db()
+        .execute(
+            "UPDATE vms SET observed_state = 'shutdown', desired_state = 'running', pid = NULL,
+                 start_time = NULL, control_socket = NULL WHERE vm_id = ?1",
+            [vm],
+        )
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metald_killed_between_a_reboots_steps_converges_at_restart() {
+    let mut d = Daemon::start_with_toml("[recovery]\nenabled = true\n").await;
+    let mut c = d.client().await;
+    // Killed after the old VMM was stopped and before the new one started: no VMM at all.
+    let old = running_vm(&mut c, "rb1").await;
+    // Killed after the new VMM started and before it was written down: a VMM with the VM's
+    // marker that no row records.
+    let unrecorded = running_vm(&mut c, "rb2").await;
+    d.stop_with(libc::SIGKILL);
+    signal(old, libc::SIGKILL);
+    assert!(wait_dead(old, Duration::from_secs(5)).await);
+    crash_between_steps(&d, "rb1");
+    crash_between_steps(&d, "rb2");
+    let mark = d.log_mark();
+    d.spawn().await;
+    let mut c = d.client().await;
+    d.wait_event(
+        mark,
+        "rb2",
+        "unrecorded vmm with the vm's marker adopted",
+        EVENT,
+    )
+    .await;
+    d.wait_event(
+        mark,
+        "rb1",
+        "converging a vm with no vmm to its desired state",
+        EVENT,
+    )
+    .await;
+    for (vm, want_pid) in [("rb1", None), ("rb2", Some(unrecorded))] {
+        let deadline = Instant::now() + EVENT;
+        let i = loop {
+            let i = info(&mut c, vm).await;
+            if state(&i) == pb::VmState::Running {
+                break i;
+            }
+            assert!(Instant::now() < deadline, "{vm} is {:?}", state(&i));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let pid = pid_of(&i).unwrap();
+        if let Some(p) = want_pid {
+            assert_eq!(pid, p, "{vm}: the unrecorded VMM is adopted, not replaced");
+        }
+        assert!(pid_alive(pid));
+        let run_dir = d.run_dir(vm).display().to_string();
+        let vmms: Vec<i32> = d
+            .vmm_pids()
+            .into_iter()
+            .filter(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).contains(&run_dir))
+                    .unwrap_or(false)
+            })
+            .collect();
+        assert_eq!(vmms.len(), 1, "{vm}: exactly one VMM, not {vmms:?}");
+    }
+    assert!(!d.logged(mark, "rb2", "stray vmm killed"));
+    // A client's retried reboot succeeds.
+    c.reboot_vm(pb::RebootVmRequest {
+        vm_id: "rb1".into(),
+    })
+    .await
+    .unwrap();
+}
