@@ -33,6 +33,15 @@ enum HostCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Drain the host for a reboot: maintenance, every running guest saved to disk and its VMM
+    /// stopped; the next start of metald (or `host undrain`) restores them.
+    Drain {
+        /// Seconds for every save, in all.
+        #[arg(long, default_value_t = 300)]
+        deadline: u32,
+    },
+    /// End a drain now: the host is normal and saved guests are restored.
+    Undrain,
     /// Set the mode: normal, readonly (reads and supervision only) or maintenance (no new VMs,
     /// no automatic recovery).
     Mode {
@@ -752,6 +761,39 @@ async fn run(cli: Cli) -> Result<()> {
                 .await)?;
             let m = r.mode.unwrap_or_default();
             println!("host mode {} ({}; set by {})", m.mode, m.reason, m.set_by);
+        }
+        Cmd::Host {
+            cmd: HostCmd::Drain { deadline },
+        } => {
+            let r = rpc(c
+                .drain_host(pb::DrainHostRequest {
+                    deadline_seconds: deadline,
+                })
+                .await)?;
+            for id in &r.saved {
+                println!("saved      {id}");
+            }
+            for o in &r.shut_down {
+                println!("shut down  {} ({})", o.vm_id, o.reason);
+            }
+            for o in &r.failed {
+                println!("FAILED     {} ({})", o.vm_id, o.reason);
+            }
+            let m = r.mode.unwrap_or_default();
+            println!("host mode {} ({})", m.mode, m.reason);
+            if !r.failed.is_empty() {
+                anyhow::bail!(
+                    "{} vm(s) could be neither saved nor shut down",
+                    r.failed.len()
+                );
+            }
+        }
+        Cmd::Host {
+            cmd: HostCmd::Undrain,
+        } => {
+            let r = rpc(c.undrain_host(pb::UndrainHostRequest {}).await)?;
+            let m = r.mode.unwrap_or_default();
+            println!("host mode {}; saved guests are being restored", m.mode);
         }
         Cmd::RecoveryStatus { json } => {
             let r = rpc(c.get_recovery_status(pb::GetRecoveryStatusRequest {}).await)?;

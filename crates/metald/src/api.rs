@@ -317,6 +317,9 @@ fn backend_info(kind: &str, rec: &VmRecord) -> HashMap<String, String> {
     if let Some(x) = &rec.last_exit {
         m.insert("last_exit".into(), x.clone());
     }
+    if let Some(p) = &rec.saved {
+        m.insert("saved".into(), p.display().to_string());
+    }
     if let Some(r) = rec.orphan_reason {
         m.insert("orphan_reason".into(), r.as_str().to_string());
     }
@@ -595,6 +598,43 @@ impl VmService for VmApi {
         };
         let m = self.sup.set_host_mode(mode, reason, set_by).await?;
         Ok(Response::new(pb::SetHostModeResponse {
+            mode: Some(host_mode_to_pb(&m)),
+        }))
+    }
+
+    async fn drain_host(
+        &self,
+        req: Request<pb::DrainHostRequest>,
+    ) -> Result<Response<pb::DrainHostResponse>, Status> {
+        let r = req.into_inner();
+        if r.deadline_seconds > 86_400 {
+            return Err(Error::invalid("deadline_seconds", "at most 86400").into());
+        }
+        let secs = if r.deadline_seconds == 0 {
+            300
+        } else {
+            r.deadline_seconds
+        };
+        let rep = self.sup.drain(Duration::from_secs(u64::from(secs))).await?;
+        let outcome = |v: Vec<(String, String)>| {
+            v.into_iter()
+                .map(|(vm_id, reason)| pb::VmOutcome { vm_id, reason })
+                .collect()
+        };
+        Ok(Response::new(pb::DrainHostResponse {
+            saved: rep.saved,
+            shut_down: outcome(rep.shut_down),
+            failed: outcome(rep.failed),
+            mode: Some(host_mode_to_pb(&self.sup.host().mode())),
+        }))
+    }
+
+    async fn undrain_host(
+        &self,
+        _req: Request<pb::UndrainHostRequest>,
+    ) -> Result<Response<pb::UndrainHostResponse>, Status> {
+        let m = self.sup.undrain("undrain").await?;
+        Ok(Response::new(pb::UndrainHostResponse {
             mode: Some(host_mode_to_pb(&m)),
         }))
     }

@@ -75,6 +75,12 @@ pub enum Op {
     Reconcile,
     /// Ask the guest agent about the guest.
     GuestInfo,
+    /// Save the running guest into this (existing, empty) directory and stop its VMM, for a
+    /// host drain; the VM keeps its desired state, and its next start restores the guest.
+    Save {
+        /// Where.
+        dest: PathBuf,
+    },
 }
 
 /// What a reconcile pass did to one VM.
@@ -437,6 +443,7 @@ impl Controller {
             }
             Op::Reconcile => did = self.reconcile_pass().await,
             Op::Snapshot { dest, diff } => self.snapshot(&dest, diff).await?,
+            Op::Save { dest } => self.save_guest(&dest).await?,
             Op::GuestInfo => guest_info = Some(self.guest_info().await?),
         }
         Ok(OpResult {
@@ -486,6 +493,49 @@ impl Controller {
         }
         res?;
         info!(vm_id = %self.rec.vm_id, path = %dest.display(), duration_ms = started.elapsed().as_millis() as u64, "vm snapshot written");
+        Ok(())
+    }
+
+    /// Saves the guest to `dest` (a full snapshot: QEMU's migration stream, Firecracker's
+    /// snapshot) and stops its VMM. Until its next start the VM is SHUTDOWN with no VMM, wants
+    /// what it wanted, and records where its guest is; that start restores the guest, which
+    /// carries on where it was. A save that fails leaves the guest running as it was.
+    async fn save_guest(&mut self, dest: &std::path::Path) -> Result<()> {
+        let was = self.rec.observed;
+        if !matches!(was, VmState::Running | VmState::Paused) {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot save a vm that is {was}"
+            )));
+        }
+        let Some(ep) = self.vmm.as_ref().map(|v| v.endpoint.clone()) else {
+            return Err(Error::FailedPrecondition("the vm has no vmm".into()));
+        };
+        let driver = self.env.driver.clone();
+        if was == VmState::Running {
+            driver.pause(&ep).await?;
+        }
+        let started = Instant::now();
+        if let Err(e) = driver.snapshot(&ep, dest, None).await {
+            if was == VmState::Running {
+                driver.resume(&ep).await?;
+                self.guest_resumed();
+            }
+            return Err(e.into());
+        }
+        self.rec.saved = Some(dest.to_path_buf());
+        self.stop_vmm(None, "saved by a host drain").await?;
+        self.env
+            .events
+            .emit(
+                self.rec.vm_id.as_str(),
+                "saved",
+                was.as_str(),
+                VmState::Shutdown.as_str(),
+                "host_drain",
+                &dest.display().to_string(),
+            )
+            .await;
+        info!(vm_id = %self.rec.vm_id, path = %dest.display(), duration_ms = started.elapsed().as_millis() as u64, "vm saved");
         Ok(())
     }
 
@@ -807,6 +857,17 @@ impl Controller {
             self.start_vmm().await?;
         }
         let result = self.converge_running_vmm(want).await;
+        if result.is_ok()
+            && self.rec.saved.is_some()
+            && matches!(self.rec.observed, VmState::Running | VmState::Paused)
+        {
+            // The saved guest runs again: its saved state is spent.
+            if let Some(dir) = self.rec.saved.take() {
+                let _ = std::fs::remove_dir_all(&dir);
+                info!(vm_id = %self.rec.vm_id, path = %dir.display(), "saved vm restored");
+            }
+            self.save().await?;
+        }
         if let Err(e) = &result {
             // A VMM that cannot be driven to the desired state is stopped rather than left
             // half-way, so the registry never claims a state the VMM is not in.
@@ -852,7 +913,8 @@ impl Controller {
         std::fs::create_dir_all(&run_dir)
             .map_err(|e| Error::io(format!("creating {}", run_dir.display()), e))?;
         let driver = self.env.driver.clone();
-        let restore = self.restore_from.take();
+        // A guest saved by a host drain comes back from where it was saved, not from a boot.
+        let restore = self.restore_from.take().or_else(|| self.rec.saved.clone());
         let req = SpawnRequest {
             vm_id: &self.rec.vm_id,
             spec: &self.rec.spec,

@@ -39,6 +39,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     }
     // The mode an operator set survives restarts; metald's own readonly is re-derived below.
     let operator_mode = store.host_mode().await?.unwrap_or_default();
+    // A drain ends when metald next starts (the host was rebooted): its guests are restored.
+    let mut operator_mode = operator_mode;
+    if operator_mode.mode == crate::host::Mode::Maintenance
+        && operator_mode.set_by == crate::host::BY_DRAIN
+    {
+        info!(
+            "starting after a host drain: the host is normal again and saved guests are restored"
+        );
+        operator_mode = crate::host::HostMode {
+            set_by: "metald start after a drain".into(),
+            ..Default::default()
+        };
+        store.set_host_mode(&operator_mode).await?;
+    }
     let sup = Supervisor::new(cfg.clone(), store, drivers, operator_mode);
     let ready = Arc::new(AtomicBool::new(false));
     let metrics_server = if cfg.metrics_listen.is_empty() {

@@ -58,8 +58,10 @@ impl Mode {
     }
 }
 
-/// Who set the mode.
+/// Who set the mode: metald itself (its own readonly).
 pub const BY_METALD: &str = "metald";
+/// Who set the mode: a host drain (maintenance until the next start of metald or an undrain).
+pub const BY_DRAIN: &str = "drain";
 
 /// The host's mode and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -83,6 +83,9 @@ CREATE TABLE host (
     value TEXT NOT NULL
 );
 "#,
+    r#"
+ALTER TABLE vms ADD COLUMN saved TEXT;
+"#,
 ];
 
 /// A snapshot taken with SnapshotVm.
@@ -169,6 +172,9 @@ pub struct VmRecord {
     pub recovery_streak: u32,
     /// What its guest probe last found.
     pub guest: GuestStatus,
+    /// Where its guest was saved by a host drain, while it is saved (no VMM; the next start
+    /// restores it from there instead of booting it).
+    pub saved: Option<PathBuf>,
     /// Creation time, ms since the epoch.
     pub created_at_ms: i64,
     /// Last change, ms since the epoch.
@@ -295,7 +301,7 @@ impl Store {
                 "UPDATE vms SET observed_state = ?2, pid = ?3, start_time = ?4, control_socket = ?5,
                      console_log = COALESCE(?6, console_log), last_exit = ?7, health = ?8,
                      orphan_reason = ?9, orphaned_at_ms = ?10, updated_at_ms = ?11,
-                     recovery_streak = ?12, guest = ?13
+                     recovery_streak = ?12, guest = ?13, saved = ?14
                  WHERE vm_id = ?1",
                 params![
                     rec.vm_id.as_str(),
@@ -311,6 +317,7 @@ impl Store {
                     now_ms(),
                     rec.recovery_streak,
                     serde_json::to_string(&rec.guest).unwrap_or_default(),
+                    rec.saved.as_ref().map(|p| p.display().to_string()),
                 ],
             )?;
             if n == 0 {
@@ -667,7 +674,7 @@ impl Store {
 
 const COLUMNS: &str = "vm_id, customer_id, spec, desired_state, observed_state, pid, start_time, \
                        control_socket, console_log, last_exit, created_at_ms, updated_at_ms, \
-                       health, orphan_reason, orphaned_at_ms, recovery_streak, guest";
+                       health, orphan_reason, orphaned_at_ms, recovery_streak, guest, saved";
 
 fn decode(r: &Row<'_>) -> Result<VmRecord> {
     let id: String = r.get(0)?;
@@ -720,6 +727,7 @@ fn decode(r: &Row<'_>) -> Result<VmRecord> {
             .get::<_, Option<String>>(16)?
             .and_then(|g| serde_json::from_str(&g).ok())
             .unwrap_or_default(),
+        saved: r.get::<_, Option<String>>(17)?.map(PathBuf::from),
     })
 }
 
@@ -782,6 +790,7 @@ mod tests {
             orphaned_at_ms: None,
             recovery_streak: 0,
             guest: Default::default(),
+            saved: None,
         }
     }
 

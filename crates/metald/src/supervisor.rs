@@ -34,6 +34,17 @@ struct Entry {
     task: JoinHandle<()>,
 }
 
+/// What a host drain did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DrainReport {
+    /// VMs whose guest was saved and whose VMM was stopped.
+    pub saved: Vec<String>,
+    /// VMs that could not be saved and were shut down instead, with why.
+    pub shut_down: Vec<(String, String)>,
+    /// VMs that could be neither saved nor shut down, with why.
+    pub failed: Vec<(String, String)>,
+}
+
 /// Routes operations to per-VM controllers.
 pub struct Supervisor {
     cfg: Config,
@@ -379,6 +390,7 @@ impl Supervisor {
             orphaned_at_ms: None,
             recovery_streak: 0,
             guest: Default::default(),
+            saved: None,
         };
         // The insert is the point of no return for the id: a duplicate fails here, before any
         // file of the existing VM could be touched.
@@ -483,6 +495,85 @@ impl Supervisor {
     /// The host's mode.
     pub fn host(&self) -> &crate::host::Host {
         &self.env.host
+    }
+
+    /// Drains the host for a reboot or a kernel update: maintenance first (no new VMs, no
+    /// automatic restarts), then every running or paused guest is saved to
+    /// `<state_dir>/saved/<vm>` and its VMM stopped, within `deadline` in all. A guest that
+    /// cannot be saved in time is shut down gracefully instead. The next start of metald (or
+    /// [`Supervisor::undrain`]) restores every saved guest.
+    pub async fn drain(&self, deadline: Duration) -> Result<DrainReport> {
+        self.set_host_mode(
+            crate::host::Mode::Maintenance,
+            "host drain".into(),
+            crate::host::BY_DRAIN.into(),
+        )
+        .await?;
+        let until = Instant::now() + deadline;
+        let mut report = DrainReport::default();
+        let targets: Vec<VmId> = self
+            .all_live()
+            .into_iter()
+            .filter(|r| matches!(r.observed, VmState::Running | VmState::Paused))
+            .map(|r| r.vm_id)
+            .collect();
+        for id in targets {
+            let Ok(handle) = self.handle(&id) else {
+                continue;
+            };
+            let dest = self.cfg.state_dir.join("saved").join(id.as_str());
+            let _ = std::fs::remove_dir_all(&dest);
+            let left = until.saturating_duration_since(Instant::now());
+            let saved = match std::fs::create_dir_all(&dest) {
+                Err(e) => Err(Error::io(format!("creating {}", dest.display()), e)),
+                Ok(()) if left.is_zero() => {
+                    Err(Error::DeadlineExceeded("the drain deadline passed".into()))
+                }
+                Ok(()) => {
+                    match tokio::time::timeout(left, handle.call(Op::Save { dest: dest.clone() }))
+                        .await
+                    {
+                        Ok(r) => r.map(|_| ()),
+                        Err(_) => Err(Error::DeadlineExceeded("the drain deadline passed".into())),
+                    }
+                }
+            };
+            match saved {
+                Ok(()) => report.saved.push(id.to_string()),
+                Err(e) => {
+                    if dest.is_dir() {
+                        let _ = std::fs::remove_dir_all(&dest);
+                    }
+                    warn!(vm_id = %id, error = %e, "vm could not be saved; shutting it down");
+                    let grace = Some(self.cfg.shutdown_timeout);
+                    match handle
+                        .call(Op::Lifecycle {
+                            op: Transition::Shutdown,
+                            graceful: grace,
+                        })
+                        .await
+                    {
+                        Ok(_) => report.shut_down.push((id.to_string(), e.to_string())),
+                        Err(e2) => report
+                            .failed
+                            .push((id.to_string(), format!("{e}; shutdown: {e2}"))),
+                    }
+                }
+            }
+        }
+        info!(
+            saved = report.saved.len(),
+            shut_down = report.shut_down.len(),
+            failed = report.failed.len(),
+            "host drained"
+        );
+        Ok(report)
+    }
+
+    /// Ends a drain: the host is normal again and every saved guest is restored now.
+    pub async fn undrain(&self, by: &str) -> Result<crate::host::HostMode> {
+        self.set_host_mode(crate::host::Mode::Normal, String::new(), by.to_string())
+            .await
     }
 
     /// An operator's SetHostMode: recorded first, then in force. Returns the mode in force

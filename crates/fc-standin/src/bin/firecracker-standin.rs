@@ -333,6 +333,17 @@ fn write_memory(path: &Path, len: u64, full: bool, page: &[u8]) -> std::io::Resu
     f.sync_all()
 }
 
+/// The "guest's" uptime when its memory was saved (in the data page).
+fn saved_uptime(path: &Path) -> Option<f64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    f.seek(SeekFrom::Start(PAGE)).ok()?;
+    let mut page = vec![0u8; 256];
+    let n = f.read(&mut page).ok()?;
+    let text = String::from_utf8_lossy(&page[..n]);
+    text.split("uptime=").nth(1)?.split_whitespace().next()?.parse().ok()
+}
+
 fn has_header(path: &Path) -> bool {
     use std::io::Read;
     let mut head = vec![0u8; MEM_HEADER.len()];
@@ -442,7 +453,9 @@ fn handle(
             let mem = PathBuf::from(body["mem_file_path"].as_str().unwrap_or(""));
             let full = body["snapshot_type"].as_str() != Some("Diff");
             s.generation += 1;
-            let page = format!("dirty page of generation {}\n", s.generation);
+            // The "guest's" clock is part of its memory: a restored guest's uptime goes on.
+            let up = s.started_at.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
+            let page = format!("dirty page of generation {} uptime={up:.3}\n", s.generation);
             match write_memory(&mem, s.mem_bytes.max(2 * PAGE), full, page.as_bytes()) {
                 Ok(()) => {}
                 Err(e) => return fault(format!("Cannot write {}: {e}", mem.display())),
@@ -473,6 +486,7 @@ fn handle(
                 ));
             }
             s.mem_bytes = std::fs::metadata(mem).map(|m| m.len()).unwrap_or(0);
+            let up = saved_uptime(Path::new(mem)).unwrap_or(0.0);
             if let Some(uds) = body["vsock_override"]["uds_path"].as_str() {
                 s.vsock_uds = Some(PathBuf::from(uds));
             }
@@ -482,7 +496,7 @@ fn handle(
             } else {
                 Run::Paused
             };
-            s.started_at = Some(Instant::now());
+            s.started_at = Instant::now().checked_sub(Duration::from_secs_f64(up));
             drop(s);
             start_vsock(st_arc);
             reply(StatusCode::NO_CONTENT, Value::Null)
