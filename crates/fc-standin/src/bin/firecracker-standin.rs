@@ -341,7 +341,12 @@ fn saved_uptime(path: &Path) -> Option<f64> {
     let mut page = vec![0u8; 256];
     let n = f.read(&mut page).ok()?;
     let text = String::from_utf8_lossy(&page[..n]);
-    text.split("uptime=").nth(1)?.split_whitespace().next()?.parse().ok()
+    text.split("uptime=")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn has_header(path: &Path) -> bool {
@@ -454,7 +459,10 @@ fn handle(
             let full = body["snapshot_type"].as_str() != Some("Diff");
             s.generation += 1;
             // The "guest's" clock is part of its memory: a restored guest's uptime goes on.
-            let up = s.started_at.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
+            let up = s
+                .started_at
+                .map(|t| t.elapsed().as_secs_f64())
+                .unwrap_or(0.0);
             let page = format!("dirty page of generation {} uptime={up:.3}\n", s.generation);
             match write_memory(&mem, s.mem_bytes.max(2 * PAGE), full, page.as_bytes()) {
                 Ok(()) => {}
