@@ -1617,7 +1617,7 @@ async fn degraded(root: &Path, vms: usize, rounds: usize) -> Result<Value> {
             "strays_found_by_final_reconcile": r.strays_found,
             "host_mode": mode,
         }));
-        out.insert("note".into(), json!("each fault is held 2 s while one VM's VMM is SIGKILLed; recovery retries every 100 ms; kill_to_recovered counts until the VMM runs again after the fault is lifted (or during it, where metald could)"));
+        out.insert("note".into(), json!("each fault is held 2 s while one VM's VMM is SIGKILLed; recovery retries from 100 ms with backoff; kill_to_recovered counts until the VMM runs again (during the fault where metald could: a full state dir does not stop a VMM from starting). Where the fault makes every start fail (binary missing, pids limit), the failed attempts open the host's recovery breaker ([recovery.breaker]: 5 attempts, 50 % failures in 60 s), which holds every recovery for its 30 s cool-off: that, not the fault, is the ~31 s"));
         drop(d);
         Ok::<_, anyhow::Error>(Value::Object(out))
     }
