@@ -15,16 +15,18 @@ RUSTFLAGS="-C target-feature=+crt-static" cargo build --locked -p fc-standin \
   --bin firecracker-standin --target x86_64-unknown-linux-gnu --target-dir target/static
 
 cargo fmt --all -- --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
+# The crash-point tests (crates/metald/tests/crash.rs) need metald built with its failpoints;
+# every test run below turns them on, so the same build serves all of them.
+cargo clippy --workspace --all-targets --locked --features metald/failpoints -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace --locked -- --test-threads="${METALD_TEST_THREADS:-2}" 2>&1 | tee "$log"
+cargo test --workspace --locked --no-fail-fast --features metald/failpoints -- --test-threads="${METALD_TEST_THREADS:-2}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
-# The lifecycle, detection, recovery, guest and degraded suites again on the Firecracker driver: against the real
+# The lifecycle, detection, recovery, guest, degraded and crash suites again on the Firecracker driver: against the real
 # binary when FIRECRACKER_BIN is set, otherwise against the labelled stand-in (crates/fc-standin).
-METALD_TEST_VMM=firecracker cargo test --locked -p metald --test lifecycle --test detection \
-  --test recovery --test guest --test degraded -- --test-threads="${METALD_TEST_THREADS:-2}" 2>&1 | tee -a "$log"
+METALD_TEST_VMM=firecracker cargo test --locked --no-fail-fast -p metald --features failpoints --test lifecycle \
+  --test detection --test recovery --test guest --test degraded --test crash -- --test-threads="${METALD_TEST_THREADS:-2}" 2>&1 | tee -a "$log"
 fc_status=${PIPESTATUS[0]}
 [ "$status" -ne 0 ] || status=$fc_status
 set -e

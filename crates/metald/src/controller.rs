@@ -387,12 +387,14 @@ impl Controller {
                 }
                 let before = self.rec.desired;
                 self.set_desired(Desired::State(target)).await?;
+                crate::crash_point!("lifecycle.after_desired");
                 if op == Transition::Reboot {
                     // With -no-reboot (QEMU) or by design (Firecracker) a guest reset ends the VMM
                     // process, so a reboot is a supervised restart: stop this VMM, then reconcile
                     // starts a fresh one with the same config.
                     info!(vm_id = %self.rec.vm_id, "rebooting: restarting the vmm");
                     self.stop_vmm(None, "reboot").await?;
+                    crate::crash_point!("reboot.after_stop");
                     self.env.metrics.restarted("reboot");
                 }
                 if let Err(e) = self.reconcile(graceful).await {
@@ -407,6 +409,7 @@ impl Controller {
             Op::Delete { graceful } => {
                 self.cancel_recovery();
                 self.set_desired(Desired::Deleted).await?;
+                crate::crash_point!("delete.after_desired");
                 self.teardown(graceful).await?;
                 self.env
                     .events
@@ -480,6 +483,7 @@ impl Controller {
             driver.pause(&ep).await?;
             self.set_observed(VmState::Paused).await?;
         }
+        crate::crash_point!("snapshot.after_pause");
         let started = Instant::now();
         let res = driver.snapshot(&ep, dest, base.as_deref()).await;
         // Whatever the outcome, the VMM's dirty-page log was reset or is in doubt: only a
@@ -523,6 +527,7 @@ impl Controller {
             return Err(e.into());
         }
         self.rec.saved = Some(dest.to_path_buf());
+        crate::crash_point!("save.after_snapshot");
         self.stop_vmm(None, "saved by a host drain").await?;
         self.env
             .events
@@ -922,6 +927,7 @@ impl Controller {
             restore: restore.as_deref(),
         };
         let vmm = driver.spawn(&req).await?;
+        crate::crash_point!("start.after_spawn");
         info!(vm_id = %self.rec.vm_id, pid = vmm.endpoint.pid, vmm = driver.kind(), "vmm started");
         let ep = vmm.endpoint.clone();
         self.vmm = Some(vmm);
@@ -1692,6 +1698,7 @@ impl Controller {
     /// so that a crash part-way leaves a `deleted` tombstone that the next start finishes.
     async fn teardown(&mut self, graceful: Option<Duration>) -> Result<()> {
         self.stop_vmm(graceful, "delete").await?;
+        crate::crash_point!("delete.after_stop");
         self.env
             .driver
             .release(&self.rec.vm_id, &self.run_dir())

@@ -34,3 +34,13 @@ pub mod supervisor;
 pub mod telemetry;
 
 pub use error::{Error, Result};
+
+/// A step boundary inside a multi-step operation where tests can kill metald (feature
+/// `failpoints`): with `FAILPOINTS=<name>=return` in its environment, metald aborts right there,
+/// as a SIGKILL at that instant would. Without the feature it compiles to nothing.
+#[macro_export]
+macro_rules! crash_point {
+    ($name:expr) => {
+        fail::fail_point!($name, |_| { std::process::abort() })
+    };
+}

@@ -246,9 +246,19 @@ impl Supervisor {
                 {
                     let mut found = rec.clone();
                     found.endpoint = Some(driver.endpoint_for(&rec.vm_id, &run_dir, pid, start));
-                    if let v @ Verdict::Adopt(..) = verify(&*driver, &found).await {
-                        info!(vm_id = %rec.vm_id, pid, "unrecorded vmm with the vm's marker adopted");
-                        verdict = v;
+                    match verify(&*driver, &found).await {
+                        // A VMM whose guest never started may not be configured yet (metald
+                        // died between spawning and configuring it): a fresh one is started
+                        // in its place, which costs the VM nothing.
+                        Verdict::Adopt(vmm, GuestRun::NotStarted) => {
+                            let _ = driver.kill(&vmm);
+                            info!(vm_id = %rec.vm_id, pid, "unrecorded vmm that never started its guest replaced");
+                        }
+                        v @ Verdict::Adopt(..) => {
+                            info!(vm_id = %rec.vm_id, pid, "unrecorded vmm with the vm's marker adopted");
+                            verdict = v;
+                        }
+                        _ => {}
                     }
                 }
                 (rec, verdict)
@@ -395,6 +405,7 @@ impl Supervisor {
         // The insert is the point of no return for the id: a duplicate fails here, before any
         // file of the existing VM could be touched.
         self.env.store.insert(rec.clone()).await?;
+        crate::crash_point!("create.after_insert");
         let env = self.env_for(&rec.spec);
         let (handle, live, task) = Controller::start(rec, None, env, false);
         self.lock().insert(

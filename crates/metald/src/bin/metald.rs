@@ -40,6 +40,8 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Named crash points for tests (feature `failpoints`; FAILPOINTS in the environment).
+    let _failpoints = fail::FailScenario::setup();
     let args = Args::parse();
     let mut cfg = match &args.config {
         Some(p) => Config::from_file(p)?,

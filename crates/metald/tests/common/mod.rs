@@ -86,6 +86,8 @@ pub struct Daemon {
     pub state_dir: PathBuf,
     pub sock: PathBuf,
     pub extra_args: Vec<String>,
+    /// Extra environment for the next spawn (FAILPOINTS, say).
+    pub env: Vec<(String, String)>,
     config_file: Option<PathBuf>,
     child: Option<Child>,
     pub logs: Arc<Logs>,
@@ -127,6 +129,7 @@ impl Daemon {
             sock: state_dir.join("metald.sock"),
             state_dir,
             extra_args,
+            env: Vec::new(),
             config_file: None,
             child: None,
             logs: Arc::new(Logs::default()),
@@ -156,6 +159,7 @@ impl Daemon {
             })
             .args(&self.extra_args)
             .env("RUST_LOG", "debug,h2=info,tower=info,hyper=info,tonic=info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("starting metald");
@@ -185,6 +189,22 @@ impl Daemon {
             unsafe { libc::kill(c.id() as i32, sig) };
             let _ = c.wait();
         }
+    }
+
+    /// Waits (bounded) for metald to exit by itself (a crash point aborting it); reaps it.
+    pub async fn wait_exited(&mut self, within: Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut()
+                && c.try_wait().ok().flatten().is_some()
+            {
+                self.child = None;
+                return true;
+            }
+            // Nothing announces another process's exit to a std Child; bounded above.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
     }
 
     pub async fn client(&self) -> Client {

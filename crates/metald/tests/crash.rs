@@ -1,0 +1,225 @@
+//! metald killed at each step of each multi-step operation. Built only with the `failpoints`
+//! feature (scripts/test.sh turns it on): `FAILPOINTS=<name>=return` makes metald abort at that
+//! named step, as a SIGKILL there would. After a restart the VM must converge to what the caller
+//! asked for, with exactly one VMM if it should run and none otherwise, no stray and no leftover
+//! run directory, and the caller's retry must succeed or say that it already happened.
+#![cfg(feature = "failpoints")]
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use metald_api::v1 as pb;
+
+const EVENT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Call {
+    Create,
+    Boot,
+    Shutdown,
+    Pause,
+    Resume,
+    Reboot,
+    Delete,
+    Snapshot,
+}
+
+/// Where the VM should end up after the call, or `None` when it should be gone.
+fn wanted(call: Call) -> Option<pb::VmState> {
+    match call {
+        Call::Create => Some(pb::VmState::Created),
+        Call::Boot | Call::Resume | Call::Reboot | Call::Snapshot => Some(pb::VmState::Running),
+        Call::Shutdown => Some(pb::VmState::Shutdown),
+        Call::Pause => Some(pb::VmState::Paused),
+        Call::Delete => None,
+    }
+}
+
+async fn call(c: &mut Client, call: Call, vm: &str) -> Result<(), tonic::Status> {
+    let id = vm.to_string();
+    match call {
+        Call::Create => c.create_vm(guest_request(vm)).await.map(|_| ()),
+        Call::Boot => c.boot_vm(pb::BootVmRequest { vm_id: id }).await.map(|_| ()),
+        Call::Shutdown => c
+            .shutdown_vm(pb::ShutdownVmRequest {
+                vm_id: id,
+                force: true,
+                timeout_seconds: 0,
+            })
+            .await
+            .map(|_| ()),
+        Call::Pause => c
+            .pause_vm(pb::PauseVmRequest { vm_id: id })
+            .await
+            .map(|_| ()),
+        Call::Resume => c
+            .resume_vm(pb::ResumeVmRequest { vm_id: id })
+            .await
+            .map(|_| ()),
+        Call::Reboot => c
+            .reboot_vm(pb::RebootVmRequest { vm_id: id })
+            .await
+            .map(|_| ()),
+        Call::Delete => c
+            .delete_vm(pb::DeleteVmRequest {
+                vm_id: id,
+                force: true,
+            })
+            .await
+            .map(|_| ()),
+        Call::Snapshot => c
+            .snapshot_vm(pb::SnapshotVmRequest {
+                vm_id: id,
+                diff: false,
+            })
+            .await
+            .map(|_| ()),
+    }
+}
+
+/// Puts the VM where `call` starts from.
+async fn prepare(c: &mut Client, call: Call, vm: &str) {
+    match call {
+        Call::Create => {}
+        Call::Boot => {
+            c.create_vm(guest_request(vm)).await.unwrap();
+        }
+        Call::Resume => {
+            running_vm(c, vm).await;
+            c.pause_vm(pb::PauseVmRequest { vm_id: vm.into() })
+                .await
+                .unwrap();
+        }
+        _ => {
+            running_vm(c, vm).await;
+        }
+    }
+}
+
+/// The VMMs running for `vm`.
+fn vmms_of(d: &Daemon, vm: &str) -> Vec<i32> {
+    let run_dir = d.run_dir(vm).display().to_string();
+    d.vmm_pids()
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&run_dir))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+async fn kill_at(point: &str, op: Call) {
+    let vm = "cp";
+    let mut d = Daemon::start_with_toml(
+        "[recovery]\nenabled = true\nretry_interval = 100\n[reconcile]\ninterval = 500\nstray_grace = 1000\n",
+    )
+    .await;
+    let mut c = d.client().await;
+    prepare(&mut c, op, vm).await;
+    // metald with the crash point armed.
+    d.stop_with(libc::SIGKILL);
+    d.env = vec![("FAILPOINTS".into(), format!("{point}=return"))];
+    d.spawn().await;
+    let mut c = d.client().await;
+    let res = call(&mut c, op, vm).await;
+    assert!(
+        d.wait_exited(EVENT).await,
+        "{point}: metald did not stop at the crash point ({res:?})"
+    );
+    // It comes back without it.
+    d.env.clear();
+    let mark = d.log_mark();
+    d.spawn().await;
+    let mut c = d.client().await;
+    // The caller retries.
+    let retry = call(&mut c, op, vm).await;
+    match &retry {
+        Ok(()) => {}
+        Err(e) => assert!(
+            matches!(
+                e.code(),
+                tonic::Code::AlreadyExists
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::NotFound
+            ),
+            "{point}/{op:?}: retry answered {e:?}"
+        ),
+    }
+    // The VM converges to what was asked, with the right number of VMMs and nothing stray.
+    let deadline = Instant::now() + EVENT;
+    loop {
+        let info = c
+            .get_vm_info(pb::GetVmInfoRequest { vm_id: vm.into() })
+            .await;
+        let done = match (wanted(op), &info) {
+            (None, Err(e)) => e.code() == tonic::Code::NotFound,
+            (Some(s), Ok(i)) => i.get_ref().state == s as i32,
+            _ => false,
+        };
+        let want_vmms = usize::from(!matches!(wanted(op), None | Some(pb::VmState::Shutdown)));
+        if done && vmms_of(&d, vm).len() == want_vmms {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{point}/{op:?}: VM is {:?}, VMMs {:?}",
+            info.map(|i| i.into_inner().state),
+            vmms_of(&d, vm)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if wanted(op).is_none() {
+        assert!(!d.run_dir(vm).exists(), "{point}: run directory left");
+    }
+    // No stray survives the sweep, and none is found again.
+    let r = c
+        .reconcile(pb::ReconcileRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.strays_found, 0, "{point}/{op:?}: {r:?}");
+    assert!(
+        !d.logged(mark, vm, "stray vmm killed"),
+        "{point}: a VMM was killed as a stray"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_killed_after_its_row_and_after_its_vmm_started() {
+    kill_at("create.after_insert", Call::Create).await;
+    kill_at("start.after_spawn", Call::Create).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_killed_after_its_desired_state() {
+    kill_at("lifecycle.after_desired", Call::Boot).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reboot_killed_at_each_step() {
+    kill_at("lifecycle.after_desired", Call::Reboot).await;
+    kill_at("reboot.after_stop", Call::Reboot).await;
+    kill_at("start.after_spawn", Call::Reboot).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_pause_and_resume_killed_after_their_desired_state() {
+    kill_at("lifecycle.after_desired", Call::Shutdown).await;
+    kill_at("lifecycle.after_desired", Call::Pause).await;
+    kill_at("lifecycle.after_desired", Call::Resume).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_killed_after_its_tombstone_and_after_its_vmm_stopped() {
+    kill_at("delete.after_desired", Call::Delete).await;
+    kill_at("delete.after_stop", Call::Delete).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_killed_with_the_guest_paused() {
+    kill_at("snapshot.after_pause", Call::Snapshot).await;
+}
