@@ -866,10 +866,19 @@ impl Controller {
             && self.rec.saved.is_some()
             && matches!(self.rec.observed, VmState::Running | VmState::Paused)
         {
-            // The saved guest runs again: its saved state is spent.
+            // The saved guest runs again: a drain's saved state is spent (a snapshot the VM
+            // was made from belongs to the snapshot store and stays).
             if let Some(dir) = self.rec.saved.take() {
-                let _ = std::fs::remove_dir_all(&dir);
-                info!(vm_id = %self.rec.vm_id, path = %dir.display(), "saved vm restored");
+                let drained = dir
+                    .parent()
+                    .and_then(|p| p.file_name())
+                    .is_some_and(|n| n == "saved");
+                if drained {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    info!(vm_id = %self.rec.vm_id, path = %dir.display(), "saved vm restored");
+                } else {
+                    info!(vm_id = %self.rec.vm_id, path = %dir.display(), "vm made from a snapshot runs");
+                }
             }
             self.save().await?;
         }

@@ -244,8 +244,9 @@ impl Store {
             let ep = rec.endpoint.as_ref();
             let res = c.execute(
                 "INSERT INTO vms (vm_id, customer_id, spec, desired_state, observed_state, pid,
-                     start_time, control_socket, console_log, last_exit, created_at_ms, updated_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                     start_time, control_socket, console_log, last_exit, created_at_ms, updated_at_ms,
+                     saved)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                 params![
                     rec.vm_id.as_str(),
                     rec.customer_id,
@@ -259,6 +260,7 @@ impl Store {
                     rec.last_exit,
                     rec.created_at_ms,
                     rec.updated_at_ms,
+                    rec.saved.as_ref().map(|p| p.display().to_string()),
                 ],
             );
             match res {

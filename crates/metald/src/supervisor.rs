@@ -400,7 +400,10 @@ impl Supervisor {
             orphaned_at_ms: None,
             recovery_streak: 0,
             guest: Default::default(),
-            saved: None,
+            // A VM made from a snapshot records where it comes from with its row, so that a
+            // metald killed before its VMM is recorded restores it, rather than boots it, at
+            // the next start.
+            saved: restore.clone(),
         };
         // The insert is the point of no return for the id: a duplicate fails here, before any
         // file of the existing VM could be touched.

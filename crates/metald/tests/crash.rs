@@ -223,3 +223,93 @@ async fn delete_killed_after_its_tombstone_and_after_its_vmm_stopped() {
 async fn snapshot_killed_with_the_guest_paused() {
     kill_at("snapshot.after_pause", Call::Snapshot).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_and_a_create_from_a_snapshot_killed_after_their_vmm_started() {
+    // Recovery: the VMM dies, metald dies as its recovery starts the new one.
+    let mut d = Daemon::start_with_toml(
+        "[recovery]\nenabled = true\nretry_interval = 100\n[reconcile]\ninterval = 500\nstray_grace = 1000\n",
+    )
+    .await;
+    let mut c = d.client().await;
+    let pid = running_vm(&mut c, "rc").await;
+    // Snapshot a guest that has finished booting, so that its clone has no boot left to do.
+    let console = std::path::PathBuf::from(&info(&mut c, "rc").await.backend_info["console_log"]);
+    assert!(wait_console(&console, "METALD-GUEST-ALIVE", 1, Duration::from_secs(60)).await);
+    let snap = c
+        .snapshot_vm(pb::SnapshotVmRequest {
+            vm_id: "rc".into(),
+            diff: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    d.stop_with(libc::SIGKILL);
+    d.env = vec![("FAILPOINTS".into(), "start.after_spawn=return".into())];
+    d.spawn().await;
+    signal(pid, libc::SIGKILL);
+    assert!(
+        d.wait_exited(EVENT).await,
+        "metald did not stop in the recovery"
+    );
+    d.env.clear();
+    d.spawn().await;
+    let mut c = d.client().await;
+    let deadline = Instant::now() + EVENT;
+    while state(&info(&mut c, "rc").await) != pb::VmState::Running || vmms_of(&d, "rc").len() != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "rc did not come back: {:?}",
+            vmms_of(&d, "rc")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A create from a snapshot: the VM must come back from the snapshot, not from a boot.
+    d.stop_with(libc::SIGKILL);
+    d.env = vec![("FAILPOINTS".into(), "start.after_spawn=return".into())];
+    d.spawn().await;
+    let mut c = d.client().await;
+    let _ = c
+        .create_vm(pb::CreateVmRequest {
+            vm_id: "clone".into(),
+            customer_id: "c".into(),
+            config: None,
+            from_snapshot: snap.snapshot_id.clone(),
+        })
+        .await;
+    assert!(
+        d.wait_exited(EVENT).await,
+        "metald did not stop in the create"
+    );
+    d.env.clear();
+    d.spawn().await;
+    let mut c = d.client().await;
+    let deadline = Instant::now() + EVENT;
+    while state(&info(&mut c, "clone").await) != pb::VmState::Created
+        || vmms_of(&d, "clone").len() != 1
+    {
+        assert!(Instant::now() < deadline, "clone did not converge");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        info(&mut c, "clone")
+            .await
+            .backend_info
+            .contains_key("saved")
+    );
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "clone".into(),
+    })
+    .await
+    .unwrap();
+    let i = info(&mut c, "clone").await;
+    assert_eq!(state(&i), pb::VmState::Running);
+    // Restored, not booted: the snapshot's guest never prints its boot line again.
+    let console = std::path::PathBuf::from(&i.backend_info["console_log"]);
+    assert!(wait_console(&console, "METALD-GUEST-ALIVE", 1, Duration::from_secs(60)).await);
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(!text.contains("METALD-GUEST-READY"), "{text}");
+    // The snapshot the clone came from is still in the store.
+    assert!(std::path::Path::new(&snap.path).exists());
+}
