@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 scripts/deps.sh
 scripts/build-guest.sh
 cargo build --release --locked -p metald -p metalctl -p metald-bench -p fc-standin
+# The degraded benchmark kills metald at its named crash points: a debug build with them.
+cargo build --locked -p metald --features failpoints
 # The jailer copies only the firecracker binary into its chroot: the jailer benchmark needs the
 # Firecracker stand-in statically linked.
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --locked -p fc-standin \

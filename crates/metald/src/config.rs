@@ -183,7 +183,7 @@ pub struct DegradedConfig {
 impl Default for DegradedConfig {
     fn default() -> Self {
         DegradedConfig {
-            min_free_bytes: 256 << 20,
+            min_free_bytes: 64 << 20,
             check_interval: Duration::from_secs(1),
         }
     }
