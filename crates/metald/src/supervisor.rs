@@ -831,6 +831,7 @@ impl Supervisor {
         // Strays.
         let mut seen = Vec::new();
         let mut stray_ids = Vec::new();
+        let mut young_ids = Vec::new();
         let me = std::process::id();
         for pid in list_pids() {
             if u32::try_from(pid).is_ok_and(|p| p == me) {
@@ -851,8 +852,9 @@ impl Supervisor {
                 continue;
             }
             // A VMM younger than the grace period may be one a controller has just spawned and
-            // not yet recorded; it is not even a suspect yet.
+            // not yet recorded; it is not even a suspect yet, and its jail is not a leftover.
             if process_age(info.start_time).is_none_or(|age| age < grace) {
+                young_ids.push(id);
                 continue;
             }
             let key = (pid, info.start_time);
@@ -886,6 +888,7 @@ impl Supervisor {
             .filter(|(_, ep)| ep.is_some())
             .map(|(id, _)| id.clone())
             .chain(stray_ids.iter().cloned())
+            .chain(young_ids.iter().cloned())
             .collect();
         for d in self.drivers.all() {
             report.stale_dirs_removed += d.sweep_leftovers(&live, grace);
@@ -900,7 +903,7 @@ impl Supervisor {
                     continue;
                 };
                 let path = entry.path();
-                if stray_ids.contains(&id) {
+                if stray_ids.contains(&id) || young_ids.contains(&id) {
                     continue;
                 }
                 match owned.get(&id) {
