@@ -82,19 +82,7 @@ impl From<Error> for Status {
             {
                 Status::resource_exhausted(msg)
             }
-            Error::Io { ref source, .. }
-                if matches!(
-                    source.raw_os_error(),
-                    Some(
-                        libc::ENOSPC
-                            | libc::EDQUOT
-                            | libc::ENOMEM
-                            | libc::EMFILE
-                            | libc::ENFILE
-                            | libc::EAGAIN
-                    )
-                ) =>
-            {
+            Error::Io { ref source, .. } if crate::error::is_exhaustion(source) => {
                 Status::resource_exhausted(msg)
             }
             ref e if e.registry_unwritable() => Status::unavailable(msg),

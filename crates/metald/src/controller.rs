@@ -208,7 +208,7 @@ pub struct Controller {
     last_seen_ms: i64,
     /// The live health status, shared with the supervisor.
     /// What reads see: this VM as the controller knows it.
-    health: SharedRecord,
+    live: SharedRecord,
     /// The registry is behind `rec` (a write was refused); the next save writes it all.
     unsaved: bool,
     /// When the next health check is due.
@@ -275,14 +275,14 @@ impl Controller {
             tx,
             vm_id: rec.vm_id.to_string(),
         };
-        let health = Arc::new(Mutex::new(rec.clone()));
+        let live = Arc::new(Mutex::new(rec.clone()));
         let first_check = Instant::now() + jittered(&env.health);
         let ctl = Controller {
             rec,
             vmm,
             env,
             last_seen_ms: now_ms(),
-            health: health.clone(),
+            live: live.clone(),
             unsaved,
             next_check: first_check,
             retry_at: None,
@@ -309,7 +309,7 @@ impl Controller {
             socket_missing: false,
         };
         let task = tokio::spawn(ctl.run(rx));
-        (handle, health, task)
+        (handle, live, task)
     }
 
     fn run_dir(&self) -> PathBuf {
@@ -1797,7 +1797,7 @@ impl Controller {
 
     /// Publishes the VM's record to reads.
     fn publish(&self) {
-        *self.health.lock().unwrap_or_else(|p| p.into_inner()) = self.rec.clone();
+        *self.live.lock().unwrap_or_else(|p| p.into_inner()) = self.rec.clone();
     }
 }
 

@@ -101,20 +101,19 @@ impl Error {
     }
 }
 
-/// Whether an OS error is the host running out of something or failing (a full disk, quota,
-/// read-only file system, I/O error, no memory, too many files), not a fault in the request.
-pub fn is_resource_fault(e: &std::io::Error) -> bool {
+/// Whether an OS error is the host running out of space, files or memory (the caller may retry
+/// once it is back): RESOURCE_EXHAUSTED.
+pub fn is_exhaustion(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(
-            libc::ENOSPC
-                | libc::EDQUOT
-                | libc::EROFS
-                | libc::EIO
-                | libc::ENOMEM
-                | libc::EMFILE
-                | libc::ENFILE
-                | libc::EAGAIN
+            libc::ENOSPC | libc::EDQUOT | libc::ENOMEM | libc::EMFILE | libc::ENFILE | libc::EAGAIN
         )
     )
+}
+
+/// Whether an OS error is the host running out of something or failing (a full disk, quota,
+/// read-only file system, I/O error, no memory, too many files), not a fault in the request.
+pub fn is_resource_fault(e: &std::io::Error) -> bool {
+    is_exhaustion(e) || matches!(e.raw_os_error(), Some(libc::EROFS | libc::EIO))
 }

@@ -521,19 +521,6 @@ impl Store {
         .await
     }
 
-    /// VM counts by observed state (rows being deleted left out).
-    pub async fn counts_by_state(&self) -> Result<Vec<(String, i64)>> {
-        self.run(|c| {
-            let mut stmt = c.prepare(
-                "SELECT observed_state, COUNT(*) FROM vms WHERE desired_state != 'deleted'
-                 GROUP BY observed_state",
-            )?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            Ok(rows.collect::<std::result::Result<Vec<_>, _>>()?)
-        })
-        .await
-    }
-
     /// A VM's recovery attempts, newest first.
     pub async fn attempts(&self, id: &VmId) -> Result<Vec<AttemptRecord>> {
         let id = id.clone();

@@ -627,7 +627,8 @@ impl Supervisor {
         let sup = self.clone();
         tokio::spawn(async move {
             let period = sup.cfg.degraded.check_interval;
-            let mut tick = tokio::time::interval(period);
+            // The daemon looked once at start; the first tick is one period later.
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
