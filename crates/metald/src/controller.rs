@@ -486,6 +486,7 @@ impl Controller {
         crate::crash_point!("snapshot.after_pause");
         let started = Instant::now();
         let res = driver.snapshot(&ep, dest, base.as_deref()).await;
+        crate::crash_point!("snapshot.after_write");
         // Whatever the outcome, the VMM's dirty-page log was reset or is in doubt: only a
         // snapshot that was written whole can be the next diff's base.
         self.snapshot_base = res.is_ok().then(|| dest.to_path_buf());
@@ -899,16 +900,19 @@ impl Controller {
         let mut now = self.rec.observed;
         if want != VmState::Created && now == VmState::Created {
             driver.boot(&ep).await?;
+            crate::crash_point!("boot.after_vmm");
             self.guest_starting();
             now = VmState::Running;
         }
         match (want, now) {
             (VmState::Paused, VmState::Running) => {
                 driver.pause(&ep).await?;
+                crate::crash_point!("pause.after_vmm");
                 now = VmState::Paused;
             }
             (VmState::Running, VmState::Paused) => {
                 driver.resume(&ep).await?;
+                crate::crash_point!("resume.after_vmm");
                 self.guest_resumed();
                 now = VmState::Running;
             }
@@ -965,6 +969,7 @@ impl Controller {
             Some(dir) => driver.restore(&ep, &self.rec.spec, dir).await,
             None => driver.configure(&ep, &self.rec.spec).await,
         };
+        crate::crash_point!("start.after_configure");
         self.snapshot_base = restore.filter(|_| prepared.is_ok());
         if let Err(e) = prepared {
             self.stop_vmm(None, "configure failed").await?;
@@ -1031,6 +1036,7 @@ impl Controller {
             }
         }
         let status = vmm.pidfd.reap();
+        crate::crash_point!("stop.after_exit");
         info!(
             vm_id = %self.rec.vm_id,
             pid = ep.pid,
@@ -1124,6 +1130,7 @@ impl Controller {
             self.orphan(OrphanReason::ProcessDead, pid, Some(exit))
                 .await
         };
+        crate::crash_point!("exit.after_record");
         if let Err(e) = res {
             warn!(vm_id = %self.rec.vm_id, error = %e, "recording vmm exit failed");
         }

@@ -521,6 +521,18 @@ impl Store {
         .await
     }
 
+    /// Where every recorded snapshot is.
+    pub async fn snapshot_paths(&self) -> Result<Vec<PathBuf>> {
+        self.run(|c| {
+            let mut st = c.prepare("SELECT path FROM snapshots")?;
+            let paths = st
+                .query_map([], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(paths.into_iter().map(PathBuf::from).collect())
+        })
+        .await
+    }
+
     /// A VM's recovery attempts, newest first.
     pub async fn attempts(&self, id: &VmId) -> Result<Vec<AttemptRecord>> {
         let id = id.clone();

@@ -224,6 +224,7 @@ impl Supervisor {
                 marked.insert(id, (pid, info.start_time));
             }
         }
+        self.remove_unrecorded_images(&rows).await;
         let mut checks = JoinSet::new();
         for rec in rows {
             let driver = self.drivers.for_spec(&rec.spec);
@@ -277,6 +278,13 @@ impl Supervisor {
                     // so the one writer of the VM records why.
                     let observed = match run {
                         GuestRun::NotStarted => VmState::Created,
+                        // A VMM that loaded a snapshot or a drain's save holds its guest paused
+                        // until the VM boots: it is still the CREATED VM the row says.
+                        GuestRun::Paused
+                            if rec.observed == VmState::Created && rec.saved.is_some() =>
+                        {
+                            VmState::Created
+                        }
                         GuestRun::Running
                         | GuestRun::Suspended
                         | GuestRun::Panicked
@@ -426,6 +434,51 @@ impl Supervisor {
         res
     }
 
+    /// Removes snapshot and save directories that nothing records: what a metald killed while
+    /// writing one left (the images are whole or not, but no row or snapshot id leads to them,
+    /// so nothing would ever use or delete them). Runs at start-up, before any can be in
+    /// progress.
+    async fn remove_unrecorded_images(&self, rows: &[VmRecord]) {
+        let snapshots = match self.env.store.snapshot_paths().await {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "listing snapshots failed; leftover images kept");
+                return;
+            }
+        };
+        // By name, not by path: a state dir named differently since (a symlink, say) must not
+        // make a recorded image look unrecorded.
+        let names = |paths: &mut dyn Iterator<Item = &std::path::Path>| -> Vec<std::ffi::OsString> {
+            paths
+                .filter_map(|p| p.file_name().map(ToOwned::to_owned))
+                .collect()
+        };
+        let recorded_snapshots = names(&mut snapshots.iter().map(std::path::PathBuf::as_path));
+        let recorded_saves = names(&mut rows.iter().filter_map(|r| r.saved.as_deref()));
+        for (sub, recorded) in [("snapshots", recorded_snapshots), ("saved", recorded_saves)] {
+            let Ok(dir) = std::fs::read_dir(self.cfg.state_dir.join(sub)) else {
+                continue;
+            };
+            for entry in dir.flatten() {
+                if recorded.contains(&entry.file_name()) {
+                    continue;
+                }
+                let path = entry.path();
+                let removed = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                match removed {
+                    Ok(()) => info!(path = %path.display(), "unrecorded image removed"),
+                    Err(e) => {
+                        warn!(path = %path.display(), error = %e, "removing an unrecorded image failed")
+                    }
+                }
+            }
+        }
+    }
+
     /// Snapshots a VM into `<state_dir>/snapshots/<id>/` and records it.
     pub async fn snapshot(&self, id: &VmId, diff: bool) -> Result<(SnapshotRecord, VmRecord)> {
         self.env.host.allow_change()?;
@@ -448,6 +501,7 @@ impl Supervisor {
                 return Err(e);
             }
         };
+        crate::crash_point!("snapshot.before_record");
         let mut spec = rec.spec.clone();
         spec.vmm = Some(self.drivers.kind_for(&rec.spec));
         let snap = SnapshotRecord {

@@ -106,7 +106,7 @@ fn vmms_of(d: &Daemon, vm: &str) -> Vec<i32> {
         .into_iter()
         .filter(|p| {
             std::fs::read(format!("/proc/{p}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(&run_dir))
+                .map(|c| String::from_utf8_lossy(&c).contains(&format!("{run_dir}/")))
                 .unwrap_or(false)
         })
         .collect()
@@ -175,6 +175,15 @@ async fn kill_at(point: &str, op: Call) {
     if wanted(op).is_none() {
         assert!(!d.run_dir(vm).exists(), "{point}: run directory left");
     }
+    if op == Call::Snapshot {
+        // The snapshot the crash cut short is gone; the retry's is there, and recorded.
+        let dirs: Vec<_> = std::fs::read_dir(d.state_dir.join("snapshots"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(dirs.len(), 1, "{point}: snapshot directories {dirs:?}");
+    }
     // No stray survives the sweep, and none is found again.
     let r = c
         .reconcile(pb::ReconcileRequest {})
@@ -189,39 +198,54 @@ async fn kill_at(point: &str, op: Call) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn create_killed_after_its_row_and_after_its_vmm_started() {
+async fn create_killed_at_each_step() {
     kill_at("create.after_insert", Call::Create).await;
     kill_at("start.after_spawn", Call::Create).await;
+    kill_at("start.after_configure", Call::Create).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn boot_killed_after_its_desired_state() {
+async fn boot_killed_at_each_step() {
     kill_at("lifecycle.after_desired", Call::Boot).await;
+    kill_at("boot.after_vmm", Call::Boot).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reboot_killed_at_each_step() {
     kill_at("lifecycle.after_desired", Call::Reboot).await;
+    kill_at("stop.after_exit", Call::Reboot).await;
     kill_at("reboot.after_stop", Call::Reboot).await;
     kill_at("start.after_spawn", Call::Reboot).await;
+    kill_at("start.after_configure", Call::Reboot).await;
+    kill_at("boot.after_vmm", Call::Reboot).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_pause_and_resume_killed_after_their_desired_state() {
+async fn shutdown_killed_at_each_step() {
     kill_at("lifecycle.after_desired", Call::Shutdown).await;
-    kill_at("lifecycle.after_desired", Call::Pause).await;
-    kill_at("lifecycle.after_desired", Call::Resume).await;
+    kill_at("stop.after_exit", Call::Shutdown).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delete_killed_after_its_tombstone_and_after_its_vmm_stopped() {
+async fn pause_and_resume_killed_at_each_step() {
+    kill_at("lifecycle.after_desired", Call::Pause).await;
+    kill_at("pause.after_vmm", Call::Pause).await;
+    kill_at("lifecycle.after_desired", Call::Resume).await;
+    kill_at("resume.after_vmm", Call::Resume).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_killed_at_each_step() {
     kill_at("delete.after_desired", Call::Delete).await;
+    kill_at("stop.after_exit", Call::Delete).await;
     kill_at("delete.after_stop", Call::Delete).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn snapshot_killed_with_the_guest_paused() {
+async fn snapshot_killed_at_each_step() {
     kill_at("snapshot.after_pause", Call::Snapshot).await;
+    kill_at("snapshot.after_write", Call::Snapshot).await;
+    kill_at("snapshot.before_record", Call::Snapshot).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,7 +256,7 @@ async fn a_recovery_and_a_create_from_a_snapshot_killed_after_their_vmm_started(
     )
     .await;
     let mut c = d.client().await;
-    let pid = running_vm(&mut c, "rc").await;
+    running_vm(&mut c, "rc").await;
     // Snapshot a guest that has finished booting, so that its clone has no boot left to do.
     let console = std::path::PathBuf::from(&info(&mut c, "rc").await.backend_info["console_log"]);
     assert!(wait_console(&console, "METALD-GUEST-ALIVE", 1, Duration::from_secs(60)).await);
@@ -244,72 +268,149 @@ async fn a_recovery_and_a_create_from_a_snapshot_killed_after_their_vmm_started(
         .await
         .unwrap()
         .into_inner();
-    d.stop_with(libc::SIGKILL);
-    d.env = vec![("FAILPOINTS".into(), "start.after_spawn=return".into())];
-    d.spawn().await;
-    signal(pid, libc::SIGKILL);
-    assert!(
-        d.wait_exited(EVENT).await,
-        "metald did not stop in the recovery"
-    );
-    d.env.clear();
-    d.spawn().await;
-    let mut c = d.client().await;
-    let deadline = Instant::now() + EVENT;
-    while state(&info(&mut c, "rc").await) != pb::VmState::Running || vmms_of(&d, "rc").len() != 1 {
+    for point in [
+        "exit.after_record",
+        "start.after_spawn",
+        "start.after_configure",
+    ] {
+        let pid = pid_of(&info(&mut c, "rc").await).unwrap();
+        d.stop_with(libc::SIGKILL);
+        d.env = vec![("FAILPOINTS".into(), format!("{point}=return"))];
+        d.spawn().await;
+        signal(pid, libc::SIGKILL);
         assert!(
-            Instant::now() < deadline,
-            "rc did not come back: {:?}",
-            vmms_of(&d, "rc")
+            d.wait_exited(EVENT).await,
+            "{point}: metald did not stop in the recovery"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        d.env.clear();
+        d.spawn().await;
+        c = d.client().await;
+        let deadline = Instant::now() + EVENT;
+        while state(&info(&mut c, "rc").await) != pb::VmState::Running
+            || vmms_of(&d, "rc").len() != 1
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{point}: rc did not come back: {:?}",
+                vmms_of(&d, "rc")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     // A create from a snapshot: the VM must come back from the snapshot, not from a boot.
+    for (n, point) in ["start.after_spawn", "start.after_configure"]
+        .iter()
+        .enumerate()
+    {
+        let clone = format!("clone{n}");
+        d.stop_with(libc::SIGKILL);
+        d.env = vec![("FAILPOINTS".into(), format!("{point}=return"))];
+        d.spawn().await;
+        let mut c = d.client().await;
+        let _ = c
+            .create_vm(pb::CreateVmRequest {
+                vm_id: clone.clone(),
+                customer_id: "c".into(),
+                config: None,
+                from_snapshot: snap.snapshot_id.clone(),
+            })
+            .await;
+        assert!(
+            d.wait_exited(EVENT).await,
+            "{point}: metald did not stop in the create"
+        );
+        d.env.clear();
+        d.spawn().await;
+        let mut c = d.client().await;
+        let deadline = Instant::now() + EVENT;
+        while state(&info(&mut c, &clone).await) != pb::VmState::Created
+            || vmms_of(&d, &clone).len() != 1
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{point}: {clone} did not converge"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            info(&mut c, &clone)
+                .await
+                .backend_info
+                .contains_key("saved")
+        );
+    }
+    let mut c = d.client().await;
+    // Either clone was restored (before the crash or after it), not booted: the snapshot's
+    // guest never prints its boot line again.
+    for clone in ["clone0", "clone1"] {
+        c.boot_vm(pb::BootVmRequest {
+            vm_id: clone.into(),
+        })
+        .await
+        .unwrap();
+        let i = info(&mut c, clone).await;
+        assert_eq!(state(&i), pb::VmState::Running);
+        let console = std::path::PathBuf::from(&i.backend_info["console_log"]);
+        assert!(wait_console(&console, "METALD-GUEST-ALIVE", 1, Duration::from_secs(60)).await);
+        let text = std::fs::read_to_string(&console).unwrap();
+        assert!(!text.contains("METALD-GUEST-READY"), "{clone}: {text}");
+    }
+    // The snapshot the clones came from is still in the store.
+    assert!(std::path::Path::new(&snap.path).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_killed_between_a_save_and_its_stop() {
+    let mut d = Daemon::start_with_toml(
+        "[recovery]\nenabled = true\nretry_interval = 100\n[reconcile]\ninterval = 500\nstray_grace = 1000\n",
+    )
+    .await;
+    let mut c = d.client().await;
+    running_vm(&mut c, "dk").await;
+    let console = std::path::PathBuf::from(&info(&mut c, "dk").await.backend_info["console_log"]);
+    assert!(wait_console(&console, "METALD-GUEST-ALIVE", 1, Duration::from_secs(60)).await);
     d.stop_with(libc::SIGKILL);
-    d.env = vec![("FAILPOINTS".into(), "start.after_spawn=return".into())];
+    d.env = vec![("FAILPOINTS".into(), "save.after_snapshot=return".into())];
     d.spawn().await;
     let mut c = d.client().await;
-    let _ = c
-        .create_vm(pb::CreateVmRequest {
-            vm_id: "clone".into(),
-            customer_id: "c".into(),
-            config: None,
-            from_snapshot: snap.snapshot_id.clone(),
+    let res = c
+        .drain_host(pb::DrainHostRequest {
+            deadline_seconds: 120,
         })
         .await;
     assert!(
         d.wait_exited(EVENT).await,
-        "metald did not stop in the create"
+        "metald did not stop in the save ({res:?})"
     );
     d.env.clear();
     d.spawn().await;
     let mut c = d.client().await;
+    // The save was never recorded: its image is removed, and the guest, still in its VMM, runs
+    // on in that VMM (paused by the save, resumed now), as it did before the drain.
     let deadline = Instant::now() + EVENT;
-    while state(&info(&mut c, "clone").await) != pb::VmState::Created
-        || vmms_of(&d, "clone").len() != 1
-    {
-        assert!(Instant::now() < deadline, "clone did not converge");
+    while state(&info(&mut c, "dk").await) != pb::VmState::Running || vmms_of(&d, "dk").len() != 1 {
+        assert!(Instant::now() < deadline, "dk did not run again");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(
-        info(&mut c, "clone")
-            .await
-            .backend_info
-            .contains_key("saved")
-    );
-    c.boot_vm(pb::BootVmRequest {
-        vm_id: "clone".into(),
-    })
-    .await
-    .unwrap();
-    let i = info(&mut c, "clone").await;
-    assert_eq!(state(&i), pb::VmState::Running);
-    // Restored, not booted: the snapshot's guest never prints its boot line again.
-    let console = std::path::PathBuf::from(&i.backend_info["console_log"]);
-    assert!(wait_console(&console, "METALD-GUEST-ALIVE", 1, Duration::from_secs(60)).await);
+    assert!(!d.state_dir.join("saved/dk").exists());
+    // The operator's retried drain saves it, and the undrain brings it back.
+    let r = c
+        .drain_host(pb::DrainHostRequest {
+            deadline_seconds: 120,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.saved, vec!["dk".to_string()]);
+    assert!(vmms_of(&d, "dk").is_empty());
+    let mark = d.log_mark();
+    c.undrain_host(pb::UndrainHostRequest {}).await.unwrap();
+    d.wait_event(mark, "dk", "saved vm restored", EVENT).await;
+    assert_eq!(vmms_of(&d, "dk").len(), 1);
     let text = std::fs::read_to_string(&console).unwrap();
-    assert!(!text.contains("METALD-GUEST-READY"), "{text}");
-    // The snapshot the clone came from is still in the store.
-    assert!(std::path::Path::new(&snap.path).exists());
+    assert!(
+        !text.contains("METALD-GUEST-READY"),
+        "the guest booted again: {text}"
+    );
 }

@@ -328,7 +328,7 @@ async fn a_metald_killed_between_a_reboots_steps_converges_at_restart() {
             .into_iter()
             .filter(|p| {
                 std::fs::read(format!("/proc/{p}/cmdline"))
-                    .map(|c| String::from_utf8_lossy(&c).contains(&run_dir))
+                    .map(|c| String::from_utf8_lossy(&c).contains(&format!("{run_dir}/")))
                     .unwrap_or(false)
             })
             .collect();

@@ -422,7 +422,10 @@ pub fn pids_matching(dir: &Path, name: &str) -> Vec<i32> {
             continue;
         };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if !cmd.contains(name) || !cmd.contains(&needle) {
+        // The directory itself or a path under it: /tmp/mdt-1-3 must not match /tmp/mdt-1-39,
+        // another test's daemon.
+        let mentions = cmd.contains(&format!("{needle}/")) || cmd.contains(&format!("{needle} "));
+        if !cmd.contains(name) || !mentions {
             continue;
         }
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
