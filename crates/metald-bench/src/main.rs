@@ -1717,18 +1717,29 @@ fn vmms_for(state: &Path, vm: &str) -> usize {
 /// exactly the VMMs it should have, and what leaked.
 async fn crash_points(root: &Path, d: &mut Daemon, c: &mut Client) -> Result<Value> {
     let bin = root.join("target/debug/metald");
-    let cases: [(&str, &str); 11] = [
+    let cases: &[(&str, &str)] = &[
         ("create.after_insert", "create"),
         ("start.after_spawn", "create"),
+        ("start.after_configure", "create"),
         ("lifecycle.after_desired", "reboot"),
+        ("stop.after_exit", "reboot"),
         ("reboot.after_stop", "reboot"),
         ("start.after_spawn", "reboot"),
+        ("start.after_configure", "reboot"),
+        ("boot.after_vmm", "reboot"),
         ("lifecycle.after_desired", "shutdown"),
+        ("stop.after_exit", "shutdown"),
         ("lifecycle.after_desired", "pause"),
+        ("pause.after_vmm", "pause"),
         ("delete.after_desired", "delete"),
+        ("stop.after_exit", "delete"),
         ("delete.after_stop", "delete"),
         ("snapshot.after_pause", "snapshot"),
+        ("snapshot.after_write", "snapshot"),
+        ("snapshot.before_record", "snapshot"),
+        ("exit.after_record", "recovery"),
         ("start.after_spawn", "recovery"),
+        ("start.after_configure", "recovery"),
     ];
     let mut converge_ms = Vec::new();
     let mut rows = Vec::new();

@@ -215,6 +215,11 @@ pub struct Controller {
     next_check: Instant,
     /// When the next recovery attempt is due, while one is scheduled.
     retry_at: Option<Instant>,
+    /// Reconcile passes that failed to converge the VM in a row, and when the next may try:
+    /// a VM that cannot reach its desired state (its kernel gone, say) is requeued with the
+    /// recovery backoff, not retried on every pass.
+    converge_failures: u32,
+    converge_after: Option<Instant>,
     /// Waiting for a recovery permit, once the attempt is due and admitted.
     permit: Option<PermitFuture>,
     /// The scheduled attempt is the breaker's probe.
@@ -286,6 +291,8 @@ impl Controller {
             unsaved,
             next_check: first_check,
             retry_at: None,
+            converge_failures: 0,
+            converge_after: None,
             permit: None,
             probe: false,
             trigger: String::new(),
@@ -570,11 +577,12 @@ impl Controller {
             VmState::Created | VmState::Running | VmState::Paused
                 if self.vmm.is_some() && want != self.rec.observed =>
             {
-                info!(vm_id = %self.rec.vm_id, observed = %self.rec.observed, desired = %want, "converging a vm stuck short of its desired state");
-                match self.reconcile(None).await {
-                    Ok(()) => did.converged = true,
-                    Err(e) => warn!(vm_id = %self.rec.vm_id, error = %e, "converging failed"),
+                if self.converge_waits() {
+                    return did;
                 }
+                info!(vm_id = %self.rec.vm_id, observed = %self.rec.observed, desired = %want, "converging a vm stuck short of its desired state");
+                let res = self.reconcile(None).await;
+                did.converged = self.converge_done(res);
             }
             VmState::Orphaned | VmState::Failed if want == VmState::Shutdown => {
                 did.converged = self.set_observed(VmState::Shutdown).await.is_ok();
@@ -589,15 +597,43 @@ impl Controller {
                     info!(vm_id = %self.rec.vm_id, observed = %self.rec.observed, desired = %want, "host in maintenance; vm left short of its desired state");
                     return did;
                 }
-                info!(vm_id = %self.rec.vm_id, observed = %self.rec.observed, desired = %want, "converging a vm with no vmm to its desired state");
-                match self.reconcile(None).await {
-                    Ok(()) => did.converged = true,
-                    Err(e) => warn!(vm_id = %self.rec.vm_id, error = %e, "converging failed"),
+                if self.converge_waits() {
+                    return did;
                 }
+                info!(vm_id = %self.rec.vm_id, observed = %self.rec.observed, desired = %want, "converging a vm with no vmm to its desired state");
+                let res = self.reconcile(None).await;
+                did.converged = self.converge_done(res);
             }
             _ => {}
         }
         did
+    }
+
+    /// Whether a convergence that failed before is still backing off.
+    fn converge_waits(&self) -> bool {
+        self.converge_after.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Records a convergence's outcome; a failure pushes the next try back.
+    fn converge_done(&mut self, res: Result<()>) -> bool {
+        match res {
+            Ok(()) => {
+                self.converge_failures = 0;
+                self.converge_after = None;
+                true
+            }
+            Err(e) => {
+                self.converge_failures = self.converge_failures.saturating_add(1);
+                // Attempt n+1's wait, so that even the first failure waits retry_interval.
+                let wait = self
+                    .env
+                    .gate
+                    .backoff(self.converge_failures.saturating_add(1));
+                self.converge_after = Some(Instant::now() + wait);
+                warn!(vm_id = %self.rec.vm_id, error = %e, failures = self.converge_failures, retry_in_ms = wait.as_millis() as u64, "converging failed");
+                false
+            }
+        }
     }
 
     fn orphan_trigger(&self) -> String {
@@ -654,6 +690,9 @@ impl Controller {
 
     fn cancel_recovery(&mut self) {
         self.retry_at = None;
+        // An operator's command is a fresh start for convergence too.
+        self.converge_failures = 0;
+        self.converge_after = None;
         if self.permit.take().is_some() || self.probe {
             if self.probe {
                 self.env.gate.release_probe();

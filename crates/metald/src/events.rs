@@ -1,12 +1,18 @@
 //! VM event history: state transitions, health changes, orphan detections and recovery
 //! attempts, appended to the registry (bounded per VM) and broadcast live to watchers.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::broadcast;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::store::{EventRecord, Store, now_ms};
+
+/// At most this many events wait in memory for a registry that refuses writes; beyond it the
+/// oldest are dropped (and counted in the log), so a long outage cannot grow metald without
+/// bound.
+const PENDING_MAX: usize = 4096;
 
 /// Appends events and fans them out to live watchers.
 #[derive(Debug)]
@@ -14,6 +20,15 @@ pub struct EventBus {
     store: Store,
     tx: broadcast::Sender<EventRecord>,
     keep: usize,
+    /// Events the registry refused (a full disk), oldest first: written, in order, before any
+    /// newer one once it accepts writes again.
+    pending: Mutex<Pending>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    events: VecDeque<EventRecord>,
+    dropped: u64,
 }
 
 impl EventBus {
@@ -24,7 +39,41 @@ impl EventBus {
             store,
             tx,
             keep: keep.max(1),
+            pending: Mutex::new(Pending::default()),
         })
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // A poisoned lock only means a panic elsewhere; the queue itself is still whole.
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many events wait for the registry.
+    pub fn pending_count(&self) -> usize {
+        self.pending().events.len()
+    }
+
+    /// Writes the events the registry refused earlier, oldest first, stopping at the first that
+    /// it still refuses. Returns whether none is left.
+    pub async fn flush(&self) -> bool {
+        loop {
+            let Some(ev) = self.pending().events.front().cloned() else {
+                return true;
+            };
+            if let Err(e) = self.store.add_event(ev, self.keep).await {
+                warn!(error = %e, pending = self.pending_count(), "vm events still not recorded");
+                return false;
+            }
+            let mut p = self.pending();
+            p.events.pop_front();
+            if p.events.is_empty() {
+                info!(
+                    dropped = p.dropped,
+                    "vm events held while the registry refused writes are recorded"
+                );
+                p.dropped = 0;
+            }
+        }
     }
 
     /// Records an event. A registry failure is logged, not returned: history must never stop
@@ -48,16 +97,37 @@ impl EventBus {
             reason: reason.to_string(),
             message: message.to_string(),
         };
-        match self.store.add_event(ev.clone(), self.keep).await {
-            Ok(seq) => ev.seq = seq,
-            Err(e) => warn!(vm_id, error = %e, "recording vm event failed"),
+        // Behind held events the new one waits its turn, so that history stays in order.
+        let recorded = if self.flush().await {
+            match self.store.add_event(ev.clone(), self.keep).await {
+                Ok(seq) => Some(seq),
+                Err(e) => {
+                    warn!(vm_id, error = %e, "recording vm event failed; held until the registry accepts it");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        match recorded {
+            Some(seq) => ev.seq = seq,
+            None => {
+                let mut p = self.pending();
+                if p.events.len() >= PENDING_MAX {
+                    p.events.pop_front();
+                    p.dropped += 1;
+                }
+                p.events.push_back(ev.clone());
+            }
         }
         // No receivers is fine.
         let _ = self.tx.send(ev);
     }
 
-    /// Sends an event to live watchers only (for a VM whose history is being deleted with it).
+    /// Sends an event to live watchers only (for a VM whose history is being deleted with it,
+    /// so that none of its held events is written after it is gone).
     pub fn announce(&self, vm_id: &str, kind: &str, message: &str) {
+        self.pending().events.retain(|e| e.vm_id != vm_id);
         let _ = self.tx.send(EventRecord {
             seq: 0,
             vm_id: vm_id.to_string(),

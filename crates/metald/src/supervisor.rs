@@ -732,6 +732,8 @@ impl Supervisor {
     /// then the sweep looks for strays and stale files. Logs what it found and did.
     pub async fn reconcile_pass(&self) -> Result<ReconcileReport> {
         let started = Instant::now();
+        // Events the registry refused while it could not be written go in first, in order.
+        self.env.events.flush().await;
         let handles: Vec<(VmId, ControllerHandle)> = self
             .lock()
             .iter()

@@ -101,6 +101,18 @@ fn db_row(state_dir: &Path, vm: &str) -> (String, Option<i64>) {
     .unwrap()
 }
 
+/// The kinds of a VM's recorded events, oldest first.
+fn event_kinds(state_dir: &Path, vm: &str) -> Vec<String> {
+    let c = rusqlite::Connection::open(state_dir.join("metald.db")).unwrap();
+    let mut st = c
+        .prepare("SELECT kind FROM vm_events WHERE vm_id = ?1 ORDER BY seq")
+        .unwrap();
+    st.query_map([vm], |r| r.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<Vec<String>>>()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_registry_disk_never_shows_a_dead_vm_as_running_and_the_vm_is_recovered() {
     let fs = Tmpfs::mount("48m");
@@ -169,6 +181,17 @@ async fn a_full_registry_disk_never_shows_a_dead_vm_as_running_and_the_vm_is_rec
             break;
         }
         assert!(Instant::now() < deadline, "registry row is {row:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The history the full disk refused is written too, in the order it happened.
+    let deadline = Instant::now() + EVENT;
+    loop {
+        let kinds = event_kinds(&fs.0, "full");
+        let from = kinds.iter().position(|k| k == "orphaned");
+        if from.is_some_and(|i| kinds[i..].iter().any(|k| k == "recovered")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "events recorded: {kinds:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // And after a restart of metald.
@@ -439,4 +462,56 @@ async fn a_drained_host_saves_its_guests_and_restores_them_where_they_were() {
         !d.state_dir.join("saved/dr1").exists(),
         "the saved state is removed once restored"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_that_cannot_converge_is_requeued_with_backoff_not_retried_every_pass() {
+    let assets = Assets::new();
+    let mut d = Daemon::start_with_toml_args(
+        "[recovery]\nenabled = true\nretry_interval = 100\nbackoff_factor = 2.0\njitter = 0.0\n[reconcile]\ninterval = 100\n",
+        assets.args(),
+    )
+    .await;
+    let mut c = d.client().await;
+    c.create_vm(assets.request("nc")).await.unwrap();
+    c.boot_vm(pb::BootVmRequest { vm_id: "nc".into() })
+        .await
+        .unwrap();
+    // metald dies between a reboot's steps, and the kernel goes while it is down: every
+    // convergence at restart fails.
+    d.stop_with(libc::SIGKILL);
+    let pid = d.vmm_pids();
+    for p in &pid {
+        signal(*p, libc::SIGKILL);
+        assert!(wait_dead(*p, Duration::from_secs(5)).await);
+    }
+    crash_between_steps(&d, "nc");
+    assets.break_kernel();
+    let mark = d.log_mark();
+    d.spawn().await;
+    let deadline = Instant::now() + EVENT;
+    let fails = loop {
+        let fails = events(&d, mark, "converging failed");
+        if fails.len() >= 4 {
+            break fails;
+        }
+        assert!(Instant::now() < deadline, "{} failures", fails.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Passes run every 100 ms; the tries come 100, 200, 400 ms apart, then 800.
+    let waits: Vec<u64> = fails
+        .iter()
+        .map(|f| f["retry_in_ms"].as_u64().unwrap())
+        .collect();
+    assert_eq!(&waits[..4], &[100, 200, 400, 800], "{waits:?}");
+    assert!(d.vmm_pids().is_empty(), "no VMM left from a failed try");
+    // Once the kernel is back, the next try converges it.
+    assets.restore_kernel();
+    let deadline = Instant::now() + EVENT;
+    let mut c2 = d.client().await;
+    while state(&info(&mut c2, "nc").await) != pb::VmState::Running {
+        assert!(Instant::now() < deadline, "nc did not converge");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(c);
 }
