@@ -13,7 +13,7 @@ fi
 
 need=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
-for p in busybox-static cpio lz4 gzip python3 prometheus; do
+for p in busybox-static cpio lz4 gzip python3 python3-venv prometheus; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

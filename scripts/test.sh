@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/deps.sh
+scripts/pyclient-env.sh
 scripts/build-guest.sh
 
 # The jailer copies only the firecracker binary into an empty chroot, so the jailer tests need

@@ -7,6 +7,13 @@ pub mod v1 {
     tonic::include_proto!("metald.v1");
 }
 
+/// The encoded `FileDescriptorSet` of `metald.v1` and what it imports, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/metald_descriptor.bin"));
+
+/// The service's full name, as the gRPC health service and reflection know it.
+pub const SERVICE_NAME: &str = "metald.v1.VmService";
+
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 

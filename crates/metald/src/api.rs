@@ -794,7 +794,12 @@ impl VmService for VmApi {
                 })),
             }
         });
-        Ok(Response::new(Box::pin(stream)))
+        // A stopping metald ends every open stream with a status that says so, rather than
+        // waiting for its watchers to hang up (which could be never).
+        let stop = tokio_stream::wrappers::WatchStream::new(self.sup.stopping())
+            .filter(|stopping| *stopping)
+            .map(|_| Err(Status::unavailable("metald is shutting down")));
+        Ok(Response::new(Box::pin(stream.merge(stop))))
     }
 
     async fn get_vm_health(

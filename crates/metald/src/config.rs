@@ -151,6 +151,11 @@ pub struct Config {
     /// How long a guest may take to power off on ShutdownVm before its VMM is stopped.
     #[serde(with = "secs")]
     pub shutdown_timeout: Duration,
+    /// How long metald itself may take to stop on SIGTERM: open streams are ended at once,
+    /// calls in progress get most of it, and the registry is checkpointed before the end. VMMs
+    /// keep running.
+    #[serde(with = "secs")]
+    pub shutdown_grace: Duration,
     /// VMM health checks.
     pub health: HealthConfig,
     /// Guest probes: the defaults for VMs that do not set their own.
@@ -567,6 +572,7 @@ impl Default for Config {
             limits: Limits::default(),
             qemu: QemuConfig::default(),
             shutdown_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
             health: HealthConfig::default(),
             guest_health: GuestHealthConfig::default(),
             reconcile: ReconcileConfig::default(),

@@ -1,17 +1,23 @@
-//! Wiring: opens the registry, re-attaches to running VMMs, serves the API, and shuts down
-//! gracefully. Graceful shutdown stops accepting calls, lets calls in progress finish, and leaves
-//! every VMM running for the next metald to adopt.
+//! Wiring: opens the registry, serves the API (VmService, the gRPC health service and server
+//! reflection), re-attaches to running VMMs, and shuts down within a bounded grace.
+//!
+//! Shutdown (SIGTERM) stops accepting calls, ends every open stream with UNAVAILABLE, lets calls
+//! in progress finish within most of `shutdown_grace`, closes what is still open after that,
+//! lets the controllers finish within the rest, checkpoints the registry, and leaves every VMM
+//! running for the next metald to adopt. It never waits on a client.
 
 use std::future::Future;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tracing::info;
+use tonic::service::interceptor::InterceptedService;
+use tracing::{info, warn};
 
 use crate::api::VmApi;
 use crate::config::{Config, Listen};
@@ -20,9 +26,7 @@ use crate::error::{Error, Result};
 use crate::metrics;
 use crate::store::Store;
 use crate::supervisor::Supervisor;
-
-/// How long shutdown waits for operations in progress.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+use crate::transport::AuthorityFix;
 
 /// Runs the daemon until `shutdown` resolves.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
@@ -61,37 +65,173 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         let (l, _) = metrics::bind(&cfg.metrics_listen).await?;
         Some(metrics::serve(l, sup.clone(), ready.clone()))
     };
-    // The disk and the registry are looked at before anything is written.
-    sup.check_host().await;
-    let host_monitor = sup.spawn_host_monitor();
-    let report = sup.attach_all().await?;
-    // The pass at start: orphans found while re-attaching get their recovery scheduled, and
-    // strays and stale files left by the last run are found.
-    sup.reconcile_pass().await?;
-    let reconciler = sup
-        .config()
-        .reconcile
-        .enabled
-        .then(|| sup.spawn_reconciler());
-    ready.store(true, Ordering::Release);
 
+    // The API listens from the start, so that a client (or a probe) connecting while metald
+    // re-attaches its VMMs learns that it is starting rather than finding no socket: the
+    // health service says NOT_SERVING and VmService answers UNAVAILABLE until it is ready.
     let listen = cfg.listen()?;
-    let server = tonic::transport::Server::builder()
+    let (listener, tcp_addr) = bind(&listen).await?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, false).await;
+    let gate = {
+        let ready = ready.clone();
+        move |req: tonic::Request<()>| {
+            if ready.load(Ordering::Acquire) {
+                Ok(req)
+            } else {
+                Err(tonic::Status::unavailable(
+                    "metald is starting: it is re-attaching its VMMs; retry shortly",
+                ))
+            }
+        }
+    };
+    // Each reflection service describes its own protocol; each is given the other's too, so
+    // that both list every service served.
+    let reflection = |other: &'static [u8]| {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(metald_api::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(other)
+    };
+    let reflection_err =
+        |e: tonic_reflection::server::Error| Error::Config(format!("reflection: {e}"));
+    let router = tonic::transport::Server::builder()
         .layer(metrics::ApiMetricsLayer(sup.metrics().clone()))
-        .add_service(VmApi::new(sup.clone()).into_server());
-    match &listen {
+        .add_service(InterceptedService::new(
+            VmApi::new(sup.clone()).into_server(),
+            gate,
+        ))
+        .add_service(health_service)
+        .add_service(
+            reflection(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+                .build_v1()
+                .map_err(reflection_err)?,
+        )
+        .add_service(
+            reflection(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                .build_v1alpha()
+                .map_err(reflection_err)?,
+        );
+    // When the stop began: the grace is counted from there.
+    let stop_began: Arc<std::sync::OnceLock<Instant>> = Arc::default();
+    let signal = {
+        let sup = sup.clone();
+        let stop_began = stop_began.clone();
+        async move {
+            shutdown.await;
+            let _ = stop_began.set(Instant::now());
+            info!("shutting down: ending open streams; vmms keep running");
+            sup.begin_stop();
+        }
+    };
+    let serve = async move {
+        match listener {
+            Listener::Unix(l) => {
+                // Every unix-socket connection goes through the :authority fix (transport.rs).
+                let incoming = UnixListenerStream::new(l).map(|c| c.map(AuthorityFix::new));
+                router.serve_with_incoming_shutdown(incoming, signal).await
+            }
+            Listener::Tcp(l) => {
+                router
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(l), signal)
+                    .await
+            }
+        }
+        .map_err(|e| Error::io("serving gRPC", std::io::Error::other(e)))
+    };
+    tokio::pin!(serve);
+
+    let startup = async {
+        // The disk and the registry are looked at before anything is written.
+        sup.check_host().await;
+        let host_monitor = sup.spawn_host_monitor();
+        let report = sup.attach_all().await?;
+        // The pass at start: orphans found while re-attaching get their recovery scheduled,
+        // and strays and stale files left by the last run are found.
+        sup.reconcile_pass().await?;
+        let reconciler = sup
+            .config()
+            .reconcile
+            .enabled
+            .then(|| sup.spawn_reconciler());
+        Ok::<_, Error>((report, host_monitor, reconciler))
+    };
+    let (report, host_monitor, reconciler) = tokio::select! {
+        r = startup => r?,
+        // The server ended before metald was ready: a stop during start-up, or a failure.
+        r = &mut serve => {
+            r?;
+            info!("stopped while starting; vmms keep running");
+            return Ok(());
+        }
+    };
+    ready.store(true, Ordering::Release);
+    let health_task = tokio::spawn(follow_health(
+        health,
+        sup.host().subscribe(),
+        sup.stopping(),
+    ));
+    match tcp_addr {
+        None => {
+            info!(listen = %listen, adopted = report.adopted, accel = ?cfg.accel, vmm = cfg.vmm.as_str(), "metald ready");
+        }
+        Some(local) => {
+            info!(listen = %listen, local_addr = %local, adopted = report.adopted, accel = ?cfg.accel, vmm = cfg.vmm.as_str(), "metald ready");
+        }
+    }
+
+    // Calls in progress get most of the grace; the controllers and the registry the rest.
+    let grace = cfg.shutdown_grace;
+    let mut stopping = sup.stopping();
+    let overran = async {
+        let _ = stopping.wait_for(|s| *s).await;
+        tokio::time::sleep(grace.mul_f64(0.8)).await;
+    };
+    tokio::select! {
+        r = &mut serve => r?,
+        () = overran => warn!(grace_ms = grace.as_millis() as u64, "calls still in progress at the end of the grace; their connections are closed"),
+    }
+    if let Listen::Unix(path) = &listen {
+        let _ = std::fs::remove_file(path);
+    }
+    health_task.abort();
+    host_monitor.abort();
+    if let Some(r) = reconciler {
+        r.abort();
+    }
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
+    let spent = stop_began.get().map(Instant::elapsed).unwrap_or_default();
+    sup.shutdown(grace.saturating_sub(spent).max(Duration::from_millis(200)))
+        .await;
+    info!(
+        duration_ms = stop_began
+            .get()
+            .map(|t| t.elapsed().as_millis() as u64)
+            .unwrap_or(0),
+        "metald stopped"
+    );
+    Ok(())
+}
+
+/// A bound API listener.
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+/// Binds the API's socket: a unix socket (a stale one from a metald that did not exit cleanly
+/// is replaced; mode 0660) or a TCP address (returned with the address it got).
+async fn bind(listen: &Listen) -> Result<(Listener, Option<std::net::SocketAddr>)> {
+    match listen {
         Listen::Unix(path) => {
             remove_stale_socket(path)?;
             let l = UnixListener::bind(path)
                 .map_err(|e| Error::io(format!("binding {}", path.display()), e))?;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
                 .map_err(|e| Error::io(format!("chmod {}", path.display()), e))?;
-            info!(listen = %listen, adopted = report.adopted, accel = ?cfg.accel, vmm = cfg.vmm.as_str(), "metald ready");
-            server
-                .serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown)
-                .await
-                .map_err(|e| Error::io("serving gRPC", std::io::Error::other(e)))?;
-            let _ = std::fs::remove_file(path);
+            Ok((Listener::Unix(l), None))
         }
         Listen::Tcp(addr) => {
             let l = TcpListener::bind(addr)
@@ -100,24 +240,39 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
             let local = l
                 .local_addr()
                 .map_err(|e| Error::io("reading the bound address", e))?;
-            info!(listen = %listen, local_addr = %local, adopted = report.adopted, accel = ?cfg.accel, "metald ready");
-            server
-                .serve_with_incoming_shutdown(TcpListenerStream::new(l), shutdown)
-                .await
-                .map_err(|e| Error::io("serving gRPC", std::io::Error::other(e)))?;
+            Ok((Listener::Tcp(l), Some(local)))
         }
     }
-    info!("shutting down; vmms keep running");
-    host_monitor.abort();
-    if let Some(r) = reconciler {
-        r.abort();
+}
+
+/// Sets the health of the API (and of the server as a whole, the empty service name).
+async fn set_health(h: &tonic_health::server::HealthReporter, serving: bool) {
+    use tonic_health::ServingStatus;
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    h.set_service_status(metald_api::SERVICE_NAME, status).await;
+    h.set_service_status("", status).await;
+}
+
+/// Keeps the health service in step with metald: SERVING when ready, NOT_SERVING while the
+/// host is readonly (calls that change VMs are refused) or metald is stopping.
+async fn follow_health(
+    h: tonic_health::server::HealthReporter,
+    mut mode: tokio::sync::watch::Receiver<crate::host::Mode>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let serving = !*stopping.borrow_and_update()
+            && *mode.borrow_and_update() != crate::host::Mode::Readonly;
+        set_health(&h, serving).await;
+        tokio::select! {
+            r = mode.changed() => if r.is_err() { return },
+            r = stopping.changed() => if r.is_err() { return },
+        }
     }
-    if let Some(m) = metrics_server {
-        m.abort();
-    }
-    sup.shutdown(SHUTDOWN_GRACE).await;
-    info!("metald stopped");
-    Ok(())
 }
 
 /// Removes a socket file left by a metald that did not exit cleanly; refuses to remove anything

@@ -115,6 +115,8 @@ pub struct Host {
     state_dir: std::path::PathBuf,
     min_free_bytes: u64,
     metrics: std::sync::Arc<Metrics>,
+    /// The mode in force, for those that follow it (the gRPC health service).
+    watch: tokio::sync::watch::Sender<Mode>,
 }
 
 impl std::fmt::Debug for Host {
@@ -135,7 +137,9 @@ impl Host {
         min_free_bytes: u64,
         metrics: std::sync::Arc<Metrics>,
     ) -> Host {
+        let (watch, _) = tokio::sync::watch::channel(Mode::Normal);
         let h = Host {
+            watch,
             inner: Mutex::new(Inner {
                 operator,
                 automatic: None,
@@ -177,6 +181,12 @@ impl Host {
         for x in [Mode::Normal, Mode::Readonly, Mode::Maintenance] {
             self.metrics.host_mode(x.as_str(), x == m);
         }
+        self.watch.send_replace(m);
+    }
+
+    /// Follows the mode in force.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Mode> {
+        self.watch.subscribe()
     }
 
     /// Applies `f` to the state and logs and exports a change of the mode in force.

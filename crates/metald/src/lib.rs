@@ -14,7 +14,9 @@
 //!
 //! Beside them: [`guest`] (each VMM's guest agent task, reporting to its controller),
 //! [`host`] (the host's mode: normal, readonly, maintenance), [`config`], [`model`] (validated VM specs and the lifecycle state machine),
-//! [`daemon`] (wiring, listeners, graceful shutdown) and [`telemetry`] (structured logs).
+//! [`daemon`] (wiring, listeners, health and reflection, bounded shutdown), [`transport`] (the
+//! unix socket's HTTP/2 `:authority` fix that lets every stock gRPC client in) and [`telemetry`]
+//! (structured logs).
 
 pub mod api;
 pub mod config;
@@ -32,6 +34,7 @@ pub mod recovery;
 pub mod store;
 pub mod supervisor;
 pub mod telemetry;
+pub mod transport;
 
 pub use error::{Error, Result};
 

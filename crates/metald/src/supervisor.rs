@@ -54,6 +54,8 @@ pub struct Supervisor {
     vms: Mutex<HashMap<VmId, Entry>>,
     /// Stray VMMs seen by the sweep, keyed by (pid, start time), with when they were first seen.
     strays: Mutex<HashMap<(i32, u64), Instant>>,
+    /// Set when metald begins to stop: open streams end, the health service says NOT_SERVING.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// What one reconcile pass found and did.
@@ -138,6 +140,7 @@ impl Supervisor {
             drivers,
             vms: Mutex::new(HashMap::new()),
             strays: Mutex::new(HashMap::new()),
+            stopping: tokio::sync::watch::channel(false).0,
         })
     }
 
@@ -169,7 +172,17 @@ impl Supervisor {
         &self.env.metrics
     }
 
-    /// The event history.
+    /// metald begins to stop: open streams end, health turns NOT_SERVING.
+    pub fn begin_stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Follows whether metald is stopping.
+    pub fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stopping.subscribe()
+    }
+
+    /// The event bus.
     pub fn events(&self) -> &Arc<EventBus> {
         &self.env.events
     }

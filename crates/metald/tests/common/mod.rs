@@ -182,6 +182,14 @@ impl Daemon {
         .expect("metald did not become ready");
     }
 
+    /// Sends `sig` to metald without waiting.
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: test code; kill() on our own child's pid, which we have not reaped yet.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
     /// Sends `sig` to metald and waits for it to exit.
     pub fn stop_with(&mut self, sig: i32) {
         if let Some(mut c) = self.child.take() {

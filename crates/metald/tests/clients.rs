@@ -1,0 +1,181 @@
+//! Clients other than metalctl, as a control plane in another language would use them: a stock
+//! Python grpcio client with default options on the unix socket (health, reflection, a whole
+//! lifecycle), and a SIGTERM that must not wait on open streams.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use metald_api::v1 as pb;
+
+/// The virtualenv with grpcio, made by scripts/pyclient-env.sh (scripts/test.sh runs it first;
+/// a test run alone makes it here).
+fn python() -> std::path::PathBuf {
+    let root = repo_root();
+    let st = Command::new(root.join("scripts/pyclient-env.sh"))
+        .status()
+        .expect("running scripts/pyclient-env.sh");
+    assert!(st.success(), "scripts/pyclient-env.sh failed");
+    root.join("target/pyclient/bin/python")
+}
+
+/// The test guest's CreateVmRequest as the JSON a Python client would build.
+fn create_json(vm: &str) -> String {
+    let r = guest_request(vm);
+    let c = r.config.unwrap();
+    let boot = c.boot.unwrap();
+    serde_json::json!({
+        "vm_id": r.vm_id,
+        "customer_id": r.customer_id,
+        "config": {
+            "cpu": {"vcpu_count": 1},
+            "memory": {"size_bytes": c.memory.unwrap().size_bytes.to_string()},
+            "boot": {
+                "kernel_path": boot.kernel_path,
+                "initrd_path": boot.initrd_path,
+                "kernel_args": boot.kernel_args,
+            },
+            "console": {"enabled": true},
+        }
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stock_python_client_works_on_the_unix_socket_with_default_options() {
+    let py = python();
+    let d = Daemon::start().await;
+    let sock = d.sock.clone();
+    let out = tokio::time::timeout(
+        Duration::from_secs(240),
+        tokio::process::Command::new(&py)
+            .arg(repo_root().join("crates/metald/tests/py/stock_client.py"))
+            .arg(&sock)
+            .arg(create_json("py1"))
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the Python client did not finish")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python client failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["health"], "SERVING", "{v}");
+    let services: Vec<&str> = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    for s in [
+        "metald.v1.VmService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(services.contains(&s), "{s} not listed: {services:?}");
+    }
+    assert_eq!(v["services_v1"], v["services"]);
+    let methods = v["methods"].as_array().unwrap();
+    for m in ["CreateVm", "BootVm", "GetVmInfo", "ListVms", "WatchEvents"] {
+        assert!(methods.iter().any(|x| x == m), "{m} not described: {v}");
+    }
+    let states: Vec<(&str, &str)> = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["call"].as_str().unwrap(), s["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            ("CreateVm", "VM_STATE_CREATED"),
+            ("BootVm", "VM_STATE_RUNNING"),
+            ("PauseVm", "VM_STATE_PAUSED"),
+            ("ResumeVm", "VM_STATE_RUNNING"),
+            ("RebootVm", "VM_STATE_RUNNING"),
+            ("ShutdownVm", "VM_STATE_SHUTDOWN"),
+        ]
+    );
+    assert_eq!(v["listed"], serde_json::json!(["py1"]));
+    assert_eq!(v["after_delete"], "NOT_FOUND");
+    // The stream stayed open until the client's own deadline ended it.
+    assert_eq!(v["watch"], "DEADLINE_EXCEEDED");
+    assert!(d.vmm_pids().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_open_streams_and_exits_within_the_grace() {
+    let mut d = Daemon::start_with_toml("shutdown_grace = 3.0\n").await;
+    let mut c = d.client().await;
+    let pid = running_vm(&mut c, "st1").await;
+    // Two watchers with open streams, and a call in progress (a create).
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let mut w = d.client().await;
+        streams.push(
+            w.watch_events(pb::WatchEventsRequest::default())
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    let mut busy = d.client().await;
+    let in_flight = tokio::spawn(async move { busy.create_vm(guest_request("st2")).await });
+    let mark = d.log_mark();
+    let sent = Instant::now();
+    d.signal(libc::SIGTERM);
+    assert!(
+        d.wait_exited(Duration::from_secs(10)).await,
+        "metald did not exit"
+    );
+    let took = sent.elapsed();
+    assert!(
+        took < Duration::from_millis(3000 + 1500),
+        "metald took {took:?} to stop with a 3 s grace"
+    );
+    // Each stream ended with a status that says why.
+    for mut s in streams {
+        let end = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match s.message().await {
+                    Ok(Some(_)) => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .expect("the stream did not end");
+        match end {
+            Err(st) => assert_eq!(st.code(), tonic::Code::Unavailable, "{st:?}"),
+            Ok(None) => panic!("the stream ended without a status"),
+            Ok(Some(_)) => unreachable!(),
+        }
+    }
+    // The call in progress got an answer (done, or refused because metald was stopping).
+    tokio::time::timeout(Duration::from_secs(5), in_flight)
+        .await
+        .expect("the call in progress got no answer")
+        .unwrap()
+        .map(|_| ())
+        .or_else(|e| match e.code() {
+            tonic::Code::Unavailable | tonic::Code::Cancelled => Ok(()),
+            _ => Err(e),
+        })
+        .unwrap();
+    assert!(!events(&d, mark, "metald stopped").is_empty());
+    // The VMM is untouched, and the next metald adopts it.
+    assert!(pid_alive(pid), "the VMM was stopped with metald");
+    d.spawn().await;
+    let mut c = d.client().await;
+    let i = info(&mut c, "st1").await;
+    assert_eq!(pid_of(&i), Some(pid));
+}
