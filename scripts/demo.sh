@@ -34,7 +34,7 @@ ctl delete demo --force >/dev/null 2>&1 || true
 ctl create --id demo --customer demo --kernel "$root/target/guest/vmlinux" \
   --initrd "$root/target/guest/initrd.img" --cmdline "quiet panic=-1" --memory-mib 128
 ctl boot demo
-console=$(ctl info demo --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["backend_info"]["console_log"])')
+console=$(ctl info demo --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["vmm"]["console_log"])')
 for _ in $(seq 1 600); do grep -q METALD-GUEST-READY "$console" 2>/dev/null && break; sleep 0.1; done
 if ! grep -m1 METALD-GUEST-READY "$console"; then
   echo "demo VM did not reach METALD-GUEST-READY within 60 s; console:" >&2

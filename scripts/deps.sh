@@ -13,6 +13,8 @@ fi
 
 need=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
+# npm fetches the buf CLI that checks the API (scripts/buf.sh).
+command -v npm >/dev/null 2>&1 || need+=(npm)
 for p in busybox-static cpio lz4 gzip python3 python3-venv prometheus; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done

@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 
 scripts/deps.sh
 scripts/pyclient-env.sh
+# The API: buf lint, and no breaking change against the committed baseline.
+scripts/buf.sh
 scripts/build-guest.sh
 
 # The jailer copies only the firecracker binary into an empty chroot, so the jailer tests need

@@ -16,6 +16,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         protox::prost::Message::encode_to_vec(&fds),
     )?;
     tonic_prost_build::configure()
+        // Maps encode in key order, so that a request encodes the same way each time (a retry
+        // with a request_id is compared with the first call by its encoding).
+        .btree_map(".")
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

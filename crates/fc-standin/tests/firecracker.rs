@@ -124,19 +124,27 @@ async fn full_lifecycle_on_firecracker() {
     let mut c = d.client().await;
     c.create_vm(guest_request("fc-life")).await.unwrap();
     let i = info(&mut c, "fc-life").await;
-    assert_eq!(i.backend_info["vmm"], "firecracker");
-    assert!(i.backend_info["control_socket"].ends_with("firecracker.sock"));
+    assert_eq!(i.vmm.as_ref().unwrap().kind, "firecracker");
+    assert!(
+        i.vmm
+            .as_ref()
+            .unwrap()
+            .control_socket
+            .ends_with("firecracker.sock")
+    );
     let pid = pid_of(&i).unwrap();
     c.boot_vm(pb::BootVmRequest {
         vm_id: "fc-life".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
-    let console = std::path::PathBuf::from(&i.backend_info["console_log"]);
+    let console = console_of(&i);
     assert!(wait_console(&console, "METALD-GUEST-READY", 1, Duration::from_secs(30)).await);
     let r = c
         .pause_vm(pb::PauseVmRequest {
             vm_id: "fc-life".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -144,12 +152,14 @@ async fn full_lifecycle_on_firecracker() {
     assert_eq!(r.state, pb::VmState::Paused as i32);
     c.resume_vm(pb::ResumeVmRequest {
         vm_id: "fc-life".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
     // Reboot is a supervised restart: Firecracker exits when its guest reboots.
     c.reboot_vm(pb::RebootVmRequest {
         vm_id: "fc-life".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -161,20 +171,28 @@ async fn full_lifecycle_on_firecracker() {
             vm_id: "fc-life".into(),
             force: false,
             timeout_seconds: 10,
+            ..Default::default()
         })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(r.state, pb::VmState::Shutdown as i32);
-    assert!(info(&mut c, "fc-life").await.backend_info["last_exit"].contains("exited with code 0"));
+    assert!(
+        info(&mut c, "fc-life")
+            .await
+            .last_exit
+            .contains("exited with code 0")
+    );
     c.boot_vm(pb::BootVmRequest {
         vm_id: "fc-life".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
     c.delete_vm(pb::DeleteVmRequest {
         vm_id: "fc-life".into(),
         force: false,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -199,6 +217,7 @@ async fn firecracker_refusals_become_clear_errors_and_leave_nothing() {
         vm_id: "fc-k".into(),
         force: true,
         timeout_seconds: 0,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -208,6 +227,7 @@ async fn firecracker_refusals_become_clear_errors_and_leave_nothing() {
     let e = c
         .boot_vm(pb::BootVmRequest {
             vm_id: "fc-k".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -230,11 +250,19 @@ async fn firecracker_refusals_become_clear_errors_and_leave_nothing() {
     assets.restore_kernel();
     c.boot_vm(pb::BootVmRequest {
         vm_id: "fc-k".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
     // A state rule enforced by Firecracker itself: no configuration after InstanceStart.
-    let sock = std::path::PathBuf::from(&info(&mut c, "fc-k").await.backend_info["control_socket"]);
+    let sock = std::path::PathBuf::from(
+        &info(&mut c, "fc-k")
+            .await
+            .vmm
+            .as_ref()
+            .unwrap()
+            .control_socket,
+    );
     let (status, body) = metald::driver::uds_http::call(
         &sock,
         hyper_put(),
@@ -291,6 +319,7 @@ async fn reattach_after_metald_sigkill_and_automatic_recovery_on_firecracker() {
     }
     c.pause_vm(pb::PauseVmRequest {
         vm_id: "fc-b".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -323,6 +352,7 @@ async fn snapshot_and_load_on_firecracker() {
     c.create_vm(req).await.unwrap();
     c.boot_vm(pb::BootVmRequest {
         vm_id: "fc-orig".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -332,6 +362,7 @@ async fn snapshot_and_load_on_firecracker() {
         .snapshot_vm(pb::SnapshotVmRequest {
             vm_id: "fc-orig".into(),
             diff: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -342,6 +373,7 @@ async fn snapshot_and_load_on_firecracker() {
         .snapshot_vm(pb::SnapshotVmRequest {
             vm_id: "fc-orig".into(),
             diff: true,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -352,11 +384,13 @@ async fn snapshot_and_load_on_firecracker() {
         customer_id: "c".into(),
         config: None,
         from_snapshot: diff.snapshot_id,
+        ..Default::default()
     })
     .await
     .unwrap();
     c.boot_vm(pb::BootVmRequest {
         vm_id: "fc-diff".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -368,15 +402,17 @@ async fn snapshot_and_load_on_firecracker() {
         customer_id: "c".into(),
         config: None,
         from_snapshot: r.snapshot_id,
+        ..Default::default()
     })
     .await
     .unwrap();
     let i = info(&mut c, "fc-clone").await;
-    assert_eq!(i.backend_info["vmm"], "firecracker");
+    assert_eq!(i.vmm.as_ref().unwrap().kind, "firecracker");
     assert_eq!(state(&i), pb::VmState::Created);
     // Booting a VM loaded from a snapshot resumes it (InstanceStart is refused after a load).
     c.boot_vm(pb::BootVmRequest {
         vm_id: "fc-clone".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -438,6 +474,7 @@ async fn a_kernel_firecracker_cannot_boot_is_refused_and_a_refused_boot_changes_
     let e = c
         .boot_vm(pb::BootVmRequest {
             vm_id: "fc-bad".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -472,6 +509,7 @@ async fn a_firecracker_whose_vcpu_died_is_recovered_not_taken_for_a_power_off() 
     let mark = d.log_mark();
     c.boot_vm(pb::BootVmRequest {
         vm_id: "fc-ie".into(),
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -254,9 +254,12 @@ async fn jailed_daemon_fc(
 
 async fn create_and_boot(c: &mut Client, assets: &Assets, id: &str) -> i32 {
     c.create_vm(assets.request(id)).await.unwrap();
-    c.boot_vm(pb::BootVmRequest { vm_id: id.into() })
-        .await
-        .unwrap();
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: id.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     pid_of(&info(c, id).await).unwrap()
 }
 
@@ -295,6 +298,7 @@ async fn twenty_jailed_creates_in_a_row_all_succeed_and_leave_nothing() {
         c.delete_vm(pb::DeleteVmRequest {
             vm_id: id.clone(),
             force: true,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -490,9 +494,12 @@ async fn jailed_vms_leave_the_assets_owner_mode_and_inode_unchanged() {
     let mut r = assets.request("ja");
     r.config.as_mut().unwrap().storage = vec![drive("ro", &ro, true), drive("rw", &rw, false)];
     c.create_vm(r).await.unwrap();
-    c.boot_vm(pb::BootVmRequest { vm_id: "ja".into() })
-        .await
-        .unwrap();
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "ja".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let mut r = assets.request("jb");
     r.config
         .as_mut()
@@ -502,9 +509,12 @@ async fn jailed_vms_leave_the_assets_owner_mode_and_inode_unchanged() {
         .unwrap()
         .initrd_path = private.display().to_string();
     c.create_vm(r).await.unwrap();
-    c.boot_vm(pb::BootVmRequest { vm_id: "jb".into() })
-        .await
-        .unwrap();
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "jb".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     // The unreadable initrd was copied for the jail, and the copy is the jail user's.
     let copy = j.jail(&exec_name(&fc), "jb").join("root/initrd");
     let cm = std::fs::metadata(&copy).unwrap();
@@ -526,6 +536,7 @@ async fn jailed_vms_leave_the_assets_owner_mode_and_inode_unchanged() {
         c.delete_vm(pb::DeleteVmRequest {
             vm_id: id.into(),
             force: true,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -560,6 +571,7 @@ async fn a_jailed_vms_full_and_diff_snapshots_restore() {
         .snapshot_vm(pb::SnapshotVmRequest {
             vm_id: "jsnap".into(),
             diff: true,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -568,6 +580,7 @@ async fn a_jailed_vms_full_and_diff_snapshots_restore() {
         .snapshot_vm(pb::SnapshotVmRequest {
             vm_id: "jsnap".into(),
             diff: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -576,6 +589,7 @@ async fn a_jailed_vms_full_and_diff_snapshots_restore() {
         .snapshot_vm(pb::SnapshotVmRequest {
             vm_id: "jsnap".into(),
             diff: true,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -592,19 +606,23 @@ async fn a_jailed_vms_full_and_diff_snapshots_restore() {
             customer_id: "cust-test".into(),
             config: None,
             from_snapshot: snap.snapshot_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();
-        c.boot_vm(pb::BootVmRequest { vm_id: id.into() })
-            .await
-            .unwrap();
+        c.boot_vm(pb::BootVmRequest {
+            vm_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
         let i = info(&mut c, id).await;
         assert_eq!(state(&i), pb::VmState::Running, "{id}");
         // The guest goes on where it was: its memory is whole. (A real guest under this
         // host's software KVM never reaches its init before it dies, so only the stand-in's
         // "guest" can say so here.)
         if std::env::var("FIRECRACKER_BIN").is_err() {
-            let console = PathBuf::from(&i.backend_info["console_log"]);
+            let console = console_of(&i);
             assert!(
                 wait_console(&console, "METALD-GUEST-ALIVE", 2, EVENT).await,
                 "{id}: the restored guest prints nothing to {}",
@@ -640,6 +658,7 @@ async fn a_firecracker_configured_through_a_symlink_runs_jailed() {
     c.delete_vm(pb::DeleteVmRequest {
         vm_id: "jl".into(),
         force: true,
+        ..Default::default()
     })
     .await
     .unwrap();

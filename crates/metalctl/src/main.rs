@@ -1,12 +1,14 @@
 //! metalctl: the command-line client for metald's `metald.v1.VmService`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use anyhow::{Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use metald_api::v1 as pb;
 use serde_json::{Value, json};
+
+mod generate;
 
 /// Drive VMs on a metald host.
 #[derive(Debug, Parser)]
@@ -248,6 +250,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write shell completions and man pages into DIR (for packaging; see generate.rs).
+    #[command(hide = true)]
+    Generate {
+        /// Output directory (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 fn kv_list(spec: &str, what: &str) -> Result<HashMap<String, String>> {
@@ -290,10 +299,81 @@ fn parse_state(s: &str) -> Result<i32> {
     } as i32)
 }
 
+/// A time as RFC 3339 in UTC, to the millisecond (`2026-11-28T04:30:00.123Z`); empty when unset.
 fn ts(t: &Option<prost_types::Timestamp>) -> String {
     t.as_ref()
-        .map(|t| format!("{}.{:03}", t.seconds, t.nanos / 1_000_000))
+        .map(|t| rfc3339(t.seconds, t.nanos / 1_000_000))
         .unwrap_or_default()
+}
+
+fn rfc3339(secs: i64, millis: i32) -> String {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (the proleptic Gregorian calendar).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// How long ago a time was, for tables: `45s ago`, `5m ago`, `3h ago`, `2d ago`.
+fn ago(t: &Option<prost_types::Timestamp>) -> String {
+    let Some(t) = t else { return "-".into() };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let d = (now - t.seconds).max(0);
+    match d {
+        0..60 => format!("{d}s ago"),
+        60..3600 => format!("{}m ago", d / 60),
+        3600..86_400 => format!("{}h ago", d / 3600),
+        _ => format!("{}d ago", d / 86_400),
+    }
+}
+
+fn orphan_reason_name(v: i32) -> String {
+    match pb::OrphanReason::try_from(v) {
+        Ok(pb::OrphanReason::Unspecified) | Err(_) => String::new(),
+        Ok(r) => r
+            .as_str_name()
+            .trim_start_matches("ORPHAN_REASON_")
+            .to_ascii_lowercase(),
+    }
+}
+
+fn event_kind_name(v: i32) -> String {
+    pb::EventKind::try_from(v)
+        .map(|k| {
+            k.as_str_name()
+                .trim_start_matches("EVENT_KIND_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default()
+}
+
+fn vmm_json(v: &Option<pb::VmmProcess>) -> Value {
+    let Some(v) = v else { return Value::Null };
+    json!({
+        "kind": v.kind,
+        "version": v.version,
+        "pid": v.pid,
+        "start_time": ts(&v.start_time),
+        "control_socket": v.control_socket,
+        "console_log": v.console_log,
+        "vmm_log": v.vmm_log,
+        "run_dir": v.run_dir,
+    })
 }
 
 fn health_json(h: &Option<pb::VmHealthStatus>) -> Value {
@@ -301,8 +381,6 @@ fn health_json(h: &Option<pb::VmHealthStatus>) -> Value {
     json!({
         "is_healthy": h.is_healthy,
         "last_check": ts(&h.last_check),
-        "pid": h.pid,
-        "control_socket": h.control_socket,
         "last_error": h.last_error,
         "consecutive_failures": h.consecutive_failures,
         "recovery_count": h.recovery_count,
@@ -313,21 +391,22 @@ fn health_json(h: &Option<pb::VmHealthStatus>) -> Value {
 fn print_event(ev: &pb::VmEvent, json: bool) {
     if json {
         let v = json!({
-            "seq": ev.seq, "vm_id": ev.vm_id, "at": ts(&ev.at), "kind": ev.kind,
-            "from": ev.from_state, "to": ev.to_state, "reason": ev.reason, "message": ev.message,
+            "seq": ev.seq, "vm_id": ev.vm_id, "at": ts(&ev.at), "kind": event_kind_name(ev.kind),
+            "from": state_name(ev.from_state), "state": state_name(ev.state), "reason": ev.reason,
+            "message": ev.message,
         });
         println!("{v}");
     } else {
-        let transition = if ev.from_state.is_empty() && ev.to_state.is_empty() {
-            String::new()
+        let transition = if ev.from_state == 0 {
+            state_name(ev.state).to_string()
         } else {
-            format!("{} -> {}", ev.from_state, ev.to_state)
+            format!("{} -> {}", state_name(ev.from_state), state_name(ev.state))
         };
         println!(
             "{:<16} {:<20} {:<16} {:<22} {:<18} {}",
             ts(&ev.at),
             ev.vm_id,
-            ev.kind,
+            event_kind_name(ev.kind),
             transition,
             ev.reason,
             ev.message
@@ -400,7 +479,11 @@ fn config_json(c: &Option<pb::VmConfig>) -> Value {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let cli = Cli::parse();
-    if let Err(e) = run(cli).await {
+    let result = match &cli.cmd {
+        Cmd::Generate { out } => generate::run(out), // needs no daemon: before run() connects
+        _ => run(cli).await,
+    };
+    if let Err(e) = result {
         eprintln!("metalctl: {e:#}");
         std::process::exit(1);
     }
@@ -415,6 +498,7 @@ fn rpc<T>(r: std::result::Result<tonic::Response<T>, tonic::Status>) -> Result<T
 async fn run(cli: Cli) -> Result<()> {
     let mut c = metald_api::connect(&cli.endpoint).await?;
     match cli.cmd {
+        Cmd::Generate { out } => generate::run(&out)?, // main() calls it without connecting
         Cmd::Create {
             id,
             customer,
@@ -462,7 +546,7 @@ async fn run(cli: Cli) -> Result<()> {
                     tap_device: m.get("tap").cloned().unwrap_or_default(),
                 });
             }
-            let mut md = HashMap::new();
+            let mut md = BTreeMap::new();
             for kv in &metadata {
                 let (k, v) = kv
                     .split_once('=')
@@ -511,13 +595,18 @@ async fn run(cli: Cli) -> Result<()> {
                 customer_id: customer,
                 config,
                 from_snapshot: from_snapshot.unwrap_or_default(),
+                ..Default::default()
             };
             let r = rpc(c.create_vm(req).await)?;
             println!("{}", r.vm_id);
         }
         Cmd::Snapshot { id, diff } => {
             let r = rpc(c
-                .snapshot_vm(pb::SnapshotVmRequest { vm_id: id, diff })
+                .snapshot_vm(pb::SnapshotVmRequest {
+                    vm_id: id,
+                    diff,
+                    ..Default::default()
+                })
                 .await)?;
             println!("{} {}", r.snapshot_id, r.path);
         }
@@ -557,7 +646,12 @@ async fn run(cli: Cli) -> Result<()> {
             wait_ready,
             timeout,
         } => {
-            let r = rpc(c.boot_vm(pb::BootVmRequest { vm_id: id.clone() }).await)?;
+            let r = rpc(c
+                .boot_vm(pb::BootVmRequest {
+                    vm_id: id.clone(),
+                    ..Default::default()
+                })
+                .await)?;
             if wait_ready {
                 rpc(c
                     .wait_guest_ready(pb::WaitGuestReadyRequest {
@@ -576,20 +670,36 @@ async fn run(cli: Cli) -> Result<()> {
                     vm_id: id.clone(),
                     force,
                     timeout_seconds: timeout,
+                    ..Default::default()
                 })
                 .await)?;
             println!("{id} {}", state_name(r.state));
         }
         Cmd::Pause { id } => {
-            let r = rpc(c.pause_vm(pb::PauseVmRequest { vm_id: id.clone() }).await)?;
+            let r = rpc(c
+                .pause_vm(pb::PauseVmRequest {
+                    vm_id: id.clone(),
+                    ..Default::default()
+                })
+                .await)?;
             println!("{id} {}", state_name(r.state));
         }
         Cmd::Resume { id } => {
-            let r = rpc(c.resume_vm(pb::ResumeVmRequest { vm_id: id.clone() }).await)?;
+            let r = rpc(c
+                .resume_vm(pb::ResumeVmRequest {
+                    vm_id: id.clone(),
+                    ..Default::default()
+                })
+                .await)?;
             println!("{id} {}", state_name(r.state));
         }
         Cmd::Reboot { id } => {
-            let r = rpc(c.reboot_vm(pb::RebootVmRequest { vm_id: id.clone() }).await)?;
+            let r = rpc(c
+                .reboot_vm(pb::RebootVmRequest {
+                    vm_id: id.clone(),
+                    ..Default::default()
+                })
+                .await)?;
             println!("{id} {}", state_name(r.state));
         }
         Cmd::Delete { id, force } => {
@@ -597,37 +707,41 @@ async fn run(cli: Cli) -> Result<()> {
                 .delete_vm(pb::DeleteVmRequest {
                     vm_id: id.clone(),
                     force,
+                    ..Default::default()
                 })
                 .await)?;
             println!("{id} deleted");
         }
         Cmd::Info { id, json } => {
             let r = rpc(c.get_vm_info(pb::GetVmInfoRequest { vm_id: id }).await)?;
-            let mut backend: Vec<(&String, &String)> = r.backend_info.iter().collect();
-            backend.sort();
+            let vm = r.vm.clone().unwrap_or_default();
             if json {
                 let v = json!({
-                    "vm_id": r.vm_id,
-                    "customer_id": r.customer_id,
-                    "state": state_name(r.state),
-                    "desired_state": state_name(r.desired_state),
-                    "config": config_json(&r.config),
-                    "backend_info": r.backend_info,
-                    "created_at": ts(&r.created_at),
-                    "updated_at": ts(&r.updated_at),
-                    "health": health_json(&r.health),
-                    "guest": guest_json(&r),
-                    "recovery_streak": r.recovery_streak,
+                    "vm_id": vm.vm_id,
+                    "customer_id": vm.customer_id,
+                    "state": state_name(vm.state),
+                    "desired_state": state_name(vm.desired_state),
+                    "config": config_json(&vm.config),
+                    "vmm": vmm_json(&vm.vmm),
+                    "last_exit": vm.last_exit,
+                    "orphan_reason": orphan_reason_name(vm.orphan_reason),
+                    "orphaned_at": ts(&vm.orphaned_at),
+                    "restore_from": vm.restore_from,
+                    "created_at": ts(&vm.created_at),
+                    "updated_at": ts(&vm.updated_at),
+                    "health": health_json(&vm.health),
+                    "guest": guest_json(&vm),
+                    "recovery_streak": vm.recovery_streak,
                     "recovery_history": history_json(&r),
                 });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                let cfg = config_json(&r.config);
-                let rows: Vec<(String, String)> = vec![
-                    ("VM".into(), r.vm_id.clone()),
-                    ("CUSTOMER".into(), r.customer_id.clone()),
-                    ("STATE".into(), state_name(r.state).into()),
-                    ("DESIRED".into(), state_name(r.desired_state).into()),
+                let cfg = config_json(&vm.config);
+                let mut rows: Vec<(String, String)> = vec![
+                    ("VM".into(), vm.vm_id.clone()),
+                    ("CUSTOMER".into(), vm.customer_id.clone()),
+                    ("STATE".into(), state_name(vm.state).into()),
+                    ("DESIRED".into(), state_name(vm.desired_state).into()),
                     ("VCPUS".into(), cfg["vcpu_count"].to_string()),
                     (
                         "MEMORY_MIB".into(),
@@ -645,24 +759,55 @@ async fn run(cli: Cli) -> Result<()> {
                         "CMDLINE".into(),
                         cfg["kernel_args"].as_str().unwrap_or("").into(),
                     ),
-                    ("CREATED".into(), ts(&r.created_at)),
-                    ("UPDATED".into(), ts(&r.updated_at)),
+                    (
+                        "CREATED".into(),
+                        format!("{} ({})", ts(&vm.created_at), ago(&vm.created_at)),
+                    ),
+                    (
+                        "UPDATED".into(),
+                        format!("{} ({})", ts(&vm.updated_at), ago(&vm.updated_at)),
+                    ),
                 ];
+                match &vm.vmm {
+                    Some(v) => rows.extend([
+                        ("VMM".into(), format!("{} ({})", v.kind, v.version)),
+                        ("PID".into(), v.pid.to_string()),
+                        (
+                            "STARTED".into(),
+                            format!("{} ({})", ts(&v.start_time), ago(&v.start_time)),
+                        ),
+                        ("CONTROL_SOCKET".into(), v.control_socket.clone()),
+                        ("CONSOLE_LOG".into(), v.console_log.clone()),
+                        ("VMM_LOG".into(), v.vmm_log.clone()),
+                        ("RUN_DIR".into(), v.run_dir.clone()),
+                    ]),
+                    None => rows.push(("VMM".into(), "none running".into())),
+                }
+                if !vm.last_exit.is_empty() {
+                    rows.push(("LAST_EXIT".into(), vm.last_exit.clone()));
+                }
+                let why = orphan_reason_name(vm.orphan_reason);
+                if !why.is_empty() {
+                    rows.push((
+                        "ORPHAN_REASON".into(),
+                        format!("{why} (since {})", ts(&vm.orphaned_at)),
+                    ));
+                }
+                if !vm.restore_from.is_empty() {
+                    rows.push(("RESTORE_FROM".into(), vm.restore_from.clone()));
+                }
                 for (k, v) in rows {
                     println!("{k:<16}{v}");
                 }
-                for (k, v) in backend {
-                    println!("{:<16}{v}", k.to_ascii_uppercase());
-                }
-                print_health_rows(&health_json(&r.health));
-                let g = guest_json(&r);
+                print_health_rows(&health_json(&vm.health));
+                let g = guest_json(&vm);
                 println!("{:<16}{}", "GUEST_PROBE", g["probe"].as_str().unwrap_or(""));
                 println!(
                     "{:<16}{}",
                     "GUEST_READY",
-                    match (g["probe"].as_str(), r.guest_ready) {
+                    match (g["probe"].as_str(), g["ready"].as_bool().unwrap_or(false)) {
                         (Some("none"), _) => "unprobed".to_string(),
-                        (_, true) => format!("yes, since {}", ts(&r.guest_ready_at)),
+                        (_, true) => format!("yes, since {}", g["ready_at"].as_str().unwrap_or("")),
                         (_, false) => "no".to_string(),
                     }
                 );
@@ -679,7 +824,7 @@ async fn run(cli: Cli) -> Result<()> {
                     cfg["restart_policy"].as_str().unwrap_or("")
                 );
                 println!("{:<16}{}", "AUTO_RECOVER", cfg["auto_recover"]);
-                println!("{:<16}{}", "RECOVERY_STREAK", r.recovery_streak);
+                println!("{:<16}{}", "RECOVERY_STREAK", vm.recovery_streak);
                 if !r.recovery_history.is_empty() {
                     println!("RECOVERY HISTORY (newest first)");
                     println!(
@@ -702,7 +847,10 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Recover { id } => {
             let r = rpc(c
-                .recover_vm(pb::RecoverVmRequest { vm_id: id.clone() })
+                .recover_vm(pb::RecoverVmRequest {
+                    vm_id: id.clone(),
+                    ..Default::default()
+                })
                 .await)?;
             println!("{id} {}", state_name(r.state));
         }
@@ -849,6 +997,7 @@ async fn run(cli: Cli) -> Result<()> {
                     .await
                     .map_err(|s| anyhow!("{:?}: {}", s.code(), s.message()))?
                 {
+                    let Some(ev) = ev.event else { continue };
                     if ev.seq != 0 && ev.seq <= last_seq {
                         continue;
                     }
@@ -909,32 +1058,45 @@ async fn run(cli: Cli) -> Result<()> {
                 let v: Vec<Value> = all
                     .iter()
                     .map(|vm| {
+                        let cfg = config_json(&vm.config);
                         json!({
                             "vm_id": vm.vm_id,
                             "customer_id": vm.customer_id,
                             "state": state_name(vm.state),
-                            "vcpu_count": vm.vcpu_count,
-                            "memory_bytes": vm.memory_size_bytes,
-                            "created_at": ts(&vm.created_timestamp),
-                            "updated_at": ts(&vm.modified_timestamp),
-                            "metadata": vm.metadata,
+                            "desired_state": state_name(vm.desired_state),
+                            "vcpu_count": cfg["vcpu_count"],
+                            "memory_bytes": cfg["memory_bytes"],
+                            "guest_ready": vm.guest.as_ref().is_some_and(|g| g.ready),
+                            "healthy": vm.health.as_ref().is_some_and(|h| h.is_healthy),
+                            "pid": vm.vmm.as_ref().map(|v| v.pid),
+                            "created_at": ts(&vm.created_at),
+                            "updated_at": ts(&vm.updated_at),
+                            "metadata": cfg["metadata"],
                         })
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
-                    "{:<40} {:<16} {:<9} {:>5} {:>8}",
-                    "VM", "CUSTOMER", "STATE", "VCPUS", "MEM_MIB"
+                    "{:<40} {:<16} {:<9} {:<9} {:>5} {:>8} {:<6} {:<8}",
+                    "VM", "CUSTOMER", "STATE", "DESIRED", "VCPUS", "MEM_MIB", "GUEST", "AGE"
                 );
                 for vm in &all {
+                    let cfg = config_json(&vm.config);
+                    let guest = match &vm.guest {
+                        Some(g) if g.ready => "ready",
+                        _ => "-",
+                    };
                     println!(
-                        "{:<40} {:<16} {:<9} {:>5} {:>8}",
+                        "{:<40} {:<16} {:<9} {:<9} {:>5} {:>8} {:<6} {:<8}",
                         vm.vm_id,
                         vm.customer_id,
                         state_name(vm.state),
-                        vm.vcpu_count,
-                        vm.memory_size_bytes / (1024 * 1024)
+                        state_name(vm.desired_state),
+                        cfg["vcpu_count"],
+                        cfg["memory_bytes"].as_i64().unwrap_or(0) / (1024 * 1024),
+                        guest,
+                        ago(&vm.created_at).trim_end_matches(" ago"),
                     );
                 }
             }
@@ -943,8 +1105,8 @@ async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn guest_json(r: &pb::GetVmInfoResponse) -> serde_json::Value {
-    let g = r.guest.clone().unwrap_or_default();
+fn guest_json(vm: &pb::Vm) -> serde_json::Value {
+    let g = vm.guest.clone().unwrap_or_default();
     let probe = match pb::GuestProbe::try_from(g.probe) {
         Ok(pb::GuestProbe::Agent) => "agent",
         _ => "none",

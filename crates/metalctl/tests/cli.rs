@@ -83,12 +83,17 @@ async fn metalctl_drives_a_vm_end_to_end() {
     assert_eq!(j["state"], "RUNNING");
     assert_eq!(j["config"]["memory_bytes"], 160 << 20);
     assert_eq!(j["config"]["metadata"]["team"], "infra");
+    assert!(j["vmm"]["pid"].as_i64().is_some_and(|p| p > 0), "{j}");
+    // Times are RFC 3339, not epoch seconds.
+    let created = j["created_at"].as_str().unwrap();
     assert!(
-        j["backend_info"]["pid"]
-            .as_str()
-            .unwrap()
-            .parse::<i32>()
-            .is_ok()
+        created.len() == 24 && created.ends_with('Z') && created.as_bytes()[10] == b'T',
+        "{created}"
+    );
+    assert!(
+        table.contains(" ago)"),
+        "the info table gives ages:
+{table}"
     );
 
     let list = ok(ctl(&d, &["list"]));
@@ -195,7 +200,7 @@ async fn events_follow_shows_kill_orphaned_recovering_running_live() {
             .expect("events did not arrive in time")
             .expect("metalctl exited");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if v["kind"] == want[next].0 && v["to"] == want[next].1 {
+        if v["kind"] == want[next].0 && v["state"] == want[next].1.to_ascii_uppercase() {
             next += 1;
         }
     }

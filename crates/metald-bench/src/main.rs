@@ -410,6 +410,7 @@ fn guest_request(root: &Path, id: &str) -> pb::CreateVmRequest {
             console: Some(pb::ConsoleConfig { enabled: true }),
             ..Default::default()
         }),
+        ..Default::default()
     }
 }
 
@@ -525,11 +526,16 @@ async fn lifecycle(root: &Path, reps: usize) -> Result<Value> {
         let id = format!("lat{i}");
         let t0 = Instant::now();
         c.create_vm(guest_request(root, &id)).await?;
-        c.boot_vm(pb::BootVmRequest { vm_id: id.clone() }).await?;
+        c.boot_vm(pb::BootVmRequest {
+            vm_id: id.clone(),
+            ..Default::default()
+        })
+        .await?;
         via.push(t0.elapsed().as_secs_f64() * 1000.0);
         c.delete_vm(pb::DeleteVmRequest {
             vm_id: id,
             force: true,
+            ..Default::default()
         })
         .await?;
     }
@@ -548,6 +554,7 @@ async fn lifecycle(root: &Path, reps: usize) -> Result<Value> {
         c.delete_vm(pb::DeleteVmRequest {
             vm_id: format!("cr{i}"),
             force: true,
+            ..Default::default()
         })
         .await?;
     }
@@ -576,6 +583,7 @@ async fn lifecycle(root: &Path, reps: usize) -> Result<Value> {
             c.delete_vm(pb::DeleteVmRequest {
                 vm_id: format!("cc{w}-{i}"),
                 force: true,
+                ..Default::default()
             })
             .await?;
         }
@@ -586,7 +594,11 @@ async fn lifecycle(root: &Path, reps: usize) -> Result<Value> {
     for i in 0..20 {
         let id = format!("rss{i}");
         c.create_vm(guest_request(root, &id)).await?;
-        c.boot_vm(pb::BootVmRequest { vm_id: id }).await?;
+        c.boot_vm(pb::BootVmRequest {
+            vm_id: id,
+            ..Default::default()
+        })
+        .await?;
         if i == 9 || i == 19 {
             rss.push((i + 1, rss_kib(d.pid())));
         }
@@ -609,9 +621,8 @@ async fn vm_pid(c: &mut Client, id: &str) -> Result<i32> {
         .get_vm_info(pb::GetVmInfoRequest { vm_id: id.into() })
         .await?
         .into_inner();
-    i.backend_info
-        .get("pid")
-        .and_then(|p| p.parse().ok())
+    i.vm.and_then(|v| v.vmm)
+        .map(|v| v.pid)
         .context("vm has no pid")
 }
 
@@ -728,7 +739,11 @@ async fn time_orphan(d: &Daemon, c: &mut Client, id: &str, sig: i32) -> Result<T
         signal(pid, libc::SIGCONT);
     }
     // Bring it back by hand (automatic recovery is not part of this measurement).
-    c.boot_vm(pb::BootVmRequest { vm_id: id.into() }).await?;
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: id.into(),
+        ..Default::default()
+    })
+    .await?;
     wait_ready(d, &[id.to_string()]).await?;
     Ok(Timed {
         orphaned_ms: (t1 - t0) as f64 / 1000.0,
@@ -750,7 +765,11 @@ async fn detection(
     let ids: Vec<String> = (0..vms).map(|i| format!("det{i}")).collect();
     for id in &ids {
         c.create_vm(guest_request(root, id)).await?;
-        c.boot_vm(pb::BootVmRequest { vm_id: id.clone() }).await?;
+        c.boot_vm(pb::BootVmRequest {
+            vm_id: id.clone(),
+            ..Default::default()
+        })
+        .await?;
     }
     eprintln!("bench: waiting for {vms} guests to boot");
     wait_ready(&d, &ids).await?;
@@ -965,7 +984,11 @@ async fn guest(
     for id in &ids {
         c.create_vm(probed_request(root, id, pb::GuestProbe::None, ""))
             .await?;
-        c.boot_vm(pb::BootVmRequest { vm_id: id.clone() }).await?;
+        c.boot_vm(pb::BootVmRequest {
+            vm_id: id.clone(),
+            ..Default::default()
+        })
+        .await?;
     }
     wait_ready(&d, &ids).await?;
     eprintln!("bench: health-check CPU, checks only, 30 s");
@@ -980,6 +1003,7 @@ async fn guest(
         c.delete_vm(pb::DeleteVmRequest {
             vm_id: id.clone(),
             force: true,
+            ..Default::default()
         })
         .await?;
     }
@@ -990,7 +1014,11 @@ async fn guest(
     for id in &ids {
         c.create_vm(probed_request(root, id, pb::GuestProbe::Agent, ""))
             .await?;
-        c.boot_vm(pb::BootVmRequest { vm_id: id.clone() }).await?;
+        c.boot_vm(pb::BootVmRequest {
+            vm_id: id.clone(),
+            ..Default::default()
+        })
+        .await?;
     }
     let mut boot_ready = Vec::new();
     for id in &ids {
@@ -1057,6 +1085,7 @@ async fn guest(
         c.delete_vm(pb::DeleteVmRequest {
             vm_id: id.clone(),
             force: true,
+            ..Default::default()
         })
         .await?;
     }
@@ -1071,7 +1100,11 @@ async fn guest(
         ))
         .await?;
         let mark = d.mark();
-        c.boot_vm(pb::BootVmRequest { vm_id: id.clone() }).await?;
+        c.boot_vm(pb::BootVmRequest {
+            vm_id: id.clone(),
+            ..Default::default()
+        })
+        .await?;
         let console = d.state.join("run").join(&id).join("console.log");
         let deadline = Instant::now() + Duration::from_secs(60);
         let t0 = loop {
@@ -1089,6 +1122,7 @@ async fn guest(
         c.delete_vm(pb::DeleteVmRequest {
             vm_id: id.clone(),
             force: true,
+            ..Default::default()
         })
         .await?;
     }
@@ -1107,7 +1141,11 @@ async fn guest(
     for id in &few {
         c.create_vm(probed_request(root, id, pb::GuestProbe::None, ""))
             .await?;
-        c.boot_vm(pb::BootVmRequest { vm_id: id.clone() }).await?;
+        c.boot_vm(pb::BootVmRequest {
+            vm_id: id.clone(),
+            ..Default::default()
+        })
+        .await?;
     }
     wait_ready(&d, &few).await?;
     let mut console_detect = Vec::new();
@@ -1119,7 +1157,11 @@ async fn guest(
         let t1 = wait_vm_line(&d, mark, id, &["\"guest panicked\"", "console"], 15).await?;
         console_detect.push((t1 - t0) as f64 / 1000.0);
         // Back by hand (recovery is off here), and up before the next.
-        c.boot_vm(pb::BootVmRequest { vm_id: id.clone() }).await?;
+        c.boot_vm(pb::BootVmRequest {
+            vm_id: id.clone(),
+            ..Default::default()
+        })
+        .await?;
         wait_ready(&d, std::slice::from_ref(id)).await?;
     }
 
@@ -1165,7 +1207,11 @@ async fn chaos(root: &Path, vms: usize, secs: u64, mean_gap: f64) -> Result<Valu
     let ids: Vec<String> = (0..vms).map(|i| format!("chaos{i}")).collect();
     for id in &ids {
         c.create_vm(guest_request(root, id)).await?;
-        c.boot_vm(pb::BootVmRequest { vm_id: id.clone() }).await?;
+        c.boot_vm(pb::BootVmRequest {
+            vm_id: id.clone(),
+            ..Default::default()
+        })
+        .await?;
     }
     eprintln!("bench: waiting for {vms} guests to boot");
     wait_ready(&d, &ids).await?;
@@ -1232,7 +1278,7 @@ async fn chaos(root: &Path, vms: usize, secs: u64, mean_gap: f64) -> Result<Valu
             .get_vm_info(pb::GetVmInfoRequest { vm_id: id.clone() })
             .await?
             .into_inner();
-        if i.state != pb::VmState::Running as i32 {
+        if i.vm.map(|v| v.state) != Some(pb::VmState::Running as i32) {
             not_running.push(id.clone());
         }
     }
@@ -1460,11 +1506,7 @@ where
         .get_vm_info(pb::GetVmInfoRequest { vm_id: vm.into() })
         .await?
         .into_inner();
-    let pid: i32 = i
-        .backend_info
-        .get("pid")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
+    let pid: i32 = i.vm.and_then(|v| v.vmm).map_or(0, |v| v.pid);
     fault()?;
     st.faults += 1;
     let mark = d.mark();
@@ -1482,8 +1524,9 @@ where
             .get_vm_info(pb::GetVmInfoRequest { vm_id: vm.into() })
             .await?
             .into_inner();
-        let running_dead = i.state == pb::VmState::Running as i32
-            && i.backend_info.get("pid").map(String::as_str) == Some(pid.to_string().as_str());
+        let vm = i.vm.unwrap_or_default();
+        let running_dead =
+            vm.state == pb::VmState::Running as i32 && vm.vmm.as_ref().map(|v| v.pid) == Some(pid);
         if !detected && !running_dead {
             detected = true;
             st.detect_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
@@ -1554,7 +1597,7 @@ async fn degraded(root: &Path, vms: usize, rounds: usize) -> Result<Value> {
         for i in 0..vms {
             let id = format!("dg{i}");
             c.create_vm(guest_request(root, &id)).await?;
-            c.boot_vm(pb::BootVmRequest { vm_id: id }).await?;
+            c.boot_vm(pb::BootVmRequest { vm_id: id, ..Default::default() }).await?;
         }
         let mut kinds: Vec<(&str, FaultStats)> = Vec::new();
 
@@ -1640,7 +1683,7 @@ async fn degraded(root: &Path, vms: usize, rounds: usize) -> Result<Value> {
         for i in 0..vms {
             let id = format!("dg{i}");
             let info = c.get_vm_info(pb::GetVmInfoRequest { vm_id: id.clone() }).await?.into_inner();
-            if info.state != pb::VmState::Running as i32 {
+            if info.vm.map(|v| v.state) != Some(pb::VmState::Running as i32) {
                 not_running.push(id);
             }
         }
@@ -1751,7 +1794,11 @@ async fn crash_points(root: &Path, d: &mut Daemon, c: &mut Client) -> Result<Val
         let mut cl = d.client().await?;
         if *op != "create" {
             cl.create_vm(guest_request(root, &vm)).await?;
-            cl.boot_vm(pb::BootVmRequest { vm_id: vm.clone() }).await?;
+            cl.boot_vm(pb::BootVmRequest {
+                vm_id: vm.clone(),
+                ..Default::default()
+            })
+            .await?;
         }
         d.restart_with(&bin, &[("FAILPOINTS".into(), format!("{point}=return"))])
             .await?;
@@ -1760,7 +1807,10 @@ async fn crash_points(root: &Path, d: &mut Daemon, c: &mut Client) -> Result<Val
         let _ = match *op {
             "create" => cl.create_vm(guest_request(root, &vm)).await.map(|_| ()),
             "reboot" => cl
-                .reboot_vm(pb::RebootVmRequest { vm_id: id })
+                .reboot_vm(pb::RebootVmRequest {
+                    vm_id: id,
+                    ..Default::default()
+                })
                 .await
                 .map(|_| ()),
             "shutdown" => cl
@@ -1768,17 +1818,22 @@ async fn crash_points(root: &Path, d: &mut Daemon, c: &mut Client) -> Result<Val
                     vm_id: id,
                     force: true,
                     timeout_seconds: 0,
+                    ..Default::default()
                 })
                 .await
                 .map(|_| ()),
             "pause" => cl
-                .pause_vm(pb::PauseVmRequest { vm_id: id })
+                .pause_vm(pb::PauseVmRequest {
+                    vm_id: id,
+                    ..Default::default()
+                })
                 .await
                 .map(|_| ()),
             "delete" => cl
                 .delete_vm(pb::DeleteVmRequest {
                     vm_id: id,
                     force: true,
+                    ..Default::default()
                 })
                 .await
                 .map(|_| ()),
@@ -1786,6 +1841,7 @@ async fn crash_points(root: &Path, d: &mut Daemon, c: &mut Client) -> Result<Val
                 .snapshot_vm(pb::SnapshotVmRequest {
                     vm_id: id,
                     diff: false,
+                    ..Default::default()
                 })
                 .await
                 .map(|_| ()),
@@ -1794,11 +1850,7 @@ async fn crash_points(root: &Path, d: &mut Daemon, c: &mut Client) -> Result<Val
                     .get_vm_info(pb::GetVmInfoRequest { vm_id: id })
                     .await?
                     .into_inner();
-                let pid: i32 = i
-                    .backend_info
-                    .get("pid")
-                    .and_then(|p| p.parse().ok())
-                    .unwrap_or(0);
+                let pid: i32 = i.vm.and_then(|v| v.vmm).map_or(0, |v| v.pid);
                 // SAFETY: kill takes plain integers; the target is this benchmark's VMM.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
                 Ok(())
@@ -1822,7 +1874,7 @@ async fn crash_points(root: &Path, d: &mut Daemon, c: &mut Client) -> Result<Val
                 .await;
             let at = match (&i, want) {
                 (Err(e), None) => e.code() == tonic::Code::NotFound,
-                (Ok(i), Some(s)) => i.get_ref().state == s as i32,
+                (Ok(i), Some(s)) => i.get_ref().vm.as_ref().map(|v| v.state) == Some(s as i32),
                 _ => false,
             };
             if at && vmms_for(&d.state, &vm) == want_vmms {
@@ -1846,6 +1898,7 @@ async fn crash_points(root: &Path, d: &mut Daemon, c: &mut Client) -> Result<Val
             .delete_vm(pb::DeleteVmRequest {
                 vm_id: vm,
                 force: true,
+                ..Default::default()
             })
             .await;
     }
@@ -1948,24 +2001,24 @@ async fn jailer_bench(
                 continue;
             }
             create_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
-            if c.boot_vm(pb::BootVmRequest { vm_id: id.clone() }).await.is_err() {
+            if c.boot_vm(pb::BootVmRequest { vm_id: id.clone(), ..Default::default() }).await.is_err() {
                 failed += 1;
             }
             both_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
-            c.delete_vm(pb::DeleteVmRequest { vm_id: id, force: true }).await?;
+            c.delete_vm(pb::DeleteVmRequest { vm_id: id, force: true, ..Default::default() }).await?;
         }
         let after_creates = cgroup_processes(&parent).len();
 
         eprintln!("bench: {kills} SIGKILLs of a jailed VMM → recovered");
         c.create_vm(guest_request(root, "jk")).await?;
-        c.boot_vm(pb::BootVmRequest { vm_id: "jk".into() }).await?;
+        c.boot_vm(pb::BootVmRequest { vm_id: "jk".into(), ..Default::default() }).await?;
         let mut recover_ms = Vec::new();
         for _ in 0..kills {
             let info = c
                 .get_vm_info(pb::GetVmInfoRequest { vm_id: "jk".into() })
                 .await?
                 .into_inner();
-            let pid: i32 = info.backend_info.get("pid").and_then(|p| p.parse().ok()).unwrap_or(0);
+            let pid: i32 = info.vm.and_then(|v| v.vmm).map_or(0, |v| v.pid);
             let mark = d.mark();
             let t0 = Instant::now();
             // SAFETY: kill takes plain integers; the target is this benchmark's jailed VMM.
@@ -1980,7 +2033,7 @@ async fn jailer_bench(
             // Past the stable period is not needed: recovery attempts are counted per failure.
         }
         let jk_processes = cgroup_processes(&parent).len();
-        c.delete_vm(pb::DeleteVmRequest { vm_id: "jk".into(), force: true }).await?;
+        c.delete_vm(pb::DeleteVmRequest { vm_id: "jk".into(), force: true, ..Default::default() }).await?;
         drop(d);
 
         eprintln!("bench: starts cut off by spawn timeouts of 1 to 100 ms");

@@ -8,11 +8,13 @@ use std::time::Duration;
 use metald_api::v1 as pb;
 use metald_api::v1::vm_service_server::VmService;
 use tonic::{Request, Response, Status};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::config::GuestProbe;
 use crate::error::Error;
-use crate::model::{HealthStatus, RestartPolicy, Transition, VmId, VmSpec, VmSpecInput, VmState};
+use crate::model::{
+    HealthStatus, OrphanReason, RestartPolicy, Transition, VmId, VmSpec, VmSpecInput, VmState,
+};
 use crate::store::VmRecord;
 use crate::supervisor::Supervisor;
 
@@ -20,12 +22,123 @@ use crate::supervisor::Supervisor;
 #[derive(Debug, Clone)]
 pub struct VmApi {
     sup: Arc<Supervisor>,
+    /// The request_ids of calls in progress: a retry waits for the first call to finish.
+    in_flight: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+/// What makes a mutating call happen once: its request_id, and the request without it (a
+/// retry must be the same request).
+pub struct Idempotency {
+    method: &'static str,
+    request_id: String,
+    fingerprint: Vec<u8>,
+}
+
+impl Idempotency {
+    /// `None` for a call without a request_id; INVALID_ARGUMENT for a malformed one.
+    fn of<R: prost::Message + Clone>(
+        method: &'static str,
+        request_id: &str,
+        req: &R,
+        clear: impl FnOnce(&mut R),
+    ) -> Result<Option<Idempotency>, Error> {
+        if request_id.is_empty() {
+            return Ok(None);
+        }
+        if request_id.len() > 128
+            || !request_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
+        {
+            return Err(Error::invalid(
+                "request_id",
+                "must match [A-Za-z0-9_.:-]{1,128}",
+            ));
+        }
+        let mut bare = req.clone();
+        clear(&mut bare);
+        Ok(Some(Idempotency {
+            method,
+            request_id: request_id.to_string(),
+            fingerprint: bare.encode_to_vec(),
+        }))
+    }
 }
 
 impl VmApi {
     /// An API over `sup`.
     pub fn new(sup: Arc<Supervisor>) -> Self {
-        VmApi { sup }
+        VmApi {
+            sup,
+            in_flight: Arc::default(),
+        }
+    }
+
+    /// Runs `call` once per request_id: a retry with the same request_id and request gets the
+    /// first call's answer (waiting for it if it is still running) instead of acting again. A
+    /// call that failed is not kept, so its retry runs again.
+    async fn once<T: prost::Message + Default>(
+        &self,
+        key: Option<Idempotency>,
+        call: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let Some(key) = key else {
+            return call.await;
+        };
+        let lock = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.request_id.clone())
+            .or_default()
+            .clone();
+        let res = {
+            let _turn = lock.lock().await;
+            self.once_in_turn(&key, call).await
+        };
+        let mut map = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's and ours: nobody else waits on this request_id.
+        if Arc::strong_count(&lock) <= 2 {
+            map.remove(&key.request_id);
+        }
+        res
+    }
+
+    async fn once_in_turn<T: prost::Message + Default>(
+        &self,
+        key: &Idempotency,
+        call: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        if let Some(prev) = self.sup.store().request(&key.request_id).await? {
+            if prev.method != key.method || prev.fingerprint != key.fingerprint {
+                return Err(Error::invalid(
+                    "request_id",
+                    format!(
+                        "{:?} was already used for a different request ({})",
+                        key.request_id, prev.method
+                    ),
+                )
+                .into());
+            }
+            debug!(request_id = %key.request_id, method = key.method, "retry answered with the first call's result");
+            return T::decode(&prev.response[..]).map_err(|e| {
+                Status::internal(format!(
+                    "the kept answer to {:?} is unreadable: {e}",
+                    key.request_id
+                ))
+            });
+        }
+        let answer = call.await?;
+        let kept = crate::store::RequestRecord {
+            method: key.method.to_string(),
+            fingerprint: key.fingerprint.clone(),
+            response: answer.encode_to_vec(),
+        };
+        if let Err(e) = self.sup.store().put_request(&key.request_id, kept).await {
+            // The call happened; only a retry's shortcut is lost.
+            warn!(request_id = %key.request_id, error = %e, "keeping the answer for retries failed");
+        }
+        Ok(answer)
     }
 
     /// The tonic server for this API.
@@ -279,42 +392,81 @@ fn spec_to_pb(s: &VmSpec) -> pb::VmConfig {
     }
 }
 
-fn backend_info(kind: &str, rec: &VmRecord) -> HashMap<String, String> {
-    let mut m = HashMap::new();
-    m.insert("vmm".into(), kind.to_string());
-    let ep = rec.endpoint.as_ref();
-    m.insert(
-        "pid".into(),
-        ep.map(|e| e.pid.to_string()).unwrap_or_default(),
-    );
-    m.insert(
-        "start_time".into(),
-        ep.map(|e| e.start_time.to_string()).unwrap_or_default(),
-    );
-    m.insert(
-        "control_socket".into(),
-        ep.map(|e| e.control_socket.display().to_string())
-            .unwrap_or_default(),
-    );
-    if let Some(e) = ep {
-        m.insert("console_log".into(), e.console_log.display().to_string());
-        if let Some(dir) = e.control_socket.parent() {
-            m.insert("run_dir".into(), dir.display().to_string());
+/// A process's start time (clock ticks since boot) as a wall-clock time.
+fn start_time_ts(ticks: u64) -> Option<prost_types::Timestamp> {
+    static BOOT_MS: std::sync::OnceLock<Option<i64>> = std::sync::OnceLock::new();
+    let boot_ms = (*BOOT_MS.get_or_init(|| {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let secs: i64 = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(secs * 1000)
+    }))?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
+    let ms = i64::try_from(ticks.saturating_mul(1000) / hz).ok()?;
+    Some(ts(boot_ms + ms))
+}
+
+fn orphan_reason_to_pb(r: OrphanReason) -> pb::OrphanReason {
+    match r {
+        OrphanReason::ProcessDead => pb::OrphanReason::ProcessDead,
+        OrphanReason::ApiUnresponsive => pb::OrphanReason::ApiUnresponsive,
+        OrphanReason::SocketUnreachable => pb::OrphanReason::SocketUnreachable,
+        OrphanReason::PidReused => pb::OrphanReason::PidReused,
+        OrphanReason::GuestPanicked => pb::OrphanReason::GuestPanicked,
+        OrphanReason::GuestUnresponsive => pb::OrphanReason::GuestUnresponsive,
+        OrphanReason::GuestCrashed => pb::OrphanReason::GuestCrashed,
+    }
+}
+
+impl VmApi {
+    /// One VM as the API shows it, from the controller's record.
+    fn vm_to_pb(&self, rec: &VmRecord) -> pb::Vm {
+        let vmm = rec.endpoint.as_ref().map(|e| pb::VmmProcess {
+            kind: self.sup.vmm_kind(&rec.spec).to_string(),
+            version: self.sup.vmm_version(&rec.spec),
+            pid: e.pid,
+            start_time: start_time_ts(e.start_time),
+            control_socket: e.control_socket.display().to_string(),
+            console_log: e.console_log.display().to_string(),
+            vmm_log: self
+                .sup
+                .run_dir(&rec.vm_id)
+                .join(crate::driver::VMM_LOG)
+                .display()
+                .to_string(),
+            run_dir: self.sup.run_dir(&rec.vm_id).display().to_string(),
+        });
+        pb::Vm {
+            vm_id: rec.vm_id.to_string(),
+            customer_id: rec.customer_id.clone(),
+            config: Some(spec_to_pb(&rec.spec)),
+            state: state_to_pb(rec.observed) as i32,
+            desired_state: desired_to_pb(rec),
+            created_at: Some(ts(rec.created_at_ms)),
+            updated_at: Some(ts(rec.updated_at_ms)),
+            health: Some(health_to_pb(&rec.health)),
+            guest: Some(guest_to_pb(rec)),
+            vmm,
+            last_exit: rec.last_exit.clone().unwrap_or_default(),
+            orphan_reason: rec
+                .orphan_reason
+                .map_or(pb::OrphanReason::Unspecified, orphan_reason_to_pb)
+                as i32,
+            orphaned_at: rec.orphaned_at_ms.map(ts),
+            restore_from: rec
+                .saved
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            recovery_streak: i32::try_from(rec.recovery_streak).unwrap_or(i32::MAX),
         }
     }
-    if let Some(x) = &rec.last_exit {
-        m.insert("last_exit".into(), x.clone());
-    }
-    if let Some(p) = &rec.saved {
-        m.insert("saved".into(), p.display().to_string());
-    }
-    if let Some(r) = rec.orphan_reason {
-        m.insert("orphan_reason".into(), r.as_str().to_string());
-    }
-    if let Some(t) = rec.orphaned_at_ms {
-        m.insert("orphaned_at_ms".into(), t.to_string());
-    }
-    m
 }
 
 fn health_to_pb(h: &HealthStatus) -> pb::VmHealthStatus {
@@ -322,8 +474,6 @@ fn health_to_pb(h: &HealthStatus) -> pb::VmHealthStatus {
     pb::VmHealthStatus {
         is_healthy: h.is_healthy,
         last_check: opt_ts(h.last_check_ms),
-        pid: h.pid.unwrap_or(0),
-        control_socket: h.control_socket.clone(),
         last_error: h.last_error.clone(),
         consecutive_failures: i32::try_from(h.consecutive_failures).unwrap_or(i32::MAX),
         recovery_count: i32::try_from(h.recovery_count).unwrap_or(i32::MAX),
@@ -331,17 +481,81 @@ fn health_to_pb(h: &HealthStatus) -> pb::VmHealthStatus {
     }
 }
 
+/// The protobuf enum value of a state's name as the event history records it.
+fn state_name_to_pb(s: &str) -> pb::VmState {
+    match s {
+        "created" => pb::VmState::Created,
+        "running" => pb::VmState::Running,
+        "paused" => pb::VmState::Paused,
+        "shutdown" => pb::VmState::Shutdown,
+        "orphaned" => pb::VmState::Orphaned,
+        "failed" => pb::VmState::Failed,
+        _ => pb::VmState::Unspecified,
+    }
+}
+
+fn event_kind_to_pb(k: &str) -> pb::EventKind {
+    match k {
+        "state_changed" => pb::EventKind::StateChanged,
+        "health_changed" => pb::EventKind::HealthChanged,
+        "orphaned" => pb::EventKind::Orphaned,
+        "recovering" => pb::EventKind::Recovering,
+        "recovered" => pb::EventKind::Recovered,
+        "recovery_failed" => pb::EventKind::RecoveryFailed,
+        "failed" => pb::EventKind::Failed,
+        "guest_ready" => pb::EventKind::GuestReady,
+        "control_socket_lost" => pb::EventKind::ControlSocketLost,
+        "control_socket_restored" => pb::EventKind::ControlSocketRestored,
+        "saved" => pb::EventKind::Saved,
+        "deleted" => pb::EventKind::Deleted,
+        _ => pb::EventKind::Unspecified,
+    }
+}
+
 fn event_to_pb(e: crate::store::EventRecord) -> pb::VmEvent {
+    let to = state_name_to_pb(&e.to_state);
+    let from = state_name_to_pb(&e.from_state);
     pb::VmEvent {
         seq: e.seq,
         vm_id: e.vm_id,
         at: Some(ts(e.at_ms)),
-        kind: e.kind,
-        from_state: e.from_state,
-        to_state: e.to_state,
+        kind: event_kind_to_pb(&e.kind) as i32,
+        state: to as i32,
+        // Only an event that changed the state says what it was before: a recovery attempt
+        // or a health verdict leaves it as it was.
+        from_state: if from == to {
+            pb::VmState::Unspecified
+        } else {
+            from
+        } as i32,
         reason: e.reason,
         message: e.message,
     }
+}
+
+/// An opaque ListVms page token: where the next page starts. Callers must not read it; it may
+/// change with any release.
+fn page_token_encode(after: &VmId) -> String {
+    let mut out = String::from("p1");
+    for b in after.as_str().bytes() {
+        out.push_str(&format!("{:02x}", b ^ 0x5a));
+    }
+    out
+}
+
+fn page_token_decode(token: &str) -> Result<VmId, Error> {
+    let bad = || Error::invalid("page_token", "is not a next_page_token from ListVms");
+    let hex = token.strip_prefix("p1").ok_or_else(bad)?;
+    if hex.len() % 2 != 0 || !hex.is_ascii() {
+        return Err(bad());
+    }
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).map(|b| b ^ 0x5a))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(|_| bad())?;
+    let id = String::from_utf8(bytes).map_err(|_| bad())?;
+    VmId::parse("page_token", &id).map_err(|_| bad())
 }
 
 fn desired_to_pb(rec: &VmRecord) -> i32 {
@@ -351,13 +565,10 @@ fn desired_to_pb(rec: &VmRecord) -> i32 {
     }
 }
 
-#[tonic::async_trait]
-impl VmService for VmApi {
-    async fn create_vm(
-        &self,
-        req: Request<pb::CreateVmRequest>,
-    ) -> Result<Response<pb::CreateVmResponse>, Status> {
-        let r = req.into_inner();
+/// The mutating calls, each once per request_id (see [`VmApi::once`]).
+impl VmApi {
+    async fn do_create_vm(&self, req: pb::CreateVmRequest) -> Result<pb::CreateVmResponse, Status> {
+        let r = req;
         let vm_id = if r.vm_id.is_empty() {
             None
         } else {
@@ -401,41 +612,32 @@ impl VmService for VmApi {
         };
         let rec = self.sup.create(vm_id, r.customer_id, spec, restore).await?;
         debug!(vm_id = %rec.vm_id, "CreateVm done");
-        Ok(Response::new(pb::CreateVmResponse {
+        Ok(pb::CreateVmResponse {
             vm_id: rec.vm_id.to_string(),
             state: state_to_pb(rec.observed) as i32,
-        }))
+        })
     }
 
-    async fn delete_vm(
-        &self,
-        req: Request<pb::DeleteVmRequest>,
-    ) -> Result<Response<pb::DeleteVmResponse>, Status> {
-        let r = req.into_inner();
+    async fn do_delete_vm(&self, req: pb::DeleteVmRequest) -> Result<pb::DeleteVmResponse, Status> {
+        let r = req;
         let id = VmId::parse("vm_id", &r.vm_id)?;
         let graceful = (!r.force).then_some(self.sup.config().shutdown_timeout);
         self.sup.delete(&id, graceful).await?;
-        Ok(Response::new(pb::DeleteVmResponse { success: true }))
+        Ok(pb::DeleteVmResponse {})
     }
 
-    async fn boot_vm(
-        &self,
-        req: Request<pb::BootVmRequest>,
-    ) -> Result<Response<pb::BootVmResponse>, Status> {
-        let rec = self
-            .lifecycle(&req.into_inner().vm_id, Transition::Boot, None)
-            .await?;
-        Ok(Response::new(pb::BootVmResponse {
-            success: true,
+    async fn do_boot_vm(&self, req: pb::BootVmRequest) -> Result<pb::BootVmResponse, Status> {
+        let rec = self.lifecycle(&req.vm_id, Transition::Boot, None).await?;
+        Ok(pb::BootVmResponse {
             state: state_to_pb(rec.observed) as i32,
-        }))
+        })
     }
 
-    async fn shutdown_vm(
+    async fn do_shutdown_vm(
         &self,
-        req: Request<pb::ShutdownVmRequest>,
-    ) -> Result<Response<pb::ShutdownVmResponse>, Status> {
-        let r = req.into_inner();
+        req: pb::ShutdownVmRequest,
+    ) -> Result<pb::ShutdownVmResponse, Status> {
+        let r = req;
         if r.timeout_seconds < 0 || r.timeout_seconds > 3600 {
             return Err(Error::invalid("timeout_seconds", "must be between 0 and 3600").into());
         }
@@ -449,49 +651,132 @@ impl VmService for VmApi {
         let rec = self
             .lifecycle(&r.vm_id, Transition::Shutdown, graceful)
             .await?;
-        Ok(Response::new(pb::ShutdownVmResponse {
-            success: true,
+        Ok(pb::ShutdownVmResponse {
             state: state_to_pb(rec.observed) as i32,
-        }))
+        })
+    }
+
+    async fn do_pause_vm(&self, req: pb::PauseVmRequest) -> Result<pb::PauseVmResponse, Status> {
+        let rec = self.lifecycle(&req.vm_id, Transition::Pause, None).await?;
+        Ok(pb::PauseVmResponse {
+            state: state_to_pb(rec.observed) as i32,
+        })
+    }
+
+    async fn do_resume_vm(&self, req: pb::ResumeVmRequest) -> Result<pb::ResumeVmResponse, Status> {
+        let rec = self.lifecycle(&req.vm_id, Transition::Resume, None).await?;
+        Ok(pb::ResumeVmResponse {
+            state: state_to_pb(rec.observed) as i32,
+        })
+    }
+
+    async fn do_reboot_vm(&self, req: pb::RebootVmRequest) -> Result<pb::RebootVmResponse, Status> {
+        let rec = self.lifecycle(&req.vm_id, Transition::Reboot, None).await?;
+        Ok(pb::RebootVmResponse {
+            state: state_to_pb(rec.observed) as i32,
+        })
+    }
+
+    async fn do_recover_vm(
+        &self,
+        req: pb::RecoverVmRequest,
+    ) -> Result<pb::RecoverVmResponse, Status> {
+        let id = VmId::parse("vm_id", &req.vm_id)?;
+        let rec = self.sup.recover(&id).await?;
+        Ok(pb::RecoverVmResponse {
+            state: state_to_pb(rec.observed) as i32,
+        })
+    }
+
+    async fn do_snapshot_vm(
+        &self,
+        req: pb::SnapshotVmRequest,
+    ) -> Result<pb::SnapshotVmResponse, Status> {
+        let r = req;
+        let id = VmId::parse("vm_id", &r.vm_id)?;
+        let (snap, rec) = self.sup.snapshot(&id, r.diff).await?;
+        Ok(pb::SnapshotVmResponse {
+            snapshot_id: snap.snapshot_id,
+            path: snap.path.display().to_string(),
+            created_at: Some(ts(snap.created_at_ms)),
+            state: state_to_pb(rec.observed) as i32,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl VmService for VmApi {
+    async fn create_vm(
+        &self,
+        req: Request<pb::CreateVmRequest>,
+    ) -> Result<Response<pb::CreateVmResponse>, Status> {
+        let r = req.into_inner();
+        let key = Idempotency::of("CreateVm", &r.request_id, &r, |c| c.request_id.clear())?;
+        self.once(key, self.do_create_vm(r))
+            .await
+            .map(Response::new)
+    }
+
+    async fn delete_vm(
+        &self,
+        req: Request<pb::DeleteVmRequest>,
+    ) -> Result<Response<pb::DeleteVmResponse>, Status> {
+        let r = req.into_inner();
+        let key = Idempotency::of("DeleteVm", &r.request_id, &r, |c| c.request_id.clear())?;
+        self.once(key, self.do_delete_vm(r))
+            .await
+            .map(Response::new)
+    }
+
+    async fn boot_vm(
+        &self,
+        req: Request<pb::BootVmRequest>,
+    ) -> Result<Response<pb::BootVmResponse>, Status> {
+        let r = req.into_inner();
+        let key = Idempotency::of("BootVm", &r.request_id, &r, |c| c.request_id.clear())?;
+        self.once(key, self.do_boot_vm(r)).await.map(Response::new)
+    }
+
+    async fn shutdown_vm(
+        &self,
+        req: Request<pb::ShutdownVmRequest>,
+    ) -> Result<Response<pb::ShutdownVmResponse>, Status> {
+        let r = req.into_inner();
+        let key = Idempotency::of("ShutdownVm", &r.request_id, &r, |c| c.request_id.clear())?;
+        self.once(key, self.do_shutdown_vm(r))
+            .await
+            .map(Response::new)
     }
 
     async fn pause_vm(
         &self,
         req: Request<pb::PauseVmRequest>,
     ) -> Result<Response<pb::PauseVmResponse>, Status> {
-        let rec = self
-            .lifecycle(&req.into_inner().vm_id, Transition::Pause, None)
-            .await?;
-        Ok(Response::new(pb::PauseVmResponse {
-            success: true,
-            state: state_to_pb(rec.observed) as i32,
-        }))
+        let r = req.into_inner();
+        let key = Idempotency::of("PauseVm", &r.request_id, &r, |c| c.request_id.clear())?;
+        self.once(key, self.do_pause_vm(r)).await.map(Response::new)
     }
 
     async fn resume_vm(
         &self,
         req: Request<pb::ResumeVmRequest>,
     ) -> Result<Response<pb::ResumeVmResponse>, Status> {
-        let rec = self
-            .lifecycle(&req.into_inner().vm_id, Transition::Resume, None)
-            .await?;
-        Ok(Response::new(pb::ResumeVmResponse {
-            success: true,
-            state: state_to_pb(rec.observed) as i32,
-        }))
+        let r = req.into_inner();
+        let key = Idempotency::of("ResumeVm", &r.request_id, &r, |c| c.request_id.clear())?;
+        self.once(key, self.do_resume_vm(r))
+            .await
+            .map(Response::new)
     }
 
     async fn reboot_vm(
         &self,
         req: Request<pb::RebootVmRequest>,
     ) -> Result<Response<pb::RebootVmResponse>, Status> {
-        let rec = self
-            .lifecycle(&req.into_inner().vm_id, Transition::Reboot, None)
-            .await?;
-        Ok(Response::new(pb::RebootVmResponse {
-            success: true,
-            state: state_to_pb(rec.observed) as i32,
-        }))
+        let r = req.into_inner();
+        let key = Idempotency::of("RebootVm", &r.request_id, &r, |c| c.request_id.clear())?;
+        self.once(key, self.do_reboot_vm(r))
+            .await
+            .map(Response::new)
     }
 
     async fn get_vm_info(
@@ -502,6 +787,7 @@ impl VmService for VmApi {
         let rec = self.sup.get(&id).await?;
         let history = self.sup.store().attempts(&id).await?;
         Ok(Response::new(pb::GetVmInfoResponse {
+            vm: Some(self.vm_to_pb(&rec)),
             recovery_history: history
                 .iter()
                 .map(|a| pb::RecoveryAttempt {
@@ -513,19 +799,6 @@ impl VmService for VmApi {
                     trigger: a.trigger.clone(),
                 })
                 .collect(),
-            recovery_streak: i32::try_from(rec.recovery_streak).unwrap_or(i32::MAX),
-            vm_id: rec.vm_id.to_string(),
-            config: Some(spec_to_pb(&rec.spec)),
-            state: state_to_pb(rec.observed) as i32,
-            backend_info: backend_info(self.sup.vmm_kind(&rec.spec), &rec),
-            customer_id: rec.customer_id.clone(),
-            desired_state: desired_to_pb(&rec),
-            created_at: Some(ts(rec.created_at_ms)),
-            updated_at: Some(ts(rec.updated_at_ms)),
-            health: Some(health_to_pb(&rec.health)),
-            guest_ready: rec.guest.ready,
-            guest_ready_at: rec.guest.ready.then(|| ts(rec.guest.ready_at_ms)),
-            guest: Some(guest_to_pb(&rec)),
         }))
     }
 
@@ -667,12 +940,11 @@ impl VmService for VmApi {
         &self,
         req: Request<pb::RecoverVmRequest>,
     ) -> Result<Response<pb::RecoverVmResponse>, Status> {
-        let id = VmId::parse("vm_id", &req.into_inner().vm_id)?;
-        let rec = self.sup.recover(&id).await?;
-        Ok(Response::new(pb::RecoverVmResponse {
-            success: true,
-            state: state_to_pb(rec.observed) as i32,
-        }))
+        let r = req.into_inner();
+        let key = Idempotency::of("RecoverVm", &r.request_id, &r, |c| c.request_id.clear())?;
+        self.once(key, self.do_recover_vm(r))
+            .await
+            .map(Response::new)
     }
 
     async fn set_auto_recover(
@@ -731,7 +1003,10 @@ impl VmService for VmApi {
         let vm = if r.vm_id.is_empty() {
             None
         } else {
-            Some(VmId::parse("vm_id", &r.vm_id)?.to_string())
+            let id = VmId::parse("vm_id", &r.vm_id)?;
+            // An unknown VM is NOT_FOUND, as on every other call, not an empty history.
+            self.sup.get(&id).await?;
+            Some(id.to_string())
         };
         if r.limit < 0 {
             return Err(Error::invalid("limit", "must not be negative").into());
@@ -755,18 +1030,15 @@ impl VmService for VmApi {
         req: Request<pb::SnapshotVmRequest>,
     ) -> Result<Response<pb::SnapshotVmResponse>, Status> {
         let r = req.into_inner();
-        let id = VmId::parse("vm_id", &r.vm_id)?;
-        let (snap, rec) = self.sup.snapshot(&id, r.diff).await?;
-        Ok(Response::new(pb::SnapshotVmResponse {
-            snapshot_id: snap.snapshot_id,
-            path: snap.path.display().to_string(),
-            created_at: Some(ts(snap.created_at_ms)),
-            state: state_to_pb(rec.observed) as i32,
-        }))
+        let key = Idempotency::of("SnapshotVm", &r.request_id, &r, |c| c.request_id.clear())?;
+        self.once(key, self.do_snapshot_vm(r))
+            .await
+            .map(Response::new)
     }
 
-    type WatchEventsStream =
-        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::VmEvent, Status>> + Send>>;
+    type WatchEventsStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>,
+    >;
 
     async fn watch_events(
         &self,
@@ -779,19 +1051,24 @@ impl VmService for VmApi {
         let only = if r.vm_id.is_empty() {
             None
         } else {
-            Some(VmId::parse("vm_id", &r.vm_id)?.to_string())
+            let id = VmId::parse("vm_id", &r.vm_id)?;
+            self.sup.get(&id).await?;
+            Some(id.to_string())
         };
+        let wrap = |event| pb::WatchEventsResponse { event: Some(event) };
         let stream = BroadcastStream::new(self.sup.events().subscribe()).filter_map(move |ev| {
             match ev {
-                Ok(ev) if only.as_ref().is_none_or(|v| *v == ev.vm_id) => Some(Ok(event_to_pb(ev))),
+                Ok(ev) if only.as_ref().is_none_or(|v| *v == ev.vm_id) => {
+                    Some(Ok(wrap(event_to_pb(ev))))
+                }
                 Ok(_) => None,
                 // A watcher too slow to keep up is told how much it missed and carries on;
                 // the history (GetVmEvents) still has it.
-                Err(BroadcastStreamRecvError::Lagged(n)) => Some(Ok(pb::VmEvent {
-                    kind: "lagged".into(),
+                Err(BroadcastStreamRecvError::Lagged(n)) => Some(Ok(wrap(pb::VmEvent {
+                    kind: pb::EventKind::Lagged as i32,
                     message: format!("{n} events dropped for this watcher; see GetVmEvents"),
                     ..Default::default()
-                })),
+                }))),
             }
         });
         // A stopping metald ends every open stream with a status that says so, rather than
@@ -837,9 +1114,7 @@ impl VmService for VmApi {
         let after = if r.page_token.is_empty() {
             None
         } else {
-            let id = VmId::parse("page_token", &r.page_token)
-                .map_err(|_| Error::invalid("page_token", "is not a token from ListVms"))?;
-            Some(id.to_string())
+            Some(page_token_decode(&r.page_token)?.to_string())
         };
         // From the controllers, which hold the truth even while the registry is behind.
         let matching: Vec<VmRecord> = self
@@ -857,25 +1132,13 @@ impl VmService for VmApi {
         let more = rows.len() > size;
         let rows: Vec<VmRecord> = rows.into_iter().take(size).collect();
         let next_page_token = if more {
-            rows.last().map(|r| r.vm_id.to_string()).unwrap_or_default()
+            rows.last()
+                .map(|r| page_token_encode(&r.vm_id))
+                .unwrap_or_default()
         } else {
             String::new()
         };
-        let vms = rows
-            .iter()
-            .map(|rec| pb::VmInfo {
-                vm_id: rec.vm_id.to_string(),
-                state: state_to_pb(rec.observed) as i32,
-                vcpu_count: i32::try_from(rec.spec.vcpus).unwrap_or(i32::MAX),
-                memory_size_bytes: i64::try_from(rec.spec.memory_bytes).unwrap_or(i64::MAX),
-                created_timestamp: Some(ts(rec.created_at_ms)),
-                modified_timestamp: Some(ts(rec.updated_at_ms)),
-                metadata: rec.spec.metadata.clone().into_iter().collect(),
-                customer_id: rec.customer_id.clone(),
-                guest_ready: rec.guest.ready,
-                guest_ready_at: rec.guest.ready.then(|| ts(rec.guest.ready_at_ms)),
-            })
-            .collect();
+        let vms = rows.iter().map(|rec| self.vm_to_pb(rec)).collect();
         Ok(Response::new(pb::ListVmsResponse {
             vms,
             next_page_token,

@@ -40,6 +40,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     // jailer, no cgroup hierarchy) is a start-up error, not a failure at the first create.
     for d in drivers.all() {
         d.check_host().map_err(Error::Config)?;
+        // Read once here, so that no API call waits on `--version`.
+        let _ = d.version();
     }
     // The mode an operator set survives restarts; metald's own readonly is re-derived below.
     let operator_mode = store.host_mode().await?.unwrap_or_default();

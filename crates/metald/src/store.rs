@@ -86,7 +86,30 @@ CREATE TABLE host (
     r#"
 ALTER TABLE vms ADD COLUMN saved TEXT;
 "#,
+    r#"
+CREATE TABLE requests (
+    request_id    TEXT PRIMARY KEY NOT NULL,
+    method        TEXT NOT NULL,
+    fingerprint   BLOB NOT NULL,
+    response      BLOB NOT NULL,
+    created_at_ms INTEGER NOT NULL
+);
+"#,
 ];
+
+/// How long a request_id's answer is kept for retries.
+pub const REQUESTS_KEPT_MS: i64 = 24 * 3600 * 1000;
+
+/// The answer to a call made with a request_id, kept so that a retry gets it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestRecord {
+    /// The RPC's name.
+    pub method: String,
+    /// The request without its request_id, encoded: a retry must be the same request.
+    pub fingerprint: Vec<u8>,
+    /// The encoded response.
+    pub response: Vec<u8>,
+}
 
 /// A snapshot taken with SnapshotVm.
 #[derive(Debug, Clone, PartialEq)]
@@ -517,6 +540,48 @@ impl Store {
                 })
             })
             .transpose()
+        })
+        .await
+    }
+
+    /// The answer kept for `request_id`, if it is younger than [`REQUESTS_KEPT_MS`].
+    pub async fn request(&self, request_id: &str) -> Result<Option<RequestRecord>> {
+        let id = request_id.to_string();
+        self.run(move |c| {
+            Ok(c.query_row(
+                "SELECT method, fingerprint, response FROM requests
+                 WHERE request_id = ?1 AND created_at_ms > ?2",
+                params![id, now_ms() - REQUESTS_KEPT_MS],
+                |r| {
+                    Ok(RequestRecord {
+                        method: r.get(0)?,
+                        fingerprint: r.get(1)?,
+                        response: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+        })
+        .await
+    }
+
+    /// Keeps the answer to `request_id`, and forgets answers older than [`REQUESTS_KEPT_MS`].
+    pub async fn put_request(&self, request_id: &str, rec: RequestRecord) -> Result<()> {
+        let id = request_id.to_string();
+        self.run(move |c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "DELETE FROM requests WHERE created_at_ms <= ?1",
+                params![now_ms() - REQUESTS_KEPT_MS],
+            )?;
+            tx.execute(
+                "INSERT OR REPLACE INTO requests
+                     (request_id, method, fingerprint, response, created_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, rec.method, rec.fingerprint, rec.response, now_ms()],
+            )?;
+            tx.commit()?;
+            Ok(())
         })
         .await
     }

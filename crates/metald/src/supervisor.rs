@@ -159,6 +159,16 @@ impl Supervisor {
         self.drivers.kind_for(spec).as_str()
     }
 
+    /// The version line of the VMM binary that runs VMs of `spec`.
+    pub fn vmm_version(&self, spec: &VmSpec) -> String {
+        self.drivers.for_spec(spec).version()
+    }
+
+    /// Where a VM's VMM keeps its files.
+    pub fn run_dir(&self, id: &VmId) -> std::path::PathBuf {
+        self.cfg.run_root().join(id.as_str())
+    }
+
     /// The controller environment for one VM: the shared one with that VM's driver.
     fn env_for(&self, spec: &VmSpec) -> ControllerEnv {
         ControllerEnv {

@@ -61,6 +61,7 @@ async fn bad_create_requests_name_the_field_and_leave_nothing() {
         .unwrap();
     c.boot_vm(pb::BootVmRequest {
         vm_id: "keeper".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -242,18 +243,30 @@ async fn unknown_vms_and_invalid_transitions() {
 
     let id = || "ghost".to_string();
     let nf = [
-        c.boot_vm(pb::BootVmRequest { vm_id: id() })
-            .await
-            .unwrap_err(),
-        c.pause_vm(pb::PauseVmRequest { vm_id: id() })
-            .await
-            .unwrap_err(),
-        c.resume_vm(pb::ResumeVmRequest { vm_id: id() })
-            .await
-            .unwrap_err(),
-        c.reboot_vm(pb::RebootVmRequest { vm_id: id() })
-            .await
-            .unwrap_err(),
+        c.boot_vm(pb::BootVmRequest {
+            vm_id: id(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+        c.pause_vm(pb::PauseVmRequest {
+            vm_id: id(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+        c.resume_vm(pb::ResumeVmRequest {
+            vm_id: id(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+        c.reboot_vm(pb::RebootVmRequest {
+            vm_id: id(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
         c.shutdown_vm(pb::ShutdownVmRequest {
             vm_id: id(),
             ..Default::default()
@@ -263,6 +276,7 @@ async fn unknown_vms_and_invalid_transitions() {
         c.delete_vm(pb::DeleteVmRequest {
             vm_id: id(),
             force: false,
+            ..Default::default()
         })
         .await
         .unwrap_err(),
@@ -277,6 +291,7 @@ async fn unknown_vms_and_invalid_transitions() {
     let e = c
         .boot_vm(pb::BootVmRequest {
             vm_id: "../etc".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -296,6 +311,7 @@ async fn unknown_vms_and_invalid_transitions() {
     fp(
         c.pause_vm(pb::PauseVmRequest {
             vm_id: "fsm".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err(),
@@ -304,6 +320,7 @@ async fn unknown_vms_and_invalid_transitions() {
     fp(
         c.resume_vm(pb::ResumeVmRequest {
             vm_id: "fsm".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err(),
@@ -312,6 +329,7 @@ async fn unknown_vms_and_invalid_transitions() {
     fp(
         c.reboot_vm(pb::RebootVmRequest {
             vm_id: "fsm".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err(),
@@ -319,12 +337,14 @@ async fn unknown_vms_and_invalid_transitions() {
     );
     c.boot_vm(pb::BootVmRequest {
         vm_id: "fsm".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
     fp(
         c.boot_vm(pb::BootVmRequest {
             vm_id: "fsm".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err(),
@@ -333,6 +353,7 @@ async fn unknown_vms_and_invalid_transitions() {
     fp(
         c.resume_vm(pb::ResumeVmRequest {
             vm_id: "fsm".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err(),
@@ -343,6 +364,7 @@ async fn unknown_vms_and_invalid_transitions() {
             vm_id: "fsm".into(),
             force: false,
             timeout_seconds: -1,
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -106,6 +106,14 @@ async fn a_stock_python_client_works_on_the_unix_socket_with_default_options() {
         ]
     );
     assert_eq!(v["listed"], serde_json::json!(["py1"]));
+    // The VMM as a typed message: an integer pid and a timestamp, not strings.
+    assert!(v["vmm"]["pid"].as_i64().is_some_and(|p| p > 0), "{v}");
+    assert!(
+        v["vmm"]["start_time"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{v}"
+    );
     assert_eq!(v["after_delete"], "NOT_FOUND");
     // The stream stayed open until the client's own deadline ended it.
     assert_eq!(v["watch"], "DEADLINE_EXCEEDED");
@@ -178,4 +186,127 @@ async fn sigterm_ends_open_streams_and_exits_within_the_grace() {
     let mut c = d.client().await;
     let i = info(&mut c, "st1").await;
     assert_eq!(pid_of(&i), Some(pid));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_with_the_same_request_id_gets_the_first_answer() {
+    let mut d = Daemon::start().await;
+    let mut c = d.client().await;
+    let mut req = guest_request("idem");
+    req.request_id = "create-idem-1".into();
+    let first = c.create_vm(req.clone()).await.unwrap().into_inner();
+    // The client timed out and retries: the first call's answer, not ALREADY_EXISTS.
+    let again = c.create_vm(req.clone()).await.unwrap().into_inner();
+    assert_eq!(first, again);
+    // Also after a restart of metald: the answer is kept in the registry.
+    d.stop_with(libc::SIGKILL);
+    d.spawn().await;
+    let mut c = d.client().await;
+    assert_eq!(c.create_vm(req.clone()).await.unwrap().into_inner(), first);
+    // The same request_id for a different request is refused, naming the field.
+    let mut other = guest_request("idem-other");
+    other.request_id = req.request_id.clone();
+    let e = c.create_vm(other).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().starts_with("request_id"), "{}", e.message());
+    // Without a request_id a second create is ALREADY_EXISTS, as before.
+    let mut plain = guest_request("idem");
+    plain.request_id.clear();
+    let e = c.create_vm(plain).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists);
+    // Two retries racing the first: one VM, one VMM, the same answer for all three.
+    let mut race = guest_request("idem-race");
+    race.request_id = "create-race".into();
+    let mut calls = Vec::new();
+    for _ in 0..3 {
+        let mut c = d.client().await;
+        let r = race.clone();
+        calls.push(tokio::spawn(async move { c.create_vm(r).await }));
+    }
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await.unwrap().unwrap().into_inner());
+    }
+    assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
+    let boot = pb::BootVmRequest {
+        vm_id: "idem-race".into(),
+        request_id: "boot-race".into(),
+    };
+    let b1 = c.boot_vm(boot.clone()).await.unwrap().into_inner();
+    // A plain second BootVm of a running VM would be refused; the retry is answered.
+    let b2 = c.boot_vm(boot).await.unwrap().into_inner();
+    assert_eq!(b1, b2);
+    assert_eq!(b1.state, pb::VmState::Running as i32);
+    // A malformed request_id is refused.
+    let e = c
+        .boot_vm(pb::BootVmRequest {
+            vm_id: "idem".into(),
+            request_id: "has space".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().starts_with("request_id"), "{}", e.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_ids_are_not_found_everywhere_and_page_tokens_are_opaque() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    let e = c
+        .get_vm_events(pb::GetVmEventsRequest {
+            vm_id: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let e = c
+        .watch_events(pb::WatchEventsRequest {
+            vm_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    for id in ["a1", "a2", "a3"] {
+        c.create_vm(guest_request(id)).await.unwrap();
+    }
+    let page = c
+        .list_vms(pb::ListVmsRequest {
+            page_size: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.vms.len(), 2);
+    assert_ne!(
+        page.next_page_token, "a2",
+        "a page token is not a bare VM id"
+    );
+    let rest = c
+        .list_vms(pb::ListVmsRequest {
+            page_size: 2,
+            page_token: page.next_page_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rest.vms.len(), 1);
+    assert_eq!(rest.vms[0].vm_id, "a3");
+    assert!(rest.next_page_token.is_empty());
+    // ListVms entries carry what GetVmInfo does: desired state, health, guest, the VMM.
+    let v = &page.vms[0];
+    assert_eq!(v.desired_state, pb::VmState::Created as i32);
+    assert!(v.health.is_some() && v.guest.is_some() && v.vmm.is_some());
+    let e = c
+        .list_vms(pb::ListVmsRequest {
+            page_token: "a2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().starts_with("page_token"), "{}", e.message());
 }

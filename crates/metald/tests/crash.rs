@@ -42,31 +42,48 @@ async fn call(c: &mut Client, call: Call, vm: &str) -> Result<(), tonic::Status>
     let id = vm.to_string();
     match call {
         Call::Create => c.create_vm(guest_request(vm)).await.map(|_| ()),
-        Call::Boot => c.boot_vm(pb::BootVmRequest { vm_id: id }).await.map(|_| ()),
+        Call::Boot => c
+            .boot_vm(pb::BootVmRequest {
+                vm_id: id,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
         Call::Shutdown => c
             .shutdown_vm(pb::ShutdownVmRequest {
                 vm_id: id,
                 force: true,
                 timeout_seconds: 0,
+                ..Default::default()
             })
             .await
             .map(|_| ()),
         Call::Pause => c
-            .pause_vm(pb::PauseVmRequest { vm_id: id })
+            .pause_vm(pb::PauseVmRequest {
+                vm_id: id,
+                ..Default::default()
+            })
             .await
             .map(|_| ()),
         Call::Resume => c
-            .resume_vm(pb::ResumeVmRequest { vm_id: id })
+            .resume_vm(pb::ResumeVmRequest {
+                vm_id: id,
+                ..Default::default()
+            })
             .await
             .map(|_| ()),
         Call::Reboot => c
-            .reboot_vm(pb::RebootVmRequest { vm_id: id })
+            .reboot_vm(pb::RebootVmRequest {
+                vm_id: id,
+                ..Default::default()
+            })
             .await
             .map(|_| ()),
         Call::Delete => c
             .delete_vm(pb::DeleteVmRequest {
                 vm_id: id,
                 force: true,
+                ..Default::default()
             })
             .await
             .map(|_| ()),
@@ -74,6 +91,7 @@ async fn call(c: &mut Client, call: Call, vm: &str) -> Result<(), tonic::Status>
             .snapshot_vm(pb::SnapshotVmRequest {
                 vm_id: id,
                 diff: false,
+                ..Default::default()
             })
             .await
             .map(|_| ()),
@@ -89,9 +107,12 @@ async fn prepare(c: &mut Client, call: Call, vm: &str) {
         }
         Call::Resume => {
             running_vm(c, vm).await;
-            c.pause_vm(pb::PauseVmRequest { vm_id: vm.into() })
-                .await
-                .unwrap();
+            c.pause_vm(pb::PauseVmRequest {
+                vm_id: vm.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
         }
         _ => {
             running_vm(c, vm).await;
@@ -157,7 +178,7 @@ async fn kill_at(point: &str, op: Call) {
             .await;
         let done = match (wanted(op), &info) {
             (None, Err(e)) => e.code() == tonic::Code::NotFound,
-            (Some(s), Ok(i)) => i.get_ref().state == s as i32,
+            (Some(s), Ok(i)) => i.get_ref().vm.as_ref().map(|v| v.state) == Some(s as i32),
             _ => false,
         };
         let want_vmms = usize::from(!matches!(wanted(op), None | Some(pb::VmState::Shutdown)));
@@ -167,7 +188,7 @@ async fn kill_at(point: &str, op: Call) {
         assert!(
             Instant::now() < deadline,
             "{point}/{op:?}: VM is {:?}, VMMs {:?}",
-            info.map(|i| i.into_inner().state),
+            info.map(|i| i.into_inner().vm.map(|v| v.state)),
             vmms_of(&d, vm)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -258,12 +279,13 @@ async fn a_recovery_and_a_create_from_a_snapshot_killed_after_their_vmm_started(
     let mut c = d.client().await;
     running_vm(&mut c, "rc").await;
     // Snapshot a guest that has finished booting, so that its clone has no boot left to do.
-    let console = std::path::PathBuf::from(&info(&mut c, "rc").await.backend_info["console_log"]);
+    let console = console_of(&info(&mut c, "rc").await);
     assert!(wait_console(&console, "METALD-GUEST-ALIVE", 1, Duration::from_secs(60)).await);
     let snap = c
         .snapshot_vm(pb::SnapshotVmRequest {
             vm_id: "rc".into(),
             diff: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -314,6 +336,7 @@ async fn a_recovery_and_a_create_from_a_snapshot_killed_after_their_vmm_started(
                 customer_id: "c".into(),
                 config: None,
                 from_snapshot: snap.snapshot_id.clone(),
+                ..Default::default()
             })
             .await;
         assert!(
@@ -333,12 +356,7 @@ async fn a_recovery_and_a_create_from_a_snapshot_killed_after_their_vmm_started(
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(
-            info(&mut c, &clone)
-                .await
-                .backend_info
-                .contains_key("saved")
-        );
+        assert!(!info(&mut c, &clone).await.restore_from.is_empty());
     }
     let mut c = d.client().await;
     // Either clone was restored (before the crash or after it), not booted: the snapshot's
@@ -346,12 +364,13 @@ async fn a_recovery_and_a_create_from_a_snapshot_killed_after_their_vmm_started(
     for clone in ["clone0", "clone1"] {
         c.boot_vm(pb::BootVmRequest {
             vm_id: clone.into(),
+            ..Default::default()
         })
         .await
         .unwrap();
         let i = info(&mut c, clone).await;
         assert_eq!(state(&i), pb::VmState::Running);
-        let console = std::path::PathBuf::from(&i.backend_info["console_log"]);
+        let console = console_of(&i);
         assert!(wait_console(&console, "METALD-GUEST-ALIVE", 1, Duration::from_secs(60)).await);
         let text = std::fs::read_to_string(&console).unwrap();
         assert!(!text.contains("METALD-GUEST-READY"), "{clone}: {text}");
@@ -368,7 +387,7 @@ async fn a_drain_killed_between_a_save_and_its_stop() {
     .await;
     let mut c = d.client().await;
     running_vm(&mut c, "dk").await;
-    let console = std::path::PathBuf::from(&info(&mut c, "dk").await.backend_info["console_log"]);
+    let console = console_of(&info(&mut c, "dk").await);
     assert!(wait_console(&console, "METALD-GUEST-ALIVE", 1, Duration::from_secs(60)).await);
     d.stop_with(libc::SIGKILL);
     d.env = vec![("FAILPOINTS".into(), "save.after_snapshot=return".into())];

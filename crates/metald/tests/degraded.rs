@@ -233,7 +233,10 @@ async fn host_modes_refuse_and_allow_what_they_say_and_survive_a_restart() {
         .into_inner();
     assert_eq!(r.mode.unwrap().mode, "readonly");
     let e = c
-        .pause_vm(pb::PauseVmRequest { vm_id: "m1".into() })
+        .pause_vm(pb::PauseVmRequest {
+            vm_id: "m1".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable);
@@ -281,6 +284,7 @@ async fn host_modes_refuse_and_allow_what_they_say_and_survive_a_restart() {
         vm_id: "m1".into(),
         force: true,
         timeout_seconds: 0,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -361,13 +365,10 @@ async fn a_metald_killed_between_a_reboots_steps_converges_at_restart() {
     // A client's retried reboot succeeds.
     c.reboot_vm(pb::RebootVmRequest {
         vm_id: "rb1".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
-}
-
-fn console_of(i: &pb::GetVmInfoResponse) -> PathBuf {
-    PathBuf::from(&i.backend_info["console_log"])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -411,7 +412,7 @@ async fn a_drained_host_saves_its_guests_and_restores_them_where_they_were() {
     let i = info(&mut c, "dr1").await;
     assert_eq!(state(&i), pb::VmState::Shutdown);
     assert_eq!(i.desired_state, pb::VmState::Running as i32);
-    assert!(i.backend_info.contains_key("saved"));
+    assert!(!i.restore_from.is_empty());
     // While drained, nothing restarts them.
     c.reconcile(pb::ReconcileRequest {}).await.unwrap();
     assert!(d.vmm_pids().is_empty());
@@ -424,7 +425,7 @@ async fn a_drained_host_saves_its_guests_and_restores_them_where_they_were() {
     d.wait_event(mark, "dr1", "saved vm restored", BOOT).await;
     let i = info(&mut c, "dr1").await;
     assert_eq!(state(&i), pb::VmState::Running);
-    assert!(!i.backend_info.contains_key("saved"));
+    assert!(i.restore_from.is_empty());
     // It carries on where it was: its uptime goes on from before the drain, without a boot.
     let console = console_of(&i);
     assert!(wait_console(&console, "METALD-GUEST-ALIVE", 1, BOOT).await);
@@ -474,9 +475,12 @@ async fn a_vm_that_cannot_converge_is_requeued_with_backoff_not_retried_every_pa
     .await;
     let mut c = d.client().await;
     c.create_vm(assets.request("nc")).await.unwrap();
-    c.boot_vm(pb::BootVmRequest { vm_id: "nc".into() })
-        .await
-        .unwrap();
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "nc".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     // metald dies between a reboot's steps, and the kernel goes while it is down: every
     // convergence at restart fails.
     d.stop_with(libc::SIGKILL);

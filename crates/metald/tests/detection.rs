@@ -38,16 +38,19 @@ async fn kill9_orphans_with_process_dead_and_exit_status() {
     let i = info(&mut c, "k9").await;
     assert_eq!(state(&i), pb::VmState::Orphaned);
     assert_eq!(i.desired_state, pb::VmState::Running as i32);
-    assert_eq!(i.backend_info["orphan_reason"], "process_dead");
-    assert_eq!(i.backend_info["pid"], "");
+    assert_eq!(i.orphan_reason, reason("process_dead"));
+    assert!(i.vmm.is_none());
     assert!(!i.health.unwrap().is_healthy);
     // An orphaned VM can be booted again by hand.
-    c.boot_vm(pb::BootVmRequest { vm_id: "k9".into() })
-        .await
-        .unwrap();
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "k9".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let i = info(&mut c, "k9").await;
     assert_eq!(state(&i), pb::VmState::Running);
-    assert!(!i.backend_info.contains_key("orphan_reason"));
+    assert_eq!(i.orphan_reason, 0);
     assert_eq!(i.health.unwrap().recovery_count, 1);
 }
 
@@ -59,8 +62,15 @@ async fn guest_poweroff_external_sigterm_and_kill_are_told_apart() {
     // The guest powers itself off (its power button, pressed over QMP behind metald's back):
     // not an orphan, the VM is simply off.
     running_vm(&mut c, "off").await;
-    let console =
-        std::path::PathBuf::from(info(&mut c, "off").await.backend_info["console_log"].clone());
+    let console = std::path::PathBuf::from(
+        info(&mut c, "off")
+            .await
+            .vmm
+            .as_ref()
+            .unwrap()
+            .console_log
+            .clone(),
+    );
     assert!(wait_console(&console, "METALD-GUEST-READY", 1, Duration::from_secs(60)).await);
     let mark = d.log_mark();
     d.power_button("off").await;
@@ -70,9 +80,9 @@ async fn guest_poweroff_external_sigterm_and_kill_are_told_apart() {
     assert_eq!(state(&i), pb::VmState::Shutdown);
     assert_eq!(i.desired_state, pb::VmState::Shutdown as i32);
     assert!(
-        i.backend_info["last_exit"].contains("guest powered off"),
+        i.last_exit.contains("guest powered off"),
         "{:?}",
-        i.backend_info
+        i.last_exit
     );
     assert!(!d.logged(mark, "off", "orphaned vm detected"));
 
@@ -121,7 +131,7 @@ async fn sigstop_makes_unhealthy_then_orphaned_api_unresponsive() {
     assert!(wait_dead(pid, Duration::from_secs(5)).await);
     let i = info(&mut c, "hung").await;
     assert_eq!(state(&i), pb::VmState::Orphaned);
-    assert_eq!(i.backend_info["orphan_reason"], "api_unresponsive");
+    assert_eq!(i.orphan_reason, reason("api_unresponsive"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,11 +201,13 @@ async fn deleted_control_socket_is_reported_and_the_guest_keeps_running() {
     // The VMM is still driven through the held connection: pause and resume work.
     c.pause_vm(pb::PauseVmRequest {
         vm_id: "nosock".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
     c.resume_vm(pb::ResumeVmRequest {
         vm_id: "nosock".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -213,7 +225,7 @@ async fn deleted_control_socket_is_reported_and_the_guest_keeps_running() {
         .into_inner()
         .events;
     assert!(
-        events.iter().any(|e| e.kind == "control_socket_lost"),
+        events.iter().any(|e| e.kind == kind("control_socket_lost")),
         "{events:?}"
     );
 }
@@ -268,7 +280,7 @@ async fn reused_pid_is_never_adopted() {
     for vm in ["reuse-a", "reuse-b"] {
         let i = info(&mut c, vm).await;
         assert_eq!(state(&i), pb::VmState::Orphaned);
-        assert_eq!(i.backend_info["orphan_reason"], "pid_reused");
+        assert_eq!(i.orphan_reason, reason("pid_reused"));
     }
     assert!(
         pid_alive(ipid),
@@ -287,6 +299,7 @@ async fn stray_vmm_and_stale_files_are_removed() {
         vm_id: "offline".into(),
         force: true,
         timeout_seconds: 0,
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -54,9 +54,12 @@ async fn start_probed(
         .await
         .unwrap();
     let mark = d.log_mark();
-    c.boot_vm(pb::BootVmRequest { vm_id: id.into() })
-        .await
-        .unwrap();
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: id.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     mark
 }
 
@@ -105,14 +108,17 @@ async fn guest_becomes_ready_and_the_agent_answers_for_it() {
     // BootVm answers as soon as the VMM runs; the guest is not ready yet.
     let i = info(&mut c, "ready").await;
     assert_eq!(state(&i), pb::VmState::Running);
-    assert!(!i.guest_ready, "ready before the guest could answer");
+    assert!(
+        !i.guest.as_ref().unwrap().ready,
+        "ready before the guest could answer"
+    );
     let r = wait_ready(&mut c, "ready", 60).await;
     assert!(r.guest_ready_at.is_some());
     let ev = d.wait_event(mark, "ready", "guest ready", EVENT).await;
     assert_eq!(ev["trigger"], "boot");
     let i = info(&mut c, "ready").await;
-    assert!(i.guest_ready);
-    assert_eq!(i.guest_ready_at, r.guest_ready_at);
+    assert!(i.guest.as_ref().unwrap().ready);
+    assert_eq!(i.guest.as_ref().unwrap().ready_at, r.guest_ready_at);
     let g = i.guest.unwrap();
     assert_eq!(g.probe, pb::GuestProbe::Agent as i32);
     assert!(g.ready);
@@ -122,12 +128,16 @@ async fn guest_becomes_ready_and_the_agent_answers_for_it() {
         .await
         .unwrap()
         .into_inner();
-    assert!(l.vms.iter().any(|v| v.vm_id == "ready" && v.guest_ready));
+    assert!(
+        l.vms
+            .iter()
+            .any(|v| v.vm_id == "ready" && v.guest.as_ref().unwrap().ready)
+    );
     assert!(
         events_of(&mut c, "ready")
             .await
             .iter()
-            .any(|e| e.kind == "guest_ready" && e.reason == "boot")
+            .any(|e| e.kind == kind("guest_ready") && e.reason == "boot")
     );
 
     // The agent answers for its guest.
@@ -156,6 +166,7 @@ async fn guest_becomes_ready_and_the_agent_answers_for_it() {
         vm_id: "ready".into(),
         force: false,
         timeout_seconds: 30,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -163,7 +174,7 @@ async fn guest_becomes_ready_and_the_agent_answers_for_it() {
     assert_eq!(ev["how"], "guest powered off through its agent", "{ev}");
     let i = info(&mut c, "ready").await;
     assert_eq!(state(&i), pb::VmState::Shutdown);
-    assert!(!i.guest_ready);
+    assert!(!i.guest.as_ref().unwrap().ready);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,8 +205,7 @@ async fn guest_panic_is_detected_and_the_vm_comes_back_with_a_ready_guest() {
     // Recovered like any orphan, back to a ready guest.
     d.wait_event(mark, "pan", "vm recovered", EVENT).await;
     ready_after_recovery(&d, mark, "pan").await;
-    let i = info(&mut c, "pan").await;
-    let h = &i.recovery_history[0];
+    let h = &history(&mut c, "pan").await[0];
     assert_eq!(h.trigger, "guest_panicked");
     assert_eq!(h.outcome, "success");
     let metrics = d.metrics_text().await;
@@ -210,6 +220,7 @@ async fn guest_panic_is_detected_and_the_vm_comes_back_with_a_ready_guest() {
     c.delete_vm(pb::DeleteVmRequest {
         vm_id: "pan".into(),
         force: true,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -242,7 +253,7 @@ async fn panic_without_a_panic_device_is_seen_on_the_console() {
     assert_eq!(orphan["reason"], "guest_panicked");
     let i = info(&mut c, "con").await;
     assert_eq!(state(&i), pb::VmState::Orphaned);
-    assert_eq!(i.backend_info["orphan_reason"], "guest_panicked");
+    assert_eq!(i.orphan_reason, reason("guest_panicked"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,13 +271,23 @@ async fn silent_agent_orphans_a_probed_guest_and_leaves_an_unprobed_one_alone() 
     }
     let mark = d.log_mark();
     for id in ["free", "frz"] {
-        c.boot_vm(pb::BootVmRequest { vm_id: id.into() })
-            .await
-            .unwrap();
+        c.boot_vm(pb::BootVmRequest {
+            vm_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     }
     d.wait_event(mark, "frz", "guest ready", EVENT).await;
-    let free_console =
-        std::path::PathBuf::from(info(&mut c, "free").await.backend_info["console_log"].clone());
+    let free_console = std::path::PathBuf::from(
+        info(&mut c, "free")
+            .await
+            .vmm
+            .as_ref()
+            .unwrap()
+            .console_log
+            .clone(),
+    );
     let frz_pid = pid_of(&info(&mut c, "frz").await).unwrap();
     let un = d.wait_event(mark, "frz", "guest unresponsive", EVENT).await;
     assert!(un["consecutive_failures"].as_u64().unwrap() >= 3, "{un}");
@@ -290,7 +311,7 @@ async fn silent_agent_orphans_a_probed_guest_and_leaves_an_unprobed_one_alone() 
     assert!(!d.logged(mark, "free", "guest unresponsive"));
     let i = info(&mut c, "free").await;
     assert_eq!(state(&i), pb::VmState::Running);
-    assert!(!i.guest_ready);
+    assert!(!i.guest.as_ref().unwrap().ready);
     assert_eq!(i.guest.unwrap().probe, pb::GuestProbe::None as i32);
     // Its readiness is not known, and WaitGuestReady says why instead of waiting.
     let e = c
@@ -336,7 +357,7 @@ async fn guest_that_never_answers_is_orphaned_after_its_startup_timeout() {
     assert_eq!(orphan["reason"], "guest_unresponsive");
     let i = info(&mut c, "mute").await;
     assert_eq!(state(&i), pb::VmState::Orphaned);
-    assert!(!i.guest_ready);
+    assert!(!i.guest.as_ref().unwrap().ready);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -348,8 +369,15 @@ async fn last_exit_comes_from_the_vmms_shutdown_reason() {
     let d = Daemon::start_with_toml(DETECT_ONLY).await;
     let mut c = d.client().await;
     running_vm(&mut c, "why").await;
-    let console =
-        std::path::PathBuf::from(info(&mut c, "why").await.backend_info["console_log"].clone());
+    let console = std::path::PathBuf::from(
+        info(&mut c, "why")
+            .await
+            .vmm
+            .as_ref()
+            .unwrap()
+            .console_log
+            .clone(),
+    );
     assert!(wait_console(&console, "METALD-GUEST-READY", 1, Duration::from_secs(60)).await);
     let mark = d.log_mark();
     d.power_button("why").await;
@@ -357,9 +385,9 @@ async fn last_exit_comes_from_the_vmms_shutdown_reason() {
         .await;
     let i = info(&mut c, "why").await;
     assert!(
-        i.backend_info["last_exit"].contains("vmm reported: guest-shutdown"),
+        i.last_exit.contains("vmm reported: guest-shutdown"),
         "{:?}",
-        i.backend_info
+        i.last_exit
     );
 }
 
@@ -411,8 +439,15 @@ async fn a_reset_restarts_the_vmm_instead_of_leaving_the_vm_off() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
     let pid = running_vm(&mut c, "rst").await;
-    let console =
-        std::path::PathBuf::from(info(&mut c, "rst").await.backend_info["console_log"].clone());
+    let console = std::path::PathBuf::from(
+        info(&mut c, "rst")
+            .await
+            .vmm
+            .as_ref()
+            .unwrap()
+            .console_log
+            .clone(),
+    );
     assert!(wait_console(&console, "METALD-GUEST-READY", 1, Duration::from_secs(60)).await);
     let mark = d.log_mark();
     // A reset through QEMU's operator monitor: with -no-reboot, QEMU exits on it.
@@ -433,9 +468,9 @@ async fn a_reset_restarts_the_vmm_instead_of_leaving_the_vm_off() {
     assert_ne!(pid_of(&i), Some(pid));
     assert!(!d.logged(mark, "rst", "orphaned vm detected"));
     assert!(
-        i.backend_info["last_exit"].contains("host-qmp-system-reset"),
+        i.last_exit.contains("host-qmp-system-reset"),
         "{:?}",
-        i.backend_info
+        i.last_exit
     );
-    assert_eq!(i.recovery_history[0].trigger, "guest_reboot");
+    assert_eq!(history(&mut c, "rst").await[0].trigger, "guest_reboot");
 }

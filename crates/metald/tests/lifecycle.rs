@@ -36,13 +36,30 @@ async fn every_rpc_and_state_transition_on_a_real_guest() {
     let i = info(&mut c, "life").await;
     assert_eq!(state(&i), pb::VmState::Created);
     assert_eq!(i.customer_id, "cust-test");
-    let pid1 = pid_of(&i).expect("pid in backend_info");
+    let pid1 = pid_of(&i).expect("a VMM with its pid");
     assert!(pid_alive(pid1));
-    for key in ["pid", "control_socket", "console_log"] {
-        assert!(!i.backend_info[key].is_empty(), "backend_info.{key} empty");
+    let v = vmm_of(&i);
+    for (what, field) in [
+        ("control_socket", &v.control_socket),
+        ("console_log", &v.console_log),
+        ("run_dir", &v.run_dir),
+        ("kind", &v.kind),
+        ("version", &v.version),
+    ] {
+        assert!(!field.is_empty(), "vmm.{what} empty");
     }
-    assert!(std::path::Path::new(&i.backend_info["control_socket"]).exists());
-    let console = std::path::PathBuf::from(&i.backend_info["console_log"]);
+    // The VMM's start time is a wall-clock time, within a minute of now.
+    let started = v.start_time.as_ref().expect("vmm.start_time").seconds;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (now - started).abs() < 60,
+        "start_time {started}, now {now}"
+    );
+    assert!(std::path::Path::new(&i.vmm.as_ref().unwrap().control_socket).exists());
+    let console = console_of(&i);
     assert_eq!(
         i.config
             .as_ref()
@@ -57,6 +74,7 @@ async fn every_rpc_and_state_transition_on_a_real_guest() {
     let r = c
         .boot_vm(pb::BootVmRequest {
             vm_id: "life".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -76,6 +94,7 @@ async fn every_rpc_and_state_transition_on_a_real_guest() {
     let r = c
         .pause_vm(pb::PauseVmRequest {
             vm_id: "life".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -85,6 +104,7 @@ async fn every_rpc_and_state_transition_on_a_real_guest() {
     let err = c
         .pause_vm(pb::PauseVmRequest {
             vm_id: "life".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -92,6 +112,7 @@ async fn every_rpc_and_state_transition_on_a_real_guest() {
     let r = c
         .resume_vm(pb::ResumeVmRequest {
             vm_id: "life".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -102,6 +123,7 @@ async fn every_rpc_and_state_transition_on_a_real_guest() {
     let r = c
         .reboot_vm(pb::RebootVmRequest {
             vm_id: "life".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -122,6 +144,7 @@ async fn every_rpc_and_state_transition_on_a_real_guest() {
             vm_id: "life".into(),
             force: false,
             timeout_seconds: 30,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -129,18 +152,19 @@ async fn every_rpc_and_state_transition_on_a_real_guest() {
     assert_eq!(r.state, pb::VmState::Shutdown as i32);
     let i = info(&mut c, "life").await;
     assert_eq!(state(&i), pb::VmState::Shutdown);
-    assert_eq!(i.backend_info["pid"], "", "no pid once shut down");
+    assert!(i.vmm.is_none(), "no VMM once shut down");
     assert!(!pid_alive(pid2));
     assert!(wait_console(&console, "METALD-GUEST-POWEROFF", 1, Duration::from_secs(1)).await);
     assert!(
-        i.backend_info["last_exit"].contains("exited with code 0"),
+        i.last_exit.contains("exited with code 0"),
         "{:?}",
-        i.backend_info
+        i.last_exit
     );
 
     // Boot from SHUTDOWN, then a forced shutdown and a boot again.
     c.boot_vm(pb::BootVmRequest {
         vm_id: "life".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -150,6 +174,7 @@ async fn every_rpc_and_state_transition_on_a_real_guest() {
             vm_id: "life".into(),
             force: true,
             timeout_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -160,12 +185,14 @@ async fn every_rpc_and_state_transition_on_a_real_guest() {
             vm_id: "life".into(),
             force: true,
             timeout_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     c.boot_vm(pb::BootVmRequest {
         vm_id: "life".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -175,6 +202,7 @@ async fn every_rpc_and_state_transition_on_a_real_guest() {
     c.delete_vm(pb::DeleteVmRequest {
         vm_id: "life".into(),
         force: true,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -204,12 +232,16 @@ async fn registry_and_vmms_survive_daemon_restarts() {
         c.create_vm(guest_request(id)).await.unwrap();
     }
     for id in ["keep-run", "keep-paused", "keep-off"] {
-        c.boot_vm(pb::BootVmRequest { vm_id: id.into() })
-            .await
-            .unwrap();
+        c.boot_vm(pb::BootVmRequest {
+            vm_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     }
     c.pause_vm(pb::PauseVmRequest {
         vm_id: "keep-paused".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -217,17 +249,18 @@ async fn registry_and_vmms_survive_daemon_restarts() {
         vm_id: "keep-off".into(),
         force: true,
         timeout_seconds: 0,
+        ..Default::default()
     })
     .await
     .unwrap();
-    let before: Vec<pb::GetVmInfoResponse> = {
+    let before: Vec<pb::Vm> = {
         let mut v = Vec::new();
         for id in ["keep-created", "keep-off", "keep-paused", "keep-run"] {
             v.push(info(&mut c, id).await);
         }
         v
     };
-    let console = std::path::PathBuf::from(&before[3].backend_info["console_log"]);
+    let console = std::path::PathBuf::from(&before[3].vmm.as_ref().unwrap().console_log);
     assert!(wait_console(&console, "METALD-GUEST-READY", 1, BOOT).await);
 
     // A clean stop (SIGTERM), then a crash (SIGKILL): both times every VM comes back with its
@@ -266,11 +299,13 @@ async fn registry_and_vmms_survive_daemon_restarts() {
         // And the adopted VMMs are still driven: pause and resume the running one.
         c.pause_vm(pb::PauseVmRequest {
             vm_id: "keep-run".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
         c.resume_vm(pb::ResumeVmRequest {
             vm_id: "keep-run".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -299,6 +334,7 @@ async fn list_filters_and_pages() {
     }
     c.boot_vm(pb::BootVmRequest {
         vm_id: "page-3".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -338,8 +374,9 @@ async fn list_filters_and_pages() {
         r.vms.iter().map(|v| v.vm_id.as_str()).collect::<Vec<_>>(),
         ["page-3"]
     );
-    assert_eq!(r.vms[0].vcpu_count, 1);
-    assert_eq!(r.vms[0].memory_size_bytes, 128 << 20);
+    let cfg = r.vms[0].config.as_ref().unwrap();
+    assert_eq!(cfg.cpu.as_ref().unwrap().vcpu_count, 1);
+    assert_eq!(cfg.memory.as_ref().unwrap().size_bytes, 128 << 20);
 
     for (req, field) in [
         (

@@ -343,15 +343,24 @@ async fn event_history_records_the_orphan_and_recovery() {
         .events;
     let kinds: Vec<String> = evs
         .iter()
-        .map(|e| format!("{}:{}", e.kind, e.to_state))
+        .map(|e| {
+            let kind = pb::EventKind::try_from(e.kind).unwrap().as_str_name();
+            let state = pb::VmState::try_from(e.state).unwrap().as_str_name();
+            format!("{kind}:{state}")
+        })
         .collect();
     let want = [
-        "orphaned:orphaned",
-        "recovering:orphaned",
-        "state_changed:created",
-        "state_changed:running",
-        "recovered:running",
+        "EVENT_KIND_ORPHANED:VM_STATE_ORPHANED",
+        "EVENT_KIND_RECOVERING:VM_STATE_ORPHANED",
+        "EVENT_KIND_STATE_CHANGED:VM_STATE_CREATED",
+        "EVENT_KIND_STATE_CHANGED:VM_STATE_RUNNING",
+        "EVENT_KIND_RECOVERED:VM_STATE_RUNNING",
     ];
+    // Only events that changed the state say what it was before: a recovery attempt does not.
+    let recovering = evs.iter().find(|e| e.kind == kind("recovering")).unwrap();
+    assert_eq!(recovering.from_state, pb::VmState::Unspecified as i32);
+    let orphaned = evs.iter().find(|e| e.kind == kind("orphaned")).unwrap();
+    assert_eq!(orphaned.from_state, pb::VmState::Running as i32);
     let mut it = kinds.iter();
     for w in want {
         assert!(
@@ -360,7 +369,7 @@ async fn event_history_records_the_orphan_and_recovery() {
         );
     }
     assert!(evs.windows(2).all(|w| w[0].seq < w[1].seq));
-    let orphan = evs.iter().find(|e| e.kind == "orphaned").unwrap();
+    let orphan = evs.iter().find(|e| e.kind == kind("orphaned")).unwrap();
     assert_eq!(orphan.reason, "process_dead");
     // Bad input is refused by field.
     let e = c

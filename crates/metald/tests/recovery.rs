@@ -32,8 +32,15 @@ async fn killed_vmm_comes_back_running_with_a_new_pid_and_a_booted_guest() {
     let d = Daemon::start().await;
     let mut c = d.client().await;
     let pid = running_vm(&mut c, "phoenix").await;
-    let console =
-        std::path::PathBuf::from(info(&mut c, "phoenix").await.backend_info["console_log"].clone());
+    let console = std::path::PathBuf::from(
+        info(&mut c, "phoenix")
+            .await
+            .vmm
+            .as_ref()
+            .unwrap()
+            .console_log
+            .clone(),
+    );
     assert!(wait_console(&console, "METALD-GUEST-READY", 1, BOOT).await);
     let mark = d.log_mark();
     signal(pid, libc::SIGKILL);
@@ -48,7 +55,7 @@ async fn killed_vmm_comes_back_running_with_a_new_pid_and_a_booted_guest() {
     assert_ne!(new_pid, pid);
     assert!(pid_alive(new_pid));
     assert_eq!(i.health.as_ref().unwrap().recovery_count, 1);
-    let h = &i.recovery_history[0];
+    let h = &history(&mut c, "phoenix").await[0];
     assert_eq!(
         (h.outcome.as_str(), h.trigger.as_str(), h.attempt),
         ("success", "process_dead", 1)
@@ -65,6 +72,7 @@ async fn paused_vm_comes_back_paused() {
     let pid = running_vm(&mut c, "sleeper").await;
     c.pause_vm(pb::PauseVmRequest {
         vm_id: "sleeper".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -86,6 +94,7 @@ async fn failing_recovery_backs_off_then_fails_and_recover_vm_brings_it_back() {
     c.create_vm(assets.request("doomed")).await.unwrap();
     c.boot_vm(pb::BootVmRequest {
         vm_id: "doomed".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -100,7 +109,7 @@ async fn failing_recovery_backs_off_then_fails_and_recover_vm_brings_it_back() {
     let i = info(&mut c, "doomed").await;
     assert_eq!(state(&i), pb::VmState::Failed);
     assert_eq!(i.desired_state, pb::VmState::Running as i32);
-    let hist = &i.recovery_history;
+    let hist = &history(&mut c, "doomed").await;
     assert_eq!(hist.len(), 3);
     assert!(
         hist.iter()
@@ -139,6 +148,7 @@ async fn failing_recovery_backs_off_then_fails_and_recover_vm_brings_it_back() {
     let r = c
         .recover_vm(pb::RecoverVmRequest {
             vm_id: "doomed".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -146,11 +156,13 @@ async fn failing_recovery_backs_off_then_fails_and_recover_vm_brings_it_back() {
     assert_eq!(r.state, pb::VmState::Running as i32);
     let i = info(&mut c, "doomed").await;
     assert_eq!(state(&i), pb::VmState::Running);
-    assert_eq!(i.recovery_history[0].trigger, "manual");
-    assert_eq!(i.recovery_history[0].outcome, "success");
+    let h = history(&mut c, "doomed").await;
+    assert_eq!(h[0].trigger, "manual");
+    assert_eq!(h[0].outcome, "success");
     let e = c
         .recover_vm(pb::RecoverVmRequest {
             vm_id: "doomed".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -169,6 +181,7 @@ async fn a_vm_deleted_during_its_recovery_stays_deleted() {
     c.create_vm(assets.request("gone")).await.unwrap();
     c.boot_vm(pb::BootVmRequest {
         vm_id: "gone".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -185,6 +198,7 @@ async fn a_vm_deleted_during_its_recovery_stays_deleted() {
     c.delete_vm(pb::DeleteVmRequest {
         vm_id: "gone".into(),
         force: true,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -193,6 +207,7 @@ async fn a_vm_deleted_during_its_recovery_stays_deleted() {
     c.delete_vm(pb::DeleteVmRequest {
         vm_id: "racy".into(),
         force: true,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -244,9 +259,12 @@ cool_off = 1500
     let mut pids = Vec::new();
     for id in ids {
         c.create_vm(assets.request(id)).await.unwrap();
-        c.boot_vm(pb::BootVmRequest { vm_id: id.into() })
-            .await
-            .unwrap();
+        c.boot_vm(pb::BootVmRequest {
+            vm_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
         pids.push(pid_of(&info(&mut c, id).await).unwrap());
     }
     assets.break_kernel();
@@ -352,6 +370,7 @@ async fn restart_policy_and_auto_recover_are_obeyed() {
     c.create_vm(req).await.unwrap();
     c.boot_vm(pb::BootVmRequest {
         vm_id: "always".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -373,6 +392,7 @@ async fn restart_policy_and_auto_recover_are_obeyed() {
     c.create_vm(req).await.unwrap();
     c.boot_vm(pb::BootVmRequest {
         vm_id: "never".into(),
+        ..Default::default()
     })
     .await
     .unwrap();

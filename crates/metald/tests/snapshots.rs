@@ -26,6 +26,7 @@ async fn snapshot_and_create_from_it_continue_the_guest() {
         .snapshot_vm(pb::SnapshotVmRequest {
             vm_id: "orig".into(),
             diff: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -58,6 +59,7 @@ async fn snapshot_and_create_from_it_continue_the_guest() {
             customer_id: "cust-test".into(),
             config: None,
             from_snapshot: r.snapshot_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -70,6 +72,7 @@ async fn snapshot_and_create_from_it_continue_the_guest() {
     );
     c.boot_vm(pb::BootVmRequest {
         vm_id: "clone".into(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -93,6 +96,7 @@ async fn snapshot_and_create_from_it_continue_the_guest() {
             customer_id: "c".into(),
             config: None,
             from_snapshot: "nope".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -111,6 +115,7 @@ async fn snapshot_and_create_from_it_continue_the_guest() {
         .snapshot_vm(pb::SnapshotVmRequest {
             vm_id: "orig".into(),
             diff: true,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -130,6 +135,7 @@ async fn snapshot_and_create_from_it_continue_the_guest() {
         .snapshot_vm(pb::SnapshotVmRequest {
             vm_id: "fresh".into(),
             diff: false,
+            ..Default::default()
         })
         .await
         .unwrap_err();

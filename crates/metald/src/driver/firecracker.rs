@@ -29,7 +29,7 @@ pub const API_SOCKET: &str = "firecracker.sock";
 /// Guest serial output (Firecracker's stdout and stderr).
 pub const CONSOLE_LOG: &str = "console.log";
 /// Firecracker's own log.
-pub const VMM_LOG: &str = "vmm.log";
+pub use super::VMM_LOG;
 /// Firecracker's metrics file.
 pub const METRICS_FILE: &str = "metrics.json";
 /// The vsock device's host-side socket.
@@ -159,6 +159,7 @@ pub struct FirecrackerDriver {
     pool: uds_http::Pool,
     /// The host's cgroup hierarchies, as the jailer will find them (jailer on only).
     cgroups: Result<CgroupHost, String>,
+    version: std::sync::OnceLock<String>,
 }
 
 impl FirecrackerDriver {
@@ -173,6 +174,7 @@ impl FirecrackerDriver {
             cfg,
             pool: uds_http::Pool::default(),
             cgroups,
+            version: Default::default(),
         }
     }
 
@@ -820,6 +822,10 @@ fn kernel_args(spec: &VmSpec) -> String {
 
 #[async_trait]
 impl VmmDriver for FirecrackerDriver {
+    fn version(&self) -> String {
+        super::binary_version(&self.version, &self.cfg.binary)
+    }
+
     fn kind(&self) -> &'static str {
         "firecracker"
     }

@@ -5,6 +5,32 @@
 //! `boot`, `pause`, `resume` and `shutdown` on user operations, `ping` for health, and `kill` when
 //! a VMM must go now. Exit is observed through the pidfd in [`VmmProcess`], never by polling.
 
+/// The VMM's own log (QEMU's stderr, Firecracker's logger), in its run directory.
+pub const VMM_LOG: &str = "vmm.log";
+
+/// The first line `binary --version` prints, run once per driver and kept: it does not change
+/// while metald runs (a new binary is picked up at the next start).
+pub fn binary_version(cache: &std::sync::OnceLock<String>, binary: &Path) -> String {
+    cache
+        .get_or_init(|| {
+            std::process::Command::new(binary)
+                .arg("--version")
+                .stdin(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .and_then(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .next()
+                        .map(|l| l.trim().to_string())
+                })
+                .unwrap_or_default()
+        })
+        .clone()
+}
+
 pub mod firecracker;
 pub mod jail;
 pub mod qemu;
@@ -347,7 +373,7 @@ impl std::fmt::Display for ExitCause {
 /// One kind of VMM.
 #[async_trait]
 pub trait VmmDriver: Send + Sync + 'static {
-    /// Short name (`qemu`, `firecracker`), shown in backend_info.
+    /// Short name (`qemu`, `firecracker`), shown as the VM's vmm.kind.
     fn kind(&self) -> &'static str;
 
     /// Starts the VMM process (guest not booted) and waits, bounded, for its control socket.
@@ -415,6 +441,11 @@ pub trait VmmDriver: Send + Sync + 'static {
     /// Checks, at start-up, that this host can run the driver as configured.
     fn check_host(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    /// The VMM binary's version line (`--version`), empty when it cannot be had.
+    fn version(&self) -> String {
+        String::new()
     }
 
     /// Whether a process command line is this VM's VMM, so a pid found in the registry is only

@@ -36,7 +36,7 @@ pub const AGENT_SOCKET: &str = "qga.sock";
 /// The port name a stock qemu-guest-agent looks for.
 pub const AGENT_PORT: &str = "org.qemu.guest_agent.0";
 /// QEMU's own stdout and stderr.
-pub const VMM_LOG: &str = "vmm.log";
+pub use super::VMM_LOG;
 /// The migration stream inside a snapshot directory.
 pub const MIGRATION_FILE: &str = "qemu-migration.bin";
 /// Bound on writing or loading a snapshot.
@@ -61,6 +61,7 @@ pub struct QemuDriver {
     /// The held QMP session of each watched VMM, by control socket. While a VMM's session is
     /// open every command to it goes through it (QEMU serves one QMP client at a time).
     sessions: std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, qmp::Session>>,
+    version: std::sync::OnceLock<String>,
 }
 
 impl QemuDriver {
@@ -70,6 +71,7 @@ impl QemuDriver {
             cfg,
             accel,
             sessions: Default::default(),
+            version: Default::default(),
         }
     }
 
@@ -249,6 +251,10 @@ impl QemuDriver {
 
 #[async_trait]
 impl VmmDriver for QemuDriver {
+    fn version(&self) -> String {
+        super::binary_version(&self.version, &self.cfg.binary)
+    }
+
     fn kind(&self) -> &'static str {
         "qemu"
     }

@@ -527,18 +527,57 @@ pub fn guest_request(vm_id: &str) -> pb::CreateVmRequest {
             vsock: None,
             guest_health: None,
         }),
+        ..Default::default()
     }
 }
 
-pub async fn info(c: &mut Client, vm: &str) -> pb::GetVmInfoResponse {
+/// The VM as GetVmInfo shows it.
+pub async fn info(c: &mut Client, vm: &str) -> pb::Vm {
     c.get_vm_info(pb::GetVmInfoRequest { vm_id: vm.into() })
         .await
         .expect("GetVmInfo")
         .into_inner()
+        .vm
+        .expect("GetVmInfo without its vm")
 }
 
-pub fn pid_of(i: &pb::GetVmInfoResponse) -> Option<i32> {
-    i.backend_info.get("pid").and_then(|p| p.parse().ok())
+/// The VM's recovery attempts, newest first.
+pub async fn history(c: &mut Client, vm: &str) -> Vec<pb::RecoveryAttempt> {
+    c.get_vm_info(pb::GetVmInfoRequest { vm_id: vm.into() })
+        .await
+        .expect("GetVmInfo")
+        .into_inner()
+        .recovery_history
+}
+
+/// An event's kind by its name in the history (`orphaned`), as the API's enum.
+pub fn kind(name: &str) -> i32 {
+    let upper = format!("EVENT_KIND_{}", name.to_ascii_uppercase());
+    pb::EventKind::from_str_name(&upper).unwrap_or_else(|| panic!("no event kind {name}")) as i32
+}
+
+/// An orphan reason by its name (`process_dead`), as the API's enum.
+pub fn reason(name: &str) -> i32 {
+    let upper = format!("ORPHAN_REASON_{}", name.to_ascii_uppercase());
+    pb::OrphanReason::from_str_name(&upper).unwrap_or_else(|| panic!("no orphan reason {name}"))
+        as i32
+}
+
+/// The pid of the VM's VMM, if one runs.
+pub fn pid_of(i: &pb::Vm) -> Option<i32> {
+    i.vmm.as_ref().map(|v| v.pid)
+}
+
+/// The VM's VMM; panics when none runs.
+pub fn vmm_of(i: &pb::Vm) -> &pb::VmmProcess {
+    i.vmm
+        .as_ref()
+        .unwrap_or_else(|| panic!("{} has no VMM", i.vm_id))
+}
+
+/// The console log of the VM's VMM.
+pub fn console_of(i: &pb::Vm) -> PathBuf {
+    PathBuf::from(&vmm_of(i).console_log)
 }
 
 /// Waits (bounded) until the guest's console log contains `needle` at least `count` times.
@@ -568,7 +607,7 @@ pub fn guest_uptime(path: &Path) -> Option<f64> {
         .and_then(|u| u.split_whitespace().next()?.parse().ok())
 }
 
-pub fn state(i: &pb::GetVmInfoResponse) -> pb::VmState {
+pub fn state(i: &pb::Vm) -> pb::VmState {
     pb::VmState::try_from(i.state).unwrap()
 }
 
@@ -649,9 +688,12 @@ pub fn events(d: &Daemon, since: usize, msg: &str) -> Vec<serde_json::Value> {
 /// Creates and boots a test guest, returning its VMM pid.
 pub async fn running_vm(c: &mut Client, id: &str) -> i32 {
     c.create_vm(guest_request(id)).await.unwrap();
-    c.boot_vm(pb::BootVmRequest { vm_id: id.into() })
-        .await
-        .unwrap();
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: id.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     pid_of(&info(c, id).await).unwrap()
 }
 

@@ -68,8 +68,10 @@ def main():
 
     def step(method, body):
         reply = call(method, body)
-        info = call("GetVmInfo", {"vm_id": vm})
+        info = call("GetVmInfo", {"vm_id": vm})["vm"]
         steps.append({"call": method, "state": info.get("state", "VM_STATE_UNSPECIFIED")})
+        if method == "BootVm":
+            out["vmm"] = info.get("vmm", {})
         return reply
 
     step("CreateVm", create)
