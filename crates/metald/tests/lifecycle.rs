@@ -406,3 +406,73 @@ async fn list_filters_and_pages() {
         assert!(e.message().starts_with(field), "{}", e.message());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_state_dir_and_a_64_character_vm_id_work() {
+    // 84 characters: a VM's run directory is then 149, far past a socket address's 107.
+    let base = format!("/tmp/mdt-long-{}-", std::process::id());
+    let state_dir = std::path::PathBuf::from(format!("{base}{}", "x".repeat(84 - base.len())));
+    assert_eq!(state_dir.as_os_str().len(), 84);
+    let _ = std::fs::remove_dir_all(&state_dir);
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let mut d = Daemon::start_in(state_dir.clone(), vec![]).await;
+    let id = "v".repeat(64);
+    let mut c = d.client().await;
+    let pid = running_vm(&mut c, &id).await;
+    let i = info(&mut c, &id).await;
+    let sock = &vmm_of(&i).control_socket;
+    assert!(sock.len() > 107, "{sock}");
+    assert!(
+        std::path::Path::new(sock).exists(),
+        "the VMM made its socket where it says"
+    );
+    // metald drives the VMM through that socket.
+    c.pause_vm(pb::PauseVmRequest {
+        vm_id: id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.resume_vm(pb::ResumeVmRequest {
+        vm_id: id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(
+        wait_console(
+            &console_of(&i),
+            "METALD-GUEST-READY",
+            1,
+            Duration::from_secs(60)
+        )
+        .await
+    );
+    // A restarted metald knows the VMM as its own (and no one else's) and adopts it.
+    d.stop_with(libc::SIGKILL);
+    let mark = d.log_mark();
+    d.spawn().await;
+    let mut c = d.client().await;
+    assert!(d.logged(mark, &id, "vmm re-attached"));
+    assert_eq!(pid_of(&info(&mut c, &id).await), Some(pid));
+    // A dead VMM is recovered there too.
+    signal(pid, libc::SIGKILL);
+    d.wait_event(mark, &id, "vm recovered", Duration::from_secs(30))
+        .await;
+    let i = info(&mut c, &id).await;
+    assert_eq!(state(&i), pb::VmState::Running);
+    let r = c
+        .reconcile(pb::ReconcileRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.strays_found, 0);
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: id.clone(),
+        force: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(d.vmm_pids().is_empty());
+}

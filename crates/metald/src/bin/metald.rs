@@ -13,10 +13,13 @@ struct Args {
     /// TOML config file; the flags below override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Registry, run directories and sockets live here.
+    /// Registry, run directories and VMM sockets live here. Any length: VMM sockets stay
+    /// reachable however long the path is. Only the API socket, by default
+    /// <state-dir>/metald.sock, must fit a unix socket address (107 bytes); with a longer
+    /// state dir, set --listen.
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// API address: unix:PATH or tcp:HOST:PORT.
+    /// API address: unix:PATH (PATH at most 107 bytes) or tcp:HOST:PORT.
     #[arg(long)]
     listen: Option<String>,
     /// QEMU accelerator: kvm or tcg.

@@ -127,7 +127,7 @@ impl FcPaths {
             kernel: s(&spec.kernel),
             initrd: spec.initrd.as_deref().map(s),
             drives: spec.drives.iter().map(|d| s(&d.path)).collect(),
-            vsock: s(&run_dir.join(VSOCK_SOCKET)),
+            vsock: s(&super::socket_arg(run_dir, VSOCK_SOCKET)),
             track_dirty_pages: false,
         }
     }
@@ -847,7 +847,7 @@ impl VmmDriver for FirecrackerDriver {
         }
         let mut cmd = Command::new(&self.cfg.binary);
         cmd.arg("--api-sock")
-            .arg(&sock)
+            .arg(super::socket_arg(req.run_dir, API_SOCKET))
             .arg("--id")
             .arg(req.vm_id.as_str())
             .current_dir(req.run_dir);
@@ -941,7 +941,7 @@ impl VmmDriver for FirecrackerDriver {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let dir = ep.control_socket.parent().unwrap_or(Path::new("/"));
         let path = dir.join(VSOCK_SOCKET);
-        let mut s = super::AgentStream::connect(&path)
+        let mut s = super::connect_unix(&path)
             .await
             .map_err(|e| DriverError::connect(&path, &e))?;
         s.write_all(format!("CONNECT {AGENT_VSOCK_PORT}\n").as_bytes())
@@ -1112,7 +1112,7 @@ impl VmmDriver for FirecrackerDriver {
             cmdline.first() == Some(&format!("/{}", jail.exec_name))
                 && jail::runs_in(proc_.pid, &jail.root)
         } else {
-            sock == run_root.join(id.as_str()).join(API_SOCKET)
+            super::socket_arg_is(proc_.pid, &sock, &run_root.join(id.as_str()), API_SOCKET)
         };
         ours.then_some(id)
     }

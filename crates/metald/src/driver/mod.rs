@@ -5,6 +5,57 @@
 //! `boot`, `pause`, `resume` and `shutdown` on user operations, `ping` for health, and `kill` when
 //! a VMM must go now. Exit is observed through the pidfd in [`VmmProcess`], never by polling.
 
+/// The longest path a unix socket address holds (`sun_path` is 108 bytes with its NUL).
+pub const SUN_PATH_MAX: usize = 107;
+
+/// The path a VMM is given for the socket `name` in its run directory: the absolute path when
+/// it fits a socket address, else the bare name, which the VMM resolves against its working
+/// directory, the run directory. Either way the socket is `run_dir/name`, so the state
+/// directory's length never limits VM ids or sockets.
+pub fn socket_arg(run_dir: &Path, name: &str) -> PathBuf {
+    let abs = run_dir.join(name);
+    if abs.as_os_str().len() <= SUN_PATH_MAX {
+        abs
+    } else {
+        PathBuf::from(name)
+    }
+}
+
+/// Whether a VMM's socket argument `arg` (as [`socket_arg`] made it) names `run_dir/name`: an
+/// absolute one directly, a bare one through the process's working directory.
+pub fn socket_arg_is(pid: i32, arg: &Path, run_dir: &Path, name: &str) -> bool {
+    if arg.is_absolute() {
+        return arg == run_dir.join(name);
+    }
+    arg == Path::new(name)
+        && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == run_dir)
+}
+
+/// Connects to a unix socket whatever its path's length: a path too long for a socket address
+/// is reached through a descriptor of its directory (`/proc/self/fd/N/name`).
+pub async fn connect_unix(path: &Path) -> std::io::Result<tokio::net::UnixStream> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (true, Some(dir), Some(name)) = (
+        path.as_os_str().len() > SUN_PATH_MAX,
+        path.parent(),
+        path.file_name(),
+    ) else {
+        return tokio::net::UnixStream::connect(path).await;
+    };
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(dir)?;
+    let short = Path::new("/proc/self/fd")
+        .join(dir.as_raw_fd().to_string())
+        .join(name);
+    // `dir` stays open until the connect has resolved the path.
+    let stream = tokio::net::UnixStream::connect(&short).await;
+    drop(dir);
+    stream
+}
+
 /// The VMM's own log (QEMU's stderr, Firecracker's logger), in its run directory.
 pub const VMM_LOG: &str = "vmm.log";
 

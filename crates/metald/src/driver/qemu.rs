@@ -114,14 +114,14 @@ impl QemuDriver {
             "-qmp",
             &format!(
                 "unix:{},server=on,wait=off",
-                run_dir.join(QMP_SOCKET).display()
+                super::socket_arg(run_dir, QMP_SOCKET).display()
             ),
         ]);
         push(&[
             "-qmp",
             &format!(
                 "unix:{},server=on,wait=off",
-                run_dir.join(OPS_SOCKET).display()
+                super::socket_arg(run_dir, OPS_SOCKET).display()
             ),
         ]);
         for d in &spec.drives {
@@ -142,7 +142,7 @@ impl QemuDriver {
             "-chardev",
             &format!(
                 "socket,id=metald-qga,path={},server=on,wait=off",
-                run_dir.join(AGENT_SOCKET).display()
+                super::socket_arg(run_dir, AGENT_SOCKET).display()
             ),
         ]);
         push(&[
@@ -390,7 +390,7 @@ impl VmmDriver for QemuDriver {
     async fn agent_connect(&self, ep: &VmmEndpoint) -> Result<AgentStream, DriverError> {
         let dir = ep.control_socket.parent().unwrap_or(Path::new("/"));
         let path = dir.join(AGENT_SOCKET);
-        AgentStream::connect(&path)
+        super::connect_unix(&path)
             .await
             .map_err(|e| DriverError::connect(&path, &e))
     }
@@ -441,9 +441,13 @@ impl VmmDriver for QemuDriver {
         let id = VmId::parse("vm_id", name).ok()?;
         // Only VMMs whose QMP socket lies under our run directory: another metald on the same
         // host (another state dir) owns its own VMMs.
-        let sock = run_root.join(id.as_str()).join(QMP_SOCKET);
-        let want = format!("unix:{},", sock.display());
-        cmdline.iter().any(|a| a.starts_with(&want)).then_some(id)
+        let run_dir = run_root.join(id.as_str());
+        let ours = cmdline
+            .windows(2)
+            .filter(|w| w[0] == "-qmp")
+            .filter_map(|w| w[1].strip_prefix("unix:")?.split(',').next())
+            .any(|sock| super::socket_arg_is(proc_.pid, Path::new(sock), &run_dir, QMP_SOCKET));
+        ours.then_some(id)
     }
 
     fn exit_cause(

@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{DriverError, bounded};
@@ -59,7 +58,7 @@ async fn exchange(
 
 /// Connects, reads the greeting and leaves capabilities negotiation mode.
 async fn handshake(path: &Path) -> Result<(Lines, tokio::net::unix::OwnedWriteHalf), DriverError> {
-    let stream = UnixStream::connect(path)
+    let stream = super::connect_unix(path)
         .await
         .map_err(|e| DriverError::connect(path, &e))?;
     let (rd, mut wr) = stream.into_split();

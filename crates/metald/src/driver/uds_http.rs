@@ -13,7 +13,6 @@ pub use hyper::Method;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use tokio::net::UnixStream;
 
 use super::{DriverError, bounded};
 
@@ -33,7 +32,7 @@ pub async fn call(
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 async fn connect(sock: &Path) -> Result<Sender, DriverError> {
-    let stream = UnixStream::connect(sock)
+    let stream = super::connect_unix(sock)
         .await
         .map_err(|e| DriverError::connect(sock, &e))?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))

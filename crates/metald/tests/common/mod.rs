@@ -433,7 +433,11 @@ pub fn pids_matching(dir: &Path, name: &str) -> Vec<i32> {
         // The directory itself or a path under it: /tmp/mdt-1-3 must not match /tmp/mdt-1-39,
         // another test's daemon.
         let mentions = cmd.contains(&format!("{needle}/")) || cmd.contains(&format!("{needle} "));
-        if !cmd.contains(name) || !mentions {
+        // A VMM given bare socket names (a run directory too long for socket paths) names the
+        // directory only as its working directory.
+        let works_there = std::fs::read_link(format!("/proc/{pid}/cwd"))
+            .is_ok_and(|cwd| cwd.starts_with(dir) && pid != std::process::id() as i32);
+        if !cmd.contains(name) || !(mentions || works_there) {
             continue;
         }
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
