@@ -158,6 +158,31 @@ enum Cmd {
         #[command(subcommand)]
         cmd: HostCmd,
     },
+    /// Follow a VM's serial console (its guest's output), as `tail -f` would: the last bytes,
+    /// then what the guest writes, across restarts of its VMM. Ctrl-C ends it. Read-only: the
+    /// VMMs as metald runs them write the serial port to a file (QEMU) or to their standard
+    /// output (Firecracker) and offer no input side to attach to.
+    Console {
+        /// VM id.
+        id: String,
+        /// Print what is there and stop.
+        #[arg(long)]
+        no_follow: bool,
+        /// How much of the end to show first, in bytes.
+        #[arg(long, default_value_t = 65536)]
+        tail: i64,
+    },
+    /// Show a VM's VMM log (QEMU's stderr, Firecracker's logger); --follow keeps printing.
+    Logs {
+        /// VM id.
+        id: String,
+        /// Keep printing what the VMM writes.
+        #[arg(long, short)]
+        follow: bool,
+        /// How much of the end to show first, in bytes.
+        #[arg(long, default_value_t = 65536)]
+        tail: i64,
+    },
     /// Show the event history of one VM (or all), and with --follow keep printing new events.
     Events {
         /// VM id; all VMs when omitted.
@@ -1005,6 +1030,16 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Cmd::Console {
+            id,
+            no_follow,
+            tail,
+        } => {
+            stream_log(&mut c, id, pb::LogKind::Console, !no_follow, tail).await?;
+        }
+        Cmd::Logs { id, follow, tail } => {
+            stream_log(&mut c, id, pb::LogKind::Vmm, follow, tail).await?;
+        }
         Cmd::Reconcile => {
             let r = rpc(c.reconcile(pb::ReconcileRequest {}).await)?;
             println!(
@@ -1101,6 +1136,36 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// Copies a VM's log to stdout as StreamLog sends it, raw: a console's escape sequences and
+/// partial lines pass as the guest wrote them.
+async fn stream_log(
+    c: &mut metald_api::Client,
+    id: String,
+    kind: pb::LogKind,
+    follow: bool,
+    tail: i64,
+) -> Result<()> {
+    use std::io::Write;
+    let mut stream = rpc(c
+        .stream_log(pb::StreamLogRequest {
+            vm_id: id,
+            kind: kind as i32,
+            tail_bytes: tail,
+            follow,
+        })
+        .await)?;
+    let mut out = std::io::stdout().lock();
+    while let Some(msg) = stream
+        .message()
+        .await
+        .map_err(|s| anyhow!("{:?}: {}", s.code(), s.message()))?
+    {
+        out.write_all(&msg.data)?;
+        out.flush()?;
     }
     Ok(())
 }

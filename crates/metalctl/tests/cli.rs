@@ -255,3 +255,58 @@ async fn boot_wait_ready_returns_once_the_guest_answers() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--guest-probe"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_follows_the_guest_and_logs_show_the_vmm() {
+    use std::io::BufRead;
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    c.create_vm(guest_request("con")).await.unwrap();
+    // Following from before the boot: the guest's boot appears as it happens.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_metalctl"))
+        .arg("--endpoint")
+        .arg(format!("unix:{}", d.sock.display()))
+        .args(["console", "con"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    c.boot_vm(metald_api::v1::BootVmRequest {
+        vm_id: "con".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let seen = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while let Some(line) = rx.recv().await {
+            if line.contains("METALD-GUEST-READY") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(seen, Ok(true), "the console did not show the guest's boot");
+    // Without --follow: what is there, then exit.
+    let text = ok(ctl(&d, &["console", "con", "--no-follow"]));
+    assert!(text.contains("METALD-GUEST-READY"), "{text}");
+    let tail = ok(ctl(&d, &["console", "con", "--no-follow", "--tail", "10"]));
+    assert!(tail.len() <= 10, "{tail:?}");
+    // The VMM's own log.
+    ok(ctl(&d, &["logs", "con"]));
+    // An unknown VM is an error that says so.
+    let o = ctl(&d, &["console", "nope", "--no-follow"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("NotFound"));
+}

@@ -1079,6 +1079,46 @@ impl VmService for VmApi {
         Ok(Response::new(Box::pin(stream.merge(stop))))
     }
 
+    type StreamLogStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::StreamLogResponse, Status>> + Send>,
+    >;
+
+    async fn stream_log(
+        &self,
+        req: Request<pb::StreamLogRequest>,
+    ) -> Result<Response<Self::StreamLogStream>, Status> {
+        let r = req.into_inner();
+        let id = VmId::parse("vm_id", &r.vm_id)?;
+        self.sup.get(&id).await?;
+        let name = match pb::LogKind::try_from(r.kind) {
+            Ok(pb::LogKind::Unspecified | pb::LogKind::Console) => crate::driver::CONSOLE_LOG,
+            Ok(pb::LogKind::Vmm) => crate::driver::VMM_LOG,
+            Err(_) => {
+                return Err(Error::invalid("kind", format!("{} is not a log kind", r.kind)).into());
+            }
+        };
+        let tail = match r.tail_bytes {
+            0 => 64 * 1024,
+            n if (1..=16 << 20).contains(&n) => n.unsigned_abs(),
+            _ => {
+                return Err(Error::invalid("tail_bytes", "must be between 0 and 16777216").into());
+            }
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let path = self.sup.run_dir(&id).join(name);
+        tokio::spawn(crate::logtail::follow(
+            self.sup.clone(),
+            id,
+            path,
+            tail,
+            r.follow,
+            tx,
+        ));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn get_vm_health(
         &self,
         req: Request<pb::GetVmHealthRequest>,

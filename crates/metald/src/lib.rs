@@ -27,6 +27,7 @@ pub mod error;
 pub mod events;
 pub mod guest;
 pub mod host;
+pub mod logtail;
 pub mod metrics;
 pub mod model;
 pub mod process;

@@ -27,7 +27,7 @@ use crate::process::{ExitInfo, spawn_detached};
 /// The API socket inside a VM's run directory.
 pub const API_SOCKET: &str = "firecracker.sock";
 /// Guest serial output (Firecracker's stdout and stderr).
-pub const CONSOLE_LOG: &str = "console.log";
+pub use super::CONSOLE_LOG;
 /// Firecracker's own log.
 pub use super::VMM_LOG;
 /// Firecracker's metrics file.

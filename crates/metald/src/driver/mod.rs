@@ -56,6 +56,9 @@ pub async fn connect_unix(path: &Path) -> std::io::Result<tokio::net::UnixStream
     stream
 }
 
+/// The guest's serial console, as the VMM writes it, in its run directory.
+pub const CONSOLE_LOG: &str = "console.log";
+
 /// The VMM's own log (QEMU's stderr, Firecracker's logger), in its run directory.
 pub const VMM_LOG: &str = "vmm.log";
 

@@ -27,7 +27,7 @@ pub const NAME_PREFIX: &str = "metald.";
 /// File names inside a VM's run directory.
 pub const QMP_SOCKET: &str = "qmp.sock";
 /// Guest serial output.
-pub const CONSOLE_LOG: &str = "console.log";
+pub use super::CONSOLE_LOG;
 /// A second QMP monitor for operators and tools: metald holds `qmp.sock` for its events, and
 /// QEMU serves one client per monitor.
 pub const OPS_SOCKET: &str = "ops.sock";
