@@ -450,6 +450,21 @@ mod tests {
     }
 
     #[test]
+    fn a_raw_socket_path_authority_becomes_localhost_too() {
+        // Older grpc-go and grpcurl send the path itself.
+        let mut enc = fluke_hpack::Encoder::new();
+        let block = enc.encode(vec![(
+            &b":authority"[..],
+            &b"/var/lib/metald/metald.sock"[..],
+        )]);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, END_HEADERS, 1, &block));
+        let fs = frames(&run(&input, 3));
+        let got = fluke_hpack::Decoder::new().decode(&fs[0].3).unwrap();
+        assert_eq!(got[0].1, LOCALHOST);
+    }
+
+    #[test]
     fn a_block_interrupted_by_another_frame_is_refused() {
         let mut input = PREFACE.to_vec();
         input.extend(frame(HEADERS, 0, 1, &[0x82]));

@@ -310,3 +310,87 @@ async fn unknown_ids_are_not_found_everywhere_and_page_tokens_are_opaque() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().starts_with("page_token"), "{}", e.message());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_the_host_mode_and_is_served_on_tcp_with_reflection() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let d = Daemon::start_with(vec!["--listen".into(), "tcp:127.0.0.1:0".into()]).await;
+    let line = d
+        .wait_log_since(0, Duration::from_secs(5), |l| l.contains("metald ready"))
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let addr = v["local_addr"].as_str().unwrap().to_string();
+    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(ch.clone());
+    let service = || HealthCheckRequest {
+        service: metald_api::SERVICE_NAME.into(),
+    };
+    let status = |r: tonic_health::pb::HealthCheckResponse| r.status;
+    assert_eq!(
+        status(health.check(service()).await.unwrap().into_inner()),
+        ServingStatus::Serving as i32
+    );
+    // A readonly host refuses changes: NOT_SERVING, told to a watcher as it happens.
+    let mut watch = health.watch(service()).await.unwrap().into_inner();
+    assert_eq!(
+        status(watch.message().await.unwrap().unwrap()),
+        ServingStatus::Serving as i32
+    );
+    let mut c = metald_api::v1::vm_service_client::VmServiceClient::new(ch.clone());
+    c.set_host_mode(pb::SetHostModeRequest {
+        mode: "readonly".into(),
+        reason: "a test".into(),
+        requested_by: "test".into(),
+    })
+    .await
+    .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("no health change")
+        .unwrap()
+        .unwrap();
+    assert_eq!(status(next), ServingStatus::NotServing as i32);
+    c.set_host_mode(pb::SetHostModeRequest {
+        mode: "normal".into(),
+        reason: String::new(),
+        requested_by: "test".into(),
+    })
+    .await
+    .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("no health change")
+        .unwrap()
+        .unwrap();
+    assert_eq!(status(next), ServingStatus::Serving as i32);
+    // Reflection on TCP too.
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut r = ServerReflectionClient::new(ch);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = r
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("no service list: {reply:?}");
+    };
+    assert!(
+        list.service
+            .iter()
+            .any(|s| s.name == metald_api::SERVICE_NAME)
+    );
+}
