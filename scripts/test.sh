@@ -40,6 +40,11 @@ for vmm in qemu firecracker; do
   [ "$status" -ne 0 ] || status=$crash_status
 done
 set -e
+# The Debian package: built, installed with dpkg into a scratch root and checked.
+if ! scripts/package.sh >/dev/null; then
+  echo "test.sh: scripts/package.sh failed" >&2
+  status=1
+fi
 # cargo's last line is often a crate with no tests ("0 passed"); end with the whole run's total.
 passed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) passed.*/\1/' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -E '^test result:' "$log" | sed -E 's/.* ([0-9]+) failed.*/\1/' | awk '{s+=$1} END {print s+0}')

@@ -93,6 +93,10 @@ fn generate_writes_completions_and_man_pages() {
         "metalctl.1 is not roff:\n{man}"
     );
     assert!(man.contains(".TH metalctl 1"), "{man}");
+    assert!(
+        man.contains("METALD_ENDPOINT"),
+        "the endpoint's variable is not documented"
+    );
     // The root page refers to each subcommand's page.
     assert!(man.contains("metalctl\\-create(1)"), "{man}");
     let create = read(&dir, "metalctl-create.1");
