@@ -40,8 +40,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     // jailer, no cgroup hierarchy) is a start-up error, not a failure at the first create.
     for d in drivers.all() {
         d.check_host().map_err(Error::Config)?;
-        // Read once here, so that no API call waits on `--version`.
-        let _ = d.version();
+        // `--version` is read once, beside the start-up rather than in its way (it execs the
+        // VMM binary, tens of milliseconds), so that no API call waits on it later either.
+        let d = d.clone();
+        tokio::task::spawn_blocking(move || d.version());
     }
     // The mode an operator set survives restarts; metald's own readonly is re-derived below.
     let operator_mode = store.host_mode().await?.unwrap_or_default();
