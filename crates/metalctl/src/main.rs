@@ -367,6 +367,30 @@ fn ago(t: &Option<prost_types::Timestamp>) -> String {
     }
 }
 
+/// An enum value's name without its prefix, in lower case (`HOST_MODE_KIND_READONLY` →
+/// `readonly`), as people type it.
+fn short_name(full: &str, prefix: &str) -> String {
+    full.trim_start_matches(prefix).to_ascii_lowercase()
+}
+
+fn mode_name(v: i32) -> String {
+    pb::HostModeKind::try_from(v)
+        .map(|m| short_name(m.as_str_name(), "HOST_MODE_KIND_"))
+        .unwrap_or_default()
+}
+
+fn outcome_name(v: i32) -> String {
+    pb::AttemptOutcome::try_from(v)
+        .map(|m| short_name(m.as_str_name(), "ATTEMPT_OUTCOME_"))
+        .unwrap_or_default()
+}
+
+fn breaker_name(v: i32) -> String {
+    pb::BreakerState::try_from(v)
+        .map(|m| short_name(m.as_str_name(), "BREAKER_STATE_"))
+        .unwrap_or_default()
+}
+
 fn orphan_reason_name(v: i32) -> String {
     match pb::OrphanReason::try_from(v) {
         Ok(pb::OrphanReason::Unspecified) | Err(_) => String::new(),
@@ -450,7 +474,7 @@ fn history_json(r: &pb::GetVmInfoResponse) -> Value {
                     "attempt": a.attempt,
                     "started_at": ts(&a.started_at),
                     "duration_seconds": a.duration_seconds,
-                    "outcome": a.outcome,
+                    "outcome": outcome_name(a.outcome),
                     "error": a.error,
                     "trigger": a.trigger,
                 })
@@ -862,7 +886,7 @@ async fn run(cli: Cli) -> Result<()> {
                             a.attempt,
                             ts(&a.started_at),
                             a.duration_seconds,
-                            a.outcome,
+                            outcome_name(a.outcome),
                             a.trigger,
                             a.error
                         );
@@ -902,7 +926,7 @@ async fn run(cli: Cli) -> Result<()> {
             let r = rpc(c.get_host_status(pb::GetHostStatusRequest {}).await)?;
             let m = r.mode.unwrap_or_default();
             let v = json!({
-                "mode": m.mode,
+                "mode": mode_name(m.mode),
                 "reason": m.reason,
                 "set_by": m.set_by,
                 "since": ts(&m.since),
@@ -925,15 +949,26 @@ async fn run(cli: Cli) -> Result<()> {
             let who = std::env::var("USER")
                 .or_else(|_| std::env::var("LOGNAME"))
                 .unwrap_or_default();
+            let mode = pb::HostModeKind::from_str_name(&format!(
+                "HOST_MODE_KIND_{}",
+                mode.to_ascii_uppercase()
+            ))
+            .filter(|m| *m != pb::HostModeKind::Unspecified)
+            .ok_or_else(|| anyhow!("mode: {mode:?} is not one of normal, readonly, maintenance"))?;
             let r = rpc(c
                 .set_host_mode(pb::SetHostModeRequest {
-                    mode,
+                    mode: mode as i32,
                     reason,
                     requested_by: who,
                 })
                 .await)?;
             let m = r.mode.unwrap_or_default();
-            println!("host mode {} ({}; set by {})", m.mode, m.reason, m.set_by);
+            println!(
+                "host mode {} ({}; set by {})",
+                mode_name(m.mode),
+                m.reason,
+                m.set_by
+            );
         }
         Cmd::Host {
             cmd: HostCmd::Drain { deadline },
@@ -953,7 +988,7 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("FAILED     {} ({})", o.vm_id, o.reason);
             }
             let m = r.mode.unwrap_or_default();
-            println!("host mode {} ({})", m.mode, m.reason);
+            println!("host mode {} ({})", mode_name(m.mode), m.reason);
             if !r.failed.is_empty() {
                 anyhow::bail!(
                     "{} vm(s) could be neither saved nor shut down",
@@ -966,12 +1001,15 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             let r = rpc(c.undrain_host(pb::UndrainHostRequest {}).await)?;
             let m = r.mode.unwrap_or_default();
-            println!("host mode {}; saved guests are being restored", m.mode);
+            println!(
+                "host mode {}; saved guests are being restored",
+                mode_name(m.mode)
+            );
         }
         Cmd::RecoveryStatus { json } => {
             let r = rpc(c.get_recovery_status(pb::GetRecoveryStatusRequest {}).await)?;
             let v = json!({
-                "breaker_state": r.breaker_state,
+                "breaker_state": breaker_name(r.breaker_state),
                 "breaker_opened_at": ts(&r.breaker_opened_at),
                 "in_flight": r.in_flight,
                 "max_concurrent": r.max_concurrent,

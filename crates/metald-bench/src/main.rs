@@ -1483,7 +1483,12 @@ async fn host_mode(c: &mut Client) -> String {
         .await
         .ok()
         .and_then(|r| r.into_inner().mode)
-        .map(|m| m.mode)
+        .and_then(|m| pb::HostModeKind::try_from(m.mode).ok())
+        .map(|m| {
+            m.as_str_name()
+                .trim_start_matches("HOST_MODE_KIND_")
+                .to_ascii_lowercase()
+        })
         .unwrap_or_default()
 }
 

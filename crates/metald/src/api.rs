@@ -15,6 +15,7 @@ use crate::error::Error;
 use crate::model::{
     HealthStatus, OrphanReason, RestartPolicy, Transition, VmId, VmSpec, VmSpecInput, VmState,
 };
+use crate::recovery::BreakerState;
 use crate::store::VmRecord;
 use crate::supervisor::Supervisor;
 
@@ -228,9 +229,29 @@ fn state_from_pb(field: &str, v: i32) -> Result<VmState, Error> {
     }
 }
 
+fn mode_to_pb(m: crate::host::Mode) -> pb::HostModeKind {
+    match m {
+        crate::host::Mode::Normal => pb::HostModeKind::Normal,
+        crate::host::Mode::Readonly => pb::HostModeKind::Readonly,
+        crate::host::Mode::Maintenance => pb::HostModeKind::Maintenance,
+    }
+}
+
+fn mode_from_pb(field: &str, v: i32) -> Result<crate::host::Mode, Error> {
+    match pb::HostModeKind::try_from(v) {
+        Ok(pb::HostModeKind::Normal) => Ok(crate::host::Mode::Normal),
+        Ok(pb::HostModeKind::Readonly) => Ok(crate::host::Mode::Readonly),
+        Ok(pb::HostModeKind::Maintenance) => Ok(crate::host::Mode::Maintenance),
+        _ => Err(Error::invalid(
+            field,
+            format!("{v} is not one of NORMAL, READONLY, MAINTENANCE"),
+        )),
+    }
+}
+
 fn host_mode_to_pb(m: &crate::host::HostMode) -> pb::HostMode {
     pb::HostMode {
-        mode: m.mode.as_str().into(),
+        mode: mode_to_pb(m.mode) as i32,
         reason: m.reason.clone(),
         set_by: m.set_by.clone(),
         since: Some(ts(m.since_ms)),
@@ -794,7 +815,11 @@ impl VmService for VmApi {
                     attempt: i32::try_from(a.attempt).unwrap_or(i32::MAX),
                     started_at: Some(ts(a.started_at_ms)),
                     duration_seconds: a.duration_ms as f64 / 1000.0,
-                    outcome: a.outcome.clone(),
+                    outcome: match a.outcome.as_str() {
+                        "success" => pb::AttemptOutcome::Success,
+                        "failure" => pb::AttemptOutcome::Failure,
+                        _ => pb::AttemptOutcome::Unspecified,
+                    } as i32,
                     error: a.error.clone(),
                     trigger: a.trigger.clone(),
                 })
@@ -842,7 +867,7 @@ impl VmService for VmApi {
         req: Request<pb::SetHostModeRequest>,
     ) -> Result<Response<pb::SetHostModeResponse>, Status> {
         let r = req.into_inner();
-        let mode = crate::host::Mode::parse("mode", &r.mode)?;
+        let mode = mode_from_pb("mode", r.mode)?;
         let reason = r.reason.trim().to_string();
         if mode != crate::host::Mode::Normal && reason.is_empty() {
             return Err(
@@ -966,7 +991,11 @@ impl VmService for VmApi {
         let s = self.sup.recovery_status();
         let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
         Ok(Response::new(pb::GetRecoveryStatusResponse {
-            breaker_state: s.state.as_str().to_string(),
+            breaker_state: match s.state {
+                BreakerState::Closed => pb::BreakerState::Closed,
+                BreakerState::Open => pb::BreakerState::Open,
+                BreakerState::HalfOpen => pb::BreakerState::HalfOpen,
+            } as i32,
             breaker_opened_at: s.opened_at_ms.map(ts),
             in_flight: n(s.in_flight),
             max_concurrent: n(s.max_concurrent),

@@ -43,19 +43,6 @@ impl Mode {
             Mode::Maintenance => "maintenance",
         }
     }
-
-    /// Parses a name; `field` names the request field in the error.
-    pub fn parse(field: &str, s: &str) -> Result<Mode> {
-        match s {
-            "normal" => Ok(Mode::Normal),
-            "readonly" => Ok(Mode::Readonly),
-            "maintenance" => Ok(Mode::Maintenance),
-            other => Err(Error::invalid(
-                field,
-                format!("{other:?} is not one of normal, readonly, maintenance"),
-            )),
-        }
-    }
 }
 
 /// Who set the mode: metald itself (its own readonly).

@@ -344,7 +344,7 @@ async fn health_follows_the_host_mode_and_is_served_on_tcp_with_reflection() {
     );
     let mut c = metald_api::v1::vm_service_client::VmServiceClient::new(ch.clone());
     c.set_host_mode(pb::SetHostModeRequest {
-        mode: "readonly".into(),
+        mode: host_mode("readonly"),
         reason: "a test".into(),
         requested_by: "test".into(),
     })
@@ -357,7 +357,7 @@ async fn health_follows_the_host_mode_and_is_served_on_tcp_with_reflection() {
         .unwrap();
     assert_eq!(status(next), ServingStatus::NotServing as i32);
     c.set_host_mode(pb::SetHostModeRequest {
-        mode: "normal".into(),
+        mode: host_mode("normal"),
         reason: String::new(),
         requested_by: "test".into(),
     })

@@ -78,7 +78,7 @@ async fn wait_mode(c: &mut Client, mode: &str, within: Duration) -> pb::GetHostS
     let deadline = Instant::now() + within;
     loop {
         let st = host_status(c).await;
-        if st.mode.as_ref().is_some_and(|m| m.mode == mode) {
+        if st.mode.as_ref().is_some_and(|m| m.mode == host_mode(mode)) {
             return st;
         }
         assert!(
@@ -201,7 +201,10 @@ async fn a_full_registry_disk_never_shows_a_dead_vm_as_running_and_the_vm_is_rec
     let i = info(&mut c, "full").await;
     assert_eq!(state(&i), pb::VmState::Running);
     assert_eq!(pid_of(&i), Some(pid2));
-    assert_eq!(host_status(&mut c).await.mode.unwrap().mode, "normal");
+    assert_eq!(
+        host_status(&mut c).await.mode.unwrap().mode,
+        host_mode("normal")
+    );
     drop(d);
 }
 
@@ -214,14 +217,18 @@ async fn host_modes_refuse_and_allow_what_they_say_and_survive_a_restart() {
     let mut c = d.client().await;
     let pid = running_vm(&mut c, "m1").await;
     let set = |mode: &str, reason: &str| pb::SetHostModeRequest {
-        mode: mode.into(),
+        mode: host_mode(mode),
         reason: reason.into(),
         requested_by: "test".into(),
     };
     // Bad input names the field.
-    let e = c.set_host_mode(set("bogus", "x")).await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    assert!(e.message().starts_with("mode:"), "{}", e.message());
+    for bad in [pb::HostModeKind::Unspecified as i32, 42] {
+        let mut req = set("normal", "x");
+        req.mode = bad;
+        let e = c.set_host_mode(req).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with("mode:"), "{}", e.message());
+    }
     let e = c.set_host_mode(set("readonly", " ")).await.unwrap_err();
     assert!(e.message().starts_with("reason:"), "{}", e.message());
 
@@ -231,7 +238,7 @@ async fn host_modes_refuse_and_allow_what_they_say_and_survive_a_restart() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(r.mode.unwrap().mode, "readonly");
+    assert_eq!(r.mode.unwrap().mode, host_mode("readonly"));
     let e = c
         .pause_vm(pb::PauseVmRequest {
             vm_id: "m1".into(),
@@ -270,8 +277,8 @@ async fn host_modes_refuse_and_allow_what_they_say_and_survive_a_restart() {
     let mut c = d.client().await;
     let st = host_status(&mut c).await.mode.unwrap();
     assert_eq!(
-        (st.mode.as_str(), st.reason.as_str(), st.set_by.as_str()),
-        ("maintenance", "kernel update", "test")
+        (st.mode, st.reason.as_str(), st.set_by.as_str()),
+        (host_mode("maintenance"), "kernel update", "test")
     );
     assert_eq!(state(&info(&mut c, "m1").await), pb::VmState::Orphaned);
 
@@ -407,7 +414,7 @@ async fn a_drained_host_saves_its_guests_and_restores_them_where_they_were() {
         vec!["dr2"]
     );
     assert!(r.failed.is_empty(), "{:?}", r.failed);
-    assert_eq!(r.mode.unwrap().mode, "maintenance");
+    assert_eq!(r.mode.unwrap().mode, host_mode("maintenance"));
     assert!(d.vmm_pids().is_empty(), "every VMM stopped");
     let i = info(&mut c, "dr1").await;
     assert_eq!(state(&i), pb::VmState::Shutdown);
@@ -443,7 +450,10 @@ async fn a_drained_host_saves_its_guests_and_restores_them_where_they_were() {
     let i = info(&mut c, "dr2").await;
     assert_eq!(state(&i), pb::VmState::Shutdown);
     assert_eq!(i.desired_state, pb::VmState::Shutdown as i32);
-    assert_eq!(host_status(&mut c).await.mode.unwrap().mode, "normal");
+    assert_eq!(
+        host_status(&mut c).await.mode.unwrap().mode,
+        host_mode("normal")
+    );
     assert_eq!(d.vmm_pids().len(), 1);
 
     // Drain and undrain without a restart.

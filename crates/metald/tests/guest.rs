@@ -207,7 +207,7 @@ async fn guest_panic_is_detected_and_the_vm_comes_back_with_a_ready_guest() {
     ready_after_recovery(&d, mark, "pan").await;
     let h = &history(&mut c, "pan").await[0];
     assert_eq!(h.trigger, "guest_panicked");
-    assert_eq!(h.outcome, "success");
+    assert_eq!(h.outcome, outcome("success"));
     let metrics = d.metrics_text().await;
     assert!(
         metrics.contains("metald_vm_orphaned_total{reason=\"guest_panicked\"}"),

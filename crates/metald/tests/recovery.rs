@@ -57,8 +57,8 @@ async fn killed_vmm_comes_back_running_with_a_new_pid_and_a_booted_guest() {
     assert_eq!(i.health.as_ref().unwrap().recovery_count, 1);
     let h = &history(&mut c, "phoenix").await[0];
     assert_eq!(
-        (h.outcome.as_str(), h.trigger.as_str(), h.attempt),
-        ("success", "process_dead", 1)
+        (h.outcome, h.trigger.as_str(), h.attempt),
+        (outcome("success"), "process_dead", 1)
     );
     assert!(h.duration_seconds > 0.0);
     // The new VMM truncated the console log; the guest boots to /init again.
@@ -113,7 +113,7 @@ async fn failing_recovery_backs_off_then_fails_and_recover_vm_brings_it_back() {
     assert_eq!(hist.len(), 3);
     assert!(
         hist.iter()
-            .all(|a| a.outcome == "failure" && a.trigger == "process_dead")
+            .all(|a| a.outcome == outcome("failure") && a.trigger == "process_dead")
     );
     assert!(
         hist[0].error.contains("exited during start-up")
@@ -158,7 +158,7 @@ async fn failing_recovery_backs_off_then_fails_and_recover_vm_brings_it_back() {
     assert_eq!(state(&i), pb::VmState::Running);
     let h = history(&mut c, "doomed").await;
     assert_eq!(h[0].trigger, "manual");
-    assert_eq!(h[0].outcome, "success");
+    assert_eq!(h[0].outcome, outcome("success"));
     let e = c
         .recover_vm(pb::RecoverVmRequest {
             vm_id: "doomed".into(),
@@ -282,7 +282,7 @@ cool_off = 1500
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(s.breaker_state, "open");
+    assert_eq!(s.breaker_state, breaker("open"));
     assert!(s.breaker_opened_at.is_some());
     assert!(s.window_failures >= 3);
     // While open, no recovery starts.
@@ -302,7 +302,7 @@ cool_off = 1500
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(s.breaker_state, "closed");
+    assert_eq!(s.breaker_state, breaker("closed"));
     // The first recovery after the breaker opened was the single probe.
     let starts = events(&d, opened_mark, "vm recovery started");
     let closed_at = events(&d, opened_mark, "recovery breaker closed")[0]["timestamp"]

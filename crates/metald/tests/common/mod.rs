@@ -560,6 +560,25 @@ pub fn kind(name: &str) -> i32 {
     pb::EventKind::from_str_name(&upper).unwrap_or_else(|| panic!("no event kind {name}")) as i32
 }
 
+/// A host mode by its name (`readonly`), as the API's enum.
+pub fn host_mode(name: &str) -> i32 {
+    let upper = format!("HOST_MODE_KIND_{}", name.to_ascii_uppercase());
+    pb::HostModeKind::from_str_name(&upper).unwrap_or_else(|| panic!("no host mode {name}")) as i32
+}
+
+/// A recovery attempt's outcome by its name (`success`), as the API's enum.
+pub fn outcome(name: &str) -> i32 {
+    let upper = format!("ATTEMPT_OUTCOME_{}", name.to_ascii_uppercase());
+    pb::AttemptOutcome::from_str_name(&upper).unwrap_or_else(|| panic!("no outcome {name}")) as i32
+}
+
+/// A breaker state by its name (`half_open`), as the API's enum.
+pub fn breaker(name: &str) -> i32 {
+    let upper = format!("BREAKER_STATE_{}", name.to_ascii_uppercase());
+    pb::BreakerState::from_str_name(&upper).unwrap_or_else(|| panic!("no breaker state {name}"))
+        as i32
+}
+
 /// An orphan reason by its name (`process_dead`), as the API's enum.
 pub fn reason(name: &str) -> i32 {
     let upper = format!("ORPHAN_REASON_{}", name.to_ascii_uppercase());
