@@ -169,9 +169,21 @@ pub fn read_live(h: &SharedRecord) -> VmRecord {
     h.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
-/// Marks `rec` orphaned: no VMM, the reason and time recorded, unhealthy. Used by the controller
-/// and by start-up re-attachment, which finds orphans before any controller runs.
-pub fn orphan_record(rec: &mut VmRecord, reason: OrphanReason, exit: Option<String>) {
+/// What start-up re-attachment found for a VM. The supervisor only looks; the VM's controller,
+/// its one writer, records it (row, event, metric, log) as the first thing it does.
+#[derive(Debug)]
+pub enum Attach {
+    /// A new VM, or one whose row names no VMM: nothing to record.
+    Nothing,
+    /// Its VMM is alive and is this VM's (pid, start time and control socket agree): adopted,
+    /// its guest in this run state.
+    Adopted(VmmProcess, GuestRun),
+    /// The VMM its row names is gone, or is not its own any more.
+    Lost(OrphanReason),
+}
+
+/// Marks `rec` orphaned: no VMM, the reason and time recorded, unhealthy.
+fn orphan_record(rec: &mut VmRecord, reason: OrphanReason, exit: Option<String>) {
     rec.observed = VmState::Orphaned;
     rec.orphan_reason = Some(reason);
     rec.orphaned_at_ms = Some(now_ms());
@@ -267,13 +279,13 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// Starts the actor for `rec`, owning `vmm` if a live one was adopted. Returns its handle
-    /// and the task, which ends when the VM is deleted or every handle is dropped.
+    /// Starts the actor for `rec`, which first records what re-attachment found (`attach`).
+    /// Returns its handle and the task, which ends when the VM is deleted or every handle is
+    /// dropped.
     pub fn start(
         rec: VmRecord,
-        vmm: Option<VmmProcess>,
+        attach: Attach,
         env: ControllerEnv,
-        unsaved: bool,
     ) -> (ControllerHandle, SharedRecord, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(16);
         let handle = ControllerHandle {
@@ -283,12 +295,12 @@ impl Controller {
         let live = Arc::new(Mutex::new(rec.clone()));
         let first_check = Instant::now() + jittered(&env.health);
         let ctl = Controller {
+            last_seen_ms: rec.updated_at_ms,
             rec,
-            vmm,
+            vmm: None,
             env,
-            last_seen_ms: now_ms(),
             live: live.clone(),
-            unsaved,
+            unsaved: false,
             next_check: first_check,
             retry_at: None,
             converge_failures: 0,
@@ -315,15 +327,81 @@ impl Controller {
             socket_looked_at: None,
             socket_missing: false,
         };
-        let task = tokio::spawn(ctl.run(rx));
+        let task = tokio::spawn(ctl.run(rx, attach));
         (handle, live, task)
+    }
+
+    /// Records what re-attachment found, before anything else reaches this VM.
+    async fn on_attach(&mut self, attach: Attach) {
+        match attach {
+            Attach::Nothing => {}
+            Attach::Adopted(vmm, run) => {
+                // A guest that panicked or crashed while metald was down is adopted as running:
+                // the first health check sees the run state and orphans it, saying why.
+                let observed = match run {
+                    GuestRun::NotStarted => VmState::Created,
+                    // A VMM that loaded a snapshot or a drain's save holds its guest paused
+                    // until the VM boots: it is still the CREATED VM the row says.
+                    GuestRun::Paused
+                        if self.rec.observed == VmState::Created && self.rec.saved.is_some() =>
+                    {
+                        VmState::Created
+                    }
+                    GuestRun::Running
+                    | GuestRun::Suspended
+                    | GuestRun::Panicked
+                    | GuestRun::Crashed(_) => VmState::Running,
+                    GuestRun::Paused => VmState::Paused,
+                    GuestRun::ShutDown => VmState::Shutdown,
+                };
+                info!(vm_id = %self.rec.vm_id, pid = vmm.endpoint.pid, state = %observed, "vmm re-attached");
+                self.last_seen_ms = now_ms();
+                let h = &mut self.rec.health;
+                h.is_healthy = true;
+                h.consecutive_failures = 0;
+                h.pid = Some(vmm.endpoint.pid);
+                h.last_activity_ms = self.last_seen_ms;
+                self.rec.observed = observed;
+                self.rec.endpoint = Some(vmm.endpoint.clone());
+                self.rec.orphan_reason = None;
+                self.rec.orphaned_at_ms = None;
+                self.vmm = Some(vmm);
+                if let Err(e) = self.save().await {
+                    warn!(vm_id = %self.rec.vm_id, error = %e, "recording the re-attached vmm failed");
+                }
+            }
+            Attach::Lost(reason) => {
+                let pid = self.rec.endpoint.as_ref().map_or(0, |e| e.pid);
+                let exit = format!("vmm lost while metald was down ({reason})");
+                let wanted_up = matches!(
+                    self.rec.desired,
+                    Desired::State(VmState::Created | VmState::Running | VmState::Paused)
+                );
+                let res = if wanted_up {
+                    // The same record, event, metric and log as an exit seen live; its
+                    // recovery is scheduled as for any orphan.
+                    self.orphan(reason, pid, Some(exit)).await
+                } else {
+                    info!(vm_id = %self.rec.vm_id, pid, exit = %exit, "vmm exited");
+                    self.rec.endpoint = None;
+                    self.rec.health.pid = None;
+                    self.rec.last_exit = Some(exit);
+                    self.set_observed(VmState::Shutdown).await
+                };
+                if let Err(e) = res {
+                    warn!(vm_id = %self.rec.vm_id, error = %e, "recording the lost vmm failed");
+                }
+            }
+        }
     }
 
     fn run_dir(&self) -> PathBuf {
         self.env.run_root.join(self.rec.vm_id.as_str())
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Request>, attach: Attach) {
+        self.on_attach(attach).await;
+        self.publish();
         if self.vmm.is_some() {
             // An adopted VMM: watch it from here on. Console output it wrote while metald was
             // away was not seen live; a panic in it shows up in the VMM's run state instead.

@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::controller::{
-    Controller, ControllerEnv, ControllerHandle, Op, SharedRecord, orphan_record, read_live,
+    Attach, Controller, ControllerEnv, ControllerHandle, Op, SharedRecord, read_live,
 };
 use crate::driver::qga::GuestInfo;
 use crate::driver::{Drivers, GuestRun, VmmDriver, VmmProcess};
@@ -209,21 +209,6 @@ impl Supervisor {
             .ok_or_else(|| Error::NotFound(id.to_string()))
     }
 
-    /// Writes what re-attachment found. A registry that refuses (a full disk) does not stop
-    /// metald from starting: the VM's controller keeps it in memory and writes it later.
-    /// Returns whether it is unsaved.
-    async fn save_at_start(&self, rec: &VmRecord) -> Result<bool> {
-        match self.env.store.save_runtime(rec).await {
-            Ok(()) => Ok(false),
-            Err(e) if e.registry_unwritable() => {
-                warn!(vm_id = %rec.vm_id, error = %e, "registry write refused at start; the vm's state is kept in memory");
-                self.env.host.registry_failed(&e.to_string());
-                Ok(true)
-            }
-            Err(e) => Err(e),
-        }
-    }
-
     /// Loads every VM from the registry and re-attaches to its VMM where it can be trusted.
     pub async fn attach_all(&self) -> Result<AttachReport> {
         let started = Instant::now();
@@ -289,89 +274,26 @@ impl Supervisor {
             });
         }
         while let Some(joined) = checks.join_next().await {
-            let Ok((mut rec, verdict)) = joined else {
+            let Ok((rec, verdict)) = joined else {
                 continue;
             };
-            let mut unsaved = false;
-            let vmm = match verdict {
+            // The verdict goes to the VM's controller, which records it: the supervisor writes
+            // nothing of a VM.
+            let attach = match verdict {
                 Verdict::Adopt(vmm, run) => {
                     report.adopted += 1;
-                    // A guest that panicked or crashed while metald was down is adopted as
-                    // running: its controller's first check sees the run state and orphans it,
-                    // so the one writer of the VM records why.
-                    let observed = match run {
-                        GuestRun::NotStarted => VmState::Created,
-                        // A VMM that loaded a snapshot or a drain's save holds its guest paused
-                        // until the VM boots: it is still the CREATED VM the row says.
-                        GuestRun::Paused
-                            if rec.observed == VmState::Created && rec.saved.is_some() =>
-                        {
-                            VmState::Created
-                        }
-                        GuestRun::Running
-                        | GuestRun::Suspended
-                        | GuestRun::Panicked
-                        | GuestRun::Crashed(_) => VmState::Running,
-                        GuestRun::Paused => VmState::Paused,
-                        GuestRun::ShutDown => VmState::Shutdown,
-                    };
-                    info!(vm_id = %rec.vm_id, pid = vmm.endpoint.pid, state = %observed, "vmm re-attached");
-                    let h = &mut rec.health;
-                    h.is_healthy = true;
-                    h.consecutive_failures = 0;
-                    h.pid = Some(vmm.endpoint.pid);
-                    h.last_activity_ms = now_ms();
-                    rec.observed = observed;
-                    rec.endpoint = Some(vmm.endpoint.clone());
-                    rec.orphan_reason = None;
-                    rec.orphaned_at_ms = None;
-                    unsaved = self.save_at_start(&rec).await?;
-                    Some(vmm)
+                    Attach::Adopted(vmm, run)
                 }
                 Verdict::Lost(reason) => {
                     report.lost += 1;
-                    let pid = rec.endpoint.as_ref().map(|e| e.pid);
-                    let exit = format!("vmm lost while metald was down ({reason})");
-                    let wanted_up = matches!(
-                        rec.desired,
-                        Desired::State(VmState::Created | VmState::Running | VmState::Paused)
-                    );
-                    if wanted_up {
-                        warn!(
-                            vm_id = %rec.vm_id,
-                            pid,
-                            reason = reason.as_str(),
-                            last_seen = %crate::telemetry::rfc3339(rec.updated_at_ms),
-                            downtime = (now_ms() - rec.updated_at_ms).max(0) as f64 / 1000.0,
-                            "orphaned vm detected"
-                        );
-                        orphan_record(&mut rec, reason, Some(exit.clone()));
-                        self.env.metrics.orphaned(reason.as_str());
-                        self.env
-                            .events
-                            .emit(
-                                rec.vm_id.as_str(),
-                                "orphaned",
-                                "running",
-                                VmState::Orphaned.as_str(),
-                                reason.as_str(),
-                                &exit,
-                            )
-                            .await;
-                    } else {
-                        rec.observed = VmState::Shutdown;
-                        rec.endpoint = None;
-                        rec.last_exit = Some(exit);
-                    }
-                    unsaved = self.save_at_start(&rec).await?;
-                    None
+                    Attach::Lost(reason)
                 }
-                Verdict::NoProcess => None,
+                Verdict::NoProcess => Attach::Nothing,
             };
             let deleting = rec.desired == Desired::Deleted;
             let id = rec.vm_id.clone();
             let env = self.env_for(&rec.spec);
-            let (handle, live, task) = Controller::start(rec, vmm, env, unsaved);
+            let (handle, live, task) = Controller::start(rec, attach, env);
             if deleting {
                 // A delete that the last run did not finish: finish it now.
                 if let Err(e) = handle.call(Op::Delete { graceful: None }).await {
@@ -441,7 +363,7 @@ impl Supervisor {
         self.env.store.insert(rec.clone()).await?;
         crate::crash_point!("create.after_insert");
         let env = self.env_for(&rec.spec);
-        let (handle, live, task) = Controller::start(rec, None, env, false);
+        let (handle, live, task) = Controller::start(rec, Attach::Nothing, env);
         self.lock().insert(
             vm_id.clone(),
             Entry {
