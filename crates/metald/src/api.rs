@@ -110,7 +110,7 @@ impl VmApi {
         key: &Idempotency,
         call: impl std::future::Future<Output = Result<T, Status>>,
     ) -> Result<T, Status> {
-        if let Some(prev) = self.sup.store().request(&key.request_id).await? {
+        if let Some(prev) = self.sup.request(&key.request_id).await? {
             if prev.method != key.method || prev.fingerprint != key.fingerprint {
                 return Err(Error::invalid(
                     "request_id",
@@ -135,7 +135,7 @@ impl VmApi {
             fingerprint: key.fingerprint.clone(),
             response: answer.encode_to_vec(),
         };
-        if let Err(e) = self.sup.store().put_request(&key.request_id, kept).await {
+        if let Err(e) = self.sup.put_request(&key.request_id, kept).await {
             // The call happened; only a retry's shortcut is lost.
             warn!(request_id = %key.request_id, error = %e, "keeping the answer for retries failed");
         }
@@ -620,8 +620,7 @@ impl VmApi {
             }
             let snap = self
                 .sup
-                .store()
-                .snapshot(&r.from_snapshot)
+                .snapshot_record(&r.from_snapshot)
                 .await?
                 .ok_or_else(|| {
                     Error::invalid(
@@ -806,7 +805,7 @@ impl VmService for VmApi {
     ) -> Result<Response<pb::GetVmInfoResponse>, Status> {
         let id = VmId::parse("vm_id", &req.into_inner().vm_id)?;
         let rec = self.sup.get(&id).await?;
-        let history = self.sup.store().attempts(&id).await?;
+        let history = self.sup.attempts(&id).await?;
         Ok(Response::new(pb::GetVmInfoResponse {
             vm: Some(self.vm_to_pb(&rec)),
             recovery_history: history
@@ -1046,8 +1045,7 @@ impl VmService for VmApi {
         };
         let events = self
             .sup
-            .store()
-            .events(vm, r.after_seq, usize::try_from(limit).unwrap_or(100))
+            .events_since(vm, r.after_seq, usize::try_from(limit).unwrap_or(100))
             .await?;
         Ok(Response::new(pb::GetVmEventsResponse {
             events: events.into_iter().map(event_to_pb).collect(),

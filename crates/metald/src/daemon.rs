@@ -31,6 +31,10 @@ use crate::transport::AuthorityFix;
 /// Runs the daemon until `shutdown` resolves.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
     cfg.validate()?;
+    match raise_open_file_limit() {
+        Ok((soft, hard)) => info!(soft, hard, "open-file limit"),
+        Err(e) => warn!(error = %e, "raising the open-file limit failed"),
+    }
     std::fs::create_dir_all(cfg.run_root())
         .map_err(|e| Error::io(format!("creating {}", cfg.run_root().display()), e))?;
     let _lock = lock_state_dir(&cfg)?;
@@ -217,6 +221,33 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         "metald stopped"
     );
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit: each VM holds a few descriptors (its
+/// VMM's pidfd, the control connection, the guest agent's connection, a console follower), so a
+/// host of a thousand VMs needs several thousand, far above the usual soft default of 1,024.
+/// Returns the limits now in force.
+fn raise_open_file_limit() -> std::io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the rlimit we own and pass by pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads the rlimit we own and pass by pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        lim = raised;
+    }
+    Ok((lim.rlim_cur, lim.rlim_max))
 }
 
 /// A bound API listener.

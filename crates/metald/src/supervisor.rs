@@ -149,9 +149,38 @@ impl Supervisor {
         &self.cfg
     }
 
-    /// The registry.
-    pub fn store(&self) -> &Store {
-        &self.env.store
+    /// A VM's recovery attempts, newest first.
+    pub async fn attempts(&self, id: &VmId) -> Result<Vec<crate::store::AttemptRecord>> {
+        self.env.store.attempts(id).await
+    }
+
+    /// A recorded snapshot.
+    pub async fn snapshot_record(&self, snapshot_id: &str) -> Result<Option<SnapshotRecord>> {
+        self.env.store.snapshot(snapshot_id).await
+    }
+
+    /// Event history: events with `seq > after`, oldest first, at most `limit`.
+    pub async fn events_since(
+        &self,
+        vm: Option<String>,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<crate::store::EventRecord>> {
+        self.env.store.events(vm, after, limit).await
+    }
+
+    /// The answer kept for a request_id.
+    pub async fn request(&self, request_id: &str) -> Result<Option<crate::store::RequestRecord>> {
+        self.env.store.request(request_id).await
+    }
+
+    /// Keeps the answer to a request_id (an API-level record, of no VM).
+    pub async fn put_request(
+        &self,
+        request_id: &str,
+        rec: crate::store::RequestRecord,
+    ) -> Result<()> {
+        self.env.store.put_request(request_id, rec).await
     }
 
     /// The VMM a VM runs on.
