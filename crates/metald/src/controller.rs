@@ -92,6 +92,8 @@ pub struct Did {
     pub scheduled: bool,
     /// It was not in its desired state and was driven there.
     pub converged: bool,
+    /// It has no VMM, and a control socket a VMM left was removed.
+    pub stale_socket_removed: bool,
 }
 
 /// A controller's answer: the VM's row after the operation, and what a reconcile did.
@@ -642,6 +644,16 @@ impl Controller {
         if self.vmm.as_ref().is_some_and(|v| v.pidfd.has_exited()) {
             did.missed_exit = true;
             self.on_unexpected_exit().await;
+        }
+        if self.vmm.is_none() {
+            // A control socket with no VMM behind it (one killed while metald was down) would
+            // make the next start's readiness check pass too early. This controller starts the
+            // VM's VMMs itself, so with none running, none can be starting.
+            let sock = self.env.driver.control_socket(&self.run_dir());
+            if std::fs::symlink_metadata(&sock).is_ok() && std::fs::remove_file(&sock).is_ok() {
+                did.stale_socket_removed = true;
+                info!(vm_id = %self.rec.vm_id, path = %sock.display(), "stale control socket removed");
+            }
         }
         let Desired::State(want) = self.rec.desired else {
             return did;

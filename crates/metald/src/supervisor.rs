@@ -732,13 +732,16 @@ impl Supervisor {
                     report.recoveries_scheduled += usize::from(r.did.scheduled);
                     report.missed_exits += usize::from(r.did.missed_exit);
                     report.converged += usize::from(r.did.converged);
+                    report.sweep.stale_sockets_removed += usize::from(r.did.stale_socket_removed);
                 }
                 Ok((id, Ok(Err(e)))) => debug!(vm_id = %id, error = %e, "reconcile visit failed"),
                 Ok((id, Err(_))) => debug!(vm_id = %id, "controller busy; visited next pass"),
                 Err(_) => {}
             }
         }
+        let visited_sockets = report.sweep.stale_sockets_removed;
         report.sweep = self.sweep().await?;
+        report.sweep.stale_sockets_removed += visited_sockets;
         report.duration = started.elapsed();
         let m = &self.env.metrics;
         m.reconcile_duration.observe(report.duration.as_secs_f64());
@@ -934,37 +937,16 @@ impl Supervisor {
                     continue;
                 };
                 let path = entry.path();
-                if stray_ids.contains(&id) || young_ids.contains(&id) {
+                // A registered VM's files are its controller's (a stale control socket goes in
+                // the controller's own visit); the sweep handles only what no row owns.
+                if stray_ids.contains(&id) || young_ids.contains(&id) || owned.contains_key(&id) {
                     continue;
                 }
-                match owned.get(&id) {
-                    None => {
-                        // Re-read the row: a create may have inserted it since the snapshot.
-                        let gone =
-                            older_than(&path, grace) && self.env.store.get(&id).await?.is_none();
-                        if gone && std::fs::remove_dir_all(&path).is_ok() {
-                            report.stale_dirs_removed += 1;
-                            info!(vm_id = %id, path = %path.display(), "stale run directory removed");
-                        }
-                    }
-                    Some(None) => {
-                        let spec = rows.iter().find(|r| r.vm_id == id).map(|r| &r.spec);
-                        let Some(spec) = spec else { continue };
-                        let sock = self.drivers.for_spec(spec).control_socket(&path);
-                        let stale = sock.exists()
-                            && older_than(&sock, grace)
-                            && self
-                                .env
-                                .store
-                                .get(&id)
-                                .await?
-                                .is_some_and(|r| r.endpoint.is_none());
-                        if stale && std::fs::remove_file(&sock).is_ok() {
-                            report.stale_sockets_removed += 1;
-                            info!(vm_id = %id, path = %sock.display(), "stale control socket removed");
-                        }
-                    }
-                    Some(Some(_)) => {}
+                // Re-read the row: a create may have inserted it since the snapshot.
+                let gone = older_than(&path, grace) && self.env.store.get(&id).await?.is_none();
+                if gone && std::fs::remove_dir_all(&path).is_ok() {
+                    report.stale_dirs_removed += 1;
+                    info!(vm_id = %id, path = %path.display(), "stale run directory removed");
                 }
             }
         }
