@@ -581,7 +581,7 @@ fn page_token_decode(token: &str) -> Result<VmId, Error> {
 
 fn desired_to_pb(rec: &VmRecord) -> i32 {
     match rec.desired {
-        crate::model::Desired::State(s) => state_to_pb(s) as i32,
+        crate::model::Desired::State(t) => state_to_pb(t.state()) as i32,
         crate::model::Desired::Deleted => pb::VmState::Unspecified as i32,
     }
 }

@@ -34,7 +34,9 @@ use crate::error::{Error, Result};
 use crate::events::EventBus;
 use crate::guest::{AgentHandle, ProbeResult};
 use crate::metrics::Metrics;
-use crate::model::{Desired, GuestStatus, OrphanReason, RestartPolicy, Transition, VmState};
+use crate::model::{
+    Desired, GuestStatus, OrphanReason, RestartPolicy, Target, Transition, VmState,
+};
 use crate::recovery::{Admission, RecoveryGate};
 use crate::store::{AttemptRecord, Store, VmRecord, now_ms};
 
@@ -377,7 +379,7 @@ impl Controller {
                 let exit = format!("vmm lost while metald was down ({reason})");
                 let wanted_up = matches!(
                     self.rec.desired,
-                    Desired::State(VmState::Created | VmState::Running | VmState::Paused)
+                    Desired::State(Target::Created | Target::Running | Target::Paused)
                 );
                 let res = if wanted_up {
                     // The same record, event, metric and log as an exit seen live; its
@@ -465,7 +467,10 @@ impl Controller {
                 }
             }
             Op::Lifecycle { op, graceful } => {
-                let target = self.rec.observed.apply(op)?;
+                let to = self.rec.observed.apply(op)?;
+                let target = Target::from_state(to).ok_or_else(|| {
+                    Error::FailedPrecondition(format!("{} cannot be asked for", to.as_str()))
+                })?;
                 // An operator's command supersedes any automatic recovery in progress.
                 self.cancel_recovery();
                 if matches!(self.rec.observed, VmState::Orphaned | VmState::Failed) {
@@ -658,6 +663,7 @@ impl Controller {
         let Desired::State(want) = self.rec.desired else {
             return did;
         };
+        let want = want.state();
         let idle = self.retry_at.is_none() && self.permit.is_none();
         match self.rec.observed {
             VmState::Orphaned if idle && want != VmState::Shutdown => {
@@ -812,7 +818,7 @@ impl Controller {
         let still_needed = self.vmm.is_none()
             && matches!(
                 self.rec.desired,
-                Desired::State(VmState::Created | VmState::Running | VmState::Paused)
+                Desired::State(Target::Created | Target::Running | Target::Paused)
             )
             && matches!(self.rec.observed, VmState::Orphaned | VmState::Shutdown);
         if !still_needed {
@@ -976,7 +982,7 @@ impl Controller {
     pub async fn reconcile(&mut self, graceful: Option<Duration>) -> Result<()> {
         let want = match self.rec.desired {
             Desired::Deleted => return self.teardown(graceful).await,
-            Desired::State(s) => s,
+            Desired::State(t) => t.state(),
         };
         if want == VmState::Shutdown {
             if self.vmm.is_some() {
@@ -1202,7 +1208,7 @@ impl Controller {
         };
         let wanted_up = matches!(
             self.rec.desired,
-            Desired::State(VmState::Created | VmState::Running | VmState::Paused)
+            Desired::State(Target::Created | Target::Running | Target::Paused)
         );
         let res = if !wanted_up {
             info!(vm_id = %self.rec.vm_id, pid, exit = %exit, "vmm exited");
@@ -1236,7 +1242,7 @@ impl Controller {
         } else if cause == ExitCause::GuestPoweroff {
             // The guest asked to power off: that is the VM's wish, not a crash. It stays off.
             self.rec.last_exit = Some(exit.clone());
-            self.rec.desired = Desired::State(VmState::Shutdown);
+            self.rec.desired = Desired::State(Target::Shutdown);
             // The guest's own wish, not a caller's: kept in memory (and written with the next
             // save) when the registry refuses it, like any observed change.
             if let Err(e) = self

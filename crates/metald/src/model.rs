@@ -279,13 +279,51 @@ impl Transition {
     }
 }
 
+/// A state a caller may want a VM in. Never ORPHANED or FAILED: those happen to a VM, nobody
+/// asks for them, so the type cannot hold them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// VMM started and configured, guest not booted.
+    Created,
+    /// Guest running.
+    Running,
+    /// Guest paused.
+    Paused,
+    /// No VMM.
+    Shutdown,
+}
+
+impl Target {
+    /// The observed state that meets this target.
+    pub fn state(self) -> VmState {
+        match self {
+            Target::Created => VmState::Created,
+            Target::Running => VmState::Running,
+            Target::Paused => VmState::Paused,
+            Target::Shutdown => VmState::Shutdown,
+        }
+    }
+
+    /// The target for a state a caller may want; `None` for ORPHANED and FAILED.
+    pub fn from_state(s: VmState) -> Option<Target> {
+        match s {
+            VmState::Created => Some(Target::Created),
+            VmState::Running => Some(Target::Running),
+            VmState::Paused => Some(Target::Paused),
+            VmState::Shutdown => Some(Target::Shutdown),
+            VmState::Orphaned | VmState::Failed => None,
+        }
+    }
+}
+
 /// What the registry wants a VM to be. `Deleted` is a tombstone: the row stays until the VMM and
 /// every file are gone, so a crash mid-delete finishes the delete on restart instead of
 /// resurrecting the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Desired {
-    /// One of the lifecycle states.
-    State(VmState),
+    /// One of the states a caller may want.
+    State(Target),
     /// The VM is being deleted.
     Deleted,
 }
@@ -294,7 +332,7 @@ impl Desired {
     /// Stable name stored in the registry.
     pub fn as_str(self) -> &'static str {
         match self {
-            Desired::State(s) => s.as_str(),
+            Desired::State(t) => t.state().as_str(),
             Desired::Deleted => "deleted",
         }
     }
@@ -304,7 +342,9 @@ impl Desired {
         if s == "deleted" {
             Some(Desired::Deleted)
         } else {
-            VmState::from_db(s).map(Desired::State)
+            VmState::from_db(s)
+                .and_then(Target::from_state)
+                .map(Desired::State)
         }
     }
 }
@@ -751,10 +791,24 @@ mod tests {
     fn desired_roundtrip() {
         for d in [
             Desired::Deleted,
-            Desired::State(VmState::Running),
-            Desired::State(VmState::Paused),
+            Desired::State(Target::Running),
+            Desired::State(Target::Paused),
         ] {
             assert_eq!(Desired::from_db(d.as_str()), Some(d));
+        }
+        // Nobody asks for ORPHANED or FAILED: neither is a desired state, even in the registry.
+        for s in ["orphaned", "failed"] {
+            assert_eq!(Desired::from_db(s), None);
+        }
+        assert_eq!(Target::from_state(VmState::Orphaned), None);
+        assert_eq!(Target::from_state(VmState::Failed), None);
+        for t in [
+            Target::Created,
+            Target::Running,
+            Target::Paused,
+            Target::Shutdown,
+        ] {
+            assert_eq!(Target::from_state(t.state()), Some(t));
         }
     }
 

@@ -823,6 +823,7 @@ fn migrate(conn: &mut Connection) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Target;
     use std::collections::BTreeMap;
 
     fn rec(id: &str) -> VmRecord {
@@ -845,7 +846,7 @@ mod tests {
                 vsock_cid: None,
                 guest_health: Default::default(),
             },
-            desired: Desired::State(VmState::Created),
+            desired: Desired::State(Target::Created),
             observed: VmState::Created,
             endpoint: None,
             last_exit: None,
@@ -882,7 +883,7 @@ mod tests {
                 control_socket: "/s".into(),
                 console_log: "/c".into(),
             };
-            s.set_desired(&id, Desired::State(VmState::Running))
+            s.set_desired(&id, Desired::State(Target::Running))
                 .await
                 .unwrap();
             let mut r = s.get(&id).await.unwrap().unwrap();

@@ -22,7 +22,9 @@ use crate::driver::{Drivers, GuestRun, VmmDriver, VmmProcess};
 use crate::error::{Error, Result};
 use crate::events::EventBus;
 use crate::metrics::{Exposer, Metrics};
-use crate::model::{Desired, HealthStatus, OrphanReason, Transition, VmId, VmSpec, VmState};
+use crate::model::{
+    Desired, HealthStatus, OrphanReason, Target, Transition, VmId, VmSpec, VmState,
+};
 use crate::process::{Pidfd, ProcInfo};
 use crate::recovery::{BreakerState, GateStatus, RecoveryGate};
 use crate::store::{SnapshotRecord, Store, VmRecord, now_ms};
@@ -277,7 +279,7 @@ impl Supervisor {
                 };
                 let wanted_up = matches!(
                     rec.desired,
-                    Desired::State(VmState::Created | VmState::Running | VmState::Paused)
+                    Desired::State(Target::Created | Target::Running | Target::Paused)
                 );
                 if let (true, Some((pid, start)), Verdict::NoProcess | Verdict::Lost(_)) =
                     (wanted_up, unrecorded, &verdict)
@@ -371,7 +373,7 @@ impl Supervisor {
             vm_id: vm_id.clone(),
             customer_id,
             spec,
-            desired: Desired::State(VmState::Created),
+            desired: Desired::State(Target::Created),
             observed: VmState::Created,
             endpoint: None,
             last_exit: None,
@@ -788,7 +790,7 @@ impl Supervisor {
             }
             // A VM not meant to run, or whose VMM is gone (orphaned: a recovery, if any, starts
             // a new guest, whose readiness is a new wait), ends the wait with the reason.
-            if !matches!(rec.desired, Desired::State(VmState::Running))
+            if !matches!(rec.desired, Desired::State(Target::Running))
                 || matches!(rec.observed, VmState::Orphaned | VmState::Failed)
             {
                 let why = rec
