@@ -516,20 +516,21 @@ fn state_name_to_pb(s: &str) -> pb::VmState {
 }
 
 fn event_kind_to_pb(k: &str) -> pb::EventKind {
-    match k {
-        "state_changed" => pb::EventKind::StateChanged,
-        "health_changed" => pb::EventKind::HealthChanged,
-        "orphaned" => pb::EventKind::Orphaned,
-        "recovering" => pb::EventKind::Recovering,
-        "recovered" => pb::EventKind::Recovered,
-        "recovery_failed" => pb::EventKind::RecoveryFailed,
-        "failed" => pb::EventKind::Failed,
-        "guest_ready" => pb::EventKind::GuestReady,
-        "control_socket_lost" => pb::EventKind::ControlSocketLost,
-        "control_socket_restored" => pb::EventKind::ControlSocketRestored,
-        "saved" => pb::EventKind::Saved,
-        "deleted" => pb::EventKind::Deleted,
-        _ => pb::EventKind::Unspecified,
+    use crate::model::EventKind as K;
+    match K::from_db(k) {
+        Some(K::StateChanged) => pb::EventKind::StateChanged,
+        Some(K::HealthChanged) => pb::EventKind::HealthChanged,
+        Some(K::Orphaned) => pb::EventKind::Orphaned,
+        Some(K::Recovering) => pb::EventKind::Recovering,
+        Some(K::Recovered) => pb::EventKind::Recovered,
+        Some(K::RecoveryFailed) => pb::EventKind::RecoveryFailed,
+        Some(K::Failed) => pb::EventKind::Failed,
+        Some(K::GuestReady) => pb::EventKind::GuestReady,
+        Some(K::ControlSocketLost) => pb::EventKind::ControlSocketLost,
+        Some(K::ControlSocketRestored) => pb::EventKind::ControlSocketRestored,
+        Some(K::Saved) => pb::EventKind::Saved,
+        Some(K::Deleted) => pb::EventKind::Deleted,
+        None => pb::EventKind::Unspecified,
     }
 }
 

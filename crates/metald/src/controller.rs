@@ -35,7 +35,7 @@ use crate::events::EventBus;
 use crate::guest::{AgentHandle, ProbeResult};
 use crate::metrics::Metrics;
 use crate::model::{
-    Desired, GuestStatus, OrphanReason, RestartPolicy, Target, Transition, VmState,
+    Desired, EventKind, GuestStatus, OrphanReason, RestartPolicy, Target, Transition, VmState,
 };
 use crate::recovery::{Admission, RecoveryGate};
 use crate::store::{AttemptRecord, Store, VmRecord, now_ms};
@@ -505,7 +505,7 @@ impl Controller {
                 self.teardown(graceful).await?;
                 self.env
                     .events
-                    .announce(self.rec.vm_id.as_str(), "deleted", "vm deleted");
+                    .announce(self.rec.vm_id.as_str(), EventKind::Deleted, "vm deleted");
                 info!(vm_id = %self.rec.vm_id, "vm deleted");
             }
             Op::Recover => {
@@ -626,9 +626,9 @@ impl Controller {
             .events
             .emit(
                 self.rec.vm_id.as_str(),
-                "saved",
-                was.as_str(),
-                VmState::Shutdown.as_str(),
+                EventKind::Saved,
+                was,
+                VmState::Shutdown,
                 "host_drain",
                 &dest.display().to_string(),
             )
@@ -850,9 +850,9 @@ impl Controller {
             .events
             .emit(
                 self.rec.vm_id.as_str(),
-                "recovering",
-                from.as_str(),
-                from.as_str(),
+                EventKind::Recovering,
+                from,
+                from,
                 &trigger,
                 &format!("attempt {attempt}"),
             )
@@ -907,9 +907,9 @@ impl Controller {
                     .events
                     .emit(
                         self.rec.vm_id.as_str(),
-                        "recovered",
-                        from.as_str(),
-                        self.rec.observed.as_str(),
+                        EventKind::Recovered,
+                        from,
+                        self.rec.observed,
                         &trigger,
                         &format!("attempt {attempt} took {duration_ms} ms"),
                     )
@@ -934,9 +934,9 @@ impl Controller {
                     .events
                     .emit(
                         self.rec.vm_id.as_str(),
-                        "recovery_failed",
-                        from.as_str(),
-                        VmState::Orphaned.as_str(),
+                        EventKind::RecoveryFailed,
+                        from,
+                        VmState::Orphaned,
                         &trigger,
                         &e.to_string(),
                     )
@@ -958,9 +958,9 @@ impl Controller {
             .events
             .emit(
                 self.rec.vm_id.as_str(),
-                "failed",
-                from.as_str(),
-                VmState::Failed.as_str(),
+                EventKind::Failed,
+                from,
+                VmState::Failed,
                 &self.trigger,
                 &self.last_recovery_error,
             )
@@ -1482,9 +1482,9 @@ impl Controller {
             .events
             .emit(
                 self.rec.vm_id.as_str(),
-                "guest_ready",
-                self.rec.observed.as_str(),
-                self.rec.observed.as_str(),
+                EventKind::GuestReady,
+                self.rec.observed,
+                self.rec.observed,
                 trigger,
                 &format!("guest answered {} ms after it started", took.as_millis()),
             )
@@ -1586,9 +1586,9 @@ impl Controller {
             .events
             .emit(
                 self.rec.vm_id.as_str(),
-                "orphaned",
-                from.as_str(),
-                VmState::Orphaned.as_str(),
+                EventKind::Orphaned,
+                from,
+                VmState::Orphaned,
                 reason.as_str(),
                 self.rec.last_exit.as_deref().unwrap_or(""),
             )
@@ -1736,10 +1736,10 @@ impl Controller {
                         .events
                         .emit(
                             self.rec.vm_id.as_str(),
-                            "health_changed",
-                            "unhealthy",
+                            EventKind::HealthChanged,
+                            self.rec.observed,
+                            self.rec.observed,
                             "healthy",
-                            "",
                             "",
                         )
                         .await;
@@ -1771,11 +1771,11 @@ impl Controller {
                         .events
                         .emit(
                             self.rec.vm_id.as_str(),
-                            "health_changed",
-                            "healthy",
+                            EventKind::HealthChanged,
+                            self.rec.observed,
+                            self.rec.observed,
                             "unhealthy",
-                            reason.as_str(),
-                            &error,
+                            &format!("{}: {error}", reason.as_str()),
                         )
                         .await;
                     warn!(vm_id = %self.rec.vm_id, pid = ep.pid, reason = reason.as_str(), "vm unhealthy");
@@ -1802,17 +1802,17 @@ impl Controller {
             .map(|v| v.endpoint.control_socket.display().to_string())
             .unwrap_or_default();
         let (kind, msg) = if there {
-            ("control_socket_restored", "vmm control socket back")
+            (EventKind::ControlSocketRestored, "vmm control socket back")
         } else {
-            ("control_socket_lost", "vmm control socket missing")
+            (EventKind::ControlSocketLost, "vmm control socket missing")
         };
         self.env
             .events
             .emit(
                 self.rec.vm_id.as_str(),
                 kind,
-                self.rec.observed.as_str(),
-                self.rec.observed.as_str(),
+                self.rec.observed,
+                self.rec.observed,
                 "",
                 &sock,
             )
@@ -1888,9 +1888,9 @@ impl Controller {
                 .events
                 .emit(
                     self.rec.vm_id.as_str(),
-                    "state_changed",
-                    from.as_str(),
-                    s.as_str(),
+                    EventKind::StateChanged,
+                    from,
+                    s,
                     "",
                     "",
                 )

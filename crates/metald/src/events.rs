@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
 use tracing::{info, warn};
 
+use crate::model::{EventKind, VmState};
 use crate::store::{EventRecord, Store, now_ms};
 
 /// At most this many events wait in memory for a registry that refuses writes; beyond it the
@@ -78,12 +79,14 @@ impl EventBus {
 
     /// Records an event. A registry failure is logged, not returned: history must never stop
     /// a VM from being driven.
+    /// `from` and `to` are the VM's observed state before and after (the same for an event that
+    /// changed nothing).
     pub async fn emit(
         &self,
         vm_id: &str,
-        kind: &str,
-        from: &str,
-        to: &str,
+        kind: EventKind,
+        from: VmState,
+        to: VmState,
         reason: &str,
         message: &str,
     ) {
@@ -91,9 +94,9 @@ impl EventBus {
             seq: 0,
             vm_id: vm_id.to_string(),
             at_ms: now_ms(),
-            kind: kind.to_string(),
-            from_state: from.to_string(),
-            to_state: to.to_string(),
+            kind: kind.as_str().to_string(),
+            from_state: from.as_str().to_string(),
+            to_state: to.as_str().to_string(),
             reason: reason.to_string(),
             message: message.to_string(),
         };
@@ -126,13 +129,13 @@ impl EventBus {
 
     /// Sends an event to live watchers only (for a VM whose history is being deleted with it,
     /// so that none of its held events is written after it is gone).
-    pub fn announce(&self, vm_id: &str, kind: &str, message: &str) {
+    pub fn announce(&self, vm_id: &str, kind: EventKind, message: &str) {
         self.pending().events.retain(|e| e.vm_id != vm_id);
         let _ = self.tx.send(EventRecord {
             seq: 0,
             vm_id: vm_id.to_string(),
             at_ms: now_ms(),
-            kind: kind.to_string(),
+            kind: kind.as_str().to_string(),
             from_state: String::new(),
             to_state: String::new(),
             reason: String::new(),

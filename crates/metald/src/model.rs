@@ -317,6 +317,75 @@ impl Target {
     }
 }
 
+/// What an event in a VM's history records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// The observed state changed.
+    StateChanged,
+    /// The VMM's health checks turned healthy or unhealthy.
+    HealthChanged,
+    /// The VM became ORPHANED.
+    Orphaned,
+    /// A recovery attempt started.
+    Recovering,
+    /// A recovery attempt brought the VM back.
+    Recovered,
+    /// A recovery attempt failed.
+    RecoveryFailed,
+    /// Recovery gave up: the VM is FAILED.
+    Failed,
+    /// The guest answered its probe.
+    GuestReady,
+    /// The VMM's control socket disappeared.
+    ControlSocketLost,
+    /// The VMM's control socket came back.
+    ControlSocketRestored,
+    /// A host drain saved the guest and stopped its VMM.
+    Saved,
+    /// The VM was deleted (told to watchers only).
+    Deleted,
+}
+
+impl EventKind {
+    const ALL: [EventKind; 12] = [
+        EventKind::StateChanged,
+        EventKind::HealthChanged,
+        EventKind::Orphaned,
+        EventKind::Recovering,
+        EventKind::Recovered,
+        EventKind::RecoveryFailed,
+        EventKind::Failed,
+        EventKind::GuestReady,
+        EventKind::ControlSocketLost,
+        EventKind::ControlSocketRestored,
+        EventKind::Saved,
+        EventKind::Deleted,
+    ];
+
+    /// Stable name stored in the registry.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::StateChanged => "state_changed",
+            EventKind::HealthChanged => "health_changed",
+            EventKind::Orphaned => "orphaned",
+            EventKind::Recovering => "recovering",
+            EventKind::Recovered => "recovered",
+            EventKind::RecoveryFailed => "recovery_failed",
+            EventKind::Failed => "failed",
+            EventKind::GuestReady => "guest_ready",
+            EventKind::ControlSocketLost => "control_socket_lost",
+            EventKind::ControlSocketRestored => "control_socket_restored",
+            EventKind::Saved => "saved",
+            EventKind::Deleted => "deleted",
+        }
+    }
+
+    /// Parses a registry name.
+    pub fn from_db(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
 /// What the registry wants a VM to be. `Deleted` is a tombstone: the row stays until the VMM and
 /// every file are gone, so a crash mid-delete finishes the delete on restart instead of
 /// resurrecting the VM.
@@ -795,6 +864,9 @@ mod tests {
             Desired::State(Target::Paused),
         ] {
             assert_eq!(Desired::from_db(d.as_str()), Some(d));
+        }
+        for k in EventKind::ALL {
+            assert_eq!(EventKind::from_db(k.as_str()), Some(k));
         }
         // Nobody asks for ORPHANED or FAILED: neither is a desired state, even in the registry.
         for s in ["orphaned", "failed"] {
