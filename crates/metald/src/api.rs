@@ -815,10 +815,10 @@ impl VmService for VmApi {
                     attempt: i32::try_from(a.attempt).unwrap_or(i32::MAX),
                     started_at: Some(ts(a.started_at_ms)),
                     duration_seconds: a.duration_ms as f64 / 1000.0,
-                    outcome: match a.outcome.as_str() {
-                        "success" => pb::AttemptOutcome::Success,
-                        "failure" => pb::AttemptOutcome::Failure,
-                        _ => pb::AttemptOutcome::Unspecified,
+                    outcome: if a.succeeded {
+                        pb::AttemptOutcome::Success
+                    } else {
+                        pb::AttemptOutcome::Failure
                     } as i32,
                     error: a.error.clone(),
                     trigger: a.trigger.clone(),

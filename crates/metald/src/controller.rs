@@ -35,7 +35,8 @@ use crate::events::EventBus;
 use crate::guest::{AgentHandle, ProbeResult};
 use crate::metrics::Metrics;
 use crate::model::{
-    Desired, EventKind, GuestStatus, OrphanReason, RestartPolicy, Target, Transition, VmState,
+    Desired, EventKind, GuestStatus, OrphanReason, RestartPolicy, Target, Transition, Trigger,
+    VmState,
 };
 use crate::recovery::{Admission, RecoveryGate};
 use crate::store::{AttemptRecord, Store, VmRecord, now_ms};
@@ -241,7 +242,7 @@ pub struct Controller {
     /// The scheduled attempt is the breaker's probe.
     probe: bool,
     /// What the current recovery streak is about.
-    trigger: String,
+    trigger: Trigger,
     /// The last recovery error, for the final report.
     last_recovery_error: String,
     /// Since when the VMM has been up after a recovery, for resetting the crash count.
@@ -311,7 +312,7 @@ impl Controller {
             converge_after: None,
             permit: None,
             probe: false,
-            trigger: String::new(),
+            trigger: Trigger::Orphan(OrphanReason::ProcessDead),
             last_recovery_error: String::new(),
             up_since: None,
             crashes: 0,
@@ -513,9 +514,7 @@ impl Controller {
                 self.cancel_recovery();
                 self.rec.recovery_streak = 0;
                 self.crashes = 0;
-                if self.trigger.is_empty() {
-                    self.trigger = "manual".into();
-                }
+                self.trigger = Trigger::Manual;
                 info!(vm_id = %self.rec.vm_id, "manual recovery requested");
                 self.attempt_recovery(true).await?;
             }
@@ -530,7 +529,7 @@ impl Controller {
                 if on {
                     if self.rec.observed == VmState::Orphaned {
                         let reason = self.orphan_trigger();
-                        self.schedule_recovery(&reason).await;
+                        self.schedule_recovery(reason).await;
                     }
                 } else {
                     self.cancel_recovery();
@@ -668,7 +667,7 @@ impl Controller {
         match self.rec.observed {
             VmState::Orphaned if idle && want != VmState::Shutdown => {
                 let reason = self.orphan_trigger();
-                did.scheduled = self.schedule_recovery(&reason).await;
+                did.scheduled = self.schedule_recovery(reason).await;
             }
             VmState::Created | VmState::Running | VmState::Paused
                 if self.vmm.is_some() && want != self.rec.observed =>
@@ -732,32 +731,29 @@ impl Controller {
         }
     }
 
-    fn orphan_trigger(&self) -> String {
-        self.rec
-            .orphan_reason
-            .map(|r| r.as_str().to_string())
-            .unwrap_or_else(|| "process_dead".into())
+    fn orphan_trigger(&self) -> Trigger {
+        Trigger::Orphan(self.rec.orphan_reason.unwrap_or(OrphanReason::ProcessDead))
     }
 
     /// Schedules the next recovery attempt, with backoff, unless one is already under way (a
     /// second trigger for the same failure coalesces into it), recovery is off for this VM or
     /// host, or the attempts are used up (then the VM is FAILED). Returns whether it scheduled.
-    async fn schedule_recovery(&mut self, trigger: &str) -> bool {
+    async fn schedule_recovery(&mut self, trigger: Trigger) -> bool {
         if self.retry_at.is_some() || self.permit.is_some() {
             return false;
         }
         let cfg = self.env.gate.config();
         if !cfg.enabled || !self.rec.spec.auto_recover {
-            info!(vm_id = %self.rec.vm_id, reason = trigger, host_enabled = cfg.enabled, vm_enabled = self.rec.spec.auto_recover, "automatic recovery is off; vm left as is");
+            info!(vm_id = %self.rec.vm_id, reason = trigger.as_str(), host_enabled = cfg.enabled, vm_enabled = self.rec.spec.auto_recover, "automatic recovery is off; vm left as is");
             return false;
         }
         if self.rec.spec.restart_policy == RestartPolicy::Never {
-            info!(vm_id = %self.rec.vm_id, reason = trigger, "restart policy is never; vm left as is");
+            info!(vm_id = %self.rec.vm_id, reason = trigger.as_str(), "restart policy is never; vm left as is");
             return false;
         }
         if !self.env.host.recovery_allowed() {
             // Reported, not restarted: the reconcile loop schedules it once maintenance ends.
-            info!(vm_id = %self.rec.vm_id, reason = trigger, "host in maintenance; vm left as is");
+            info!(vm_id = %self.rec.vm_id, reason = trigger.as_str(), "host in maintenance; vm left as is");
             return false;
         }
         let attempt = self.rec.recovery_streak + 1;
@@ -778,9 +774,9 @@ impl Controller {
                 delay = looping;
             }
         }
-        self.trigger = trigger.to_string();
+        self.trigger = trigger;
         self.retry_at = Some(Instant::now() + delay);
-        info!(vm_id = %self.rec.vm_id, reason = trigger, attempt, delay_ms = delay.as_millis() as u64, "vm recovery scheduled");
+        info!(vm_id = %self.rec.vm_id, reason = trigger.as_str(), attempt, delay_ms = delay.as_millis() as u64, "vm recovery scheduled");
         true
     }
 
@@ -837,9 +833,9 @@ impl Controller {
         self.rec.recovery_streak += 1;
         let attempt = self.rec.recovery_streak;
         let trigger = if manual {
-            "manual".to_string()
+            Trigger::Manual
         } else {
-            self.trigger.clone()
+            self.trigger
         };
         let prev_reason = self.rec.orphan_reason;
         let orphaned_at = self.rec.orphaned_at_ms;
@@ -853,7 +849,7 @@ impl Controller {
                 EventKind::Recovering,
                 from,
                 from,
-                &trigger,
+                trigger.as_str(),
                 &format!("attempt {attempt}"),
             )
             .await;
@@ -868,13 +864,13 @@ impl Controller {
             attempt,
             started_at_ms: started_ms,
             duration_ms,
-            outcome: if res.is_ok() { "success" } else { "failure" }.into(),
+            succeeded: res.is_ok(),
             error: res
                 .as_ref()
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default(),
-            trigger: trigger.clone(),
+            trigger: trigger.as_str().to_string(),
         };
         if let Err(e) = self.env.store.add_attempt(&self.rec.vm_id, record).await {
             warn!(vm_id = %self.rec.vm_id, error = %e, "recording recovery attempt failed");
@@ -892,7 +888,7 @@ impl Controller {
                 let saved = self.save().await;
                 let m = &self.env.metrics;
                 m.recovery_success.inc();
-                m.restarted(&trigger);
+                m.restarted(trigger.as_str());
                 m.recovery_duration.observe(started.elapsed().as_secs_f64());
                 // Where the guest is probed, the VM is down until its guest answers again;
                 // otherwise until its VMM runs.
@@ -910,7 +906,7 @@ impl Controller {
                         EventKind::Recovered,
                         from,
                         self.rec.observed,
-                        &trigger,
+                        trigger.as_str(),
                         &format!("attempt {attempt} took {duration_ms} ms"),
                     )
                     .await;
@@ -937,12 +933,12 @@ impl Controller {
                         EventKind::RecoveryFailed,
                         from,
                         VmState::Orphaned,
-                        &trigger,
+                        trigger.as_str(),
                         &e.to_string(),
                     )
                     .await;
                 warn!(vm_id = %self.rec.vm_id, attempt, reason = %trigger, duration_ms, error = %e, "vm recovery attempt failed");
-                self.schedule_recovery(&trigger).await;
+                self.schedule_recovery(trigger).await;
                 Err(e)
             }
         }
@@ -961,7 +957,7 @@ impl Controller {
                 EventKind::Failed,
                 from,
                 VmState::Failed,
-                &self.trigger,
+                self.trigger.as_str(),
                 &self.last_recovery_error,
             )
             .await;
@@ -1226,7 +1222,7 @@ impl Controller {
             self.rec.last_exit = Some(exit);
             let res = self.set_observed(VmState::Shutdown).await;
             self.crashes = self.crashes.saturating_add(1);
-            self.schedule_recovery("guest_reboot").await;
+            self.schedule_recovery(Trigger::GuestReboot).await;
             res
         } else if cause == ExitCause::GuestPoweroff
             && self.rec.spec.restart_policy == RestartPolicy::Always
@@ -1237,7 +1233,7 @@ impl Controller {
             self.rec.last_exit = Some(exit);
             let res = self.set_observed(VmState::Shutdown).await;
             self.crashes = self.crashes.saturating_add(1);
-            self.schedule_recovery("guest_poweroff").await;
+            self.schedule_recovery(Trigger::GuestPoweroff).await;
             res
         } else if cause == ExitCause::GuestPoweroff {
             // The guest asked to power off: that is the VM's wish, not a crash. It stays off.
@@ -1605,7 +1601,7 @@ impl Controller {
         );
         self.up_since = None;
         self.crashes = self.crashes.saturating_add(1);
-        self.schedule_recovery(reason.as_str()).await;
+        self.schedule_recovery(Trigger::Orphan(reason)).await;
         saved
     }
 

@@ -317,6 +317,37 @@ impl Target {
     }
 }
 
+/// What started a recovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The VM was orphaned, for this reason.
+    Orphan(OrphanReason),
+    /// The guest powered itself off and the restart policy is `always`.
+    GuestPoweroff,
+    /// The guest rebooted itself (the VMM exits on a reset).
+    GuestReboot,
+    /// An operator's RecoverVm.
+    Manual,
+}
+
+impl Trigger {
+    /// Stable name: in logs, metrics labels, events and recovery history.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Orphan(r) => r.as_str(),
+            Trigger::GuestPoweroff => "guest_poweroff",
+            Trigger::GuestReboot => "guest_reboot",
+            Trigger::Manual => "manual",
+        }
+    }
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What an event in a VM's history records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {

@@ -160,8 +160,8 @@ pub struct AttemptRecord {
     pub started_at_ms: i64,
     /// How long it took.
     pub duration_ms: i64,
-    /// `success` or `failure`.
-    pub outcome: String,
+    /// Whether it brought the VM back (stored as `success` or `failure`).
+    pub succeeded: bool,
     /// The error, for a failure.
     pub error: String,
     /// What started it (an orphan reason, `guest_poweroff`, or `manual`).
@@ -406,7 +406,7 @@ impl Store {
                     a.attempt,
                     a.started_at_ms,
                     a.duration_ms,
-                    a.outcome,
+                    if a.succeeded { "success" } else { "failure" },
                     a.error,
                     a.trigger
                 ],
@@ -611,7 +611,7 @@ impl Store {
                     attempt: r.get(0)?,
                     started_at_ms: r.get(1)?,
                     duration_ms: r.get(2)?,
-                    outcome: r.get(3)?,
+                    succeeded: r.get::<_, String>(3)? == "success",
                     error: r.get(4)?,
                     trigger: r.get(5)?,
                 })
@@ -927,7 +927,7 @@ mod tests {
                     attempt: n,
                     started_at_ms: 1,
                     duration_ms: 2,
-                    outcome: "failure".into(),
+                    succeeded: false,
                     error: "e".into(),
                     trigger: "process_dead".into(),
                 },
