@@ -448,6 +448,7 @@ fn orphan_reason_to_pb(r: OrphanReason) -> pb::OrphanReason {
 impl VmApi {
     /// One VM as the API shows it, from the controller's record.
     fn vm_to_pb(&self, rec: &VmRecord) -> pb::Vm {
+        let run_dir = self.sup.run_dir(&rec.vm_id);
         let vmm = rec.endpoint.as_ref().map(|e| pb::VmmProcess {
             kind: self.sup.vmm_kind(&rec.spec).to_string(),
             version: self.sup.vmm_version(&rec.spec),
@@ -455,13 +456,8 @@ impl VmApi {
             start_time: start_time_ts(e.start_time),
             control_socket: e.control_socket.display().to_string(),
             console_log: e.console_log.display().to_string(),
-            vmm_log: self
-                .sup
-                .run_dir(&rec.vm_id)
-                .join(crate::driver::VMM_LOG)
-                .display()
-                .to_string(),
-            run_dir: self.sup.run_dir(&rec.vm_id).display().to_string(),
+            vmm_log: run_dir.join(crate::driver::VMM_LOG).display().to_string(),
+            run_dir: run_dir.display().to_string(),
         });
         pb::Vm {
             vm_id: rec.vm_id.to_string(),

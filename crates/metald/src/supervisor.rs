@@ -424,19 +424,17 @@ impl Supervisor {
         };
         // By name, not by path: a state dir named differently since (a symlink, say) must not
         // make a recorded image look unrecorded.
-        let names = |paths: &mut dyn Iterator<Item = &std::path::Path>| -> Vec<std::ffi::OsString> {
-            paths
-                .filter_map(|p| p.file_name().map(ToOwned::to_owned))
-                .collect()
-        };
-        let recorded_snapshots = names(&mut snapshots.iter().map(std::path::PathBuf::as_path));
-        let recorded_saves = names(&mut rows.iter().filter_map(|r| r.saved.as_deref()));
+        let recorded_snapshots: Vec<_> = snapshots.iter().filter_map(|p| p.file_name()).collect();
+        let recorded_saves: Vec<_> = rows
+            .iter()
+            .filter_map(|r| r.saved.as_deref()?.file_name())
+            .collect();
         for (sub, recorded) in [("snapshots", recorded_snapshots), ("saved", recorded_saves)] {
             let Ok(dir) = std::fs::read_dir(self.cfg.state_dir.join(sub)) else {
                 continue;
             };
             for entry in dir.flatten() {
-                if recorded.contains(&entry.file_name()) {
+                if recorded.contains(&entry.file_name().as_os_str()) {
                     continue;
                 }
                 let path = entry.path();

@@ -56,8 +56,6 @@ pub struct Rewriter {
     passthrough: usize,
     block: Option<Block>,
     decoder: fluke_hpack::Decoder<'static>,
-    /// How many `:authority` values were rewritten.
-    pub rewritten: u64,
 }
 
 impl Default for Rewriter {
@@ -67,7 +65,6 @@ impl Default for Rewriter {
             passthrough: 0,
             block: None,
             decoder: fluke_hpack::Decoder::new(),
-            rewritten: 0,
         }
     }
 }
@@ -149,7 +146,6 @@ impl Rewriter {
         for (name, value) in &headers {
             let value: &[u8] =
                 if name == b":authority" && http::uri::Authority::try_from(&value[..]).is_err() {
-                    self.rewritten += 1;
                     LOCALHOST
                 } else {
                     value

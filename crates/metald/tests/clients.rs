@@ -339,7 +339,13 @@ async fn health_follows_the_host_mode_and_is_served_on_tcp_with_reflection() {
     // A readonly host refuses changes: NOT_SERVING, told to a watcher as it happens.
     let mut watch = health.watch(service()).await.unwrap().into_inner();
     assert_eq!(
-        status(watch.message().await.unwrap().unwrap()),
+        status(
+            tokio::time::timeout(Duration::from_secs(5), watch.message())
+                .await
+                .expect("no first health status")
+                .unwrap()
+                .unwrap()
+        ),
         ServingStatus::Serving as i32
     );
     let mut c = metald_api::v1::vm_service_client::VmServiceClient::new(ch.clone());
@@ -384,7 +390,11 @@ async fn health_follows_the_host_mode_and_is_served_on_tcp_with_reflection() {
         .await
         .unwrap()
         .into_inner();
-    let reply = replies.message().await.unwrap().unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), replies.message())
+        .await
+        .expect("no reflection reply")
+        .unwrap()
+        .unwrap();
     let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
         panic!("no service list: {reply:?}");
     };

@@ -554,36 +554,36 @@ pub async fn history(c: &mut Client, vm: &str) -> Vec<pb::RecoveryAttempt> {
         .recovery_history
 }
 
+/// An API enum's value by its short name (`readonly` for `HOST_MODE_KIND_READONLY`).
+fn named<E: Into<i32>>(prefix: &str, name: &str, parse: fn(&str) -> Option<E>) -> i32 {
+    parse(&format!("{prefix}_{}", name.to_ascii_uppercase()))
+        .unwrap_or_else(|| panic!("no {prefix} {name}"))
+        .into()
+}
+
 /// An event's kind by its name in the history (`orphaned`), as the API's enum.
 pub fn kind(name: &str) -> i32 {
-    let upper = format!("EVENT_KIND_{}", name.to_ascii_uppercase());
-    pb::EventKind::from_str_name(&upper).unwrap_or_else(|| panic!("no event kind {name}")) as i32
+    named("EVENT_KIND", name, pb::EventKind::from_str_name)
 }
 
 /// A host mode by its name (`readonly`), as the API's enum.
 pub fn host_mode(name: &str) -> i32 {
-    let upper = format!("HOST_MODE_KIND_{}", name.to_ascii_uppercase());
-    pb::HostModeKind::from_str_name(&upper).unwrap_or_else(|| panic!("no host mode {name}")) as i32
+    named("HOST_MODE_KIND", name, pb::HostModeKind::from_str_name)
 }
 
 /// A recovery attempt's outcome by its name (`success`), as the API's enum.
 pub fn outcome(name: &str) -> i32 {
-    let upper = format!("ATTEMPT_OUTCOME_{}", name.to_ascii_uppercase());
-    pb::AttemptOutcome::from_str_name(&upper).unwrap_or_else(|| panic!("no outcome {name}")) as i32
+    named("ATTEMPT_OUTCOME", name, pb::AttemptOutcome::from_str_name)
 }
 
 /// A breaker state by its name (`half_open`), as the API's enum.
 pub fn breaker(name: &str) -> i32 {
-    let upper = format!("BREAKER_STATE_{}", name.to_ascii_uppercase());
-    pb::BreakerState::from_str_name(&upper).unwrap_or_else(|| panic!("no breaker state {name}"))
-        as i32
+    named("BREAKER_STATE", name, pb::BreakerState::from_str_name)
 }
 
 /// An orphan reason by its name (`process_dead`), as the API's enum.
 pub fn reason(name: &str) -> i32 {
-    let upper = format!("ORPHAN_REASON_{}", name.to_ascii_uppercase());
-    pb::OrphanReason::from_str_name(&upper).unwrap_or_else(|| panic!("no orphan reason {name}"))
-        as i32
+    named("ORPHAN_REASON", name, pb::OrphanReason::from_str_name)
 }
 
 /// The pid of the VM's VMM, if one runs.
