@@ -530,6 +530,62 @@ fn event_kind_to_pb(k: &str) -> pb::EventKind {
     }
 }
 
+/// Events a watcher may have queued and unsent before it is cut off.
+pub const WATCH_QUEUE: usize = 256;
+
+/// One watcher's stream. A task moves events from the bus into a queue of [`WATCH_QUEUE`]; the
+/// stream is that queue. A watcher that stops reading (or reads slower than events come) fills
+/// its queue and is cut off: the task lets go of the bus, the stream sends what it holds and ends
+/// with RESOURCE_EXHAUSTED. Why not carry on and say how much it missed: a watcher that never
+/// reads would hold its stream and its share of the bus forever, and one that reads late would
+/// act on a view it cannot know is whole. The history (GetVmEvents) has everything it missed.
+fn watch_stream(
+    mut bus: tokio::sync::broadcast::Receiver<crate::store::EventRecord>,
+    only: Option<String>,
+) -> impl tokio_stream::Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send {
+    use tokio::sync::broadcast::error::RecvError;
+    // One slot more than the queue: the last is kept for the cut-off status. This task is the
+    // only sender, so the capacity it sees can only grow before its next send.
+    let (tx, rx) = tokio::sync::mpsc::channel(WATCH_QUEUE + 1);
+    tokio::spawn(async move {
+        let cut = loop {
+            let ev = tokio::select! {
+                ev = bus.recv() => ev,
+                // The watcher hung up: nothing to forward to.
+                () = tx.closed() => return,
+            };
+            match ev {
+                Ok(ev) if only.as_ref().is_none_or(|v| *v == ev.vm_id) => {
+                    if tx.capacity() <= 1 {
+                        break format!(
+                            "this watcher fell {WATCH_QUEUE} events behind and was cut off; \
+                             GetVmEvents has what it missed"
+                        );
+                    }
+                    let out = pb::WatchEventsResponse {
+                        event: Some(event_to_pb(ev)),
+                    };
+                    if tx.try_send(Ok(out)).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(n)) => {
+                    break format!(
+                        "this watcher missed {n} events and was cut off; GetVmEvents has them"
+                    );
+                }
+                // The bus is gone: metald is stopping, and the stop status ends the stream.
+                Err(RecvError::Closed) => return,
+            }
+        };
+        // Dropping the bus receiver here is the cut-off; the stream ends after this status.
+        drop(bus);
+        let _ = tx.try_send(Err(Status::resource_exhausted(cut)));
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
 fn event_to_pb(e: crate::store::EventRecord) -> pb::VmEvent {
     let to = state_name_to_pb(&e.to_state);
     let from = state_name_to_pb(&e.from_state);
@@ -1069,8 +1125,6 @@ impl VmService for VmApi {
         req: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         use tokio_stream::StreamExt;
-        use tokio_stream::wrappers::BroadcastStream;
-        use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
         let r = req.into_inner();
         let only = if r.vm_id.is_empty() {
             None
@@ -1079,22 +1133,7 @@ impl VmService for VmApi {
             self.sup.get(&id).await?;
             Some(id.to_string())
         };
-        let wrap = |event| pb::WatchEventsResponse { event: Some(event) };
-        let stream = BroadcastStream::new(self.sup.events().subscribe()).filter_map(move |ev| {
-            match ev {
-                Ok(ev) if only.as_ref().is_none_or(|v| *v == ev.vm_id) => {
-                    Some(Ok(wrap(event_to_pb(ev))))
-                }
-                Ok(_) => None,
-                // A watcher too slow to keep up is told how much it missed and carries on;
-                // the history (GetVmEvents) still has it.
-                Err(BroadcastStreamRecvError::Lagged(n)) => Some(Ok(wrap(pb::VmEvent {
-                    kind: pb::EventKind::Lagged as i32,
-                    message: format!("{n} events dropped for this watcher; see GetVmEvents"),
-                    ..Default::default()
-                }))),
-            }
-        });
+        let stream = watch_stream(self.sup.events().subscribe(), only);
         // A stopping metald ends every open stream with a status that says so, rather than
         // waiting for its watchers to hang up (which could be never).
         let stop = tokio_stream::wrappers::WatchStream::new(self.sup.stopping())

@@ -389,3 +389,121 @@ async fn event_history_records_the_orphan_and_recovery() {
         .unwrap_err();
     assert!(e.message().starts_with("limit"));
 }
+
+/// A client whose HTTP/2 windows are 1 KiB: once it stops reading, metald can send it almost
+/// nothing, as with a watcher on a slow link or one that never reads.
+async fn narrow_client(sock: &std::path::Path) -> Client {
+    let path = sock.to_path_buf();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .initial_stream_window_size(1024)
+        .initial_connection_window_size(1024)
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    pb::vm_service_client::VmServiceClient::new(channel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_stops_reading_is_cut_off_and_the_others_see_every_event() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    running_vm(&mut c, "busy").await;
+    let mut fast = d
+        .client()
+        .await
+        .watch_events(pb::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut slow_client = narrow_client(&d.state_dir.join("metald.sock")).await;
+    let mut slow = slow_client
+        .watch_events(pb::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = c
+        .get_vm_events(pb::GetVmEventsRequest {
+            vm_id: "busy".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events
+        .last()
+        .map_or(0, |e| e.seq);
+    // 200 pause/resume pairs: 400 events, more than a watcher may fall behind (256).
+    let reader = tokio::spawn(async move {
+        let mut seqs = Vec::new();
+        while seqs.len() < 400 {
+            match tokio::time::timeout(Duration::from_secs(30), fast.message()).await {
+                Ok(Ok(Some(ev))) => seqs.extend(ev.event.map(|e| e.seq)),
+                other => panic!("the reading watcher's stream ended: {other:?}"),
+            }
+        }
+        seqs
+    });
+    for _ in 0..200 {
+        c.pause_vm(pb::PauseVmRequest {
+            vm_id: "busy".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        c.resume_vm(pb::ResumeVmRequest {
+            vm_id: "busy".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let seqs = tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .expect("the reading watcher did not see 400 events")
+        .unwrap();
+    let want: Vec<i64> = (first + 1..=first + 400).collect();
+    assert_eq!(seqs, want, "the reading watcher missed or reordered events");
+    // The one that never read gets what it was sent, then a status that says it was cut off.
+    let status = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut got = 0;
+        loop {
+            match slow.message().await {
+                Ok(Some(_)) => got += 1,
+                Ok(None) => panic!("the slow watcher's stream ended without a status"),
+                Err(s) => return (got, s),
+            }
+        }
+    })
+    .await
+    .expect("the slow watcher was never cut off");
+    assert_eq!(
+        status.1.code(),
+        tonic::Code::ResourceExhausted,
+        "{:?}",
+        status.1
+    );
+    assert!(
+        status.1.message().contains("GetVmEvents"),
+        "{}",
+        status.1.message()
+    );
+    assert!(
+        status.0 < 400,
+        "the slow watcher got all {} events",
+        status.0
+    );
+    // It holds nothing after the cut-off: the daemon and its other watchers carry on.
+    c.pause_vm(pb::PauseVmRequest {
+        vm_id: "busy".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
