@@ -107,6 +107,28 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// A host of many VMs on the Firecracker stand-in (a real process per VM, its real API
+    /// socket, no guest): create+boot rate through the API from parallel clients, metald's CPU
+    /// supervising them idle with 1 s health checks, reconcile pass time, ListVms latency, RSS
+    /// and open files, SIGKILL → orphaned, re-attach after a metald SIGKILL, and WatchEvents
+    /// with many watchers of which one never reads.
+    Scale {
+        /// VMs to run.
+        #[arg(long, default_value_t = 1000)]
+        vms: usize,
+        /// Parallel API clients creating them.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// VMM SIGKILLs to time.
+        #[arg(long, default_value_t = 100)]
+        kills: usize,
+        /// WatchEvents subscribers (one of them never reads).
+        #[arg(long, default_value_t = 100)]
+        watchers: usize,
+        /// Seconds of the idle window (CPU, reconcile passes).
+        #[arg(long, default_value_t = 30)]
+        idle_secs: u64,
+    },
     /// Chaos: random SIGKILLs, SIGSTOPs and control-socket deletions against running VMs, with
     /// automatic recovery on; recovery rate and times, false recoveries, leftovers.
     Chaos {
@@ -863,6 +885,295 @@ async fn detection(
         "reattach_after_sigkill": attach,
         "health_check": {"metald_cpu_us_per_vm_check": cpu_us_per_check, "window_s": window.as_secs(), "checks_est": checks, "failed_checks_idle": fails_idle},
         "soak_with_cpu_hog": {"seconds": soak_secs, "hog_threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2), "false_orphans": soak_orphans, "failed_checks": soak_failed_checks, "unhealthy_events": soak_unhealthy},
+    }))
+}
+
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// A client on its own connection whose HTTP/2 windows are 1 KiB, so that a stream it does
+/// not read backs up into metald after a few events (as a watcher on a slow link would).
+async fn narrow_client(sock: &Path) -> Result<Client> {
+    let path = sock.to_path_buf();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .initial_stream_window_size(1024)
+        .initial_connection_window_size(1024)
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await?;
+    Ok(pb::vm_service_client::VmServiceClient::new(channel))
+}
+
+/// Every VM listed, page by page (1,000 a page); returns how many.
+async fn list_all(c: &mut Client) -> Result<usize> {
+    let mut n = 0;
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_vms(pb::ListVmsRequest {
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        n += page.vms.len();
+        if page.next_page_token.is_empty() {
+            return Ok(n);
+        }
+        token = page.next_page_token;
+    }
+}
+
+async fn scale(
+    root: &Path,
+    vms: usize,
+    clients: usize,
+    kills: usize,
+    watchers: usize,
+    idle_secs: u64,
+) -> Result<Value> {
+    let standin = root.join("target/release/firecracker-standin");
+    let toml = format!(
+        "vmm = \"firecracker\"\n[firecracker]\nbinary = \"{}\"\n[health]\ninterval = 1000\n\
+         [recovery]\nenabled = false\n",
+        standin.display()
+    );
+    let mut d = Daemon::start_with(root, &toml).await?;
+    let c = d.client().await?;
+    let rss0 = rss_kib(d.pid());
+
+    eprintln!("bench: {vms} CreateVm+BootVm from {clients} clients");
+    let ids: Vec<String> = (0..vms).map(|i| format!("s{i}")).collect();
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..clients {
+        let mut c = d.client().await?;
+        let mine: Vec<String> = ids.iter().skip(w).step_by(clients).cloned().collect();
+        let root = root.to_path_buf();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            for id in mine {
+                let t = Instant::now();
+                c.create_vm(guest_request(&root, &id)).await?;
+                c.boot_vm(pb::BootVmRequest {
+                    vm_id: id,
+                    ..Default::default()
+                })
+                .await?;
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            Ok::<_, tonic::Status>(lat)
+        }));
+    }
+    let mut pair_ms = Vec::new();
+    for t in tasks {
+        pair_ms.extend(t.await??);
+    }
+    let create_secs = t0.elapsed().as_secs_f64();
+    let rss_full = rss_kib(d.pid());
+
+    eprintln!("bench: {idle_secs} s idle with {vms} VMs (1 s health checks)");
+    // Let the creates' work settle before timing the idle host.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let window = Duration::from_secs(idle_secs);
+    let (cpu_us, mark) = metald_cpu_us(&d, window).await;
+    let idle_failed = d.count(mark, "vm health check failed");
+    let passes: Vec<f64> = d
+        .logs
+        .lines
+        .lock()
+        .map(|l| {
+            l.iter()
+                .skip(mark)
+                .filter(|x| x.contains("\"reconcile pass\""))
+                .filter_map(|x| serde_json::from_str::<Value>(x).ok()?["duration_ms"].as_f64())
+                .collect()
+        })
+        .unwrap_or_default();
+
+    eprintln!("bench: ListVms of {vms} x50");
+    let mut list_ms = Vec::new();
+    let mut lc = c.clone();
+    for _ in 0..50 {
+        let t = Instant::now();
+        let n = list_all(&mut lc).await?;
+        list_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        if n != vms {
+            bail!("ListVms listed {n} VMs, not {vms}");
+        }
+    }
+    let fds = open_fds(d.pid());
+    let rss_idle = rss_kib(d.pid());
+
+    eprintln!("bench: {kills} VMM SIGKILLs");
+    let mut kill_ms = Vec::new();
+    let mut kc = c.clone();
+    let mut rng = rand::rng();
+    for _ in 0..kills {
+        let id = &ids[rng.random_range(0..vms)];
+        let pid = vm_pid(&mut kc, id).await?;
+        let mark = d.mark();
+        let vm_field = format!("\"vm_id\":\"{id}\"");
+        let t0 = now_us();
+        signal(pid, libc::SIGKILL);
+        let line = d
+            .wait_log(mark, Duration::from_secs(15), |l| {
+                l.contains("\"orphaned vm detected\"") && l.contains(&vm_field)
+            })
+            .await
+            .with_context(|| format!("{id}: no orphan event"))?;
+        kill_ms.push((log_time_us(&line).context("log timestamp")? - t0) as f64 / 1000.0);
+        kc.boot_vm(pb::BootVmRequest {
+            vm_id: id.clone(),
+            ..Default::default()
+        })
+        .await?;
+    }
+
+    eprintln!("bench: re-attach after SIGKILL of metald x3");
+    let mut attach = Vec::new();
+    for _ in 0..3 {
+        let mark = d.mark();
+        let ready = d.crash_and_restart().await?;
+        let ready_ms = d.started.elapsed().as_secs_f64() * 1000.0;
+        let loaded = d
+            .wait_log(mark, Duration::from_secs(5), |l| {
+                l.contains("\"registry loaded\"")
+            })
+            .await
+            .context("no registry loaded line")?;
+        let lv: Value = serde_json::from_str(&loaded)?;
+        let rv: Value = serde_json::from_str(&ready)?;
+        attach.push(json!({
+            "adopted": lv["adopted"], "lost": lv["lost"],
+            "attach_ms": lv["duration_ms"],
+            "exec_to_ready_ms": ready_ms,
+            "ready_adopted": rv["adopted"],
+        }));
+    }
+    let mut c = d.client().await?;
+
+    eprintln!("bench: {watchers} WatchEvents subscribers, one never reading");
+    let sock = d.state.join("metald.sock");
+    let mut slow_client = narrow_client(&sock).await?;
+    let mut slow = slow_client
+        .watch_events(pb::WatchEventsRequest::default())
+        .await?
+        .into_inner();
+    // The readers share 4 connections, as a few clients with many streams would.
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        conns.push(d.client().await?);
+    }
+    let storm = vms.min(300);
+    // Each paused and resumed VM makes two events.
+    let want = storm * 2;
+    let mut readers = Vec::new();
+    for w in 0..watchers.saturating_sub(1) {
+        let mut wc = conns[w % conns.len()].clone();
+        let mut stream = wc
+            .watch_events(pb::WatchEventsRequest::default())
+            .await?
+            .into_inner();
+        readers.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            while seqs.len() < want {
+                match tokio::time::timeout(Duration::from_secs(60), stream.message()).await {
+                    Ok(Ok(Some(ev))) => seqs.extend(ev.event.map(|e| e.seq)),
+                    Ok(Ok(None)) => bail!("stream ended"),
+                    Ok(Err(s)) => bail!("stream ended with {s}"),
+                    Err(_) => bail!("no event within 60 s"),
+                }
+            }
+            Ok(seqs)
+        }));
+    }
+    let rss_before_storm = rss_kib(d.pid());
+    let t_storm = Instant::now();
+    for id in ids.iter().take(storm) {
+        c.pause_vm(pb::PauseVmRequest {
+            vm_id: id.clone(),
+            ..Default::default()
+        })
+        .await?;
+        c.resume_vm(pb::ResumeVmRequest {
+            vm_id: id.clone(),
+            ..Default::default()
+        })
+        .await?;
+    }
+    let mut complete = 0;
+    let mut first: Option<Vec<i64>> = None;
+    let mut identical = true;
+    for r in readers {
+        let seqs = r.await??;
+        let ordered = seqs.windows(2).all(|w| w[0] < w[1]);
+        if ordered && seqs.len() == want {
+            complete += 1;
+        }
+        match &first {
+            None => first = Some(seqs),
+            Some(f) => identical &= *f == seqs,
+        }
+    }
+    let storm_secs = t_storm.elapsed().as_secs_f64();
+    let rss_after_storm = rss_kib(d.pid());
+    let (slow_got, slow_status) = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut got = 0;
+        loop {
+            match slow.message().await {
+                Ok(Some(_)) => got += 1,
+                Ok(None) => return (got, "ended without a status".to_string()),
+                Err(s) => return (got, format!("{:?}: {}", s.code(), s.message())),
+            }
+        }
+    })
+    .await
+    .unwrap_or((0, "never cut off".into()));
+    drop(c);
+    drop(d);
+
+    let mib = |k: u64| k as f64 / 1024.0;
+    Ok(json!({
+        "vms": vms,
+        "vmm": "firecracker stand-in (a process per VM with its real API socket; no guest)",
+        "create_boot": {
+            "clients": clients,
+            "pairs_per_sec": vms as f64 / create_secs,
+            "pair_ms": {"p50": percentile(&pair_ms, 50.0), "p99": percentile(&pair_ms, 99.0), "max": percentile(&pair_ms, 100.0)},
+            "goal_pairs_per_sec": 150,
+        },
+        "idle": {
+            "window_s": idle_secs,
+            "health_interval_ms": 1000,
+            "metald_cpu_pct_of_one_core": cpu_us / window.as_secs_f64() / 1e4,
+            "goal_pct": 5,
+            "failed_health_checks": idle_failed,
+        },
+        "reconcile_pass_ms": {"p50": percentile(&passes, 50.0), "max": percentile(&passes, 100.0), "n": passes.len(), "goal_ms": 100},
+        "list_vms_all_ms": {"p50": percentile(&list_ms, 50.0), "p99": percentile(&list_ms, 99.0), "n": list_ms.len(), "goal_p99_ms": 50},
+        "metald_rss_mib": {"empty": mib(rss0), "after_creates": mib(rss_full), "idle": mib(rss_idle), "goal": 64},
+        "metald_open_fds": fds,
+        "sigkill_to_orphaned_ms": {"p50": percentile(&kill_ms, 50.0), "p99": percentile(&kill_ms, 99.0), "max": percentile(&kill_ms, 100.0), "n": kill_ms.len(), "goal_p99_ms": 10},
+        "reattach_after_sigkill": attach,
+        "watch_events": {
+            "watchers": watchers,
+            "events": want,
+            "storm_s": storm_secs,
+            "readers_with_every_event_in_order": complete,
+            "readers_saw_identical_sequences": identical,
+            "metald_rss_mib_before": mib(rss_before_storm),
+            "metald_rss_mib_after": mib(rss_after_storm),
+            "never_reading_watcher": {"events_received": slow_got, "ended_with": slow_status},
+        },
     }))
 }
 
@@ -2144,6 +2455,16 @@ async fn main() -> Result<()> {
             secs,
             mean_gap,
         } => ("chaos", chaos(&root, vms, secs, mean_gap).await?),
+        Bench::Scale {
+            vms,
+            clients,
+            kills,
+            watchers,
+            idle_secs,
+        } => (
+            "scale",
+            scale(&root, vms, clients, kills, watchers, idle_secs).await?,
+        ),
         Bench::Degraded { vms, rounds } => ("degraded", degraded(&root, vms, rounds).await?),
         Bench::Jailer {
             firecracker,

@@ -176,20 +176,24 @@ pub struct ProcInfo {
 impl ProcInfo {
     /// Reads `/proc/PID`; `None` if the process does not exist.
     pub fn read(pid: i32) -> Option<ProcInfo> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let (state, start_time) = parse_stat(&stat)?;
+        let (state, start_time) = stat(pid)?;
+        Some(Self::with_stat(pid, state, start_time))
+    }
+
+    /// Completes what [`stat`] read with the command line (empty if the process is gone).
+    pub fn with_stat(pid: i32, state: char, start_time: u64) -> ProcInfo {
         let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let cmdline = raw
             .split(|b| *b == 0)
             .filter(|s| !s.is_empty())
             .map(|s| String::from_utf8_lossy(s).into_owned())
             .collect();
-        Some(ProcInfo {
+        ProcInfo {
             state,
             start_time,
             cmdline,
             pid,
-        })
+        }
     }
 
     /// Its root directory (`/proc/PID/root`): a chroot for a jailed VMM. Read on demand, since
@@ -202,6 +206,12 @@ impl ProcInfo {
     pub fn is_alive(&self) -> bool {
         self.state != 'Z' && self.state != 'X'
     }
+}
+
+/// A process's state and start time, from `/proc/PID/stat` alone (one read, where a full
+/// [`ProcInfo`] is two): `None` if it does not exist.
+pub fn stat(pid: i32) -> Option<(char, u64)> {
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
 /// Parses state and start time from a `/proc/PID/stat` line. The command name (field 2) may hold

@@ -6,7 +6,7 @@
 //! its pid is alive, its start time matches the stored one, its command line is this VM's, and its
 //! control socket answers. Anything less and the VMM is not trusted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -249,20 +249,16 @@ impl Supervisor {
         // and died before writing down (a reboot's new VMM, a recovery's); a VM that wants to
         // run adopts it rather than leaving it to be killed as a stray and starting another.
         let run_root = self.cfg.run_root();
-        let mut marked: HashMap<VmId, (i32, u64)> = HashMap::new();
-        for pid in list_pids() {
-            let Some(info) = ProcInfo::read(pid).filter(ProcInfo::is_alive) else {
-                continue;
-            };
-            if let Some(id) = self
-                .drivers
-                .all()
-                .iter()
-                .find_map(|d| d.identify(&info, &run_root))
-            {
-                marked.insert(id, (pid, info.start_time));
-            }
-        }
+        let recorded: HashSet<(i32, u64)> = rows
+            .iter()
+            .filter_map(|r| r.endpoint.as_ref().map(|e| (e.pid, e.start_time)))
+            .collect();
+        let marked: HashMap<VmId, (i32, u64)> = self
+            .scan_vmms(recorded)
+            .await
+            .into_iter()
+            .map(|(id, info)| (id, (info.pid, info.start_time)))
+            .collect();
         self.remove_unrecorded_images(&rows).await;
         let mut checks = JoinSet::new();
         for rec in rows {
@@ -866,25 +862,9 @@ impl Supervisor {
         let mut seen = Vec::new();
         let mut stray_ids = Vec::new();
         let mut young_ids = Vec::new();
-        let me = std::process::id();
-        for pid in list_pids() {
-            if u32::try_from(pid).is_ok_and(|p| p == me) {
-                continue;
-            }
-            let Some(info) = ProcInfo::read(pid).filter(ProcInfo::is_alive) else {
-                continue;
-            };
-            let Some(id) = self
-                .drivers
-                .all()
-                .iter()
-                .find_map(|d| d.identify(&info, &run_root))
-            else {
-                continue;
-            };
-            if owned.get(&id).copied().flatten() == Some((pid, info.start_time)) {
-                continue;
-            }
+        let recorded: HashSet<(i32, u64)> = owned.values().flatten().copied().collect();
+        for (id, info) in self.scan_vmms(recorded).await {
+            let pid = info.pid;
             // A VMM younger than the grace period may be one a controller has just spawned and
             // not yet recorded; it is not even a suspect yet, and its jail is not a leftover.
             if process_age(info.start_time).is_none_or(|age| age < grace) {
@@ -951,6 +931,36 @@ impl Supervisor {
             }
         }
         Ok(report)
+    }
+
+    /// The live VMM processes on this host that carry a VM's marker, except those in `known`
+    /// (pid and start time). Each process's stat is read first, and its command line only when
+    /// it is not known: on a host of 1,000 VMs that halves the reads of every pass. The walk
+    /// over `/proc` is file work, done off the runtime.
+    async fn scan_vmms(&self, known: HashSet<(i32, u64)>) -> Vec<(VmId, ProcInfo)> {
+        let drivers = self.drivers.all();
+        let run_root = self.cfg.run_root();
+        let me = std::process::id();
+        tokio::task::spawn_blocking(move || {
+            list_pids()
+                .into_iter()
+                .filter(|pid| u32::try_from(*pid).is_ok_and(|p| p != me))
+                .filter_map(|pid| {
+                    let (state, start) = crate::process::stat(pid)?;
+                    if known.contains(&(pid, start)) {
+                        return None;
+                    }
+                    let info = ProcInfo::with_stat(pid, state, start);
+                    if !info.is_alive() {
+                        return None;
+                    }
+                    let id = drivers.iter().find_map(|d| d.identify(&info, &run_root))?;
+                    Some((id, info))
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
     }
 
     /// Stops every controller without touching the VMMs (they outlive metald), waiting up to
@@ -1033,7 +1043,7 @@ async fn kill_verified(pid: i32, start_time: u64) -> bool {
     let Ok(fd) = Pidfd::open(pid) else {
         return false;
     };
-    if ProcInfo::read(pid).map(|p| p.start_time) != Some(start_time) {
+    if crate::process::stat(pid).map(|(_, start)| start) != Some(start_time) {
         return false;
     }
     if fd.signal(libc::SIGKILL).is_err() {

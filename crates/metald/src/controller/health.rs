@@ -241,7 +241,7 @@ impl Controller {
     /// the kernel announced a panic. This is how a panic is seen without a panic device (and on
     /// Firecracker): the kernel prints this line before it stops.
     pub(super) fn console_shows_panic(&mut self) -> bool {
-        use std::io::{Read, Seek, SeekFrom};
+        use std::os::unix::fs::FileExt;
         if !self.rec.spec.console {
             return false;
         }
@@ -276,10 +276,13 @@ impl Controller {
         let from = seen
             .saturating_sub(PANIC_LINE.len() as u64)
             .max(len.saturating_sub(64 * 1024));
-        let mut buf = Vec::new();
-        if f.seek(SeekFrom::Start(from)).is_err()
-            || f.by_ref().take(len - from).read_to_end(&mut buf).is_err()
-        {
+        // One positioned read of exactly what is new (a seek and a read to EOF would be three
+        // calls): this runs at every check of every VM with a console.
+        let Ok(want) = usize::try_from(len - from) else {
+            return false;
+        };
+        let mut buf = vec![0; want];
+        if f.read_exact_at(&mut buf, from).is_err() {
             return false;
         }
         *seen = len;
@@ -299,7 +302,7 @@ impl Controller {
     /// Pings the VMM once, bounded by the health timeout, and acts on the verdict.
     pub(super) async fn health_check(&mut self) {
         let started = Instant::now();
-        self.next_check = started + jittered(&self.env.health);
+        self.next_check = next_check_after(started, &self.env.health);
         let Some(ep) = self.vmm.as_ref().map(|v| v.endpoint.clone()) else {
             return;
         };
@@ -332,8 +335,9 @@ impl Controller {
                 )),
             }
         };
-        if self.vmm.as_ref().is_some_and(|v| v.pidfd.has_exited()) {
-            // The VMM died during the check; the exit event, handled next, says why.
+        // A VMM that answered was alive; one that did not may have died during the check, and
+        // then the exit event, handled next, says why. (Asked only on a failure: it is a call.)
+        if verdict.is_err() && self.vmm.as_ref().is_some_and(|v| v.pidfd.has_exited()) {
             return;
         }
         let now = now_ms();
@@ -343,7 +347,10 @@ impl Controller {
         }
         self.rec.health.last_check_ms = now;
         self.rec.health.pid = Some(ep.pid);
-        self.rec.health.control_socket = ep.control_socket.display().to_string();
+        // Compared before it is written: at every check of every VM, an allocation adds up.
+        if Path::new(&self.rec.health.control_socket) != ep.control_socket {
+            self.rec.health.control_socket = ep.control_socket.display().to_string();
+        }
         let cfg = self.env.health.clone();
         // The socket file is looked for every few seconds, not at every check: losing it changes
         // nothing while the held connection works, and each look is a path walk.
@@ -406,7 +413,7 @@ impl Controller {
                 let res = if changed {
                     self.save().await
                 } else {
-                    self.publish();
+                    self.publish_health();
                     Ok(())
                 };
                 if recovered {

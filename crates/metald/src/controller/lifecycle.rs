@@ -381,7 +381,7 @@ impl Controller {
         h.pid = Some(ep.pid);
         h.control_socket = ep.control_socket.display().to_string();
         h.last_activity_ms = self.last_seen_ms;
-        self.next_check = Instant::now() + jittered(&self.env.health);
+        self.next_check = next_check_after(Instant::now(), &self.env.health);
         self.set_observed(VmState::Created).await?;
         let prepared = match &restore {
             Some(dir) => driver.restore(&ep, &self.rec.spec, dir).await,
@@ -588,5 +588,33 @@ impl Controller {
     /// Publishes the VM's record to reads.
     pub(super) fn publish(&self) {
         *self.live.lock().unwrap_or_else(|p| p.into_inner()) = self.rec.clone();
+    }
+
+    /// Publishes only the health fields, after a check that changed nothing else: the common
+    /// case, once a second for every VM, so it copies in place rather than cloning the record.
+    pub(super) fn publish_health(&self) {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        // Spelled out in full, so that a new health field cannot be left behind.
+        let crate::model::HealthStatus {
+            is_healthy,
+            last_check_ms,
+            pid,
+            control_socket,
+            last_error,
+            consecutive_failures,
+            consecutive_successes,
+            recovery_count,
+            last_activity_ms,
+        } = &self.rec.health;
+        let to = &mut live.health;
+        to.is_healthy = *is_healthy;
+        to.last_check_ms = *last_check_ms;
+        to.pid = *pid;
+        to.control_socket.clone_from(control_socket);
+        to.last_error.clone_from(last_error);
+        to.consecutive_failures = *consecutive_failures;
+        to.consecutive_successes = *consecutive_successes;
+        to.recovery_count = *recovery_count;
+        to.last_activity_ms = *last_activity_ms;
     }
 }

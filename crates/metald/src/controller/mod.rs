@@ -23,7 +23,7 @@ mod health;
 mod lifecycle;
 mod recovery;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -307,7 +307,7 @@ impl Controller {
             vm_id: rec.vm_id.to_string(),
         };
         let live = Arc::new(Mutex::new(rec.clone()));
-        let first_check = Instant::now() + jittered(&env.health);
+        let first_check = next_check_after(Instant::now(), &env.health);
         let ctl = Controller {
             last_seen_ms: rec.updated_at_ms,
             rec,
@@ -458,6 +458,27 @@ impl Controller {
         }
         debug!(vm_id = %self.rec.vm_id, "controller stopped");
     }
+}
+
+/// When the next health check after `now` is due: the interval, moved by up to ±jitter, then
+/// rounded up to the health tick.
+///
+/// Why a tick: with checks spread evenly, 1,000 VMs at 1 s wake metald 1,000 times a second,
+/// and each wake-up is a context switch in and out of a parked worker, which costs more than the
+/// check itself. Checks that fall due in the same tick (a twentieth of the interval, at most
+/// 25 ms) are run from one wake-up instead: the load stays spread over the interval, in 20 or
+/// more slices, and a check is late by less than a tick.
+fn next_check_after(now: Instant, cfg: &HealthConfig) -> Instant {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(Instant::now);
+    let due = now + jittered(cfg);
+    let tick = (cfg.interval / 20).min(Duration::from_millis(25));
+    let Some(since) = due.checked_duration_since(base) else {
+        return due;
+    };
+    let tick_ns = tick.as_nanos().max(1);
+    let rounded = since.as_nanos().div_ceil(tick_ns) * tick_ns;
+    u64::try_from(rounded).map_or(due, |ns| base + Duration::from_nanos(ns))
 }
 
 /// The wait before the next health check: the interval, moved by up to ±jitter.

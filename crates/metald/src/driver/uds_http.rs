@@ -49,13 +49,33 @@ async fn connect(sock: &Path) -> Result<Sender, DriverError> {
 /// Kept-alive connections, one idle connection per socket.
 #[derive(Debug, Default)]
 pub struct Pool {
-    idle: std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, Sender>>,
+    idle: std::sync::Mutex<Idle>,
+}
+
+/// The kept connections, and the size at which closed ones are next swept out.
+#[derive(Debug, Default)]
+struct Idle {
+    map: std::collections::HashMap<std::path::PathBuf, Sender>,
+    sweep_at: usize,
+}
+
+impl Idle {
+    /// Keeps `sender` for `sock`. Connections of VMMs that went away close by themselves and
+    /// are swept out here, when the map has doubled since the last sweep: a sweep per request
+    /// would cost every health check a walk over every VM's connection (quadratic in VMs).
+    fn keep(&mut self, sock: &Path, sender: Sender) {
+        self.map.insert(sock.to_path_buf(), sender);
+        if self.map.len() >= self.sweep_at {
+            self.map.retain(|_, s| !s.is_closed());
+            self.sweep_at = (self.map.len() * 2).max(64);
+        }
+    }
 }
 
 impl Pool {
     /// Drops the kept connection to `sock` (a new VMM is about to listen there).
     pub fn forget(&self, sock: &Path) {
-        self.idle().remove(sock);
+        self.idle().map.remove(sock);
     }
 
     /// Like [`call`], on the socket's kept connection when there is a usable one.
@@ -68,11 +88,7 @@ impl Pool {
         timeout: Duration,
     ) -> Result<(StatusCode, Value), DriverError> {
         let what = format!("{method} {path}");
-        let kept = {
-            let mut idle = self.idle();
-            idle.retain(|_, s| !s.is_closed());
-            idle.remove(sock)
-        };
+        let kept = self.idle().map.remove(sock);
         let work = async {
             // A kept connection the VMM closed a moment ago fails before anything is sent; a
             // fresh one is then safe to use for the same request.
@@ -86,7 +102,7 @@ impl Pool {
             };
             let r = send(&mut sender, method, path, body).await;
             if r.is_ok() && sender.is_ready() {
-                self.idle().insert(sock.to_path_buf(), sender);
+                self.idle().keep(sock, sender);
             }
             r
         };
@@ -95,9 +111,7 @@ impl Pool {
         bounded(|| what, timeout, work).await
     }
 
-    fn idle(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::path::PathBuf, Sender>> {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Idle> {
         // The map holds only connections; a panic elsewhere cannot leave it inconsistent.
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
