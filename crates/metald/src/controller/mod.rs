@@ -466,13 +466,13 @@ impl Controller {
 /// Why a tick: with checks spread evenly, 1,000 VMs at 1 s wake metald 1,000 times a second,
 /// and each wake-up is a context switch in and out of a parked worker, which costs more than the
 /// check itself. Checks that fall due in the same tick (a twentieth of the interval, at most
-/// 25 ms) are run from one wake-up instead: the load stays spread over the interval, in 20 or
+/// 50 ms) are run from one wake-up instead: the load stays spread over the interval, in 20 or
 /// more slices, and a check is late by less than a tick.
 fn next_check_after(now: Instant, cfg: &HealthConfig) -> Instant {
     static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let base = *BASE.get_or_init(Instant::now);
     let due = now + jittered(cfg);
-    let tick = (cfg.interval / 20).min(Duration::from_millis(25));
+    let tick = (cfg.interval / 20).min(Duration::from_millis(50));
     let Some(since) = due.checked_duration_since(base) else {
         return due;
     };
