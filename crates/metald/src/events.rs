@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
 use tracing::{info, warn};
 
+use crate::controller::Writer;
 use crate::model::{EventKind, VmState};
 use crate::store::{EventRecord, Store, now_ms};
 
@@ -56,12 +57,12 @@ impl EventBus {
 
     /// Writes the events the registry refused earlier, oldest first, stopping at the first that
     /// it still refuses. Returns whether none is left.
-    pub async fn flush(&self) -> bool {
+    pub async fn flush(&self, w: &Writer) -> bool {
         loop {
             let Some(ev) = self.pending().events.front().cloned() else {
                 return true;
             };
-            if let Err(e) = self.store.add_event(ev, self.keep).await {
+            if let Err(e) = self.store.add_event(w, ev, self.keep).await {
                 warn!(error = %e, pending = self.pending_count(), "vm events still not recorded");
                 return false;
             }
@@ -81,8 +82,11 @@ impl EventBus {
     /// a VM from being driven.
     /// `from` and `to` are the VM's observed state before and after (the same for an event that
     /// changed nothing).
+    // Seven arguments of data; the eighth, the writer, is a proof of who calls, not data.
+    #[allow(clippy::too_many_arguments)]
     pub async fn emit(
         &self,
+        w: &Writer,
         vm_id: &str,
         kind: EventKind,
         from: VmState,
@@ -101,8 +105,8 @@ impl EventBus {
             message: message.to_string(),
         };
         // Behind held events the new one waits its turn, so that history stays in order.
-        let recorded = if self.flush().await {
-            match self.store.add_event(ev.clone(), self.keep).await {
+        let recorded = if self.flush(w).await {
+            match self.store.add_event(w, ev.clone(), self.keep).await {
                 Ok(seq) => Some(seq),
                 Err(e) => {
                     warn!(vm_id, error = %e, "recording vm event failed; held until the registry accepts it");

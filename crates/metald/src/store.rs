@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
+use crate::controller::Writer;
 use crate::driver::VmmEndpoint;
 use crate::error::{Error, Result};
 use crate::model::{Desired, GuestStatus, HealthStatus, OrphanReason, VmId, VmSpec, VmState};
@@ -258,7 +259,7 @@ impl Store {
     }
 
     /// Inserts a new VM; [`Error::AlreadyExists`] if the id is taken.
-    pub async fn insert(&self, rec: VmRecord) -> Result<()> {
+    pub async fn insert(&self, _: &Writer, rec: VmRecord) -> Result<()> {
         self.run(move |c| {
             let spec = serde_json::to_string(&rec.spec).map_err(|e| Error::CorruptRow {
                 vm_id: rec.vm_id.to_string(),
@@ -300,7 +301,7 @@ impl Store {
     }
 
     /// Records a new desired state.
-    pub async fn set_desired(&self, id: &VmId, desired: Desired) -> Result<()> {
+    pub async fn set_desired(&self, _: &Writer, id: &VmId, desired: Desired) -> Result<()> {
         let id = id.clone();
         self.run(move |c| {
             let n = c.execute(
@@ -317,7 +318,7 @@ impl Store {
 
     /// Records everything observed about a VM's VMM: state, endpoint (none when there is no
     /// process), last exit, health and orphan reason.
-    pub async fn save_runtime(&self, rec: &VmRecord) -> Result<()> {
+    pub async fn save_runtime(&self, _: &Writer, rec: &VmRecord) -> Result<()> {
         let rec = rec.clone();
         self.run(move |c| {
             let ep = rec.endpoint.as_ref();
@@ -354,7 +355,7 @@ impl Store {
     }
 
     /// Removes a VM's row and its history.
-    pub async fn delete(&self, id: &VmId) -> Result<()> {
+    pub async fn delete(&self, _: &Writer, id: &VmId) -> Result<()> {
         let id = id.clone();
         self.run(move |c| {
             let tx = c.transaction()?;
@@ -374,7 +375,7 @@ impl Store {
     }
 
     /// Replaces a VM's stored config.
-    pub async fn set_spec(&self, id: &VmId, spec: &VmSpec) -> Result<()> {
+    pub async fn set_spec(&self, _: &Writer, id: &VmId, spec: &VmSpec) -> Result<()> {
         let id = id.clone();
         let text = serde_json::to_string(spec).map_err(|e| Error::CorruptRow {
             vm_id: id.to_string(),
@@ -394,7 +395,7 @@ impl Store {
     }
 
     /// Appends a recovery attempt, keeping the newest [`ATTEMPTS_KEPT`] per VM.
-    pub async fn add_attempt(&self, id: &VmId, a: AttemptRecord) -> Result<()> {
+    pub async fn add_attempt(&self, _: &Writer, id: &VmId, a: AttemptRecord) -> Result<()> {
         let id = id.clone();
         self.run(move |c| {
             let tx = c.transaction()?;
@@ -423,7 +424,7 @@ impl Store {
     }
 
     /// Appends an event, keeping the newest `keep` per VM; returns its sequence number.
-    pub async fn add_event(&self, ev: EventRecord, keep: usize) -> Result<i64> {
+    pub async fn add_event(&self, _: &Writer, ev: EventRecord, keep: usize) -> Result<i64> {
         self.run(move |c| {
             let tx = c.transaction()?;
             tx.execute(
@@ -484,7 +485,7 @@ impl Store {
     }
 
     /// Records a snapshot.
-    pub async fn insert_snapshot(&self, snap: SnapshotRecord) -> Result<()> {
+    pub async fn insert_snapshot(&self, _: &Writer, snap: SnapshotRecord) -> Result<()> {
         let spec = serde_json::to_string(&snap.spec).map_err(|e| Error::CorruptRow {
             vm_id: snap.vm_id.clone(),
             reason: e.to_string(),
@@ -823,6 +824,7 @@ fn migrate(conn: &mut Connection) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::writer_for_store_tests as w;
     use crate::model::Target;
     use std::collections::BTreeMap;
 
@@ -870,10 +872,10 @@ mod tests {
         {
             let s = Store::open(&path).unwrap();
             for i in 0..5 {
-                s.insert(rec(&format!("vm{i}"))).await.unwrap();
+                s.insert(w(), rec(&format!("vm{i}"))).await.unwrap();
             }
             assert!(matches!(
-                s.insert(rec("vm1")).await,
+                s.insert(w(), rec("vm1")).await,
                 Err(Error::AlreadyExists(_))
             ));
             let id = VmId::parse("vm_id", "vm3").unwrap();
@@ -883,7 +885,7 @@ mod tests {
                 control_socket: "/s".into(),
                 console_log: "/c".into(),
             };
-            s.set_desired(&id, Desired::State(Target::Running))
+            s.set_desired(w(), &id, Desired::State(Target::Running))
                 .await
                 .unwrap();
             let mut r = s.get(&id).await.unwrap().unwrap();
@@ -891,7 +893,7 @@ mod tests {
             r.endpoint = Some(ep.clone());
             r.orphan_reason = Some(OrphanReason::PidReused);
             r.health.consecutive_failures = 3;
-            s.save_runtime(&r).await.unwrap();
+            s.save_runtime(w(), &r).await.unwrap();
             let got = s.get(&id).await.unwrap().unwrap();
             assert_eq!(got.endpoint, Some(ep));
             assert_eq!(got.observed, VmState::Running);
@@ -904,7 +906,7 @@ mod tests {
             assert_eq!(page2.first().map(|r| r.vm_id.as_str()), Some("vm2"));
             let (running, n) = s.page(vec![VmState::Running], None, 10).await.unwrap();
             assert_eq!((running.len(), n), (1, 1));
-            s.set_desired(&VmId::parse("vm_id", "vm4").unwrap(), Desired::Deleted)
+            s.set_desired(w(), &VmId::parse("vm_id", "vm4").unwrap(), Desired::Deleted)
                 .await
                 .unwrap();
             assert_eq!(s.page(vec![], None, 10).await.unwrap().1, 4);
@@ -922,6 +924,7 @@ mod tests {
         let id = VmId::parse("vm_id", "vm0").unwrap();
         for n in 0..(ATTEMPTS_KEPT as u32 + 5) {
             s.add_attempt(
+                w(),
                 &id,
                 AttemptRecord {
                     attempt: n,
@@ -938,7 +941,7 @@ mod tests {
         let hist = s.attempts(&id).await.unwrap();
         assert_eq!(hist.len(), ATTEMPTS_KEPT);
         assert_eq!(hist[0].attempt, ATTEMPTS_KEPT as u32 + 4, "newest first");
-        s.delete(&id).await.unwrap();
+        s.delete(w(), &id).await.unwrap();
         assert!(s.attempts(&id).await.unwrap().is_empty());
         assert_eq!(all[0].spec.metadata.get("a").map(String::as_str), Some("b"));
         let _ = std::fs::remove_dir_all(&dir);

@@ -129,6 +129,7 @@ impl Supervisor {
         let env = ControllerEnv {
             host,
             store,
+            vmm_kind: drivers.default_kind(),
             driver,
             run_root: cfg.run_root(),
             health: cfg.health.clone(),
@@ -204,6 +205,7 @@ impl Supervisor {
     fn env_for(&self, spec: &VmSpec) -> ControllerEnv {
         ControllerEnv {
             driver: self.drivers.for_spec(spec),
+            vmm_kind: self.drivers.kind_for(spec),
             ..self.env.clone()
         }
     }
@@ -385,21 +387,32 @@ impl Supervisor {
             // the next start.
             saved: restore.clone(),
         };
-        // The insert is the point of no return for the id: a duplicate fails here, before any
-        // file of the existing VM could be touched.
-        self.env.store.insert(rec.clone()).await?;
-        crate::crash_point!("create.after_insert");
         let env = self.env_for(&rec.spec);
-        let (handle, live, task) = Controller::start(rec, Attach::Nothing, env);
-        self.lock().insert(
-            vm_id.clone(),
-            Entry {
-                handle: handle.clone(),
-                live,
-                task,
-            },
-        );
-        let res = handle.call(Op::Create { restore }).await;
+        // The id is taken in the map first, so a second create of it fails before a controller
+        // for it starts; the new controller then inserts the row (a duplicate the registry
+        // knows fails there), as the VM's only writer.
+        let handle = {
+            let mut vms = self.lock();
+            if vms.contains_key(&vm_id) {
+                return Err(Error::AlreadyExists(vm_id.to_string()));
+            }
+            let (handle, live, task) = Controller::start(rec, Attach::Nothing, env);
+            vms.insert(
+                vm_id.clone(),
+                Entry {
+                    handle: handle.clone(),
+                    live,
+                    task,
+                },
+            );
+            handle
+        };
+        let res = handle
+            .call(Op::Create {
+                restore,
+                insert: true,
+            })
+            .await;
         if res.is_err() {
             self.lock().remove(&vm_id);
         }
@@ -455,34 +468,27 @@ impl Supervisor {
         let handle = self.handle(id)?;
         let now = now_ms();
         let snapshot_id = format!("{id}-{now}");
-        let dir = self.cfg.state_dir.join("snapshots").join(&snapshot_id);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        let rec = match handle
-            .call(Op::Snapshot {
-                dest: dir.clone(),
-                diff,
-            })
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e);
-            }
-        };
-        crate::crash_point!("snapshot.before_record");
-        let mut spec = rec.spec.clone();
-        spec.vmm = Some(self.drivers.kind_for(&rec.spec));
-        let snap = SnapshotRecord {
+        let dest = self.cfg.state_dir.join("snapshots").join(&snapshot_id);
+        // The controller fills in the spec, makes the files and writes the record.
+        let record = SnapshotRecord {
             snapshot_id,
             vm_id: id.to_string(),
-            spec,
-            path: dir,
+            // Overwritten by the controller with the spec as it is when the snapshot is taken.
+            spec: self.get(id).await?.spec,
+            path: dest.clone(),
             created_at_ms: now,
         };
-        self.env.store.insert_snapshot(snap.clone()).await?;
-        Ok((snap, rec))
+        let r = handle
+            .call_full(Op::Snapshot {
+                dest,
+                diff,
+                record: Box::new(record),
+            })
+            .await?;
+        let snap = r.snapshot.ok_or_else(|| {
+            Error::Unavailable(id.to_string(), "the snapshot was not recorded".into())
+        })?;
+        Ok((snap, r.rec))
     }
 
     /// Applies a lifecycle transition.
@@ -702,8 +708,6 @@ impl Supervisor {
     /// then the sweep looks for strays and stale files. Logs what it found and did.
     pub async fn reconcile_pass(&self) -> Result<ReconcileReport> {
         let started = Instant::now();
-        // Events the registry refused while it could not be written go in first, in order.
-        self.env.events.flush().await;
         let handles: Vec<(VmId, ControllerHandle)> = self
             .lock()
             .iter()

@@ -193,6 +193,7 @@ impl Controller {
         self.env
             .events
             .emit(
+                W,
                 self.rec.vm_id.as_str(),
                 EventKind::GuestReady,
                 self.rec.observed,
@@ -420,6 +421,7 @@ impl Controller {
                     self.env
                         .events
                         .emit(
+                            W,
                             self.rec.vm_id.as_str(),
                             EventKind::HealthChanged,
                             self.rec.observed,
@@ -455,6 +457,7 @@ impl Controller {
                     self.env
                         .events
                         .emit(
+                            W,
                             self.rec.vm_id.as_str(),
                             EventKind::HealthChanged,
                             self.rec.observed,
@@ -494,6 +497,7 @@ impl Controller {
         self.env
             .events
             .emit(
+                W,
                 self.rec.vm_id.as_str(),
                 kind,
                 self.rec.observed,

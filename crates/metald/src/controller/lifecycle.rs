@@ -9,8 +9,15 @@ impl Controller {
     pub(super) async fn handle(&mut self, op: Op) -> Result<OpResult> {
         let mut did = Did::default();
         let mut guest_info = None;
+        let mut snapshot = None;
         match op {
-            Op::Create { restore } => {
+            Op::Create { restore, insert } => {
+                if insert {
+                    // The insert is the point of no return for the id: a duplicate fails here,
+                    // before any file of an existing VM could be touched.
+                    self.env.store.insert(W, self.rec.clone()).await?;
+                    crate::crash_point!("create.after_insert");
+                }
                 if restore.is_some() {
                     self.start_trigger = "restore";
                 }
@@ -78,7 +85,7 @@ impl Controller {
                 if self.rec.spec.auto_recover != on {
                     let mut spec = self.rec.spec.clone();
                     spec.auto_recover = on;
-                    self.env.store.set_spec(&self.rec.vm_id, &spec).await?;
+                    self.env.store.set_spec(W, &self.rec.vm_id, &spec).await?;
                     self.rec.spec = spec;
                     info!(vm_id = %self.rec.vm_id, auto_recover = on, "auto recovery changed");
                 }
@@ -91,8 +98,15 @@ impl Controller {
                     self.cancel_recovery();
                 }
             }
-            Op::Reconcile => did = self.reconcile_pass().await,
-            Op::Snapshot { dest, diff } => self.snapshot(&dest, diff).await?,
+            Op::Reconcile => {
+                // Events the registry refused while it could not be written go in first, in
+                // order (the first controller visited writes them all).
+                self.env.events.flush(W).await;
+                did = self.reconcile_pass().await;
+            }
+            Op::Snapshot { dest, diff, record } => {
+                snapshot = Some(self.snapshot_recorded(dest, diff, *record).await?);
+            }
             Op::Save { dest } => self.save_guest(&dest).await?,
             Op::GuestInfo => guest_info = Some(self.guest_info().await?),
         }
@@ -100,7 +114,29 @@ impl Controller {
             rec: self.rec.clone(),
             did,
             guest_info,
+            snapshot,
         })
+    }
+
+    /// A snapshot into `dest`, made here and removed again if the snapshot fails, then
+    /// recorded: the files and the record are this VM's, so its controller writes both.
+    async fn snapshot_recorded(
+        &mut self,
+        dest: PathBuf,
+        diff: bool,
+        mut record: SnapshotRecord,
+    ) -> Result<SnapshotRecord> {
+        std::fs::create_dir_all(&dest)
+            .map_err(|e| Error::io(format!("creating {}", dest.display()), e))?;
+        if let Err(e) = self.snapshot(&dest, diff).await {
+            let _ = std::fs::remove_dir_all(&dest);
+            return Err(e);
+        }
+        crate::crash_point!("snapshot.before_record");
+        record.spec = self.rec.spec.clone();
+        record.spec.vmm = Some(self.env.vmm_kind);
+        self.env.store.insert_snapshot(W, record.clone()).await?;
+        Ok(record)
     }
 
     /// Pauses the guest (if running), has the driver write the snapshot, and resumes it.
@@ -180,6 +216,7 @@ impl Controller {
         self.env
             .events
             .emit(
+                W,
                 self.rec.vm_id.as_str(),
                 EventKind::Saved,
                 was,
@@ -508,14 +545,14 @@ impl Controller {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(format!("removing {}", dir.display()), e)),
         }
-        self.env.store.delete(&self.rec.vm_id).await
+        self.env.store.delete(W, &self.rec.vm_id).await
     }
 
     pub(super) async fn set_desired(&mut self, d: Desired) -> Result<()> {
         if self.rec.desired != d {
             // A caller's wish is acknowledged only once it is recorded: a refused write fails
             // the call (and puts the host in readonly), and nothing changes.
-            if let Err(e) = self.env.store.set_desired(&self.rec.vm_id, d).await {
+            if let Err(e) = self.env.store.set_desired(W, &self.rec.vm_id, d).await {
                 if e.registry_unwritable() {
                     self.env.host.registry_failed(&e.to_string());
                 }
@@ -535,6 +572,7 @@ impl Controller {
             self.env
                 .events
                 .emit(
+                    W,
                     self.rec.vm_id.as_str(),
                     EventKind::StateChanged,
                     from,
@@ -556,12 +594,12 @@ impl Controller {
     pub(super) async fn save(&mut self) -> Result<()> {
         self.rec.updated_at_ms = now_ms();
         self.publish();
-        let mut res = self.env.store.save_runtime(&self.rec).await;
+        let mut res = self.env.store.save_runtime(W, &self.rec).await;
         if res.is_ok() && self.unsaved {
             res = self
                 .env
                 .store
-                .set_desired(&self.rec.vm_id, self.rec.desired)
+                .set_desired(W, &self.rec.vm_id, self.rec.desired)
                 .await;
         }
         match res {

@@ -48,7 +48,7 @@ use crate::model::{
     VmState,
 };
 use crate::recovery::{Admission, RecoveryGate};
-use crate::store::{AttemptRecord, Store, VmRecord, now_ms};
+use crate::store::{AttemptRecord, SnapshotRecord, Store, VmRecord, now_ms};
 
 /// An operation sent to a VM's controller.
 #[derive(Debug, Clone)]
@@ -58,13 +58,17 @@ pub enum Op {
     Create {
         /// A snapshot directory to start from.
         restore: Option<PathBuf>,
+        /// Insert the VM's row first (a new VM; false for a VM whose row is already there).
+        insert: bool,
     },
     /// Write a snapshot into this (existing, empty) directory.
     Snapshot {
-        /// Where.
+        /// Where (the controller makes the directory, and removes it if the snapshot fails).
         dest: PathBuf,
         /// Only the memory dirtied since the last snapshot.
         diff: bool,
+        /// The record to write once the snapshot is whole (the VM's spec is filled in).
+        record: Box<SnapshotRecord>,
     },
     /// A lifecycle transition. `graceful` bounds how long a shutdown waits for the guest
     /// (`None`: stop the VMM at once).
@@ -117,6 +121,8 @@ pub struct OpResult {
     pub did: Did,
     /// For [`Op::GuestInfo`], what the agent said.
     pub guest_info: Option<GuestInfo>,
+    /// For [`Op::Snapshot`], the snapshot as recorded.
+    pub snapshot: Option<SnapshotRecord>,
 }
 
 struct Request {
@@ -159,6 +165,8 @@ pub struct ControllerEnv {
     pub store: Store,
     /// The VMM driver.
     pub driver: Arc<dyn VmmDriver>,
+    /// Which VMM that driver runs.
+    pub vmm_kind: crate::config::VmmKind,
     /// Parent of the per-VM run directories.
     pub run_root: PathBuf,
     /// Health-check settings.
@@ -458,6 +466,36 @@ impl Controller {
         }
         debug!(vm_id = %self.rec.vm_id, "controller stopped");
     }
+}
+
+/// Proof of being a VM's controller. The registry's writes of a VM (its row, recovery attempts,
+/// snapshots) and the event bus's take one, and only this module can make one: its field is
+/// private. So the one-writer rule is the compiler's, not a comment's: the supervisor, the API,
+/// re-attach and the sweep cannot write a VM, they can only ask its controller to.
+///
+/// Outside this module a `Writer` cannot be made:
+///
+/// ```compile_fail,E0423
+/// let _ = metald::controller::Writer(());
+/// ```
+///
+/// and a VM's row cannot be written without one:
+///
+/// ```compile_fail,E0061
+/// async fn sneak(store: &metald::store::Store, id: &metald::model::VmId) {
+///     let _ = store.delete(id).await;
+/// }
+/// ```
+#[derive(Debug)]
+pub struct Writer(());
+
+/// The controllers' one [`Writer`].
+const W: &Writer = &Writer(());
+
+/// A [`Writer`] for the registry's own unit tests, which test the writes themselves.
+#[cfg(test)]
+pub(crate) fn writer_for_store_tests() -> &'static Writer {
+    W
 }
 
 /// When the next health check after `now` is due: the interval, moved by up to ±jitter, then

@@ -298,6 +298,7 @@ impl Controller {
         self.env
             .events
             .emit(
+                W,
                 self.rec.vm_id.as_str(),
                 EventKind::Recovering,
                 from,
@@ -325,7 +326,7 @@ impl Controller {
                 .unwrap_or_default(),
             trigger: trigger.as_str().to_string(),
         };
-        if let Err(e) = self.env.store.add_attempt(&self.rec.vm_id, record).await {
+        if let Err(e) = self.env.store.add_attempt(W, &self.rec.vm_id, record).await {
             warn!(vm_id = %self.rec.vm_id, error = %e, "recording recovery attempt failed");
         }
         if !manual {
@@ -355,6 +356,7 @@ impl Controller {
                 self.env
                     .events
                     .emit(
+                        W,
                         self.rec.vm_id.as_str(),
                         EventKind::Recovered,
                         from,
@@ -382,6 +384,7 @@ impl Controller {
                 self.env
                     .events
                     .emit(
+                        W,
                         self.rec.vm_id.as_str(),
                         EventKind::RecoveryFailed,
                         from,
@@ -406,6 +409,7 @@ impl Controller {
         self.env
             .events
             .emit(
+                W,
                 self.rec.vm_id.as_str(),
                 EventKind::Failed,
                 from,
@@ -485,7 +489,7 @@ impl Controller {
                 if let Err(e) = self
                     .env
                     .store
-                    .set_desired(&self.rec.vm_id, self.rec.desired)
+                    .set_desired(W, &self.rec.vm_id, self.rec.desired)
                     .await
                 {
                     if e.registry_unwritable() {
@@ -521,6 +525,7 @@ impl Controller {
         self.env
             .events
             .emit(
+                W,
                 self.rec.vm_id.as_str(),
                 EventKind::Orphaned,
                 from,
