@@ -662,7 +662,7 @@ impl VmApi {
             .into());
         }
         let (spec, restore) = if r.from_snapshot.is_empty() {
-            (spec_input(r.config)?.validate(self.sup.config())?, None)
+            (spec_input(r.config)?.validate(self.sup.spec_rules())?, None)
         } else {
             if r.config.is_some() {
                 return Err(Error::invalid(

@@ -7,6 +7,12 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::model::millis;
+// Domain types the config holds, defined with the VMs they describe.
+pub use crate::model::{GuestHealthConfig, GuestProbe, VmmKind};
+
+/// The longest path a unix socket address holds (`sun_path` is 108 bytes with its NUL).
+pub const SUN_PATH_MAX: usize = 107;
 
 /// Which accelerator QEMU uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,39 +32,6 @@ impl std::str::FromStr for Accel {
             "tcg" => Ok(Accel::Tcg),
             other => Err(Error::Config(format!(
                 "accel: {other:?} is not one of kvm, tcg"
-            ))),
-        }
-    }
-}
-
-/// Which VMM runs a VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VmmKind {
-    /// QEMU `microvm`, driven over QMP.
-    Qemu,
-    /// Firecracker, driven over its REST API.
-    Firecracker,
-}
-
-impl VmmKind {
-    /// Stable name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VmmKind::Qemu => "qemu",
-            VmmKind::Firecracker => "firecracker",
-        }
-    }
-}
-
-impl std::str::FromStr for VmmKind {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "qemu" => Ok(VmmKind::Qemu),
-            "firecracker" => Ok(VmmKind::Firecracker),
-            other => Err(Error::Config(format!(
-                "vmm: {other:?} is not one of qemu, firecracker"
             ))),
         }
     }
@@ -458,107 +431,6 @@ pub struct QemuConfig {
     pub panic_device: bool,
 }
 
-/// How a VM's guest is probed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum GuestProbe {
-    /// Never judge the guest by its silence (images without an agent). Panics are still caught.
-    #[default]
-    None,
-    /// Ping the QEMU guest agent (qemu-guest-agent) in the guest.
-    Agent,
-}
-
-impl GuestProbe {
-    /// Stable name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            GuestProbe::None => "none",
-            GuestProbe::Agent => "agent",
-        }
-    }
-}
-
-impl std::str::FromStr for GuestProbe {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "none" => Ok(GuestProbe::None),
-            "agent" => Ok(GuestProbe::Agent),
-            other => Err(Error::Config(format!(
-                "probe: {other:?} is not one of none, agent"
-            ))),
-        }
-    }
-}
-
-/// Guest readiness and liveness: the host's defaults (`[guest_health]`), and, resolved at
-/// CreateVm, each VM's own settings (stored with its config).
-///
-/// With `probe = "agent"` the guest is ready at its first answered `guest-ping` after a boot,
-/// restore or recovery; once ready, `failure_threshold` unanswered probes in a row orphan it
-/// (`guest_unresponsive`), and so does never answering within `startup_timeout`. The defaults
-/// leave a loaded TCG host (2 s boots) an order of magnitude of headroom: a probe is allowed 1 s,
-/// and only 3 in a row (about 3 s of silence) count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct GuestHealthConfig {
-    /// How the guest is probed.
-    pub probe: GuestProbe,
-    /// How long after a boot, restore or recovery the guest may take to answer the first time.
-    #[serde(with = "millis")]
-    pub startup_timeout: Duration,
-    /// Time from the start of one probe to the start of the next.
-    #[serde(with = "millis")]
-    pub interval: Duration,
-    /// Bound on one probe.
-    #[serde(with = "millis")]
-    pub timeout: Duration,
-    /// Unanswered probes in a row, after the guest was ready, that orphan it.
-    pub failure_threshold: u32,
-}
-
-impl Default for GuestHealthConfig {
-    fn default() -> Self {
-        GuestHealthConfig {
-            probe: GuestProbe::None,
-            startup_timeout: Duration::from_secs(60),
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_secs(1),
-            failure_threshold: 3,
-        }
-    }
-}
-
-impl GuestHealthConfig {
-    /// Checks the settings; `field` prefixes the name in the error.
-    pub fn check(&self) -> std::result::Result<(), (String, String)> {
-        let ms = |d: Duration| d.as_millis();
-        if !(1_000..=3_600_000).contains(&ms(self.startup_timeout)) {
-            return Err((
-                "startup_timeout".into(),
-                "must be between 1 s and 1 h".into(),
-            ));
-        }
-        if !(100..=600_000).contains(&ms(self.interval)) {
-            return Err((
-                "interval".into(),
-                "must be between 100 ms and 10 min".into(),
-            ));
-        }
-        if ms(self.timeout) < 50 || self.timeout > self.interval {
-            return Err((
-                "timeout".into(),
-                "must be at least 50 ms and at most the interval".into(),
-            ));
-        }
-        if !(1..=100).contains(&self.failure_threshold) {
-            return Err(("failure_threshold".into(), "must be 1 to 100".into()));
-        }
-        Ok(())
-    }
-}
-
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -630,6 +502,17 @@ impl Config {
         })
     }
 
+    /// What this host accepts of a VM's spec.
+    pub fn spec_rules(&self) -> crate::model::SpecRules {
+        crate::model::SpecRules {
+            max_vcpus: self.max_vcpus(),
+            min_memory_mib: self.limits.min_memory_mib,
+            max_memory_mib: self.limits.max_memory_mib,
+            asset_dirs: self.asset_dirs.clone(),
+            guest_health: self.guest_health,
+        }
+    }
+
     /// Path of the SQLite registry.
     pub fn db_path(&self) -> PathBuf {
         self.state_dir.join("metald.db")
@@ -661,14 +544,14 @@ impl Config {
         // reaches it through the directory), but the API socket is for clients, which connect
         // by path: it must fit.
         if let Listen::Unix(path) = self.listen()?
-            && path.as_os_str().len() > crate::driver::SUN_PATH_MAX
+            && path.as_os_str().len() > SUN_PATH_MAX
         {
             return Err(Error::Config(format!(
                 "listen: the API socket {} is {} bytes, and unix socket paths are limited to {}: \
                  set listen to a shorter path (listen = \"unix:/run/metald.sock\", say)",
                 path.display(),
                 path.as_os_str().len(),
-                crate::driver::SUN_PATH_MAX
+                SUN_PATH_MAX
             )));
         }
         let h = &self.health;
@@ -719,17 +602,6 @@ mod secs {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let v = f64::deserialize(d)?;
         Duration::try_from_secs_f64(v).map_err(serde::de::Error::custom)
-    }
-}
-
-mod millis {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
     }
 }
 

@@ -38,7 +38,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     std::fs::create_dir_all(cfg.run_root())
         .map_err(|e| Error::io(format!("creating {}", cfg.run_root().display()), e))?;
     let _lock = lock_state_dir(&cfg)?;
-    let store = Store::open(&cfg.db_path())?;
+    let (store, writer) = Store::open(&cfg.db_path())?;
     let drivers = Drivers::from_config(&cfg);
     // A driver that cannot run as configured (a dynamically linked firecracker under the
     // jailer, no cgroup hierarchy) is a start-up error, not a failure at the first create.
@@ -65,7 +65,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         };
         store.set_host_mode(&operator_mode).await?;
     }
-    let sup = Supervisor::new(cfg.clone(), store, drivers, operator_mode);
+    let sup = Supervisor::new(cfg.clone(), store, writer, drivers, operator_mode);
     let ready = Arc::new(AtomicBool::new(false));
     let metrics_server = if cfg.metrics_listen.is_empty() {
         None

@@ -1,7 +1,7 @@
 //! The library's error type. Each variant maps to one gRPC status code in [`crate::api`], so a
 //! caller always learns which field or precondition was at fault.
 
-use crate::driver::DriverError;
+use std::path::PathBuf;
 
 /// Result alias used across the library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -116,4 +116,62 @@ pub fn is_exhaustion(e: &std::io::Error) -> bool {
 /// read-only file system, I/O error, no memory, too many files), not a fault in the request.
 pub fn is_resource_fault(e: &std::io::Error) -> bool {
     is_exhaustion(e) || matches!(e.raw_os_error(), Some(libc::EROFS | libc::EIO))
+}
+
+/// Errors from a VMM driver.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The VMM process could not be started.
+    #[error("starting the VMM failed: {0}")]
+    Spawn(String),
+    /// The VMM's control socket did not appear or could not be reached.
+    #[error("control socket {path}: {reason}")]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+        /// Nobody is listening there (missing file, connection refused). False when something
+        /// is listening but not accepting, as with a stopped VMM whose backlog is full.
+        unreachable: bool,
+    },
+    /// The VMM did not answer in time.
+    #[error("the VMM did not answer {what} within {millis} ms")]
+    Timeout {
+        /// The command that timed out.
+        what: String,
+        /// The timeout.
+        millis: u128,
+    },
+    /// The VMM answered with an error.
+    #[error("the VMM refused {what}: {reason}")]
+    Refused {
+        /// The command.
+        what: String,
+        /// The VMM's error message.
+        reason: String,
+    },
+    /// The VMM spoke something other than its protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The VMM exited while starting.
+    #[error("the VMM exited during start-up: {0}")]
+    EarlyExit(String),
+    /// A VM's config cannot run on this driver; `field` names the request field.
+    #[error("{field}: {reason}")]
+    InvalidSpec {
+        /// Dotted path of the request field.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+    /// The driver does not support this operation.
+    #[error("{0} is not supported by the {1} driver")]
+    Unsupported(&'static str, &'static str),
+    /// An OS call failed.
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    /// The VMM closed its control connection (it is exiting, or was told to quit).
+    #[error("the VMM closed its control connection")]
+    Closed,
 }

@@ -7,9 +7,8 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
 use tracing::{info, warn};
 
-use crate::controller::Writer;
 use crate::model::{EventKind, VmState};
-use crate::store::{EventRecord, Store, now_ms};
+use crate::store::{EventRecord, Store, Writer, now_ms};
 
 /// At most this many events wait in memory for a registry that refuses writes; beyond it the
 /// oldest are dropped (and counted in the log), so a long outage cannot grow metald without

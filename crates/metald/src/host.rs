@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::store::now_ms;
+use crate::model::now_ms;
 
 /// The modes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

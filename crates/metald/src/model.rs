@@ -6,10 +6,10 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
 use crate::error::{Error, Result};
 
 /// A VM id: `[A-Za-z0-9_-]{1,64}`. It names run directories and sockets, so it is checked before
@@ -530,13 +530,13 @@ pub struct VmSpec {
     pub auto_recover: bool,
     /// The VMM this VM runs on; the host default when unset.
     #[serde(default)]
-    pub vmm: Option<crate::config::VmmKind>,
+    pub vmm: Option<VmmKind>,
     /// The guest context id of a vsock device, when it has one.
     #[serde(default)]
     pub vsock_cid: Option<u32>,
     /// How the guest is probed (resolved against the host defaults at create).
     #[serde(default)]
-    pub guest_health: crate::config::GuestHealthConfig,
+    pub guest_health: GuestHealthConfig,
 }
 
 /// What a caller asked for, before validation. The API layer fills this from the protobuf.
@@ -575,11 +575,27 @@ pub struct VmSpecInput {
 
 const MIB: u64 = 1024 * 1024;
 
+/// What a host accepts of a VM: the rules [`VmSpecInput::validate`] checks a request against,
+/// taken from the daemon's config (`Config::spec_rules`) so that the domain needs none of it.
+#[derive(Debug, Clone)]
+pub struct SpecRules {
+    /// Most vCPUs one VM may have.
+    pub max_vcpus: u32,
+    /// Smallest guest memory, in MiB.
+    pub min_memory_mib: u64,
+    /// Largest guest memory, in MiB.
+    pub max_memory_mib: u64,
+    /// Where kernels, initrds and disks may come from.
+    pub asset_dirs: Vec<PathBuf>,
+    /// The host's guest-health defaults, for what a request leaves unset.
+    pub guest_health: GuestHealthConfig,
+}
+
 impl VmSpecInput {
-    /// Validates every field against the host config, resolving asset paths. Each error names
+    /// Validates every field against the host's rules, resolving asset paths. Each error names
     /// the request field.
-    pub fn validate(self, cfg: &Config) -> Result<VmSpec> {
-        let max_vcpus = cfg.max_vcpus();
+    pub fn validate(self, cfg: &SpecRules) -> Result<VmSpec> {
+        let max_vcpus = cfg.max_vcpus;
         if self.vcpus < 1 {
             return Err(Error::invalid(
                 "config.cpu.vcpu_count",
@@ -592,15 +608,15 @@ impl VmSpecInput {
                 format!("{} exceeds this host's limit of {max_vcpus}", self.vcpus),
             ));
         }
-        let min = cfg.limits.min_memory_mib * MIB;
-        let max = cfg.limits.max_memory_mib * MIB;
+        let min = cfg.min_memory_mib * MIB;
+        let max = cfg.max_memory_mib * MIB;
         let mem = u64::try_from(self.memory_bytes).unwrap_or(0);
         if mem < min || mem > max {
             return Err(Error::invalid(
                 "config.memory.size_bytes",
                 format!(
                     "{} is outside the allowed range {} MiB to {} MiB",
-                    self.memory_bytes, cfg.limits.min_memory_mib, cfg.limits.max_memory_mib
+                    self.memory_bytes, cfg.min_memory_mib, cfg.max_memory_mib
                 ),
             ));
         }
@@ -724,9 +740,9 @@ impl VmSpecInput {
 
 /// A VM's guest probe settings: what the request set, the host's defaults for the rest.
 fn resolve_guest_health(
-    cfg: &Config,
+    cfg: &SpecRules,
     input: &(String, u32, u32, u32, u32),
-) -> Result<crate::config::GuestHealthConfig> {
+) -> Result<GuestHealthConfig> {
     let (probe, startup, interval, timeout, threshold) = input;
     let mut g = cfg.guest_health;
     if !probe.is_empty() {
@@ -762,7 +778,7 @@ fn resolve_guest_health(
 
 /// Resolves `path` to a canonical regular file inside one of the configured asset directories.
 /// Canonicalizing first means neither `..` nor a symlink can lead outside them.
-fn resolve_asset(cfg: &Config, field: &str, path: &str) -> Result<PathBuf> {
+fn resolve_asset(cfg: &SpecRules, field: &str, path: &str) -> Result<PathBuf> {
     let p = Path::new(path);
     if !p.is_absolute() {
         return Err(Error::invalid(
@@ -847,9 +863,179 @@ fn check_tap(field: &str, tap: &str) -> Result<()> {
     Ok(())
 }
 
+/// Which VMM runs a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmmKind {
+    /// QEMU `microvm`, driven over QMP.
+    Qemu,
+    /// Firecracker, driven over its REST API.
+    Firecracker,
+}
+
+impl VmmKind {
+    /// Stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmmKind::Qemu => "qemu",
+            VmmKind::Firecracker => "firecracker",
+        }
+    }
+}
+
+impl std::str::FromStr for VmmKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "qemu" => Ok(VmmKind::Qemu),
+            "firecracker" => Ok(VmmKind::Firecracker),
+            other => Err(Error::Config(format!(
+                "vmm: {other:?} is not one of qemu, firecracker"
+            ))),
+        }
+    }
+}
+
+/// How a VM's guest is probed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestProbe {
+    /// Never judge the guest by its silence (images without an agent). Panics are still caught.
+    #[default]
+    None,
+    /// Ping the QEMU guest agent (qemu-guest-agent) in the guest.
+    Agent,
+}
+
+impl GuestProbe {
+    /// Stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GuestProbe::None => "none",
+            GuestProbe::Agent => "agent",
+        }
+    }
+}
+
+impl std::str::FromStr for GuestProbe {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(GuestProbe::None),
+            "agent" => Ok(GuestProbe::Agent),
+            other => Err(Error::Config(format!(
+                "probe: {other:?} is not one of none, agent"
+            ))),
+        }
+    }
+}
+
+/// Guest readiness and liveness: the host's defaults (`[guest_health]`), and, resolved at
+/// CreateVm, each VM's own settings (stored with its config).
+///
+/// With `probe = "agent"` the guest is ready at its first answered `guest-ping` after a boot,
+/// restore or recovery; once ready, `failure_threshold` unanswered probes in a row orphan it
+/// (`guest_unresponsive`), and so does never answering within `startup_timeout`. The defaults
+/// leave a loaded TCG host (2 s boots) an order of magnitude of headroom: a probe is allowed 1 s,
+/// and only 3 in a row (about 3 s of silence) count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GuestHealthConfig {
+    /// How the guest is probed.
+    pub probe: GuestProbe,
+    /// How long after a boot, restore or recovery the guest may take to answer the first time.
+    #[serde(with = "millis")]
+    pub startup_timeout: Duration,
+    /// Time from the start of one probe to the start of the next.
+    #[serde(with = "millis")]
+    pub interval: Duration,
+    /// Bound on one probe.
+    #[serde(with = "millis")]
+    pub timeout: Duration,
+    /// Unanswered probes in a row, after the guest was ready, that orphan it.
+    pub failure_threshold: u32,
+}
+
+impl Default for GuestHealthConfig {
+    fn default() -> Self {
+        GuestHealthConfig {
+            probe: GuestProbe::None,
+            startup_timeout: Duration::from_secs(60),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            failure_threshold: 3,
+        }
+    }
+}
+
+impl GuestHealthConfig {
+    /// Checks the settings; `field` prefixes the name in the error.
+    pub fn check(&self) -> std::result::Result<(), (String, String)> {
+        let ms = |d: Duration| d.as_millis();
+        if !(1_000..=3_600_000).contains(&ms(self.startup_timeout)) {
+            return Err((
+                "startup_timeout".into(),
+                "must be between 1 s and 1 h".into(),
+            ));
+        }
+        if !(100..=600_000).contains(&ms(self.interval)) {
+            return Err((
+                "interval".into(),
+                "must be between 100 ms and 10 min".into(),
+            ));
+        }
+        if ms(self.timeout) < 50 || self.timeout > self.interval {
+            return Err((
+                "timeout".into(),
+                "must be at least 50 ms and at most the interval".into(),
+            ));
+        }
+        if !(1..=100).contains(&self.failure_threshold) {
+            return Err(("failure_threshold".into(), "must be 1 to 100".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Durations as whole milliseconds in config files and stored specs.
+pub(crate) mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+    /// Writes a duration as milliseconds.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+    /// Reads a duration from milliseconds.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+/// Where a running VMM can be reached. Stored in the registry so metald can find it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmEndpoint {
+    /// The VMM's pid.
+    pub pid: i32,
+    /// Its start time (clock ticks since boot); with the pid, identifies the process.
+    pub start_time: u64,
+    /// Its control socket (QMP, or Firecracker's API socket).
+    pub control_socket: PathBuf,
+    /// Guest serial output.
+    pub console_log: PathBuf,
+}
+
+/// Milliseconds since the epoch: the time in every record.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     #[test]
     fn vm_id_rules() {
@@ -935,9 +1121,9 @@ mod tests {
             kernel: kernel.display().to_string(),
             ..Default::default()
         };
-        assert!(good.clone().validate(&cfg).is_ok());
+        assert!(good.clone().validate(&cfg.spec_rules()).is_ok());
 
-        let field_of = |i: VmSpecInput| match i.validate(&cfg) {
+        let field_of = |i: VmSpecInput| match i.validate(&cfg.spec_rules()) {
             Err(Error::InvalidArgument { field, .. }) => field,
             other => panic!("expected InvalidArgument, got {other:?}"),
         };

@@ -6,14 +6,13 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use crate::controller::Writer;
-use crate::driver::VmmEndpoint;
 use crate::error::{Error, Result};
-use crate::model::{Desired, GuestStatus, HealthStatus, OrphanReason, VmId, VmSpec, VmState};
+use crate::model::{
+    Desired, GuestStatus, HealthStatus, OrphanReason, VmId, VmSpec, VmState, VmmEndpoint,
+};
 
 /// Schema migrations, applied in order; entry `i` takes the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -218,27 +217,45 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// Milliseconds since the epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub use crate::model::now_ms;
+
+/// The right to write a VM: its row, its recovery attempts, its snapshots and its events. Every
+/// such write takes one, and one is made only by [`Store::open`], which the daemon hands to the
+/// controllers' shared settings (`controller::ControllerEnv`), in a field only the controller
+/// module can read. So the one-writer rule is the compiler's, not a comment's: the supervisor,
+/// the API, re-attach and the sweep cannot write a VM, only ask its controller to.
+///
+/// Outside this module a `Writer` cannot be made:
+///
+/// ```compile_fail,E0423
+/// let _ = metald::store::Writer(());
+/// ```
+///
+/// and a VM's row cannot be written without one:
+///
+/// ```compile_fail,E0061
+/// async fn sneak(store: &metald::store::Store, id: &metald::model::VmId) {
+///     let _ = store.delete(id).await;
+/// }
+/// ```
+#[derive(Debug)]
+pub struct Writer(());
 
 impl Store {
-    /// Opens (creating if needed) the registry at `path` and migrates it.
-    pub fn open(path: &Path) -> Result<Store> {
+    /// Opens (creating if needed) the registry at `path` and migrates it; with it, the one
+    /// [`Writer`] of its VMs.
+    pub fn open(path: &Path) -> Result<(Store, Writer)> {
         let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrate(&mut conn)?;
-        Ok(Store {
+        let store = Store {
             conn: Arc::new(Mutex::new(conn)),
             path: path.to_path_buf(),
-        })
+        };
+        Ok((store, Writer(())))
     }
 
     /// Runs `f` with the connection on the blocking pool.
@@ -824,7 +841,6 @@ fn migrate(conn: &mut Connection) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::writer_for_store_tests as w;
     use crate::model::Target;
     use std::collections::BTreeMap;
 
@@ -870,12 +886,12 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("db");
         {
-            let s = Store::open(&path).unwrap();
+            let s = Store::open(&path).unwrap().0;
             for i in 0..5 {
-                s.insert(w(), rec(&format!("vm{i}"))).await.unwrap();
+                s.insert(&Writer(()), rec(&format!("vm{i}"))).await.unwrap();
             }
             assert!(matches!(
-                s.insert(w(), rec("vm1")).await,
+                s.insert(&Writer(()), rec("vm1")).await,
                 Err(Error::AlreadyExists(_))
             ));
             let id = VmId::parse("vm_id", "vm3").unwrap();
@@ -885,7 +901,7 @@ mod tests {
                 control_socket: "/s".into(),
                 console_log: "/c".into(),
             };
-            s.set_desired(w(), &id, Desired::State(Target::Running))
+            s.set_desired(&Writer(()), &id, Desired::State(Target::Running))
                 .await
                 .unwrap();
             let mut r = s.get(&id).await.unwrap().unwrap();
@@ -893,7 +909,7 @@ mod tests {
             r.endpoint = Some(ep.clone());
             r.orphan_reason = Some(OrphanReason::PidReused);
             r.health.consecutive_failures = 3;
-            s.save_runtime(w(), &r).await.unwrap();
+            s.save_runtime(&Writer(()), &r).await.unwrap();
             let got = s.get(&id).await.unwrap().unwrap();
             assert_eq!(got.endpoint, Some(ep));
             assert_eq!(got.observed, VmState::Running);
@@ -906,12 +922,16 @@ mod tests {
             assert_eq!(page2.first().map(|r| r.vm_id.as_str()), Some("vm2"));
             let (running, n) = s.page(vec![VmState::Running], None, 10).await.unwrap();
             assert_eq!((running.len(), n), (1, 1));
-            s.set_desired(w(), &VmId::parse("vm_id", "vm4").unwrap(), Desired::Deleted)
-                .await
-                .unwrap();
+            s.set_desired(
+                &Writer(()),
+                &VmId::parse("vm_id", "vm4").unwrap(),
+                Desired::Deleted,
+            )
+            .await
+            .unwrap();
             assert_eq!(s.page(vec![], None, 10).await.unwrap().1, 4);
         }
-        let s = Store::open(&path).unwrap();
+        let s = Store::open(&path).unwrap().0;
         let mode: String = s
             .conn
             .lock()
@@ -924,7 +944,7 @@ mod tests {
         let id = VmId::parse("vm_id", "vm0").unwrap();
         for n in 0..(ATTEMPTS_KEPT as u32 + 5) {
             s.add_attempt(
-                w(),
+                &Writer(()),
                 &id,
                 AttemptRecord {
                     attempt: n,
@@ -941,7 +961,7 @@ mod tests {
         let hist = s.attempts(&id).await.unwrap();
         assert_eq!(hist.len(), ATTEMPTS_KEPT);
         assert_eq!(hist[0].attempt, ATTEMPTS_KEPT as u32 + 4, "newest first");
-        s.delete(w(), &id).await.unwrap();
+        s.delete(&Writer(()), &id).await.unwrap();
         assert!(s.attempts(&id).await.unwrap().is_empty());
         assert_eq!(all[0].spec.metadata.get("a").map(String::as_str), Some("b"));
         let _ = std::fs::remove_dir_all(&dir);

@@ -27,7 +27,7 @@ use crate::model::{
 };
 use crate::process::{Pidfd, ProcInfo};
 use crate::recovery::{BreakerState, GateStatus, RecoveryGate};
-use crate::store::{SnapshotRecord, Store, VmRecord, now_ms};
+use crate::store::{SnapshotRecord, Store, VmRecord, Writer, now_ms};
 
 struct Entry {
     handle: ControllerHandle,
@@ -50,6 +50,7 @@ pub struct DrainReport {
 /// Routes operations to per-VM controllers.
 pub struct Supervisor {
     cfg: Config,
+    spec_rules: crate::model::SpecRules,
     /// The environment every controller shares; its driver is replaced per VM.
     env: ControllerEnv,
     drivers: Drivers,
@@ -114,6 +115,7 @@ impl Supervisor {
     pub fn new(
         cfg: Config,
         store: Store,
+        writer: Writer,
         drivers: Drivers,
         operator_mode: crate::host::HostMode,
     ) -> Arc<Self> {
@@ -126,18 +128,20 @@ impl Supervisor {
             cfg.degraded.min_free_bytes,
             metrics.clone(),
         ));
-        let env = ControllerEnv {
-            host,
+        let env = ControllerEnv::new(
             store,
-            vmm_kind: drivers.default_kind(),
+            writer,
             driver,
-            run_root: cfg.run_root(),
-            health: cfg.health.clone(),
-            gate: RecoveryGate::new(cfg.recovery.clone()),
+            drivers.default_kind(),
+            cfg.run_root(),
+            cfg.health.clone(),
+            RecoveryGate::new(cfg.recovery.clone()),
             metrics,
             events,
-        };
+            host,
+        );
         Arc::new(Supervisor {
+            spec_rules: cfg.spec_rules(),
             cfg,
             env,
             drivers,
@@ -147,7 +151,12 @@ impl Supervisor {
         })
     }
 
-    /// The daemon config.
+    /// What this host accepts of a VM's spec (from the config, worked out once).
+    pub fn spec_rules(&self) -> &crate::model::SpecRules {
+        &self.spec_rules
+    }
+
+    /// The daemon's configuration.
     pub fn config(&self) -> &Config {
         &self.cfg
     }
@@ -203,11 +212,8 @@ impl Supervisor {
 
     /// The controller environment for one VM: the shared one with that VM's driver.
     fn env_for(&self, spec: &VmSpec) -> ControllerEnv {
-        ControllerEnv {
-            driver: self.drivers.for_spec(spec),
-            vmm_kind: self.drivers.kind_for(spec),
-            ..self.env.clone()
-        }
+        self.env
+            .with_driver(self.drivers.for_spec(spec), self.drivers.kind_for(spec))
     }
 
     /// The metrics.

@@ -193,7 +193,7 @@ impl Controller {
         self.env
             .events
             .emit(
-                W,
+                &self.env.writer,
                 self.rec.vm_id.as_str(),
                 EventKind::GuestReady,
                 self.rec.observed,
@@ -421,7 +421,7 @@ impl Controller {
                     self.env
                         .events
                         .emit(
-                            W,
+                            &self.env.writer,
                             self.rec.vm_id.as_str(),
                             EventKind::HealthChanged,
                             self.rec.observed,
@@ -457,7 +457,7 @@ impl Controller {
                     self.env
                         .events
                         .emit(
-                            W,
+                            &self.env.writer,
                             self.rec.vm_id.as_str(),
                             EventKind::HealthChanged,
                             self.rec.observed,
@@ -497,7 +497,7 @@ impl Controller {
         self.env
             .events
             .emit(
-                W,
+                &self.env.writer,
                 self.rec.vm_id.as_str(),
                 kind,
                 self.rec.observed,

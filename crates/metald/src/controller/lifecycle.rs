@@ -15,7 +15,10 @@ impl Controller {
                 if insert {
                     // The insert is the point of no return for the id: a duplicate fails here,
                     // before any file of an existing VM could be touched.
-                    self.env.store.insert(W, self.rec.clone()).await?;
+                    self.env
+                        .store
+                        .insert(&self.env.writer, self.rec.clone())
+                        .await?;
                     crate::crash_point!("create.after_insert");
                 }
                 if restore.is_some() {
@@ -85,7 +88,10 @@ impl Controller {
                 if self.rec.spec.auto_recover != on {
                     let mut spec = self.rec.spec.clone();
                     spec.auto_recover = on;
-                    self.env.store.set_spec(W, &self.rec.vm_id, &spec).await?;
+                    self.env
+                        .store
+                        .set_spec(&self.env.writer, &self.rec.vm_id, &spec)
+                        .await?;
                     self.rec.spec = spec;
                     info!(vm_id = %self.rec.vm_id, auto_recover = on, "auto recovery changed");
                 }
@@ -101,7 +107,7 @@ impl Controller {
             Op::Reconcile => {
                 // Events the registry refused while it could not be written go in first, in
                 // order (the first controller visited writes them all).
-                self.env.events.flush(W).await;
+                self.env.events.flush(&self.env.writer).await;
                 did = self.reconcile_pass().await;
             }
             Op::Snapshot { dest, diff, record } => {
@@ -135,7 +141,10 @@ impl Controller {
         crate::crash_point!("snapshot.before_record");
         record.spec = self.rec.spec.clone();
         record.spec.vmm = Some(self.env.vmm_kind);
-        self.env.store.insert_snapshot(W, record.clone()).await?;
+        self.env
+            .store
+            .insert_snapshot(&self.env.writer, record.clone())
+            .await?;
         Ok(record)
     }
 
@@ -216,7 +225,7 @@ impl Controller {
         self.env
             .events
             .emit(
-                W,
+                &self.env.writer,
                 self.rec.vm_id.as_str(),
                 EventKind::Saved,
                 was,
@@ -545,14 +554,22 @@ impl Controller {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(format!("removing {}", dir.display()), e)),
         }
-        self.env.store.delete(W, &self.rec.vm_id).await
+        self.env
+            .store
+            .delete(&self.env.writer, &self.rec.vm_id)
+            .await
     }
 
     pub(super) async fn set_desired(&mut self, d: Desired) -> Result<()> {
         if self.rec.desired != d {
             // A caller's wish is acknowledged only once it is recorded: a refused write fails
             // the call (and puts the host in readonly), and nothing changes.
-            if let Err(e) = self.env.store.set_desired(W, &self.rec.vm_id, d).await {
+            if let Err(e) = self
+                .env
+                .store
+                .set_desired(&self.env.writer, &self.rec.vm_id, d)
+                .await
+            {
                 if e.registry_unwritable() {
                     self.env.host.registry_failed(&e.to_string());
                 }
@@ -572,7 +589,7 @@ impl Controller {
             self.env
                 .events
                 .emit(
-                    W,
+                    &self.env.writer,
                     self.rec.vm_id.as_str(),
                     EventKind::StateChanged,
                     from,
@@ -594,12 +611,16 @@ impl Controller {
     pub(super) async fn save(&mut self) -> Result<()> {
         self.rec.updated_at_ms = now_ms();
         self.publish();
-        let mut res = self.env.store.save_runtime(W, &self.rec).await;
+        let mut res = self
+            .env
+            .store
+            .save_runtime(&self.env.writer, &self.rec)
+            .await;
         if res.is_ok() && self.unsaved {
             res = self
                 .env
                 .store
-                .set_desired(W, &self.rec.vm_id, self.rec.desired)
+                .set_desired(&self.env.writer, &self.rec.vm_id, self.rec.desired)
                 .await;
         }
         match res {

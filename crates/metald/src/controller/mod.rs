@@ -48,7 +48,7 @@ use crate::model::{
     VmState,
 };
 use crate::recovery::{Admission, RecoveryGate};
-use crate::store::{AttemptRecord, SnapshotRecord, Store, VmRecord, now_ms};
+use crate::store::{AttemptRecord, SnapshotRecord, Store, VmRecord, Writer, now_ms};
 
 /// An operation sent to a VM's controller.
 #[derive(Debug, Clone)]
@@ -161,6 +161,8 @@ impl ControllerHandle {
 /// Settings every controller shares.
 #[derive(Debug, Clone)]
 pub struct ControllerEnv {
+    /// The right to write VMs: private, so that only this module can use it.
+    writer: Arc<Writer>,
     /// The registry.
     pub store: Store,
     /// The VMM driver.
@@ -179,6 +181,46 @@ pub struct ControllerEnv {
     pub events: Arc<EventBus>,
     /// The host's mode.
     pub host: Arc<crate::host::Host>,
+}
+
+impl ControllerEnv {
+    /// The controllers' settings, and with them the registry's one [`Writer`], which nothing
+    /// outside this module can reach again.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Store,
+        writer: Writer,
+        driver: Arc<dyn VmmDriver>,
+        vmm_kind: crate::config::VmmKind,
+        run_root: PathBuf,
+        health: HealthConfig,
+        gate: Arc<RecoveryGate>,
+        metrics: Arc<Metrics>,
+        events: Arc<EventBus>,
+        host: Arc<crate::host::Host>,
+    ) -> ControllerEnv {
+        ControllerEnv {
+            writer: Arc::new(writer),
+            store,
+            driver,
+            vmm_kind,
+            run_root,
+            health,
+            gate,
+            metrics,
+            events,
+            host,
+        }
+    }
+
+    /// The same settings for a VM on another VMM.
+    pub fn with_driver(&self, driver: Arc<dyn VmmDriver>, kind: crate::config::VmmKind) -> Self {
+        ControllerEnv {
+            driver,
+            vmm_kind: kind,
+            ..self.clone()
+        }
+    }
 }
 
 /// The VM as its controller knows it, shared with the supervisor so that reads get the truth
@@ -466,36 +508,6 @@ impl Controller {
         }
         debug!(vm_id = %self.rec.vm_id, "controller stopped");
     }
-}
-
-/// Proof of being a VM's controller. The registry's writes of a VM (its row, recovery attempts,
-/// snapshots) and the event bus's take one, and only this module can make one: its field is
-/// private. So the one-writer rule is the compiler's, not a comment's: the supervisor, the API,
-/// re-attach and the sweep cannot write a VM, they can only ask its controller to.
-///
-/// Outside this module a `Writer` cannot be made:
-///
-/// ```compile_fail,E0423
-/// let _ = metald::controller::Writer(());
-/// ```
-///
-/// and a VM's row cannot be written without one:
-///
-/// ```compile_fail,E0061
-/// async fn sneak(store: &metald::store::Store, id: &metald::model::VmId) {
-///     let _ = store.delete(id).await;
-/// }
-/// ```
-#[derive(Debug)]
-pub struct Writer(());
-
-/// The controllers' one [`Writer`].
-const W: &Writer = &Writer(());
-
-/// A [`Writer`] for the registry's own unit tests, which test the writes themselves.
-#[cfg(test)]
-pub(crate) fn writer_for_store_tests() -> &'static Writer {
-    W
 }
 
 /// When the next health check after `now` is due: the interval, moved by up to ±jitter, then

@@ -298,7 +298,7 @@ impl Controller {
         self.env
             .events
             .emit(
-                W,
+                &self.env.writer,
                 self.rec.vm_id.as_str(),
                 EventKind::Recovering,
                 from,
@@ -326,7 +326,12 @@ impl Controller {
                 .unwrap_or_default(),
             trigger: trigger.as_str().to_string(),
         };
-        if let Err(e) = self.env.store.add_attempt(W, &self.rec.vm_id, record).await {
+        if let Err(e) = self
+            .env
+            .store
+            .add_attempt(&self.env.writer, &self.rec.vm_id, record)
+            .await
+        {
             warn!(vm_id = %self.rec.vm_id, error = %e, "recording recovery attempt failed");
         }
         if !manual {
@@ -356,7 +361,7 @@ impl Controller {
                 self.env
                     .events
                     .emit(
-                        W,
+                        &self.env.writer,
                         self.rec.vm_id.as_str(),
                         EventKind::Recovered,
                         from,
@@ -384,7 +389,7 @@ impl Controller {
                 self.env
                     .events
                     .emit(
-                        W,
+                        &self.env.writer,
                         self.rec.vm_id.as_str(),
                         EventKind::RecoveryFailed,
                         from,
@@ -409,7 +414,7 @@ impl Controller {
         self.env
             .events
             .emit(
-                W,
+                &self.env.writer,
                 self.rec.vm_id.as_str(),
                 EventKind::Failed,
                 from,
@@ -489,7 +494,7 @@ impl Controller {
                 if let Err(e) = self
                     .env
                     .store
-                    .set_desired(W, &self.rec.vm_id, self.rec.desired)
+                    .set_desired(&self.env.writer, &self.rec.vm_id, self.rec.desired)
                     .await
                 {
                     if e.registry_unwritable() {
@@ -525,7 +530,7 @@ impl Controller {
         self.env
             .events
             .emit(
-                W,
+                &self.env.writer,
                 self.rec.vm_id.as_str(),
                 EventKind::Orphaned,
                 from,

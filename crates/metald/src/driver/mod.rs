@@ -5,8 +5,10 @@
 //! `boot`, `pause`, `resume` and `shutdown` on user operations, `ping` for health, and `kill` when
 //! a VMM must go now. Exit is observed through the pidfd in [`VmmProcess`], never by polling.
 
-/// The longest path a unix socket address holds (`sun_path` is 108 bytes with its NUL).
-pub const SUN_PATH_MAX: usize = 107;
+pub use crate::config::SUN_PATH_MAX;
+// Defined below the drivers, with the records and errors they share.
+pub use crate::error::DriverError;
+pub use crate::model::VmmEndpoint;
 
 /// The path a VMM is given for the socket `name` in its run directory: the absolute path when
 /// it fits a socket address, else the bare name, which the VMM resolves against its working
@@ -98,64 +100,6 @@ use async_trait::async_trait;
 
 use crate::model::{VmId, VmSpec};
 use crate::process::{ExitInfo, Pidfd};
-
-/// Errors from a VMM driver.
-#[derive(Debug, thiserror::Error)]
-pub enum DriverError {
-    /// The VMM process could not be started.
-    #[error("starting the VMM failed: {0}")]
-    Spawn(String),
-    /// The VMM's control socket did not appear or could not be reached.
-    #[error("control socket {path}: {reason}")]
-    Socket {
-        /// The socket path.
-        path: PathBuf,
-        /// What went wrong.
-        reason: String,
-        /// Nobody is listening there (missing file, connection refused). False when something
-        /// is listening but not accepting, as with a stopped VMM whose backlog is full.
-        unreachable: bool,
-    },
-    /// The VMM did not answer in time.
-    #[error("the VMM did not answer {what} within {millis} ms")]
-    Timeout {
-        /// The command that timed out.
-        what: String,
-        /// The timeout.
-        millis: u128,
-    },
-    /// The VMM answered with an error.
-    #[error("the VMM refused {what}: {reason}")]
-    Refused {
-        /// The command.
-        what: String,
-        /// The VMM's error message.
-        reason: String,
-    },
-    /// The VMM spoke something other than its protocol.
-    #[error("protocol error: {0}")]
-    Protocol(String),
-    /// The VMM exited while starting.
-    #[error("the VMM exited during start-up: {0}")]
-    EarlyExit(String),
-    /// A VM's config cannot run on this driver; `field` names the request field.
-    #[error("{field}: {reason}")]
-    InvalidSpec {
-        /// Dotted path of the request field.
-        field: String,
-        /// Why.
-        reason: String,
-    },
-    /// The driver does not support this operation.
-    #[error("{0} is not supported by the {1} driver")]
-    Unsupported(&'static str, &'static str),
-    /// An OS call failed.
-    #[error("{0}: {1}")]
-    Io(String, #[source] std::io::Error),
-    /// The VMM closed its control connection (it is exiting, or was told to quit).
-    #[error("the VMM closed its control connection")]
-    Closed,
-}
 
 /// The drivers a host has, and which one a VM uses.
 #[derive(Clone)]
@@ -282,19 +226,6 @@ pub struct SpawnRequest<'a> {
     pub run_dir: &'a Path,
     /// A snapshot directory to restore from instead of booting the kernel.
     pub restore: Option<&'a Path>,
-}
-
-/// Where a running VMM can be reached. Stored in the registry so metald can find it again.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmmEndpoint {
-    /// The VMM's pid.
-    pub pid: i32,
-    /// Its start time (clock ticks since boot); with the pid, identifies the process.
-    pub start_time: u64,
-    /// Its control socket (QMP, or Firecracker's API socket).
-    pub control_socket: PathBuf,
-    /// Guest serial output.
-    pub console_log: PathBuf,
 }
 
 /// A live VMM process: where to reach it, and a pidfd to watch and signal it.

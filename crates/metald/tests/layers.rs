@@ -1,0 +1,106 @@
+//! The layout shows the design: the daemon's modules import each other without a cycle, and
+//! the domain at the bottom (errors, records, specs, states) imports nothing of the daemon.
+//! Read from the source, so a new arrow that breaks either shows up here, not in review.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// Top-level module → the top-level modules its code (tests left out) names as `crate::X`.
+fn imports() -> BTreeMap<String, BTreeSet<String>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut stack = vec![src.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let rel = path.strip_prefix(&src).unwrap();
+            let first = rel
+                .components()
+                .next()
+                .unwrap()
+                .as_os_str()
+                .to_string_lossy();
+            let module = first.trim_end_matches(".rs").to_string();
+            if module == "lib" || module == "bin" {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let code = text.split("#[cfg(test)]\nmod tests").next().unwrap_or("");
+            let deps = graph.entry(module.clone()).or_default();
+            for line in code.lines() {
+                let line = line.split("//").next().unwrap_or("");
+                for (i, _) in line.match_indices("crate::") {
+                    let name: String = line[i + 7..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                        .collect();
+                    if !name.is_empty() && name != module {
+                        deps.insert(name);
+                    }
+                }
+            }
+        }
+    }
+    // Only arrows between modules (macros such as crate::crash_point! are not modules).
+    let names: BTreeSet<String> = graph.keys().cloned().collect();
+    for deps in graph.values_mut() {
+        deps.retain(|d| names.contains(d));
+    }
+    graph
+}
+
+/// A cycle through `from`, if there is one (depth-first).
+fn cycle_from(
+    graph: &BTreeMap<String, BTreeSet<String>>,
+    from: &str,
+    path: &mut Vec<String>,
+) -> Option<Vec<String>> {
+    if let Some(i) = path.iter().position(|p| p == from) {
+        let mut c = path[i..].to_vec();
+        c.push(from.to_string());
+        return Some(c);
+    }
+    path.push(from.to_string());
+    for next in graph.get(from).into_iter().flatten() {
+        if let Some(c) = cycle_from(graph, next, path) {
+            return Some(c);
+        }
+    }
+    path.pop();
+    None
+}
+
+#[test]
+fn the_import_graph_has_no_cycle() {
+    let graph = imports();
+    assert!(graph.contains_key("controller") && graph.contains_key("model"));
+    for m in graph.keys() {
+        if let Some(c) = cycle_from(&graph, m, &mut Vec::new()) {
+            panic!("import cycle: {}", c.join(" -> "));
+        }
+    }
+}
+
+#[test]
+fn the_domain_imports_nothing_of_the_daemon() {
+    let graph = imports();
+    for (module, allowed) in [
+        ("error", &[][..]),
+        ("process", &[][..]),
+        ("model", &["error"][..]),
+    ] {
+        let extra: Vec<&String> = graph[module]
+            .iter()
+            .filter(|d| !allowed.contains(&d.as_str()))
+            .collect();
+        assert!(extra.is_empty(), "{module} imports {extra:?}");
+    }
+}
