@@ -200,7 +200,10 @@ impl From<Error> for Status {
                 Status::resource_exhausted(msg)
             }
             ref e if e.registry_unwritable() => Status::unavailable(msg),
-            Error::Store(_) | Error::CorruptRow { .. } | Error::Io { .. } => Status::internal(msg),
+            Error::Store(_)
+            | Error::CorruptRow { .. }
+            | Error::IllegalTransition { .. }
+            | Error::Io { .. } => Status::internal(msg),
         }
     }
 }

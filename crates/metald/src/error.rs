@@ -41,6 +41,19 @@ pub enum Error {
     /// The registry failed.
     #[error("registry: {0}")]
     Store(#[from] rusqlite::Error),
+    /// A state change the lifecycle table does not allow (`model::VmState::observe`): a bug in
+    /// metald, refused rather than recorded.
+    #[error("illegal state change of vm {vm_id}: {from} -> {to} ({cause})")]
+    IllegalTransition {
+        /// The VM.
+        vm_id: String,
+        /// Its observed state.
+        from: &'static str,
+        /// The state it was to be set to.
+        to: &'static str,
+        /// What moved it.
+        cause: &'static str,
+    },
     /// A registry row could not be decoded.
     #[error("registry row for vm {vm_id} is corrupt: {reason}")]
     CorruptRow {

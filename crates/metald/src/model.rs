@@ -135,12 +135,86 @@ impl VmState {
         Ok(to)
     }
 
+    /// The state a VM is observed in after `cause`, if the lifecycle allows `to` to follow
+    /// `self` for it. With [`VmState::apply`] (what a user may ask for), this is the one table
+    /// of what may follow what: every observed-state write a controller makes goes through
+    /// it, for the steps of user operations and for exits, orphans, failures, drift and
+    /// re-attach alike. A refusal is a bug in metald, reported rather than recorded.
+    pub fn observe(self, vm_id: &VmId, to: VmState, cause: Cause) -> Result<VmState> {
+        use VmState::*;
+        let ok = match cause {
+            // A fresh VMM (create, a boot from SHUTDOWN, a recovery, a restore) is CREATED
+            // until its guest is started.
+            Cause::Started => {
+                to == Created && matches!(self, Created | Shutdown | Orphaned | Failed)
+            }
+            Cause::Ran => to == Running && matches!(self, Created | Running | Paused),
+            Cause::Paused => to == Paused && self == Running,
+            // A VMM can end, asked or not, whatever was recorded.
+            Cause::Stopped => to == Shutdown,
+            // Also from FAILED: a recovery an operator asked for, that failed again.
+            Cause::Orphaned => to == Orphaned,
+            Cause::GaveUp => to == Failed && matches!(self, Orphaned | Shutdown),
+            Cause::Drift => matches!((self, to), (Running, Paused) | (Paused, Running)),
+            // Re-attach believes the VMM, whatever the row said when metald died.
+            Cause::Adopted => matches!(to, Created | Running | Paused),
+        };
+        if ok {
+            Ok(to)
+        } else {
+            Err(Error::IllegalTransition {
+                vm_id: vm_id.to_string(),
+                from: self.as_str(),
+                to: to.as_str(),
+                cause: cause.as_str(),
+            })
+        }
+    }
+
     /// Whether a VMM process exists in this state.
     pub fn has_process(self) -> bool {
         !matches!(
             self,
             VmState::Shutdown | VmState::Orphaned | VmState::Failed
         )
+    }
+}
+
+/// What moved a VM's observed state (see [`VmState::observe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// metald started a VMM for the VM: create, a boot from SHUTDOWN, a recovery, a restore.
+    Started,
+    /// The guest runs: booted, resumed, rebooted in place.
+    Ran,
+    /// The guest's vCPUs were paused.
+    Paused,
+    /// The VMM ended: asked to, its guest powered off, or converging to SHUTDOWN.
+    Stopped,
+    /// The VMM died, hung or became unreachable while the VM should run, or a recovery
+    /// attempt failed.
+    Orphaned,
+    /// Automatic recovery gave up.
+    GaveUp,
+    /// The VMM reports running where metald recorded paused, or the reverse.
+    Drift,
+    /// Re-attach at start-up found the VM's VMM, in the state the VMM reports.
+    Adopted,
+}
+
+impl Cause {
+    /// Stable name for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Started => "started",
+            Cause::Ran => "ran",
+            Cause::Paused => "paused",
+            Cause::Stopped => "stopped",
+            Cause::Orphaned => "orphaned",
+            Cause::GaveUp => "gave_up",
+            Cause::Drift => "drift",
+            Cause::Adopted => "adopted",
+        }
     }
 }
 
@@ -1194,5 +1268,61 @@ mod tests {
             "config.storage[1].is_root_device"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_observed_state_table_allows_what_happens_and_nothing_else() {
+        use Cause::{Adopted, Drift, GaveUp, Ran, Started, Stopped};
+        use VmState::{Created, Failed, Running, Shutdown};
+        const PAUSED: VmState = VmState::Paused;
+        const ORPHANED: VmState = VmState::Orphaned;
+        let all = [Created, Running, PAUSED, Shutdown, ORPHANED, Failed];
+        let id = VmId::parse("vm_id", "t").unwrap();
+        let allowed = |cause: Cause| -> Vec<(VmState, VmState)> {
+            let mut v = Vec::new();
+            for from in all {
+                for to in all {
+                    if from.observe(&id, to, cause).is_ok() {
+                        v.push((from, to));
+                    }
+                }
+            }
+            v
+        };
+        let want: [(Cause, Vec<(VmState, VmState)>); 8] = [
+            (
+                Started,
+                vec![
+                    (Created, Created),
+                    (Shutdown, Created),
+                    (ORPHANED, Created),
+                    (Failed, Created),
+                ],
+            ),
+            (
+                Ran,
+                vec![(Created, Running), (Running, Running), (PAUSED, Running)],
+            ),
+            (Cause::Paused, vec![(Running, PAUSED)]),
+            (Stopped, all.iter().map(|f| (*f, Shutdown)).collect()),
+            (
+                Cause::Orphaned,
+                all.iter().map(|f| (*f, ORPHANED)).collect(),
+            ),
+            (GaveUp, vec![(Shutdown, Failed), (ORPHANED, Failed)]),
+            (Drift, vec![(Running, PAUSED), (PAUSED, Running)]),
+            (
+                Adopted,
+                all.iter()
+                    .flat_map(|f| [(*f, Created), (*f, Running), (*f, PAUSED)])
+                    .collect(),
+            ),
+        ];
+        for (cause, pairs) in want {
+            assert_eq!(allowed(cause), pairs, "{cause:?}");
+        }
+        // A refusal names the VM, both states and the cause.
+        let e = Failed.observe(&id, Running, Ran).unwrap_err().to_string();
+        assert!(e.contains("failed -> running (ran)"), "{e}");
     }
 }

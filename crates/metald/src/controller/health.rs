@@ -408,8 +408,7 @@ impl Controller {
                 };
                 if let Some(actual) = drift {
                     warn!(vm_id = %self.rec.vm_id, recorded = %self.rec.observed, actual = %actual, "vm state drifted; recording what the vmm reports");
-                    self.rec.observed = actual;
-                    changed = true;
+                    changed = self.observe(actual, Cause::Drift).is_ok();
                 }
                 let res = if changed {
                     self.save().await

@@ -173,7 +173,7 @@ impl Controller {
         let driver = self.env.driver.clone();
         if was == VmState::Running {
             driver.pause(&ep).await?;
-            self.set_observed(VmState::Paused).await?;
+            self.set_observed(VmState::Paused, Cause::Paused).await?;
         }
         crate::crash_point!("snapshot.after_pause");
         let started = Instant::now();
@@ -186,7 +186,7 @@ impl Controller {
             // Resume even when the snapshot failed: the guest must not stay paused by accident.
             driver.resume(&ep).await?;
             self.guest_resumed();
-            self.set_observed(VmState::Running).await?;
+            self.set_observed(VmState::Running, Cause::Ran).await?;
         }
         res?;
         info!(vm_id = %self.rec.vm_id, path = %dest.display(), duration_ms = started.elapsed().as_millis() as u64, "vm snapshot written");
@@ -282,7 +282,10 @@ impl Controller {
                 did.converged = self.converge_done(res);
             }
             VmState::Orphaned | VmState::Failed if want == VmState::Shutdown => {
-                did.converged = self.set_observed(VmState::Shutdown).await.is_ok();
+                did.converged = self
+                    .set_observed(VmState::Shutdown, Cause::Stopped)
+                    .await
+                    .is_ok();
             }
             // No VMM where the caller wants one: a metald killed between the steps of an
             // operation (a reboot's stop and its new start, a create's row and its VMM) left the
@@ -319,7 +322,7 @@ impl Controller {
             } else if self.rec.observed != VmState::Shutdown {
                 self.rec.orphan_reason = None;
                 self.rec.orphaned_at_ms = None;
-                self.set_observed(VmState::Shutdown).await?;
+                self.set_observed(VmState::Shutdown, Cause::Stopped).await?;
             }
             return Ok(());
         }
@@ -383,7 +386,12 @@ impl Controller {
             _ => {}
         }
         if now != self.rec.observed {
-            self.set_observed(now).await?;
+            let cause = if now == VmState::Paused {
+                Cause::Paused
+            } else {
+                Cause::Ran
+            };
+            self.set_observed(now, cause).await?;
         }
         Ok(())
     }
@@ -428,7 +436,7 @@ impl Controller {
         h.control_socket = ep.control_socket.display().to_string();
         h.last_activity_ms = self.last_seen_ms;
         self.next_check = next_check_after(Instant::now(), &self.env.health);
-        self.set_observed(VmState::Created).await?;
+        self.set_observed(VmState::Created, Cause::Started).await?;
         let prepared = match &restore {
             Some(dir) => driver.restore(&ep, &self.rec.spec, dir).await,
             None => driver.configure(&ep, &self.rec.spec).await,
@@ -513,7 +521,7 @@ impl Controller {
         self.vmm = None;
         self.forget_vmm().await;
         self.rec.last_exit = Some(format!("{status} ({why})"));
-        self.set_observed(VmState::Shutdown).await
+        self.set_observed(VmState::Shutdown, Cause::Stopped).await
     }
 
     /// Forgets a VMM that is gone (its process taken and reaped by the caller): no endpoint, no
@@ -581,9 +589,26 @@ impl Controller {
         Ok(())
     }
 
-    pub(super) async fn set_observed(&mut self, s: VmState) -> Result<()> {
+    /// Moves the observed state through the lifecycle table (refusing, and logging, a change
+    /// it does not allow); the caller saves.
+    pub(super) fn observe(&mut self, to: VmState, cause: Cause) -> Result<()> {
+        match self.rec.observed.observe(&self.rec.vm_id, to, cause) {
+            Ok(s) => {
+                self.rec.observed = s;
+                Ok(())
+            }
+            Err(e) => {
+                error!(vm_id = %self.rec.vm_id, error = %e, "illegal state change refused");
+                Err(e)
+            }
+        }
+    }
+
+    /// Moves the observed state through the lifecycle table, then saves it and records the
+    /// event.
+    pub(super) async fn set_observed(&mut self, s: VmState, cause: Cause) -> Result<()> {
         let from = self.rec.observed;
-        self.rec.observed = s;
+        self.observe(s, cause)?;
         self.save().await?;
         if from != s {
             self.env

@@ -44,8 +44,8 @@ use crate::events::EventBus;
 use crate::guest::{AgentHandle, ProbeResult};
 use crate::metrics::Metrics;
 use crate::model::{
-    Desired, EventKind, GuestStatus, OrphanReason, RestartPolicy, Target, Transition, Trigger,
-    VmState,
+    Cause, Desired, EventKind, GuestStatus, OrphanReason, RestartPolicy, Target, Transition,
+    Trigger, VmState,
 };
 use crate::recovery::{Admission, RecoveryGate};
 use crate::store::{AttemptRecord, SnapshotRecord, Store, VmRecord, Writer, now_ms};
@@ -248,7 +248,13 @@ pub enum Attach {
 
 /// Marks `rec` orphaned: no VMM, the reason and time recorded, unhealthy.
 fn orphan_record(rec: &mut VmRecord, reason: OrphanReason, exit: Option<String>) {
-    rec.observed = VmState::Orphaned;
+    // The table allows ORPHANED from every state, so this cannot be refused.
+    if let Ok(s) = rec
+        .observed
+        .observe(&rec.vm_id, VmState::Orphaned, Cause::Orphaned)
+    {
+        rec.observed = s;
+    }
     rec.orphan_reason = Some(reason);
     rec.orphaned_at_ms = Some(now_ms());
     rec.endpoint = None;
@@ -425,7 +431,8 @@ impl Controller {
                 h.consecutive_failures = 0;
                 h.pid = Some(vmm.endpoint.pid);
                 h.last_activity_ms = self.last_seen_ms;
-                self.rec.observed = observed;
+                // Re-attach believes the VMM; the table allows any live state here.
+                let _ = self.observe(observed, Cause::Adopted);
                 self.rec.endpoint = Some(vmm.endpoint.clone());
                 self.rec.orphan_reason = None;
                 self.rec.orphaned_at_ms = None;
@@ -450,7 +457,7 @@ impl Controller {
                     self.rec.endpoint = None;
                     self.rec.health.pid = None;
                     self.rec.last_exit = Some(exit);
-                    self.set_observed(VmState::Shutdown).await
+                    self.set_observed(VmState::Shutdown, Cause::Stopped).await
                 };
                 if let Err(e) = res {
                     warn!(vm_id = %self.rec.vm_id, error = %e, "recording the lost vmm failed");

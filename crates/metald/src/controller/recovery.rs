@@ -382,7 +382,7 @@ impl Controller {
             }
             Err(e) => {
                 self.last_recovery_error = e.to_string();
-                self.rec.observed = VmState::Orphaned;
+                let _ = self.observe(VmState::Orphaned, Cause::Orphaned);
                 self.rec.orphan_reason = prev_reason.or(Some(OrphanReason::ProcessDead));
                 self.rec.orphaned_at_ms = orphaned_at.or(Some(now_ms()));
                 let _ = self.save().await;
@@ -409,7 +409,9 @@ impl Controller {
     pub(super) async fn fail_completely(&mut self) {
         self.cancel_recovery();
         let from = self.rec.observed;
-        self.rec.observed = VmState::Failed;
+        if self.observe(VmState::Failed, Cause::GaveUp).is_err() {
+            return;
+        }
         let saved = self.save().await;
         self.env
             .events
@@ -462,7 +464,7 @@ impl Controller {
             ExitPlan::Stopped => {
                 info!(vm_id = %self.rec.vm_id, pid, exit = %exit, "vmm exited");
                 self.rec.last_exit = Some(exit);
-                self.set_observed(VmState::Shutdown).await
+                self.set_observed(VmState::Shutdown, Cause::Stopped).await
             }
             ExitPlan::Orphan(reason) => {
                 if reason == OrphanReason::GuestPanicked {
@@ -479,7 +481,7 @@ impl Controller {
                     info!(vm_id = %self.rec.vm_id, pid, exit = %exit, "vm powered off by guest; restart policy is always");
                 }
                 self.rec.last_exit = Some(exit);
-                let res = self.set_observed(VmState::Shutdown).await;
+                let res = self.set_observed(VmState::Shutdown, Cause::Stopped).await;
                 self.crashes = self.crashes.saturating_add(1);
                 self.schedule_recovery(trigger).await;
                 res
@@ -504,7 +506,7 @@ impl Controller {
                         warn!(vm_id = %self.rec.vm_id, error = %e, "recording the guest's power-off failed");
                     }
                 }
-                let res = self.set_observed(VmState::Shutdown).await;
+                let res = self.set_observed(VmState::Shutdown, Cause::Stopped).await;
                 info!(vm_id = %self.rec.vm_id, pid, exit = %exit, "vm powered off by guest");
                 res
             }
