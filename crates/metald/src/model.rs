@@ -149,7 +149,8 @@ impl VmState {
                 to == Created && matches!(self, Created | Shutdown | Orphaned | Failed)
             }
             Cause::Ran => to == Running && matches!(self, Created | Running | Paused),
-            Cause::Paused => to == Paused && self == Running,
+            // From CREATED too: a paused VM's new VMM is booted and paused in one step.
+            Cause::Paused => to == Paused && matches!(self, Created | Running),
             // A VMM can end, asked or not, whatever was recorded.
             Cause::Stopped => to == Shutdown,
             // Also from FAILED: a recovery an operator asked for, that failed again.
@@ -1303,7 +1304,7 @@ mod tests {
                 Ran,
                 vec![(Created, Running), (Running, Running), (PAUSED, Running)],
             ),
-            (Cause::Paused, vec![(Running, PAUSED)]),
+            (Cause::Paused, vec![(Created, PAUSED), (Running, PAUSED)]),
             (Stopped, all.iter().map(|f| (*f, Shutdown)).collect()),
             (
                 Cause::Orphaned,

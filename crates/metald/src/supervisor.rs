@@ -1115,3 +1115,6 @@ async fn verify(driver: &dyn VmmDriver, rec: &VmRecord) -> Verdict {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

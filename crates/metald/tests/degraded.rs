@@ -249,7 +249,13 @@ async fn host_modes_refuse_and_allow_what_they_say_and_survive_a_restart() {
     assert_eq!(e.code(), tonic::Code::Unavailable);
     assert!(e.message().contains("disk replacement"), "{}", e.message());
     assert_eq!(state(&info(&mut c, "m1").await), pb::VmState::Running);
-    assert!(!events(&d, 0, "host mode changed").is_empty());
+    // The line is metald's, read from its stdout by another thread: wait for it, bounded.
+    assert!(
+        d.wait_log_since(0, Duration::from_secs(5), |l| l
+            .contains("\"message\":\"host mode changed\""))
+            .await
+            .is_some()
+    );
 
     // maintenance: no new VMs, no automatic recovery; shutdown and delete still work.
     c.set_host_mode(set("maintenance", "kernel update"))

@@ -87,6 +87,8 @@ pub fn binary_version(cache: &std::sync::OnceLock<String>, binary: &Path) -> Str
         .clone()
 }
 
+#[cfg(test)]
+pub mod fake;
 pub mod firecracker;
 pub mod jail;
 pub mod qemu;
@@ -126,6 +128,20 @@ impl Drivers {
             firecracker: std::sync::Arc::new(firecracker::FirecrackerDriver::new(
                 cfg.firecracker.clone(),
             )),
+        }
+    }
+
+    /// These drivers (in-process tests put the scripted fake here).
+    #[cfg(test)]
+    pub(crate) fn with_drivers(
+        default: crate::config::VmmKind,
+        qemu: std::sync::Arc<dyn VmmDriver>,
+        firecracker: std::sync::Arc<dyn VmmDriver>,
+    ) -> Self {
+        Drivers {
+            default,
+            qemu,
+            firecracker,
         }
     }
 
