@@ -153,6 +153,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
         // The disk and the registry are looked at before anything is written.
         sup.check_host().await;
         let host_monitor = sup.spawn_host_monitor();
+        let trimmer = tokio::spawn(trim_heap_every(sup.config().reconcile.interval));
         let report = sup.attach_all().await?;
         // The pass at start: orphans found while re-attaching get their recovery scheduled,
         // and strays and stale files left by the last run are found.
@@ -162,9 +163,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
             .reconcile
             .enabled
             .then(|| sup.spawn_reconciler());
-        Ok::<_, Error>((report, host_monitor, reconciler))
+        Ok::<_, Error>((report, host_monitor, reconciler, trimmer))
     };
-    let (report, host_monitor, reconciler) = tokio::select! {
+    let (report, host_monitor, reconciler, trimmer) = tokio::select! {
         r = startup => r?,
         // The server ended before metald was ready: a stop during start-up, or a failure.
         r = &mut serve => {
@@ -204,6 +205,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     }
     health_task.abort();
     host_monitor.abort();
+    trimmer.abort();
     if let Some(r) = reconciler {
         r.abort();
     }
@@ -343,4 +345,20 @@ fn lock_state_dir(cfg: &Config) -> Result<std::fs::File> {
         )));
     }
     Ok(f)
+}
+
+/// Hands the heap's free pages back to the kernel every `every`. A host of 1,000 VMs allocates
+/// and frees a little for every health check, on two worker threads' arenas; glibc gives back
+/// only the top of a heap by itself, so without this metald's RSS creeps up by fragments
+/// (measured: 50 MiB to 76 MiB over two idle minutes, then on). The walk is short (about a
+/// millisecond for 50 MiB of heap) and runs off the runtime.
+async fn trim_heap_every(every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every.max(std::time::Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // SAFETY: malloc_trim takes a size and only releases free memory of the allocator's
+        // own arenas; it is thread-safe (it locks each arena).
+        let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
+    }
 }

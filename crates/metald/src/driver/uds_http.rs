@@ -3,6 +3,10 @@
 //! per socket alive between requests. The kept connection is what lets metald keep driving a VMM
 //! whose socket file was deleted, and it saves a connect per health check. A connection the VMM
 //! closed (it exited, or a request on it timed out) is dropped and the next request connects anew.
+//!
+//! A connection is driven by the task that uses it, not by a task of its own: a request polls
+//! the connection beside the response it waits for. At one health check per VM per second that
+//! halves the tasks woken per check, and an idle connection costs no task at all.
 
 use std::path::Path;
 use std::time::Duration;
@@ -30,20 +34,69 @@ pub async fn call(
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+type Connection =
+    hyper::client::conn::http1::Connection<TokioIo<tokio::net::UnixStream>, Full<Bytes>>;
 
-async fn connect(sock: &Path) -> Result<Sender, DriverError> {
-    let stream = super::connect_unix(sock)
+/// One HTTP/1.1 connection: the handle requests go through, and the connection itself, which
+/// whoever sends a request polls until the answer is in.
+struct Conn {
+    sender: Sender,
+    conn: Connection,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn").finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    async fn open(sock: &Path) -> Result<Conn, DriverError> {
+        let stream = super::connect_unix(sock)
+            .await
+            .map_err(|e| DriverError::connect(sock, &e))?;
+        // Reads of 1 KiB rather than hyper's adaptive 8 KiB and up: a VMM's answers are small
+        // (a state, a config), a bigger one is read in more pieces, and a thousand kept
+        // connections hold their buffers all the time.
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .read_buf_exact_size(Some(1024))
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| DriverError::Protocol(format!("HTTP handshake: {e}")))?;
+        Ok(Conn { sender, conn })
+    }
+
+    /// Whether the VMM closed the connection while it was idle: polled once, a closed
+    /// connection's future is done.
+    async fn closed(&mut self) -> bool {
+        use std::future::Future;
+        let conn = &mut self.conn;
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::pin::Pin::new(&mut *conn).poll(cx).is_ready())
+        })
         .await
-        .map_err(|e| DriverError::connect(sock, &e))?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| DriverError::Protocol(format!("HTTP handshake: {e}")))?;
-    // The connection task ends when the connection closes; its error, if any, surfaces on the
-    // request.
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(sender)
+    }
+
+    /// Sends one request and waits for its whole answer, driving the connection meanwhile.
+    async fn exchange(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Value), DriverError> {
+        let answer = send(&mut self.sender, method, path, body);
+        tokio::pin!(answer);
+        tokio::select! {
+            // The answer first: a connection that ends right after the answer is in (a VMM
+            // exiting on a request) still gives the answer.
+            biased;
+            r = &mut answer => r,
+            ended = &mut self.conn => match ended {
+                Ok(()) => Err(DriverError::Closed),
+                Err(e) => Err(DriverError::Protocol(format!("HTTP connection: {e}"))),
+            },
+        }
+    }
 }
 
 /// Kept-alive connections, one idle connection per socket.
@@ -55,7 +108,7 @@ pub struct Pool {
 /// The kept connections, and the size at which closed ones are next swept out.
 #[derive(Debug, Default)]
 struct Idle {
-    map: std::collections::HashMap<std::path::PathBuf, Sender>,
+    map: std::collections::HashMap<std::path::PathBuf, Conn>,
     sweep_at: usize,
 }
 
@@ -63,10 +116,10 @@ impl Idle {
     /// Keeps `sender` for `sock`. Connections of VMMs that went away close by themselves and
     /// are swept out here, when the map has doubled since the last sweep: a sweep per request
     /// would cost every health check a walk over every VM's connection (quadratic in VMs).
-    fn keep(&mut self, sock: &Path, sender: Sender) {
-        self.map.insert(sock.to_path_buf(), sender);
+    fn keep(&mut self, sock: &Path, conn: Conn) {
+        self.map.insert(sock.to_path_buf(), conn);
         if self.map.len() >= self.sweep_at {
-            self.map.retain(|_, s| !s.is_closed());
+            self.map.retain(|_, c| !c.sender.is_closed());
             self.sweep_at = (self.map.len() * 2).max(64);
         }
     }
@@ -90,19 +143,19 @@ impl Pool {
         let what = format!("{method} {path}");
         let kept = self.idle().map.remove(sock);
         let work = async {
-            // A kept connection the VMM closed a moment ago fails before anything is sent; a
-            // fresh one is then safe to use for the same request.
+            // A kept connection the VMM closed a moment ago is found closed before anything is
+            // sent; a fresh one is then safe to use for the same request.
             let usable = match kept {
-                Some(mut s) => s.ready().await.is_ok().then_some(s),
+                Some(mut c) => (!c.closed().await).then_some(c),
                 None => None,
             };
-            let mut sender = match usable {
-                Some(s) => s,
-                None => connect(sock).await?,
+            let mut conn = match usable {
+                Some(c) => c,
+                None => Conn::open(sock).await?,
             };
-            let r = send(&mut sender, method, path, body).await;
-            if r.is_ok() && sender.is_ready() {
-                self.idle().keep(sock, sender);
+            let r = conn.exchange(method, path, body).await;
+            if r.is_ok() && !conn.closed().await {
+                self.idle().keep(sock, conn);
             }
             r
         };
@@ -123,8 +176,7 @@ async fn exchange(
     path: &str,
     body: Option<&Value>,
 ) -> Result<(StatusCode, Value), DriverError> {
-    let mut sender = connect(sock).await?;
-    send(&mut sender, method, path, body).await
+    Conn::open(sock).await?.exchange(method, path, body).await
 }
 
 async fn send(
