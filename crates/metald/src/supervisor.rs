@@ -257,9 +257,9 @@ impl Supervisor {
         // and died before writing down (a reboot's new VMM, a recovery's); a VM that wants to
         // run adopts it rather than leaving it to be killed as a stray and starting another.
         let run_root = self.cfg.run_root();
-        let recorded: HashSet<(i32, u64)> = rows
+        let recorded: HashSet<i32> = rows
             .iter()
-            .filter_map(|r| r.endpoint.as_ref().map(|e| (e.pid, e.start_time)))
+            .filter_map(|r| r.endpoint.as_ref().map(|e| e.pid))
             .collect();
         let marked: HashMap<VmId, (i32, u64)> = self
             .scan_vmms(recorded)
@@ -854,7 +854,10 @@ impl Supervisor {
     /// recorded well within that). A run directory with no row, or a control socket of a VM
     /// without a VMM, is stale and removed.
     pub async fn sweep(&self) -> Result<SweepReport> {
-        let rows = self.env.store.all().await?;
+        // What the controllers hold, not the registry's copy: fresher while the registry
+        // cannot be written (a VMM a recovery started then is owned all the same), and no
+        // read of every row at every pass.
+        let rows = self.all_live();
         let owned: HashMap<VmId, Option<(i32, u64)>> = rows
             .iter()
             .map(|r| {
@@ -872,7 +875,7 @@ impl Supervisor {
         let mut seen = Vec::new();
         let mut stray_ids = Vec::new();
         let mut young_ids = Vec::new();
-        let recorded: HashSet<(i32, u64)> = owned.values().flatten().copied().collect();
+        let recorded: HashSet<i32> = owned.values().flatten().map(|(pid, _)| *pid).collect();
         for (id, info) in self.scan_vmms(recorded).await {
             let pid = info.pid;
             // A VMM younger than the grace period may be one a controller has just spawned and
@@ -943,23 +946,22 @@ impl Supervisor {
         Ok(report)
     }
 
-    /// The live VMM processes on this host that carry a VM's marker, except those in `known`
-    /// (pid and start time). Each process's stat is read first, and its command line only when
-    /// it is not known: on a host of 1,000 VMs that halves the reads of every pass. The walk
-    /// over `/proc` is file work, done off the runtime.
-    async fn scan_vmms(&self, known: HashSet<(i32, u64)>) -> Vec<(VmId, ProcInfo)> {
+    /// The live VMM processes on this host that carry a VM's marker, except the pids in
+    /// `known` (what the registry or the controllers hold, each verified by its controller
+    /// through its pidfd, pid and start time): on a host of 1,000 VMs a pass reads only the
+    /// other processes' stat and command line. A pid the registry still names after its VMM
+    /// died and another took it is looked at in the next pass, once the controller has
+    /// recorded the exit. The walk over `/proc` is file work, done off the runtime.
+    async fn scan_vmms(&self, known: HashSet<i32>) -> Vec<(VmId, ProcInfo)> {
         let drivers = self.drivers.all();
         let run_root = self.cfg.run_root();
         let me = std::process::id();
         tokio::task::spawn_blocking(move || {
             list_pids()
                 .into_iter()
-                .filter(|pid| u32::try_from(*pid).is_ok_and(|p| p != me))
+                .filter(|pid| u32::try_from(*pid).is_ok_and(|p| p != me) && !known.contains(pid))
                 .filter_map(|pid| {
                     let (state, start) = crate::process::stat(pid)?;
-                    if known.contains(&(pid, start)) {
-                        return None;
-                    }
                     let info = ProcInfo::with_stat(pid, state, start);
                     if !info.is_alive() {
                         return None;

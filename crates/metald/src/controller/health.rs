@@ -264,30 +264,40 @@ impl Controller {
         let Some((f, seen)) = self.console.as_mut() else {
             return false;
         };
-        let len = f.metadata().map_or(0, |m| m.len());
-        if len < *seen {
-            // Truncated under us: read it from the start.
-            *seen = 0;
-        }
-        if len == *seen {
-            return false;
-        }
-        // Re-read a little of what was seen, so a line split across two looks still matches;
-        // never more than the last 64 KiB, however much the guest wrote.
-        let from = seen
-            .saturating_sub(PANIC_LINE.len() as u64)
-            .max(len.saturating_sub(64 * 1024));
-        // One positioned read of exactly what is new (a seek and a read to EOF would be three
-        // calls): this runs at every check of every VM with a console.
-        let Ok(want) = usize::try_from(len - from) else {
+        // One positioned read from a little before what was seen (so that a line split across
+        // two looks still matches): at every check of every VM with a console, one call, where
+        // a stat, a seek and a read to the end were four.
+        let overlap = PANIC_LINE.len() as u64;
+        let from = seen.saturating_sub(overlap);
+        let mut buf = [0u8; 4096];
+        let Ok(n) = f.read_at(&mut buf, from) else {
             return false;
         };
-        let mut buf = vec![0; want];
-        if f.read_exact_at(&mut buf, from).is_err() {
+        let got = n as u64;
+        if from + got < *seen {
+            // Shorter than what was seen: truncated under us. Read it from the start next time.
+            *seen = 0;
+            return false;
+        }
+        if n < buf.len() {
+            *seen = from + got;
+            return buf[..n]
+                .windows(PANIC_LINE.len())
+                .any(|w| w == PANIC_LINE.as_bytes());
+        }
+        // More than a read's worth is new (a chatty guest): look at most at the last 64 KiB,
+        // however much it wrote, as a panic's line comes last.
+        let len = f.metadata().map_or(0, |m| m.len());
+        let from = from.max(len.saturating_sub(64 * 1024));
+        let Ok(want) = usize::try_from(len.saturating_sub(from)) else {
+            return false;
+        };
+        let mut rest = vec![0; want];
+        if f.read_exact_at(&mut rest, from).is_err() {
             return false;
         }
         *seen = len;
-        buf.windows(PANIC_LINE.len())
+        rest.windows(PANIC_LINE.len())
             .any(|w| w == PANIC_LINE.as_bytes())
     }
 

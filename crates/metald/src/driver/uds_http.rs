@@ -140,7 +140,8 @@ impl Pool {
         body: Option<&Value>,
         timeout: Duration,
     ) -> Result<(StatusCode, Value), DriverError> {
-        let what = format!("{method} {path}");
+        // Named only if it times out: this runs at every health check.
+        let what = || format!("{method} {path}");
         let kept = self.idle().map.remove(sock);
         let work = async {
             // A kept connection the VMM closed a moment ago is found closed before anything is
@@ -153,7 +154,7 @@ impl Pool {
                 Some(c) => c,
                 None => Conn::open(sock).await?,
             };
-            let r = conn.exchange(method, path, body).await;
+            let r = conn.exchange(method.clone(), path, body).await;
             if r.is_ok() && !conn.closed().await {
                 self.idle().keep(sock, conn);
             }
@@ -161,7 +162,7 @@ impl Pool {
         };
         // A request that times out takes its connection with it: a late answer must not be
         // read as the next request's.
-        bounded(|| what, timeout, work).await
+        bounded(what, timeout, work).await
     }
 
     fn idle(&self) -> std::sync::MutexGuard<'_, Idle> {
