@@ -314,11 +314,13 @@ impl Controller {
     pub(super) async fn health_check(&mut self) {
         let started = Instant::now();
         self.next_check = next_check_after(started, &self.env.health);
-        let Some(ep) = self.vmm.as_ref().map(|v| v.endpoint.clone()) else {
+        // The endpoint is borrowed where it is needed, not cloned: this runs once a second for
+        // every VM.
+        let Some(pid) = self.vmm.as_ref().map(|v| v.endpoint.pid) else {
             return;
         };
         if self.console_shows_panic() {
-            warn!(vm_id = %self.rec.vm_id, pid = ep.pid, source = "console", "guest panicked");
+            warn!(vm_id = %self.rec.vm_id, pid, source = "console", "guest panicked");
             if let Err(e) = self.orphan_live_vmm(OrphanReason::GuestPanicked).await {
                 warn!(vm_id = %self.rec.vm_id, error = %e, "recording guest panic failed");
             }
@@ -332,7 +334,10 @@ impl Controller {
         // file was deleted; a VMM whose API has no held connection connects anew, and a missing
         // socket shows up as ENOENT from that connect.
         let verdict = {
-            match tokio::time::timeout(timeout, self.env.driver.ping(&ep)).await {
+            let Some(vmm) = self.vmm.as_ref() else {
+                return;
+            };
+            match tokio::time::timeout(timeout, self.env.driver.ping(&vmm.endpoint)).await {
                 Ok(Ok(run)) => Ok(run),
                 Ok(Err(DriverError::Socket {
                     reason,
@@ -357,10 +362,12 @@ impl Controller {
             self.env.metrics.health_check_failures.inc();
         }
         self.rec.health.last_check_ms = now;
-        self.rec.health.pid = Some(ep.pid);
+        self.rec.health.pid = Some(pid);
         // Compared before it is written: at every check of every VM, an allocation adds up.
-        if Path::new(&self.rec.health.control_socket) != ep.control_socket {
-            self.rec.health.control_socket = ep.control_socket.display().to_string();
+        if let Some(vmm) = self.vmm.as_ref()
+            && Path::new(&self.rec.health.control_socket) != vmm.endpoint.control_socket
+        {
+            self.rec.health.control_socket = vmm.endpoint.control_socket.display().to_string();
         }
         let cfg = self.env.health.clone();
         // The socket file is looked for every few seconds, not at every check: losing it changes
@@ -369,16 +376,18 @@ impl Controller {
             Some(t) if t.elapsed() < SOCKET_LOOK_EVERY => !self.socket_missing,
             _ => {
                 self.socket_looked_at = Some(Instant::now());
-                ep.control_socket.exists()
+                self.vmm
+                    .as_ref()
+                    .is_some_and(|v| v.endpoint.control_socket.exists())
             }
         };
         let res = match verdict {
             Ok(GuestRun::Panicked) => {
-                warn!(vm_id = %self.rec.vm_id, pid = ep.pid, source = "vmm state", "guest panicked");
+                warn!(vm_id = %self.rec.vm_id, pid, source = "vmm state", "guest panicked");
                 self.orphan_live_vmm(OrphanReason::GuestPanicked).await
             }
             Ok(GuestRun::Crashed(state)) => {
-                warn!(vm_id = %self.rec.vm_id, pid = ep.pid, vmm_state = %state, "guest crashed");
+                warn!(vm_id = %self.rec.vm_id, pid, vmm_state = %state, "guest crashed");
                 self.orphan_live_vmm(OrphanReason::GuestCrashed).await
             }
             Ok(run) => {
@@ -439,7 +448,7 @@ impl Controller {
                             "",
                         )
                         .await;
-                    info!(vm_id = %self.rec.vm_id, pid = ep.pid, "vm healthy again");
+                    info!(vm_id = %self.rec.vm_id, pid, "vm healthy again");
                 }
                 res
             }
@@ -451,7 +460,7 @@ impl Controller {
                 let failures = h.consecutive_failures;
                 warn!(
                     vm_id = %self.rec.vm_id,
-                    pid = ep.pid,
+                    pid,
                     reason = reason.as_str(),
                     error = %error,
                     consecutive_failures = failures,
@@ -475,7 +484,7 @@ impl Controller {
                             &format!("{}: {error}", reason.as_str()),
                         )
                         .await;
-                    warn!(vm_id = %self.rec.vm_id, pid = ep.pid, reason = reason.as_str(), "vm unhealthy");
+                    warn!(vm_id = %self.rec.vm_id, pid, reason = reason.as_str(), "vm unhealthy");
                     res
                 } else {
                     self.publish();

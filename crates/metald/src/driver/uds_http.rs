@@ -83,7 +83,7 @@ impl Conn {
         method: Method,
         path: &str,
         body: Option<&Value>,
-    ) -> Result<(StatusCode, Value), DriverError> {
+    ) -> Result<(StatusCode, Bytes), DriverError> {
         let answer = send(&mut self.sender, method, path, body);
         tokio::pin!(answer);
         tokio::select! {
@@ -140,6 +140,20 @@ impl Pool {
         body: Option<&Value>,
         timeout: Duration,
     ) -> Result<(StatusCode, Value), DriverError> {
+        let (status, bytes) = self.call_raw(sock, method, path, body, timeout).await?;
+        Ok((status, json(&bytes)?))
+    }
+
+    /// Like [`Pool::call`], with the answer's body as it came, for a caller that reads only
+    /// part of it (a health check wants one field of it, once a second).
+    pub async fn call_raw(
+        &self,
+        sock: &Path,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Bytes), DriverError> {
         // Named only if it times out: this runs at every health check.
         let what = || format!("{method} {path}");
         let kept = self.idle().map.remove(sock);
@@ -177,7 +191,17 @@ async fn exchange(
     path: &str,
     body: Option<&Value>,
 ) -> Result<(StatusCode, Value), DriverError> {
-    Conn::open(sock).await?.exchange(method, path, body).await
+    let (status, bytes) = Conn::open(sock).await?.exchange(method, path, body).await?;
+    Ok((status, json(&bytes)?))
+}
+
+/// A body as JSON (Null when empty).
+fn json(bytes: &[u8]) -> Result<Value, DriverError> {
+    if bytes.is_empty() {
+        return Ok(Value::Null);
+    }
+    serde_json::from_slice(bytes)
+        .map_err(|e| DriverError::Protocol(format!("response is not JSON: {e}")))
 }
 
 async fn send(
@@ -185,7 +209,7 @@ async fn send(
     method: Method,
     path: &str,
     body: Option<&Value>,
-) -> Result<(StatusCode, Value), DriverError> {
+) -> Result<(StatusCode, Bytes), DriverError> {
     sender.ready().await.map_err(|_| DriverError::Closed)?;
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
     let mut req = Request::builder()
@@ -210,11 +234,5 @@ async fn send(
         .await
         .map_err(|e| DriverError::Protocol(format!("HTTP body: {e}")))?
         .to_bytes();
-    let value = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes)
-            .map_err(|e| DriverError::Protocol(format!("response is not JSON: {e}")))?
-    };
-    Ok((status, value))
+    Ok((status, bytes))
 }
