@@ -869,7 +869,7 @@ impl VmService for VmApi {
                 .map(|a| pb::RecoveryAttempt {
                     attempt: i32::try_from(a.attempt).unwrap_or(i32::MAX),
                     started_at: Some(ts(a.started_at_ms)),
-                    duration_seconds: a.duration_ms as f64 / 1000.0,
+                    duration_seconds: crate::model::ms_to_secs(a.duration_ms),
                     outcome: if a.succeeded {
                         pb::AttemptOutcome::Success
                     } else {
@@ -994,7 +994,7 @@ impl VmService for VmApi {
         )
         .unwrap_or(i64::MAX);
         let ready_for = if rec.guest.ready {
-            (crate::store::now_ms() - rec.guest.ready_at_ms).max(0) as f64 / 1000.0
+            crate::model::ms_to_secs((crate::store::now_ms() - rec.guest.ready_at_ms).max(0))
         } else {
             0.0
         };
@@ -1008,7 +1008,10 @@ impl VmService for VmApi {
                 nanos: i32::try_from(info.time_ns.rem_euclid(1_000_000_000)).unwrap_or(0),
             }),
             clock_skew_seconds: if info.time_ns > 0 {
-                (info.time_ns - host_ns) as f64 / 1e9
+                // Exact to the nanosecond for any skew below 2^52 ns (52 days).
+                #[allow(clippy::cast_precision_loss)]
+                let skew = (info.time_ns - host_ns) as f64 / 1e9;
+                skew
             } else {
                 0.0
             },

@@ -198,7 +198,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     };
     tokio::select! {
         r = &mut serve => r?,
-        () = overran => warn!(grace_ms = grace.as_millis() as u64, "calls still in progress at the end of the grace; their connections are closed"),
+        () = overran => warn!(grace_ms = crate::model::ms(grace), "calls still in progress at the end of the grace; their connections are closed"),
     }
     if let Listen::Unix(path) = &listen {
         let _ = std::fs::remove_file(path);
@@ -218,7 +218,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     info!(
         duration_ms = stop_began
             .get()
-            .map(|t| t.elapsed().as_millis() as u64)
+            .map(|t| crate::model::ms(t.elapsed()))
             .unwrap_or(0),
         "metald stopped"
     );

@@ -17,6 +17,25 @@
 //! [`daemon`] (wiring, listeners, health and reflection, bounded shutdown), [`transport`] (the
 //! unix socket's HTTP/2 `:authority` fix that lets every stock gRPC client in) and [`telemetry`]
 //! (structured logs).
+// Casts that can truncate, wrap, lose a sign or precision, and indexing that can panic, are
+// refused in the daemon's code: a bad length or a huge number from a VMM, the registry or a
+// client must become an error value, never a panic or a silently wrong figure. Tests may index.
+#![warn(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    clippy::cast_precision_loss,
+    clippy::cast_lossless,
+    clippy::indexing_slicing
+)]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::indexing_slicing,
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap
+    )
+)]
 
 pub mod api;
 pub mod config;

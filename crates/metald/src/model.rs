@@ -912,7 +912,10 @@ fn check_mac(field: &str, mac: &str) -> Result<()> {
             format!("{mac:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"),
         ));
     }
-    let first = u8::from_str_radix(parts[0], 16).unwrap_or(1);
+    let first = parts
+        .first()
+        .and_then(|p| u8::from_str_radix(p, 16).ok())
+        .unwrap_or(1);
     if first & 1 == 1 {
         return Err(Error::invalid(
             field,
@@ -1097,6 +1100,19 @@ pub struct VmmEndpoint {
     pub control_socket: PathBuf,
     /// Guest serial output.
     pub console_log: PathBuf,
+}
+
+/// A duration in whole milliseconds, for logs and records (saturating: no duration metald
+/// measures comes near 584 million years).
+pub fn ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Milliseconds as seconds, for metrics and the API's durations. Exact for any span below
+/// 2^52 ms (142,000 years).
+#[allow(clippy::cast_precision_loss)]
+pub fn ms_to_secs(ms: i64) -> f64 {
+    ms as f64 / 1000.0
 }
 
 /// Milliseconds since the epoch: the time in every record.

@@ -133,16 +133,14 @@ impl Pidfd {
     pub fn reap(&self) -> ExitInfo {
         // SAFETY: siginfo_t is plain old data; all-zero is a valid value for it.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // An open fd is never negative.
+        let Ok(id) = libc::id_t::try_from(self.fd.as_raw_fd()) else {
+            return ExitInfo::Unknown;
+        };
         // SAFETY: waitid with P_PIDFD reads our open fd and writes only into `info`, which lives
         // on our stack for the duration of the call.
-        let ret = unsafe {
-            libc::waitid(
-                libc::P_PIDFD,
-                self.fd.as_raw_fd() as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOHANG,
-            )
-        };
+        let ret =
+            unsafe { libc::waitid(libc::P_PIDFD, id, &mut info, libc::WEXITED | libc::WNOHANG) };
         if ret != 0 {
             return ExitInfo::Unknown;
         }

@@ -185,9 +185,10 @@ impl RecoveryGate {
         }
         let attempts = b.window.len();
         let failures = b.window.iter().filter(|(_, ok)| !ok).count();
-        if attempts >= self.cfg.breaker.min_attempts
-            && failures as f64 / attempts as f64 > self.cfg.breaker.failure_rate
-        {
+        // Counts of attempts in a window: far below 2^52, so exact as f64.
+        #[allow(clippy::cast_precision_loss)]
+        let rate = failures as f64 / attempts.max(1) as f64;
+        if attempts >= self.cfg.breaker.min_attempts && rate > self.cfg.breaker.failure_rate {
             b.state = BreakerState::Open;
             b.opened_at = Some((now, crate::store::now_ms()));
             error!(

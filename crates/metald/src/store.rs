@@ -432,7 +432,10 @@ impl Store {
             tx.execute(
                 "DELETE FROM recovery_attempts WHERE vm_id = ?1 AND id NOT IN
                      (SELECT id FROM recovery_attempts WHERE vm_id = ?1 ORDER BY id DESC LIMIT ?2)",
-                params![id.as_str(), ATTEMPTS_KEPT as i64],
+                params![
+                    id.as_str(),
+                    i64::try_from(ATTEMPTS_KEPT).unwrap_or(i64::MAX)
+                ],
             )?;
             tx.commit()?;
             Ok(())

@@ -345,7 +345,7 @@ impl Supervisor {
             adopted = report.adopted,
             lost = report.lost,
             deletes_finished = report.deletes_finished,
-            duration_ms = report.elapsed.as_millis() as u64,
+            duration_ms = crate::model::ms(report.elapsed),
             "registry loaded"
         );
         Ok(report)
@@ -761,7 +761,7 @@ impl Supervisor {
             strays_killed = report.sweep.strays_killed,
             stale_dirs_removed = report.sweep.stale_dirs_removed,
             stale_sockets_removed = report.sweep.stale_sockets_removed,
-            duration_ms = report.duration.as_millis() as u64,
+            duration_ms = crate::model::ms(report.duration),
             "reconcile pass"
         );
         Ok(report)
@@ -1035,7 +1035,8 @@ fn process_age(start_ticks: u64) -> Option<Duration> {
         .next()?
         .parse()
         .ok()?;
-    let started = Duration::from_secs_f64(start_ticks as f64 / hz as f64);
+    let started = Duration::from_secs(start_ticks / hz)
+        + Duration::from_nanos((start_ticks % hz) * 1_000_000_000 / hz);
     Duration::try_from_secs_f64(uptime)
         .ok()?
         .checked_sub(started)

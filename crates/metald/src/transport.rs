@@ -94,13 +94,12 @@ impl Rewriter {
                     return Ok(());
                 }
             }
-            if raw.len() < FRAME_HEADER {
+            // A frame header is 9 bytes (FRAME_HEADER): length, type, flags, stream id.
+            let &[l0, l1, l2, kind, flags, s0, s1, s2, s3, ..] = raw.as_ref() else {
                 return Ok(());
-            }
-            let len = usize::from(raw[0]) << 16 | usize::from(raw[1]) << 8 | usize::from(raw[2]);
-            let kind = raw[3];
-            let flags = raw[4];
-            let stream_id = u32::from_be_bytes([raw[5], raw[6], raw[7], raw[8]]) & 0x7fff_ffff;
+            };
+            let len = usize::from(l0) << 16 | usize::from(l1) << 8 | usize::from(l2);
+            let stream_id = u32::from_be_bytes([s0, s1, s2, s3]) & 0x7fff_ffff;
             if kind != HEADERS && kind != CONTINUATION {
                 if self.block.is_some() {
                     return Err(invalid("a header block was interrupted by another frame"));
@@ -228,7 +227,10 @@ fn headers_frame(stream_id: u32, flags: u8, payload: &[u8]) -> io::Result<Block>
         stream_id,
         end_stream: flags & END_STREAM != 0,
         priority,
-        fragment: payload[at..end].to_vec(),
+        fragment: payload
+            .get(at..end)
+            .ok_or_else(|| invalid("padding longer than the frame"))?
+            .to_vec(),
     })
 }
 

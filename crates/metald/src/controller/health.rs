@@ -156,7 +156,7 @@ impl Controller {
                     return;
                 }
                 let threshold = self.rec.spec.guest_health.failure_threshold;
-                warn!(vm_id = %self.rec.vm_id, error = %error, consecutive_failures = failures, took_ms = res.took.as_millis() as u64, "guest probe failed");
+                warn!(vm_id = %self.rec.vm_id, error = %error, consecutive_failures = failures, took_ms = crate::model::ms(res.took), "guest probe failed");
                 if failures >= threshold {
                     let pid = self.vmm.as_ref().map_or(0, |v| v.endpoint.pid);
                     warn!(vm_id = %self.rec.vm_id, pid, consecutive_failures = failures, error = %error, "guest unresponsive");
@@ -187,7 +187,7 @@ impl Controller {
             .observe(took.as_secs_f64());
         let downtime_ms = self.down_since_ms.take().map(|t| (now - t).max(0));
         if let Some(d) = downtime_ms {
-            m.downtime.observe(d as f64 / 1000.0);
+            m.downtime.observe(crate::model::ms_to_secs(d));
         }
         let saved = self.save().await;
         self.env
@@ -202,7 +202,7 @@ impl Controller {
                 &format!("guest answered {} ms after it started", took.as_millis()),
             )
             .await;
-        info!(vm_id = %self.rec.vm_id, trigger, ready_ms = took.as_millis() as u64, downtime_ms = downtime_ms.unwrap_or(0), "guest ready");
+        info!(vm_id = %self.rec.vm_id, trigger, ready_ms = crate::model::ms(took), downtime_ms = downtime_ms.unwrap_or(0), "guest ready");
         if let Err(e) = saved {
             warn!(vm_id = %self.rec.vm_id, error = %e, "recording guest readiness failed");
         }
@@ -216,7 +216,7 @@ impl Controller {
         }
         let pid = self.vmm.as_ref().map_or(0, |v| v.endpoint.pid);
         let timeout = self.rec.spec.guest_health.startup_timeout;
-        warn!(vm_id = %self.rec.vm_id, pid, startup_timeout_ms = timeout.as_millis() as u64, error = %self.rec.guest.last_error, "guest unresponsive");
+        warn!(vm_id = %self.rec.vm_id, pid, startup_timeout_ms = crate::model::ms(timeout), error = %self.rec.guest.last_error, "guest unresponsive");
         if let Err(e) = self.orphan_live_vmm(OrphanReason::GuestUnresponsive).await {
             warn!(vm_id = %self.rec.vm_id, error = %e, "recording guest failure failed");
         }
@@ -281,7 +281,9 @@ impl Controller {
         }
         if n < buf.len() {
             *seen = from + got;
-            return buf[..n]
+            return buf
+                .get(..n)
+                .unwrap_or_default()
                 .windows(PANIC_LINE.len())
                 .any(|w| w == PANIC_LINE.as_bytes());
         }
@@ -464,7 +466,7 @@ impl Controller {
                     reason = reason.as_str(),
                     error = %error,
                     consecutive_failures = failures,
-                    duration_ms = started.elapsed().as_millis() as u64,
+                    duration_ms = crate::model::ms(started.elapsed()),
                     "vm health check failed"
                 );
                 if failures >= cfg.orphan_threshold {

@@ -189,7 +189,7 @@ impl Controller {
             self.set_observed(VmState::Running, Cause::Ran).await?;
         }
         res?;
-        info!(vm_id = %self.rec.vm_id, path = %dest.display(), duration_ms = started.elapsed().as_millis() as u64, "vm snapshot written");
+        info!(vm_id = %self.rec.vm_id, path = %dest.display(), duration_ms = crate::model::ms(started.elapsed()), "vm snapshot written");
         Ok(())
     }
 
@@ -234,7 +234,7 @@ impl Controller {
                 &dest.display().to_string(),
             )
             .await;
-        info!(vm_id = %self.rec.vm_id, path = %dest.display(), duration_ms = started.elapsed().as_millis() as u64, "vm saved");
+        info!(vm_id = %self.rec.vm_id, path = %dest.display(), duration_ms = crate::model::ms(started.elapsed()), "vm saved");
         Ok(())
     }
 
@@ -515,7 +515,7 @@ impl Controller {
             reason = why,
             how,
             exit = %status,
-            duration_ms = started.elapsed().as_millis() as u64,
+            duration_ms = crate::model::ms(started.elapsed()),
             "vmm stopped"
         );
         self.vmm = None;

@@ -168,7 +168,7 @@ impl Controller {
                     .gate
                     .backoff(self.converge_failures.saturating_add(1));
                 self.converge_after = Some(Instant::now() + wait);
-                warn!(vm_id = %self.rec.vm_id, error = %e, failures = self.converge_failures, retry_in_ms = wait.as_millis() as u64, "converging failed");
+                warn!(vm_id = %self.rec.vm_id, error = %e, failures = self.converge_failures, retry_in_ms = crate::model::ms(wait), "converging failed");
                 false
             }
         }
@@ -220,11 +220,11 @@ impl Controller {
                 crash_loop,
             } => {
                 if crash_loop {
-                    warn!(vm_id = %self.rec.vm_id, crashes = self.crashes, delay_ms = after.as_millis() as u64, "vm crash-looping; restarts slowed down");
+                    warn!(vm_id = %self.rec.vm_id, crashes = self.crashes, delay_ms = crate::model::ms(after), "vm crash-looping; restarts slowed down");
                 }
                 self.trigger = trigger;
                 self.retry_at = Some(Instant::now() + after);
-                info!(vm_id = %self.rec.vm_id, reason = trigger.as_str(), attempt, delay_ms = after.as_millis() as u64, "vm recovery scheduled");
+                info!(vm_id = %self.rec.vm_id, reason = trigger.as_str(), attempt, delay_ms = crate::model::ms(after), "vm recovery scheduled");
                 true
             }
         }
@@ -248,7 +248,7 @@ impl Controller {
         self.retry_at = None;
         match plan_due(self.env.gate.admit()) {
             DuePlan::Wait(wait) => {
-                debug!(vm_id = %self.rec.vm_id, wait_ms = wait.as_millis() as u64, "recovery held by the breaker");
+                debug!(vm_id = %self.rec.vm_id, wait_ms = crate::model::ms(wait), "recovery held by the breaker");
                 self.retry_at = Some(Instant::now() + wait);
             }
             DuePlan::Acquire { probe } => {
@@ -313,7 +313,7 @@ impl Controller {
         let res = self.reconcile(None).await;
         // Also when the attempt failed before the guest started.
         self.start_trigger = "boot";
-        let duration_ms = started.elapsed().as_millis() as i64;
+        let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
         let record = AttemptRecord {
             attempt,
             started_at_ms: started_ms,
@@ -355,7 +355,8 @@ impl Controller {
                     if self.probed() && !self.rec.guest.ready {
                         self.down_since_ms = Some(t);
                     } else {
-                        m.downtime.observe((now_ms() - t).max(0) as f64 / 1000.0);
+                        m.downtime
+                            .observe(crate::model::ms_to_secs((now_ms() - t).max(0)));
                     }
                 }
                 self.env
@@ -547,7 +548,7 @@ impl Controller {
             pid,
             reason = reason.as_str(),
             last_seen = %crate::telemetry::rfc3339(self.last_seen_ms),
-            downtime = (now - self.last_seen_ms).max(0) as f64 / 1000.0,
+            downtime = crate::model::ms_to_secs((now - self.last_seen_ms).max(0)),
             exit = self.rec.last_exit.as_deref().unwrap_or(""),
             "orphaned vm detected"
         );

@@ -214,8 +214,8 @@ impl FirecrackerDriver {
             "kernel_image_path": paths.kernel,
             "boot_args": kernel_args(spec),
         });
-        if let Some(initrd) = &paths.initrd {
-            boot["initrd_path"] = json!(initrd);
+        if let (Some(initrd), Some(o)) = (&paths.initrd, boot.as_object_mut()) {
+            o.insert("initrd_path".into(), json!(initrd));
         }
         out.push(put("/boot-source".into(), boot));
         for (d, path) in spec.drives.iter().zip(&paths.drives) {
@@ -730,9 +730,9 @@ fn load_body(dir: &str, track_dirty_pages: bool, vsock: Option<&str>) -> Value {
         "track_dirty_pages": track_dirty_pages,
         "resume_vm": false,
     });
-    if let Some(uds) = vsock {
+    if let (Some(uds), Some(o)) = (vsock, body.as_object_mut()) {
         // The snapshot names its source VM's vsock socket; this VM has its own.
-        body["vsock_override"] = json!({ "uds_path": uds });
+        o.insert("vsock_override".into(), json!({ "uds_path": uds }));
     }
     body
 }
@@ -797,12 +797,13 @@ fn merge_diff(diff: &Path, out: &Path) -> Result<(), DriverError> {
         dst.seek(SeekFrom::Start(start))
             .map_err(io("merged memory"))?;
         while left > 0 {
-            let n = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
-            src.read_exact(&mut buf[..n])
+            let n = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
+            let chunk = buf.get_mut(..n).unwrap_or_default();
+            src.read_exact(chunk)
                 .map_err(io("reading the diff memory"))?;
-            dst.write_all(&buf[..n])
+            dst.write_all(chunk)
                 .map_err(io("writing the merged memory"))?;
-            left -= n as u64;
+            left = left.saturating_sub(u64::try_from(n).unwrap_or(left));
         }
         pos = hole;
     }
@@ -1097,9 +1098,7 @@ impl VmmDriver for FirecrackerDriver {
     }
 
     fn owns_cmdline(&self, vm_id: &VmId, cmdline: &[String]) -> bool {
-        cmdline
-            .windows(2)
-            .any(|w| w[0] == "--id" && w[1] == vm_id.as_str())
+        super::args_after(cmdline, "--id").any(|id| id == vm_id.as_str())
     }
 
     fn control_socket(&self, run_dir: &Path) -> PathBuf {
@@ -1122,14 +1121,8 @@ impl VmmDriver for FirecrackerDriver {
 
     fn identify(&self, proc_: &crate::process::ProcInfo, run_root: &Path) -> Option<VmId> {
         let cmdline = &proc_.cmdline;
-        let id = cmdline
-            .windows(2)
-            .find(|w| w[0] == "--id")
-            .and_then(|w| VmId::parse("vm_id", &w[1]).ok())?;
-        let sock = cmdline
-            .windows(2)
-            .find(|w| w[0] == "--api-sock")
-            .map(|w| PathBuf::from(&w[1]))?;
+        let id = super::arg_after(cmdline, "--id").and_then(|v| VmId::parse("vm_id", v).ok())?;
+        let sock = PathBuf::from(super::arg_after(cmdline, "--api-sock")?);
         let ours = if self.cfg.jailer.enabled {
             // The jailer pivots into a new mount namespace, so `/proc/PID/root` reads `/`; the
             // directory it *is* (device and inode) is this VM's jail, which is under this host's

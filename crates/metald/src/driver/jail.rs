@@ -46,15 +46,18 @@ pub const EM_X86_64: u16 = 62;
 pub fn elf_info(path: &Path) -> std::io::Result<Option<ElfInfo>> {
     let mut f = std::fs::File::open(path)?;
     let mut hdr = [0u8; 64];
-    if read_up_to(&mut f, &mut hdr)? < 64 || &hdr[..4] != b"\x7fELF" || hdr[4] != 2 || hdr[5] != 1 {
+    // The magic, then ELFCLASS64 (2) and little-endian (1).
+    if read_up_to(&mut f, &mut hdr)? < 64 || !hdr.starts_with(b"\x7fELF\x02\x01") {
         return Ok(None);
     }
-    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
-    let u64_at = |b: &[u8], o: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[o..o + 8]);
-        u64::from_le_bytes(a)
-    };
+    // Fields at fixed offsets; one past the end reads as 0 (and fails the checks below).
+    fn at<const N: usize>(b: &[u8], o: usize) -> [u8; N] {
+        b.get(o..o + N)
+            .and_then(|s| <[u8; N]>::try_from(s).ok())
+            .unwrap_or([0; N])
+    }
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes(at(b, o));
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(at(b, o));
     let machine = u16_at(&hdr, 18);
     let phoff = u64_at(&hdr, 32);
     let phentsize = usize::from(u16_at(&hdr, 54));
@@ -65,9 +68,9 @@ pub fn elf_info(path: &Path) -> std::io::Result<Option<ElfInfo>> {
         let mut ph = vec![0u8; phentsize * phnum];
         f.seek(SeekFrom::Start(phoff))?;
         let n = read_up_to(&mut f, &mut ph)?;
-        for e in ph[..n].chunks_exact(phentsize) {
+        for e in ph.get(..n).unwrap_or_default().chunks_exact(phentsize) {
             const PT_INTERP: u32 = 3;
-            if u32::from_le_bytes([e[0], e[1], e[2], e[3]]) != PT_INTERP {
+            if u32::from_le_bytes(at(e, 0)) != PT_INTERP {
                 continue;
             }
             let off = u64_at(e, 8);
@@ -88,8 +91,8 @@ pub fn elf_info(path: &Path) -> std::io::Result<Option<ElfInfo>> {
 
 fn read_up_to(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..])? {
+    while let Some(rest) = buf.get_mut(n..).filter(|r| !r.is_empty()) {
+        match f.read(rest)? {
             0 => break,
             k => n += k,
         }
@@ -106,10 +109,10 @@ pub fn firecracker_kernel_problem(path: &Path) -> Option<String> {
         Err(e) => return Some(format!("cannot be read: {e}")),
     };
     head.truncate(n);
-    let bzimage = head.len() >= 0x206 && &head[0x202..0x206] == b"HdrS";
+    let bzimage = head.get(0x202..0x206) == Some(b"HdrS".as_slice());
     if cfg!(target_arch = "aarch64") {
         // The arm64 Image header carries "ARM\x64" at offset 56.
-        return (head.len() < 60 || &head[56..60] != b"ARM\x64")
+        return (head.get(56..60) != Some(b"ARM\x64".as_slice()))
             .then(|| "is not an arm64 Image, which Firecracker needs on aarch64".to_string());
     }
     match elf_info(path) {
@@ -173,14 +176,17 @@ impl CgroupHost {
         let mut v1 = Vec::new();
         for line in mounts.lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 4 {
+            let [_, path, fstype, options, ..] = f.as_slice() else {
                 continue;
-            }
+            };
             // /proc/mounts escapes spaces in paths as \040.
-            let dir = PathBuf::from(f[1].replace("\\040", " "));
-            match f[2] {
+            let dir = PathBuf::from(path.replace("\\040", " "));
+            match *fstype {
                 "cgroup2" if unified.is_none() => unified = Some(dir),
-                "cgroup" => v1.push((dir, f[3].split(',').map(str::to_string).collect::<Vec<_>>())),
+                "cgroup" => v1.push((
+                    dir,
+                    options.split(',').map(str::to_string).collect::<Vec<_>>(),
+                )),
                 _ => {}
             }
         }

@@ -58,6 +58,23 @@ pub async fn connect_unix(path: &Path) -> std::io::Result<tokio::net::UnixStream
     stream
 }
 
+/// Every argument that follows `flag` in a command line (`-qmp X`), in order: how both drivers
+/// read the markers they put on their VMMs' command lines.
+pub(crate) fn args_after<'a>(
+    cmdline: &'a [String],
+    flag: &'a str,
+) -> impl Iterator<Item = &'a str> + 'a {
+    cmdline.windows(2).filter_map(move |w| match w {
+        [f, v] if f == flag => Some(v.as_str()),
+        _ => None,
+    })
+}
+
+/// The first argument that follows `flag` in a command line (`-name X`, `--id X`).
+pub(crate) fn arg_after<'a>(cmdline: &'a [String], flag: &'a str) -> Option<&'a str> {
+    args_after(cmdline, flag).next()
+}
+
 /// The guest's serial console, as the VMM writes it, in its run directory.
 pub const CONSOLE_LOG: &str = "console.log";
 
@@ -207,7 +224,9 @@ pub(crate) async fn bounded<T>(
 pub(crate) fn log_tail(path: &Path, max: usize) -> String {
     let data = std::fs::read(path).unwrap_or_default();
     let start = data.len().saturating_sub(max);
-    String::from_utf8_lossy(&data[start..]).trim().to_string()
+    String::from_utf8_lossy(data.get(start..).unwrap_or_default())
+        .trim()
+        .to_string()
 }
 
 /// A connection to a guest agent's channel.

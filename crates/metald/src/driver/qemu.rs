@@ -425,7 +425,7 @@ impl VmmDriver for QemuDriver {
 
     fn owns_cmdline(&self, vm_id: &VmId, cmdline: &[String]) -> bool {
         let want = format!("{NAME_PREFIX}{vm_id}");
-        cmdline.windows(2).any(|w| w[0] == "-name" && w[1] == want)
+        super::args_after(cmdline, "-name").any(|n| n == want)
     }
 
     fn control_socket(&self, run_dir: &Path) -> std::path::PathBuf {
@@ -434,18 +434,13 @@ impl VmmDriver for QemuDriver {
 
     fn identify(&self, proc_: &crate::process::ProcInfo, run_root: &Path) -> Option<VmId> {
         let cmdline = &proc_.cmdline;
-        let name = cmdline
-            .windows(2)
-            .find(|w| w[0] == "-name")
-            .and_then(|w| w[1].strip_prefix(NAME_PREFIX))?;
+        let name = super::arg_after(cmdline, "-name")?.strip_prefix(NAME_PREFIX)?;
         let id = VmId::parse("vm_id", name).ok()?;
         // Only VMMs whose QMP socket lies under our run directory: another metald on the same
         // host (another state dir) owns its own VMMs.
         let run_dir = run_root.join(id.as_str());
-        let ours = cmdline
-            .windows(2)
-            .filter(|w| w[0] == "-qmp")
-            .filter_map(|w| w[1].strip_prefix("unix:")?.split(',').next())
+        let ours = super::args_after(cmdline, "-qmp")
+            .filter_map(|a| a.strip_prefix("unix:")?.split(',').next())
             .any(|sock| super::socket_arg_is(proc_.pid, Path::new(sock), &run_dir, QMP_SOCKET));
         ours.then_some(id)
     }

@@ -95,8 +95,8 @@ impl Agent {
 
     async fn write(&mut self, command: &str, arguments: Option<Value>) -> Result<(), DriverError> {
         let mut msg = json!({ "execute": command });
-        if let Some(a) = arguments {
-            msg["arguments"] = a;
+        if let (Some(a), Some(o)) = (arguments, msg.as_object_mut()) {
+            o.insert("arguments".into(), a);
         }
         let mut line = msg.to_string();
         line.push('\n');

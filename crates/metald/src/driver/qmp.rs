@@ -81,11 +81,13 @@ async fn handshake(path: &Path) -> Result<(Lines, tokio::net::unix::OwnedWriteHa
 
 fn command_message(command: &str, arguments: Option<Value>, id: Option<u64>) -> Value {
     let mut msg = json!({ "execute": command });
-    if let Some(args) = arguments {
-        msg["arguments"] = args;
-    }
-    if let Some(id) = id {
-        msg["id"] = json!(id);
+    if let Some(o) = msg.as_object_mut() {
+        if let Some(args) = arguments {
+            o.insert("arguments".into(), args);
+        }
+        if let Some(id) = id {
+            o.insert("id".into(), json!(id));
+        }
     }
     msg
 }
