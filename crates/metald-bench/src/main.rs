@@ -388,8 +388,7 @@ fn kill_under(dir: &Path) {
         };
         let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         if String::from_utf8_lossy(&cmd).contains(&needle) {
-            // SAFETY: kill takes plain integers; the target is a process this benchmark started.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = metald::process::kill_pid(pid, libc::SIGKILL);
         }
     }
 }
@@ -649,8 +648,7 @@ async fn vm_pid(c: &mut Client, id: &str) -> Result<i32> {
 }
 
 fn signal(pid: i32, sig: i32) {
-    // SAFETY: kill takes plain integers; the target is a VMM this benchmark created.
-    unsafe { libc::kill(pid, sig) };
+    let _ = metald::process::kill_pid(pid, sig);
 }
 
 /// Waits (bounded) until every VM's console shows METALD-GUEST-READY.
@@ -711,22 +709,12 @@ struct Timed {
 }
 
 /// Waits on a pidfd in a blocking thread; returns µs since the epoch when it turned readable.
-fn exit_watch(pid: i32) -> Option<std::thread::JoinHandle<Option<i64>>> {
-    // SAFETY: pidfd_open takes plain integers and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    let fd = i32::try_from(fd).ok().filter(|f| *f >= 0)?;
-    Some(std::thread::spawn(move || {
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd on this thread's stack; the fd is ours.
-        let n = unsafe { libc::poll(&mut p, 1, 15_000) };
+fn exit_watch(pid: i32) -> Option<tokio::task::JoinHandle<Option<i64>>> {
+    let fd = metald::process::Pidfd::open(pid).ok()?;
+    Some(tokio::spawn(async move {
+        let exited = tokio::time::timeout(Duration::from_secs(15), fd.exited()).await;
         let t = now_us();
-        // SAFETY: closing the fd opened above, once.
-        unsafe { libc::close(fd) };
-        (n > 0).then_some(t)
+        matches!(exited, Ok(Ok(()))).then_some(t)
     }))
 }
 
@@ -750,9 +738,11 @@ async fn time_orphan(d: &Daemon, c: &mut Client, id: &str, sig: i32) -> Result<T
         .await
         .with_context(|| format!("{id}: no orphan event"))?;
     let t1 = log_time_us(&line).context("log timestamp")?;
-    let exit_ms = watch
-        .and_then(|w| w.join().ok().flatten())
-        .map(|t| (t - t0) as f64 / 1000.0);
+    let exit_ms = match watch {
+        Some(w) => w.await.ok().flatten(),
+        None => None,
+    }
+    .map(|t| (t - t0) as f64 / 1000.0);
     let reason = serde_json::from_str::<Value>(&line)?["reason"]
         .as_str()
         .unwrap_or("")
@@ -1261,8 +1251,7 @@ async fn metald_cpu_us(d: &Daemon, window: Duration) -> (f64, usize) {
     let mark = d.mark();
     tokio::time::sleep(window).await;
     let ticks = cpu_ticks(pid) - t0;
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let hz = metald::process::clock_ticks() as f64;
     (ticks as f64 / hz * 1e6, mark)
 }
 
@@ -1827,8 +1816,7 @@ where
     st.faults += 1;
     let mark = d.mark();
     let t0 = Instant::now();
-    // SAFETY: kill takes plain integers; the target is this benchmark's VMM.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    signal(pid, libc::SIGKILL);
     let mut readonly_since: Option<Instant> = None;
     let mut recovered_at: Option<f64> = None;
     let mut detected = false;
@@ -2167,8 +2155,7 @@ async fn crash_points(root: &Path, d: &mut Daemon, c: &mut Client) -> Result<Val
                     .await?
                     .into_inner();
                 let pid: i32 = i.vm.and_then(|v| v.vmm).map_or(0, |v| v.pid);
-                // SAFETY: kill takes plain integers; the target is this benchmark's VMM.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                signal(pid, libc::SIGKILL);
                 Ok(())
             }
         };
@@ -2337,8 +2324,7 @@ async fn jailer_bench(
             let pid: i32 = info.vm.and_then(|v| v.vmm).map_or(0, |v| v.pid);
             let mark = d.mark();
             let t0 = Instant::now();
-            // SAFETY: kill takes plain integers; the target is this benchmark's jailed VMM.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            signal(pid, libc::SIGKILL);
             if d
                 .wait_log(mark, Duration::from_secs(30), |l| l.contains("\"vm recovered\""))
                 .await
@@ -2383,8 +2369,7 @@ async fn jailer_bench(
     }
     .await;
     for pid in cgroup_processes(&parent) {
-        // SAFETY: kill takes plain integers; these run in this benchmark's cgroups.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        signal(pid, libc::SIGKILL);
     }
     std::thread::sleep(Duration::from_millis(200));
     remove_cgroups(&parent);

@@ -429,9 +429,7 @@ fn start_time_ts(ticks: u64) -> Option<prost_types::Timestamp> {
             .ok()?;
         Some(secs * 1000)
     }))?;
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
+    let hz = crate::process::clock_ticks();
     let ms = i64::try_from(ticks.saturating_mul(1000) / hz).ok()?;
     Some(ts(boot_ms + ms))
 }

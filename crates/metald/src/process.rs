@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -62,15 +62,9 @@ pub struct Pidfd {
 impl Pidfd {
     /// Opens a pidfd for `pid`. Fails with ESRCH if no such process exists.
     pub fn open(pid: i32) -> io::Result<Self> {
-        // SAFETY: pidfd_open takes two integers and returns a new fd or -1; it touches no memory
-        // of ours.
-        let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if ret < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let raw = RawFd::try_from(ret).map_err(|_| io::Error::other("pidfd out of range"))?;
-        // SAFETY: `raw` was just returned by pidfd_open, is open, and nothing else owns it.
-        let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+        let target = rustix::process::Pid::from_raw(pid)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+        let owned = rustix::process::pidfd_open(target, rustix::process::PidfdFlags::empty())?;
         // SAFETY: `owned` is a valid open fd; the AsyncFd takes ownership of it, so it stays open
         // and refers to the same pidfd until the AsyncFd is dropped.
         let fd = unsafe { AsyncFd::register_with_interest(owned, Interest::READABLE) }
@@ -94,68 +88,62 @@ impl Pidfd {
 
     /// Whether the process has exited, without waiting.
     pub fn has_exited(&self) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        use rustix::event::{PollFd, PollFlags, Timespec};
+        let mut fds = [PollFd::new(self.fd.get_ref(), PollFlags::IN)];
+        let now = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
         };
-        // SAFETY: `pfd` is a valid pollfd on our stack and we pass a count of 1; timeout 0 means
-        // poll does not block.
-        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-        n > 0 && (pfd.revents & libc::POLLIN) != 0
+        rustix::event::poll(&mut fds, Some(&now)).is_ok_and(|n| n > 0)
+            && fds
+                .first()
+                .is_some_and(|f| f.revents().contains(PollFlags::IN))
     }
 
     /// Sends `sig` to exactly this process. ESRCH (already gone) counts as success.
     pub fn signal(&self, sig: i32) -> io::Result<()> {
-        // SAFETY: pidfd_send_signal takes our open fd, a signal number, a null siginfo (allowed:
-        // the kernel fills in defaults) and flags 0.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.fd.as_raw_fd(),
-                sig,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        if ret < 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::ESRCH) {
-                return Ok(());
-            }
-            return Err(err);
+        let sig = rustix::process::Signal::from_named_raw(sig)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        match rustix::process::pidfd_send_signal(self.fd.get_ref(), sig) {
+            Err(e) if e == rustix::io::Errno::SRCH => Ok(()),
+            r => r.map_err(io::Error::from),
         }
-        Ok(())
     }
 
     /// Reaps the process if it is our child and has exited, returning how it ended. For a process
     /// that is not our child (adopted after a restart) this returns [`ExitInfo::Unknown`].
     pub fn reap(&self) -> ExitInfo {
-        // SAFETY: siginfo_t is plain old data; all-zero is a valid value for it.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // An open fd is never negative.
-        let Ok(id) = libc::id_t::try_from(self.fd.as_raw_fd()) else {
-            return ExitInfo::Unknown;
-        };
-        // SAFETY: waitid with P_PIDFD reads our open fd and writes only into `info`, which lives
-        // on our stack for the duration of the call.
-        let ret =
-            unsafe { libc::waitid(libc::P_PIDFD, id, &mut info, libc::WEXITED | libc::WNOHANG) };
-        if ret != 0 {
-            return ExitInfo::Unknown;
-        }
-        // SAFETY: waitid succeeded with WEXITED, so the kernel filled in the SIGCHLD fields that
-        // si_pid and si_status read (si_pid stays 0 if the child had not exited yet).
-        let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
-        if pid == 0 {
-            return ExitInfo::Unknown;
-        }
-        match info.si_code {
-            libc::CLD_EXITED => ExitInfo::Exited(status),
-            libc::CLD_KILLED | libc::CLD_DUMPED => ExitInfo::Signaled(status),
+        use rustix::process::{WaitId, WaitIdOptions};
+        let id = WaitId::PidFd(self.fd.get_ref().as_fd());
+        match rustix::process::waitid(id, WaitIdOptions::EXITED | WaitIdOptions::NOHANG) {
+            Ok(Some(st)) => {
+                if let Some(code) = st.exit_status().filter(|_| st.exited()) {
+                    ExitInfo::Exited(code)
+                } else if let Some(sig) = st.terminating_signal() {
+                    ExitInfo::Signaled(sig)
+                } else {
+                    ExitInfo::Unknown
+                }
+            }
             _ => ExitInfo::Unknown,
         }
     }
+}
+
+/// Sends `sig` to `pid` by number: for the tests, the benchmark and tools that name a process
+/// they started themselves. The daemon signals its VMMs through a [`Pidfd`], which cannot hit a
+/// reused pid.
+pub fn kill_pid(pid: i32, sig: i32) -> io::Result<()> {
+    let target = rustix::process::Pid::from_raw(pid)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+    let sig = rustix::process::Signal::from_named_raw(sig)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    rustix::process::kill_process(target, sig).map_err(io::Error::from)
+}
+
+/// Clock ticks per second: the unit of `/proc` start and CPU times.
+pub fn clock_ticks() -> u64 {
+    rustix::param::clock_ticks_per_second().max(1)
 }
 
 /// A snapshot of `/proc/PID`.
@@ -248,13 +236,11 @@ pub fn spawn_detached(mut cmd: Command, log: &Path) -> io::Result<Spawned> {
     let out = File::options().create(true).append(true).open(log)?;
     let err = out.try_clone()?;
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-    // SAFETY: the closure runs in the forked child before exec and calls only setsid, which is
-    // async-signal-safe and allocates nothing.
+    // SAFETY: the closure runs in the forked child before exec and only makes the setsid system
+    // call (rustix's, a raw syscall: async-signal-safe, no allocation).
     unsafe {
         cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            rustix::process::setsid()?;
             Ok(())
         });
     }

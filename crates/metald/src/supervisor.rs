@@ -1026,9 +1026,7 @@ fn list_pids() -> Vec<i32> {
 
 /// How long ago a process started, from its start time in clock ticks since boot.
 fn process_age(start_ticks: u64) -> Option<Duration> {
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
+    let hz = crate::process::clock_ticks();
     let uptime: f64 = std::fs::read_to_string("/proc/uptime")
         .ok()?
         .split_whitespace()

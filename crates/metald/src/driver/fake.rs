@@ -104,9 +104,7 @@ impl FakeVmmDriver {
     /// Kills every fake VMM still alive (a test's clean-up).
     pub fn kill_all(&self) {
         for pid in lock(&self.vmms).keys() {
-            // SAFETY: kill takes plain integers; each pid is a child of this process that has
-            // not been reaped.
-            unsafe { libc::kill(*pid, libc::SIGKILL) };
+            let _ = crate::process::kill_pid(*pid, libc::SIGKILL);
         }
     }
 
@@ -115,9 +113,9 @@ impl FakeVmmDriver {
         let Some(pid) = self.pid_of(vm) else {
             return false;
         };
-        // SAFETY: kill takes plain integers; the pid is a child of this test process that has
-        // not been reaped (its controller reaps it through its pidfd after this).
-        unsafe { libc::kill(pid, libc::SIGKILL) == 0 }
+        // A child of this test process that has not been reaped (its controller reaps it
+        // through its pidfd after this), so the pid is still this process's.
+        crate::process::kill_pid(pid, libc::SIGKILL).is_ok()
     }
 
     fn run_of(&self, ep: &VmmEndpoint) -> Result<GuestRun, DriverError> {
@@ -222,8 +220,7 @@ impl VmmDriver for FakeVmmDriver {
     }
 
     async fn quit(&self, ep: &VmmEndpoint) -> Result<(), DriverError> {
-        // SAFETY: kill takes plain integers; the pid is a live child of this process, unreaped.
-        unsafe { libc::kill(ep.pid, libc::SIGTERM) };
+        let _ = crate::process::kill_pid(ep.pid, libc::SIGTERM);
         Ok(())
     }
 

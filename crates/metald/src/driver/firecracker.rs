@@ -754,7 +754,6 @@ fn move_file(from: &Path, to: &Path) -> Result<(), DriverError> {
 /// pages at their offsets and holes everywhere else.
 fn merge_diff(diff: &Path, out: &Path) -> Result<(), DriverError> {
     use std::io::{Read, Seek, SeekFrom, Write};
-    use std::os::fd::AsRawFd;
     let io = |what: &str| {
         let what = what.to_string();
         move |e| DriverError::Io(what, e)
@@ -765,33 +764,21 @@ fn merge_diff(diff: &Path, out: &Path) -> Result<(), DriverError> {
         .open(out)
         .map_err(io("opening the merged memory"))?;
     let len = src.metadata().map_err(io("diff memory"))?.len();
-    let fd = src.as_raw_fd();
-    let mut pos: i64 = 0;
+    let mut pos: u64 = 0;
     let mut buf = vec![0u8; 1 << 20];
-    let end = i64::try_from(len).unwrap_or(i64::MAX);
-    while pos < end {
-        // SAFETY: lseek on a file descriptor we own, with constant whence values.
-        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break; // no data after pos
-            }
-            return Err(DriverError::Io(
-                "finding the diff's dirty pages (SEEK_DATA)".into(),
-                e,
-            ));
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(DriverError::Io(
-                "finding the diff's dirty pages (SEEK_HOLE)".into(),
-                std::io::Error::last_os_error(),
-            ));
-        }
-        let start = u64::try_from(data).unwrap_or(0);
-        let mut left = u64::try_from(hole - data).unwrap_or(0);
+    let seek_err =
+        |what: &'static str| move |e: rustix::io::Errno| DriverError::Io(what.into(), e.into());
+    while pos < len {
+        let data = match rustix::fs::seek(&src, rustix::fs::SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            // No data after pos.
+            Err(e) if e == rustix::io::Errno::NXIO => break,
+            Err(e) => return Err(seek_err("finding the diff's dirty pages (SEEK_DATA)")(e)),
+        };
+        let hole = rustix::fs::seek(&src, rustix::fs::SeekFrom::Hole(data))
+            .map_err(seek_err("finding the diff's dirty pages (SEEK_HOLE)"))?;
+        let start = data;
+        let mut left = hole.saturating_sub(data);
         src.seek(SeekFrom::Start(start))
             .map_err(io("diff memory"))?;
         dst.seek(SeekFrom::Start(start))
@@ -1194,9 +1181,9 @@ impl VmmDriver for FirecrackerDriver {
                 .collect();
             if !pids.is_empty() {
                 for pid in &pids {
-                    // SAFETY: kill(2) with a pid from the cgroup of a VM that has no VMM; no
-                    // memory is involved.
-                    unsafe { libc::kill(*pid, libc::SIGKILL) };
+                    // A pid from the cgroup of a VM that has no VMM: whatever it is, it is in
+                    // that VM's jail.
+                    let _ = crate::process::kill_pid(*pid, libc::SIGKILL);
                 }
                 tracing::warn!(vm_id = %id, pids = ?pids, "processes left in a jail's cgroup killed");
                 continue;

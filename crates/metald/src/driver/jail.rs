@@ -290,9 +290,10 @@ pub fn kill_cgroups(dirs: &[PathBuf], within: Duration) -> Result<usize, String>
         }
         for pid in pids {
             // Every process in the VM's cgroup is the VM's: the jailer, its children, the VMM.
-            // SAFETY: kill(2) with a pid read from the cgroup and a constant signal; it touches
-            // no memory of ours.
-            if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+            let killed_now = rustix::process::Pid::from_raw(pid).is_some_and(|p| {
+                rustix::process::kill_process(p, rustix::process::Signal::KILL).is_ok()
+            });
+            if killed_now {
                 killed += 1;
             }
         }

@@ -185,16 +185,16 @@ impl Daemon {
     /// Sends `sig` to metald without waiting.
     pub fn signal(&self, sig: i32) {
         if let Some(c) = &self.child {
-            // SAFETY: test code; kill() on our own child's pid, which we have not reaped yet.
-            unsafe { libc::kill(c.id() as i32, sig) };
+            // Our own child, not reaped yet: its pid is still its own.
+            let _ = metald::process::kill_pid(c.id() as i32, sig);
         }
     }
 
     /// Sends `sig` to metald and waits for it to exit.
     pub fn stop_with(&mut self, sig: i32) {
         if let Some(mut c) = self.child.take() {
-            // SAFETY: test code; kill() on our own child's pid, which we have not reaped yet.
-            unsafe { libc::kill(c.id() as i32, sig) };
+            // Our own child, not reaped yet: its pid is still its own.
+            let _ = metald::process::kill_pid(c.id() as i32, sig);
             let _ = c.wait();
         }
     }
@@ -403,8 +403,7 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop_with(libc::SIGKILL);
         for pid in pids_matching(&self.state_dir, "") {
-            // SAFETY: test clean-up of processes whose command line names our state dir.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = metald::process::kill_pid(pid, libc::SIGKILL);
         }
         let _ = std::fs::remove_dir_all(&self.state_dir);
         if let Some(f) = &self.config_file {
@@ -721,30 +720,13 @@ pub async fn running_vm(c: &mut Client, id: &str) -> i32 {
 }
 
 pub fn signal(pid: i32, sig: i32) {
-    // SAFETY: test code signalling a process the test started (directly or through metald).
-    unsafe { libc::kill(pid, sig) };
+    let _ = metald::process::kill_pid(pid, sig);
 }
 
 /// Waits (bounded) for a process to exit, on its pidfd.
 pub async fn wait_dead(pid: i32, timeout: Duration) -> bool {
-    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    tokio::task::spawn_blocking(move || {
-        // SAFETY: pidfd_open takes plain integers.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-        if fd < 0 {
-            return true; // no such process
-        }
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd on the stack; fd is ours and closed right after.
-        let n = unsafe { libc::poll(&mut p, 1, ms) };
-        // SAFETY: closing the fd opened above.
-        unsafe { libc::close(fd) };
-        n > 0
-    })
-    .await
-    .unwrap()
+    let Ok(fd) = metald::process::Pidfd::open(pid) else {
+        return true; // no such process
+    };
+    tokio::time::timeout(timeout, fd.exited()).await.is_ok()
 }
