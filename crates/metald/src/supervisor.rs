@@ -917,9 +917,16 @@ impl Supervisor {
             .chain(stray_ids.iter().cloned())
             .chain(young_ids.iter().cloned())
             .collect();
-        for d in self.drivers.all() {
-            report.stale_dirs_removed += d.sweep_leftovers(&live, grace);
-        }
+        // Jails and cgroups are file work (and may kill what is left in them): off the runtime.
+        let drivers = self.drivers.all();
+        report.stale_dirs_removed += tokio::task::spawn_blocking(move || {
+            drivers
+                .iter()
+                .map(|d| d.sweep_leftovers(&live, grace))
+                .sum::<usize>()
+        })
+        .await
+        .unwrap_or(0);
 
         // Stale files. Anything younger than the grace period may belong to a create or spawn
         // in progress, so it is left for the next sweep.

@@ -447,10 +447,19 @@ impl Controller {
         // connection ends right after them, so wait, briefly and bounded, for it to end.
         self.drain_vmm_events().await;
         // Read the cause while the VMM's files are all still there (a jail goes on release).
-        let cause =
-            self.env
-                .driver
-                .exit_cause(&self.run_dir(), status, self.reported_shutdown.as_ref());
+        // Reading them is file work (a console's tail, the VMM's log), done off the runtime.
+        let cause = {
+            let (driver, run_dir, reported) = (
+                self.env.driver.clone(),
+                self.run_dir(),
+                self.reported_shutdown.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                driver.exit_cause(&run_dir, status, reported.as_ref())
+            })
+            .await
+            .unwrap_or(ExitCause::Unknown)
+        };
         self.forget_vmm().await;
         let pid = vmm.endpoint.pid;
         let exit = match &self.reported_shutdown {

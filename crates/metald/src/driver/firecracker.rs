@@ -503,7 +503,19 @@ impl FirecrackerDriver {
                 jail.root.display()
             )));
         }
-        let console = self.furnish_jail(jail, req.spec, req.run_dir)?;
+        // Links and copies of the VM's files: file work (a copy can be a whole disk image),
+        // done off the runtime.
+        let console = {
+            let (j, jail, spec, run_dir) = (
+                self.cfg.jailer.clone(),
+                jail.clone(),
+                req.spec.clone(),
+                req.run_dir.to_path_buf(),
+            );
+            tokio::task::spawn_blocking(move || furnish_jail(&j, &jail, &spec, &run_dir))
+                .await
+                .map_err(|e| DriverError::Spawn(format!("furnishing the jail: {e}")))??
+        };
         let proc_ = VmmProcess {
             endpoint: VmmEndpoint {
                 pid,
@@ -514,77 +526,6 @@ impl FirecrackerDriver {
             pidfd,
         };
         self.wait_api(proc_, &req.run_dir.join(VMM_LOG)).await
-    }
-
-    /// Puts the VM's files into the jail under the names [`FcPaths::jailed`] gives them, without
-    /// changing the originals: a file the jail's user may read is hard-linked (the link is the
-    /// same inode, so it is never chowned); one it may not read is copied and the copy given to
-    /// it. A writable drive must be the same file, so it is linked, and the jail's user must be
-    /// allowed to write it already (checked at CreateVm). The files Firecracker writes (its log,
-    /// metrics and the console) are created in the run directory, owned by the jail's user, and
-    /// linked into the jail, so they outlive it. Returns the console log's path.
-    fn furnish_jail(
-        &self,
-        jail: &Jail,
-        spec: &VmSpec,
-        run_dir: &Path,
-    ) -> Result<PathBuf, DriverError> {
-        let j = &self.cfg.jailer;
-        let io = |what: String| move |e| DriverError::Io(what, e);
-        let paths = FcPaths::jailed(spec);
-        let in_jail = |name: &str| jail.root.join(name.trim_start_matches('/'));
-        let mut inputs: Vec<(&Path, &str, bool)> = vec![(&spec.kernel, &paths.kernel, false)];
-        if let (Some(src), Some(name)) = (&spec.initrd, &paths.initrd) {
-            inputs.push((src, name, false));
-        }
-        for (d, name) in spec.drives.iter().zip(&paths.drives) {
-            inputs.push((&d.path, name, !d.read_only));
-        }
-        for (src, name, writable) in inputs {
-            let dst = in_jail(name);
-            let _ = std::fs::remove_file(&dst);
-            let meta = std::fs::metadata(src).map_err(io(format!("{}", src.display())))?;
-            if jail::may_access(&meta, j.uid, j.gid, writable)
-                && std::fs::hard_link(src, &dst).is_ok()
-            {
-                continue;
-            }
-            if writable {
-                return Err(DriverError::Spawn(format!(
-                    "writable drive {} cannot be placed in the jail: it must be on the same file \
-                     system as {} and writable by {}:{}",
-                    src.display(),
-                    j.chroot_base.display(),
-                    j.uid,
-                    j.gid
-                )));
-            }
-            std::fs::copy(src, &dst)
-                .map_err(io(format!("copying {} into the jail", src.display())))?;
-            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o400))
-                .map_err(io(format!("chmod {}", dst.display())))?;
-            chown(&dst, j.uid, j.gid)?;
-        }
-        for name in [VMM_LOG, METRICS_FILE, CONSOLE_LOG] {
-            let kept = run_dir.join(name);
-            rotate(&kept);
-            std::fs::File::create(&kept).map_err(io(format!("creating {}", kept.display())))?;
-            chown(&kept, j.uid, j.gid)?;
-            let dst = jail.root.join(name);
-            let _ = std::fs::remove_file(&dst);
-            if std::fs::hard_link(&kept, &dst).is_err() {
-                // Another file system: the file lives in the jail, and is copied out when the
-                // jail is released.
-                std::fs::File::create(&dst).map_err(io(format!("creating {}", dst.display())))?;
-                chown(&dst, j.uid, j.gid)?;
-            }
-        }
-        let kept = run_dir.join(CONSOLE_LOG);
-        Ok(if same_file(&kept, &jail.root.join(CONSOLE_LOG)) {
-            kept
-        } else {
-            jail.root.join(CONSOLE_LOG)
-        })
     }
 
     /// Waits, bounded, for a new Firecracker's API to answer; gives up early if it exits,
@@ -689,6 +630,74 @@ impl FirecrackerDriver {
         )
         .await
     }
+}
+
+/// Puts the VM's files into the jail under the names [`FcPaths::jailed`] gives them, without
+/// changing the originals: a file the jail's user may read is hard-linked (the link is the
+/// same inode, so it is never chowned); one it may not read is copied and the copy given to
+/// it. A writable drive must be the same file, so it is linked, and the jail's user must be
+/// allowed to write it already (checked at CreateVm). The files Firecracker writes (its log,
+/// metrics and the console) are created in the run directory, owned by the jail's user, and
+/// linked into the jail, so they outlive it. Returns the console log's path.
+fn furnish_jail(
+    j: &crate::config::JailerConfig,
+    jail: &Jail,
+    spec: &VmSpec,
+    run_dir: &Path,
+) -> Result<PathBuf, DriverError> {
+    let io = |what: String| move |e| DriverError::Io(what, e);
+    let paths = FcPaths::jailed(spec);
+    let in_jail = |name: &str| jail.root.join(name.trim_start_matches('/'));
+    let mut inputs: Vec<(&Path, &str, bool)> = vec![(&spec.kernel, &paths.kernel, false)];
+    if let (Some(src), Some(name)) = (&spec.initrd, &paths.initrd) {
+        inputs.push((src, name, false));
+    }
+    for (d, name) in spec.drives.iter().zip(&paths.drives) {
+        inputs.push((&d.path, name, !d.read_only));
+    }
+    for (src, name, writable) in inputs {
+        let dst = in_jail(name);
+        let _ = std::fs::remove_file(&dst);
+        let meta = std::fs::metadata(src).map_err(io(format!("{}", src.display())))?;
+        if jail::may_access(&meta, j.uid, j.gid, writable) && std::fs::hard_link(src, &dst).is_ok()
+        {
+            continue;
+        }
+        if writable {
+            return Err(DriverError::Spawn(format!(
+                "writable drive {} cannot be placed in the jail: it must be on the same file \
+                 system as {} and writable by {}:{}",
+                src.display(),
+                j.chroot_base.display(),
+                j.uid,
+                j.gid
+            )));
+        }
+        std::fs::copy(src, &dst).map_err(io(format!("copying {} into the jail", src.display())))?;
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o400))
+            .map_err(io(format!("chmod {}", dst.display())))?;
+        chown(&dst, j.uid, j.gid)?;
+    }
+    for name in [VMM_LOG, METRICS_FILE, CONSOLE_LOG] {
+        let kept = run_dir.join(name);
+        rotate(&kept);
+        std::fs::File::create(&kept).map_err(io(format!("creating {}", kept.display())))?;
+        chown(&kept, j.uid, j.gid)?;
+        let dst = jail.root.join(name);
+        let _ = std::fs::remove_file(&dst);
+        if std::fs::hard_link(&kept, &dst).is_err() {
+            // Another file system: the file lives in the jail, and is copied out when the
+            // jail is released.
+            std::fs::File::create(&dst).map_err(io(format!("creating {}", dst.display())))?;
+            chown(&dst, j.uid, j.gid)?;
+        }
+    }
+    let kept = run_dir.join(CONSOLE_LOG);
+    Ok(if same_file(&kept, &jail.root.join(CONSOLE_LOG)) {
+        kept
+    } else {
+        jail.root.join(CONSOLE_LOG)
+    })
 }
 
 /// A refused request's error: Firecracker explains a refusal in `fault_message`.
