@@ -1298,19 +1298,6 @@ impl VmmDriver for FirecrackerDriver {
     }
 }
 
-/// The last lines of a file, at most `max` bytes of it.
-fn tail(path: &Path, max: u64) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
-    let mut buf = Vec::new();
-    let _ = f.take(max).read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).into_owned()
-}
-
 /// The line of Firecracker's log that says its VM died rather than stopped: a vCPU's fatal KVM
 /// exit or run failure, or a panic.
 fn crash_line(log: &Path) -> Option<String> {
@@ -1322,14 +1309,14 @@ fn crash_line(log: &Path) -> Option<String> {
         "panicked at",
         "Firecracker exiting with error",
     ];
-    tail(log, 64 * 1024)
+    super::read_tail(log, 64 * 1024)
         .lines()
         .find(|l| MARKS.iter().any(|m| l.contains(m)))
         .map(|l| l.trim().chars().take(300).collect())
 }
 
 fn last_line(log: &Path) -> Option<String> {
-    tail(log, 4096)
+    super::read_tail(log, 4096)
         .lines()
         .rev()
         .find(|l| !l.trim().is_empty())
@@ -1338,7 +1325,7 @@ fn last_line(log: &Path) -> Option<String> {
 
 /// `vcpu.failures` from the last metrics record Firecracker flushed (one JSON object a line).
 fn vcpu_failures(metrics: &Path) -> u64 {
-    tail(metrics, 64 * 1024)
+    super::read_tail(metrics, 64 * 1024)
         .lines()
         .rev()
         .find_map(|l| serde_json::from_str::<Value>(l).ok())

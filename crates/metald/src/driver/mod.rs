@@ -6,104 +6,14 @@
 //! a VMM must go now. Exit is observed through the pidfd in [`VmmProcess`], never by polling.
 
 pub use crate::config::SUN_PATH_MAX;
+// The plumbing both drivers share, written once (common.rs).
+pub use common::{CONSOLE_LOG, VMM_LOG, binary_version, connect_unix, socket_arg, socket_arg_is};
+pub(crate) use common::{arg_after, args_after, bounded, cause_from_report, log_tail, read_tail};
 // Defined below the drivers, with the records and errors they share.
 pub use crate::error::DriverError;
 pub use crate::model::VmmEndpoint;
 
-/// The path a VMM is given for the socket `name` in its run directory: the absolute path when
-/// it fits a socket address, else the bare name, which the VMM resolves against its working
-/// directory, the run directory. Either way the socket is `run_dir/name`, so the state
-/// directory's length never limits VM ids or sockets.
-pub fn socket_arg(run_dir: &Path, name: &str) -> PathBuf {
-    let abs = run_dir.join(name);
-    if abs.as_os_str().len() <= SUN_PATH_MAX {
-        abs
-    } else {
-        PathBuf::from(name)
-    }
-}
-
-/// Whether a VMM's socket argument `arg` (as [`socket_arg`] made it) names `run_dir/name`: an
-/// absolute one directly, a bare one through the process's working directory.
-pub fn socket_arg_is(pid: i32, arg: &Path, run_dir: &Path, name: &str) -> bool {
-    if arg.is_absolute() {
-        return arg == run_dir.join(name);
-    }
-    arg == Path::new(name)
-        && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == run_dir)
-}
-
-/// Connects to a unix socket whatever its path's length: a path too long for a socket address
-/// is reached through a descriptor of its directory (`/proc/self/fd/N/name`).
-pub async fn connect_unix(path: &Path) -> std::io::Result<tokio::net::UnixStream> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
-    let (true, Some(dir), Some(name)) = (
-        path.as_os_str().len() > SUN_PATH_MAX,
-        path.parent(),
-        path.file_name(),
-    ) else {
-        return tokio::net::UnixStream::connect(path).await;
-    };
-    let dir = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
-        .open(dir)?;
-    let short = Path::new("/proc/self/fd")
-        .join(dir.as_raw_fd().to_string())
-        .join(name);
-    // `dir` stays open until the connect has resolved the path.
-    let stream = tokio::net::UnixStream::connect(&short).await;
-    drop(dir);
-    stream
-}
-
-/// Every argument that follows `flag` in a command line (`-qmp X`), in order: how both drivers
-/// read the markers they put on their VMMs' command lines.
-pub(crate) fn args_after<'a>(
-    cmdline: &'a [String],
-    flag: &'a str,
-) -> impl Iterator<Item = &'a str> + 'a {
-    cmdline.windows(2).filter_map(move |w| match w {
-        [f, v] if f == flag => Some(v.as_str()),
-        _ => None,
-    })
-}
-
-/// The first argument that follows `flag` in a command line (`-name X`, `--id X`).
-pub(crate) fn arg_after<'a>(cmdline: &'a [String], flag: &'a str) -> Option<&'a str> {
-    args_after(cmdline, flag).next()
-}
-
-/// The guest's serial console, as the VMM writes it, in its run directory.
-pub const CONSOLE_LOG: &str = "console.log";
-
-/// The VMM's own log (QEMU's stderr, Firecracker's logger), in its run directory.
-pub const VMM_LOG: &str = "vmm.log";
-
-/// The first line `binary --version` prints, run once per driver and kept: it does not change
-/// while metald runs (a new binary is picked up at the next start).
-pub fn binary_version(cache: &std::sync::OnceLock<String>, binary: &Path) -> String {
-    cache
-        .get_or_init(|| {
-            std::process::Command::new(binary)
-                .arg("--version")
-                .stdin(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .output()
-                .ok()
-                .filter(|o| o.status.success())
-                .and_then(|o| {
-                    String::from_utf8_lossy(&o.stdout)
-                        .lines()
-                        .next()
-                        .map(|l| l.trim().to_string())
-                })
-                .unwrap_or_default()
-        })
-        .clone()
-}
-
+mod common;
 #[cfg(test)]
 pub mod fake;
 pub mod firecracker;
@@ -204,51 +114,8 @@ impl DriverError {
     }
 }
 
-/// Runs `fut` bounded by `limit`; running out is [`DriverError::Timeout`] naming `what`. Every
-/// exchange with a VMM or a guest agent goes through this, so each names what did not answer.
-pub(crate) async fn bounded<T>(
-    what: impl FnOnce() -> String,
-    limit: std::time::Duration,
-    fut: impl std::future::Future<Output = Result<T, DriverError>>,
-) -> Result<T, DriverError> {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(DriverError::Timeout {
-            what: what(),
-            millis: limit.as_millis(),
-        }),
-    }
-}
-
-/// The last `max` bytes of a VMM's log file, for error messages.
-pub(crate) fn log_tail(path: &Path, max: usize) -> String {
-    let data = std::fs::read(path).unwrap_or_default();
-    let start = data.len().saturating_sub(max);
-    String::from_utf8_lossy(data.get(start..).unwrap_or_default())
-        .trim()
-        .to_string()
-}
-
 /// A connection to a guest agent's channel.
 pub type AgentStream = tokio::net::UnixStream;
-
-/// The exit cause a VMM's own shutdown report gives, where the exit status agrees with it (a VMM
-/// that reported a guest power-off and was then killed by a signal was killed).
-pub(crate) fn cause_from_report(
-    status: ExitInfo,
-    reported: Option<&ShutdownReason>,
-) -> Option<ExitCause> {
-    if !matches!(status, ExitInfo::Exited(0) | ExitInfo::Unknown) {
-        return None;
-    }
-    match reported? {
-        ShutdownReason::GuestPoweroff => Some(ExitCause::GuestPoweroff),
-        ShutdownReason::GuestReset | ShutdownReason::HostReset => Some(ExitCause::GuestReboot),
-        ShutdownReason::GuestPanic => Some(ExitCause::GuestPanic),
-        ShutdownReason::HostSignal => Some(ExitCause::Signal(libc::SIGTERM)),
-        _ => None,
-    }
-}
 
 /// What a driver needs to start a VM's VMM.
 #[derive(Debug, Clone)]
