@@ -17,14 +17,12 @@ use crate::config::Config;
 use crate::controller::{
     Attach, Controller, ControllerEnv, ControllerHandle, Op, SharedRecord, read_live,
 };
+use crate::driver::Drivers;
 use crate::driver::qga::GuestInfo;
-use crate::driver::{Drivers, GuestRun, VmmDriver, VmmProcess};
 use crate::error::{Error, Result};
 use crate::events::EventBus;
 use crate::metrics::{Exposer, Metrics};
-use crate::model::{
-    Desired, HealthStatus, OrphanReason, Target, Transition, VmId, VmSpec, VmState,
-};
+use crate::model::{Desired, HealthStatus, Target, Transition, VmId, VmSpec, VmState};
 use crate::process::{Pidfd, ProcInfo};
 use crate::recovery::{BreakerState, GateStatus, RecoveryGate};
 use crate::store::{SnapshotRecord, Store, VmRecord, Writer, now_ms};
@@ -277,54 +275,21 @@ impl Supervisor {
                 .filter(|m| rec.endpoint.as_ref().map(|e| (e.pid, e.start_time)) != Some(*m));
             let run_dir = run_root.join(rec.vm_id.as_str());
             checks.spawn(async move {
-                let mut verdict = match &rec.endpoint {
-                    Some(_) => verify(&*driver, &rec).await,
-                    None => Verdict::NoProcess,
-                };
-                let wanted_up = matches!(
-                    rec.desired,
-                    Desired::State(Target::Created | Target::Running | Target::Paused)
-                );
-                if let (true, Some((pid, start)), Verdict::NoProcess | Verdict::Lost(_)) =
-                    (wanted_up, unrecorded, &verdict)
-                {
-                    let mut found = rec.clone();
-                    found.endpoint = Some(driver.endpoint_for(&rec.vm_id, &run_dir, pid, start));
-                    match verify(&*driver, &found).await {
-                        // A VMM whose guest never started may not be configured yet (metald
-                        // died between spawning and configuring it): a fresh one is started
-                        // in its place, which costs the VM nothing.
-                        Verdict::Adopt(vmm, GuestRun::NotStarted) => {
-                            let _ = driver.kill(&vmm);
-                            info!(vm_id = %rec.vm_id, pid, "unrecorded vmm that never started its guest replaced");
-                        }
-                        v @ Verdict::Adopt(..) => {
-                            info!(vm_id = %rec.vm_id, pid, "unrecorded vmm with the vm's marker adopted");
-                            verdict = v;
-                        }
-                        _ => {}
-                    }
-                }
-                (rec, verdict)
+                let attach = crate::controller::look(&*driver, &rec, unrecorded, &run_dir).await;
+                (rec, attach)
             });
         }
         while let Some(joined) = checks.join_next().await {
-            let Ok((rec, verdict)) = joined else {
+            let Ok((rec, attach)) = joined else {
                 continue;
             };
             // The verdict goes to the VM's controller, which records it: the supervisor writes
             // nothing of a VM.
-            let attach = match verdict {
-                Verdict::Adopt(vmm, run) => {
-                    report.adopted += 1;
-                    Attach::Adopted(vmm, run)
-                }
-                Verdict::Lost(reason) => {
-                    report.lost += 1;
-                    Attach::Lost(reason)
-                }
-                Verdict::NoProcess => Attach::Nothing,
-            };
+            match &attach {
+                Attach::Adopted(..) => report.adopted += 1,
+                Attach::Lost(_) => report.lost += 1,
+                Attach::Nothing => {}
+            }
             let deleting = rec.desired == Desired::Deleted;
             let id = rec.vm_id.clone();
             let env = self.env_for(&rec.spec);
@@ -361,16 +326,6 @@ impl Supervisor {
         restore: Option<std::path::PathBuf>,
     ) -> Result<VmRecord> {
         self.env.host.allow_new_vm()?;
-        // The driver checks what only it knows (the kernel format its VMM boots, files its
-        // jailed user must open) before anything is stored or started.
-        if let Err(e) = self.drivers.for_spec(&spec).validate_spec(&spec) {
-            return Err(match e {
-                crate::driver::DriverError::InvalidSpec { field, reason } => {
-                    Error::invalid(field, reason)
-                }
-                other => other.into(),
-            });
-        }
         let vm_id = vm_id.unwrap_or_else(VmId::generate);
         let now = now_ms();
         let rec = VmRecord {
@@ -1077,50 +1032,6 @@ async fn kill_verified(pid: i32, start_time: u64) -> bool {
 async fn futures_join(tasks: Vec<JoinHandle<()>>) {
     for t in tasks {
         let _ = t.await;
-    }
-}
-
-enum Verdict {
-    Adopt(VmmProcess, GuestRun),
-    Lost(OrphanReason),
-    NoProcess,
-}
-
-/// Decides whether the VMM recorded for `rec` is still there and still ours.
-async fn verify(driver: &dyn VmmDriver, rec: &VmRecord) -> Verdict {
-    let Some(ep) = rec.endpoint.clone() else {
-        return Verdict::NoProcess;
-    };
-    // Open the pidfd first, then check the start time: if the start time matches after the fd is
-    // open, the fd refers to the recorded process and cannot be redirected by pid reuse.
-    let Ok(pidfd) = Pidfd::open(ep.pid) else {
-        return Verdict::Lost(OrphanReason::ProcessDead);
-    };
-    let Some(info) = ProcInfo::read(ep.pid) else {
-        return Verdict::Lost(OrphanReason::ProcessDead);
-    };
-    if !info.is_alive() || pidfd.has_exited() {
-        return Verdict::Lost(OrphanReason::ProcessDead);
-    }
-    if info.start_time != ep.start_time || !driver.owns_cmdline(&rec.vm_id, &info.cmdline) {
-        return Verdict::Lost(OrphanReason::PidReused);
-    }
-    let vmm = VmmProcess {
-        endpoint: ep.clone(),
-        pidfd,
-    };
-    if !ep.control_socket.exists() {
-        let _ = driver.kill(&vmm);
-        return Verdict::Lost(OrphanReason::SocketUnreachable);
-    }
-    match driver.ping(&ep).await {
-        Ok(run) => Verdict::Adopt(vmm, run),
-        Err(_) => {
-            // Ours, but not answering: it cannot be driven, so it is not adopted. It is killed
-            // through the pidfd, which cannot hit another process.
-            let _ = driver.kill(&vmm);
-            Verdict::Lost(OrphanReason::ApiUnresponsive)
-        }
     }
 }
 

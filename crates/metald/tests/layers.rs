@@ -104,3 +104,70 @@ fn the_domain_imports_nothing_of_the_daemon() {
         assert!(extra.is_empty(), "{module} imports {extra:?}");
     }
 }
+
+/// The driver's VM-control methods, which only a VM's controller (and the agent task it owns)
+/// may call.
+const CONTROL: &[&str] = &[
+    "spawn",
+    "configure",
+    "boot",
+    "pause",
+    "resume",
+    "shutdown",
+    "quit",
+    "ping",
+    "watch",
+    "agent_connect",
+    "snapshot",
+    "restore",
+    "kill",
+];
+
+#[test]
+fn only_the_controller_drives_a_vmm() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut offenders = Vec::new();
+    let mut stack = vec![src.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let rel = path
+                .strip_prefix(&src)
+                .unwrap()
+                .to_string_lossy()
+                .to_string();
+            if path.is_dir() {
+                // The controller and the drivers themselves.
+                if rel != "controller" && rel != "driver" {
+                    stack.push(path);
+                }
+                continue;
+            }
+            // guest.rs is the agent task a controller owns.
+            if path.extension().is_none_or(|e| e != "rs") || rel == "guest.rs" {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let code = text.split("#[cfg(test)]\nmod tests").next().unwrap_or("");
+            for (n, line) in code.lines().enumerate() {
+                let line = line.split("//").next().unwrap_or("");
+                // A call on something named driver: `driver.ping(`, `self.env.driver.boot(`,
+                // `drivers.for_spec(s).kill(`.
+                let Some(at) = line.find("driver") else {
+                    continue;
+                };
+                let rest = &line[at..];
+                for m in CONTROL {
+                    if rest.contains(&format!(".{m}(")) {
+                        offenders.push(format!("{rel}:{}: {}", n + 1, line.trim()));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "a VMM driven from outside its controller:\n{}",
+        offenders.join("\n")
+    );
+}

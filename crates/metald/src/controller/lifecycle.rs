@@ -12,6 +12,14 @@ impl Controller {
         let mut snapshot = None;
         match op {
             Op::Create { restore, insert } => {
+                // The driver checks what only it knows (the kernel format its VMM boots, files
+                // its jailed user must open) before anything is stored or started.
+                if let Err(e) = self.env.driver.validate_spec(&self.rec.spec) {
+                    return Err(match e {
+                        DriverError::InvalidSpec { field, reason } => Error::invalid(field, reason),
+                        other => other.into(),
+                    });
+                }
                 if insert {
                     // The insert is the point of no return for the id: a duplicate fails here,
                     // before any file of an existing VM could be touched.

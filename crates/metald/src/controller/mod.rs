@@ -19,9 +19,12 @@
 //! but useless, is killed through its pidfd). Because checks run inside the actor, a check never
 //! races an operation on the same VM, and 1,000 VMs cost 1,000 timers, not 1,000 threads.
 
+mod attach;
 mod health;
 mod lifecycle;
 mod recovery;
+
+pub use attach::look;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

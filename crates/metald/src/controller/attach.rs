@@ -1,0 +1,88 @@
+//! Re-attachment's look at one VM's VMM, before its controller starts: is the VMM its row
+//! records still there and still this VM's (pid, start time, command line and an answering
+//! control socket agree), or is there an unrecorded VMM with the VM's marker (metald died
+//! between starting it and writing it down) that the VM should adopt? Only looks (and kills
+//! a VMM that is ours but cannot be driven, through its pidfd); the controller records the
+//! verdict as the first thing it does.
+
+#[allow(clippy::wildcard_imports)]
+use super::*;
+
+use crate::process::{Pidfd, ProcInfo};
+
+/// What re-attachment finds for `rec`: its recorded VMM checked, else (for a VM that wants to
+/// run) the `unrecorded` VMM with its marker, if any (pid and start time).
+pub async fn look(
+    driver: &dyn VmmDriver,
+    rec: &VmRecord,
+    unrecorded: Option<(i32, u64)>,
+    run_dir: &std::path::Path,
+) -> Attach {
+    let mut verdict = match &rec.endpoint {
+        Some(_) => verify(driver, rec).await,
+        None => Attach::Nothing,
+    };
+    let wanted_up = matches!(
+        rec.desired,
+        Desired::State(Target::Created | Target::Running | Target::Paused)
+    );
+    if let (true, Some((pid, start)), Attach::Nothing | Attach::Lost(_)) =
+        (wanted_up, unrecorded, &verdict)
+    {
+        let mut found = rec.clone();
+        found.endpoint = Some(driver.endpoint_for(&rec.vm_id, run_dir, pid, start));
+        match verify(driver, &found).await {
+            // A VMM whose guest never started may not be configured yet (metald died between
+            // spawning and configuring it): a fresh one is started in its place, which costs
+            // the VM nothing.
+            Attach::Adopted(vmm, GuestRun::NotStarted) => {
+                let _ = driver.kill(&vmm);
+                info!(vm_id = %rec.vm_id, pid, "unrecorded vmm that never started its guest replaced");
+            }
+            v @ Attach::Adopted(..) => {
+                info!(vm_id = %rec.vm_id, pid, "unrecorded vmm with the vm's marker adopted");
+                verdict = v;
+            }
+            _ => {}
+        }
+    }
+    verdict
+}
+
+/// Decides whether the VMM recorded for `rec` is still there and still ours.
+async fn verify(driver: &dyn VmmDriver, rec: &VmRecord) -> Attach {
+    let Some(ep) = rec.endpoint.clone() else {
+        return Attach::Nothing;
+    };
+    // Open the pidfd first, then check the start time: if the start time matches after the fd is
+    // open, the fd refers to the recorded process and cannot be redirected by pid reuse.
+    let Ok(pidfd) = Pidfd::open(ep.pid) else {
+        return Attach::Lost(OrphanReason::ProcessDead);
+    };
+    let Some(info) = ProcInfo::read(ep.pid) else {
+        return Attach::Lost(OrphanReason::ProcessDead);
+    };
+    if !info.is_alive() || pidfd.has_exited() {
+        return Attach::Lost(OrphanReason::ProcessDead);
+    }
+    if info.start_time != ep.start_time || !driver.owns_cmdline(&rec.vm_id, &info.cmdline) {
+        return Attach::Lost(OrphanReason::PidReused);
+    }
+    let vmm = VmmProcess {
+        endpoint: ep.clone(),
+        pidfd,
+    };
+    if !ep.control_socket.exists() {
+        let _ = driver.kill(&vmm);
+        return Attach::Lost(OrphanReason::SocketUnreachable);
+    }
+    match driver.ping(&ep).await {
+        Ok(run) => Attach::Adopted(vmm, run),
+        Err(_) => {
+            // Ours, but not answering: it cannot be driven, so it is not adopted. It is killed
+            // through the pidfd, which cannot hit another process.
+            let _ = driver.kill(&vmm);
+            Attach::Lost(OrphanReason::ApiUnresponsive)
+        }
+    }
+}
