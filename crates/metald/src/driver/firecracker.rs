@@ -531,36 +531,10 @@ impl FirecrackerDriver {
     /// Waits, bounded, for a new Firecracker's API to answer; gives up early if it exits,
     /// quoting `log`.
     async fn wait_api(&self, proc_: VmmProcess, log: &Path) -> Result<VmmProcess, DriverError> {
-        let sock = proc_.endpoint.control_socket.clone();
-        let deadline = Instant::now() + self.cfg.spawn_timeout;
-        loop {
-            if proc_.pidfd.has_exited() {
-                let status = proc_.pidfd.reap();
-                return Err(DriverError::EarlyExit(format!(
-                    "{status}: {}",
-                    super::log_tail(log, 600)
-                )));
-            }
-            if sock.exists() && self.ping(&proc_.endpoint).await.is_ok() {
-                return Ok(proc_);
-            }
-            if Instant::now() >= deadline {
-                let _ = self.kill(&proc_);
-                return Err(DriverError::Socket {
-                    path: sock,
-                    reason: format!(
-                        "did not answer within {} ms",
-                        self.cfg.spawn_timeout.as_millis()
-                    ),
-                    unreachable: true,
-                });
-            }
-            // No event announces a socket file; this short poll is bounded by the deadline.
-            tokio::select! {
-                _ = proc_.pidfd.exited() => {}
-                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
-            }
-        }
+        super::wait_ready(proc_, log, self.cfg.spawn_timeout, |ep| async move {
+            self.ping(&ep).await.map(|_| ())
+        })
+        .await
     }
 
     /// The VM's files as this VMM names them: inside its jail, or in its run directory (where

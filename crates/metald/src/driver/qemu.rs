@@ -287,43 +287,14 @@ impl VmmDriver for QemuDriver {
             pidfd: sp.pidfd,
         };
 
-        // Wait for QMP to answer, bounded, and give up early if QEMU exits (bad option, missing
-        // tap device, ...), reporting its own error message.
-        let deadline = Instant::now() + self.cfg.spawn_timeout;
-        loop {
-            if proc_.pidfd.has_exited() {
-                let status = proc_.pidfd.reap();
-                let log = tail(&req.run_dir.join(VMM_LOG), 600);
-                return Err(DriverError::EarlyExit(format!("{status}: {log}")));
-            }
-            if sock.exists() {
-                match self.qmp(&proc_.endpoint, "query-status", None).await {
-                    Ok(_) => return Ok(proc_),
-                    Err(e) if Instant::now() >= deadline => {
-                        let _ = self.kill(&proc_);
-                        return Err(e);
-                    }
-                    Err(_) => {}
-                }
-            }
-            if Instant::now() >= deadline {
-                let _ = self.kill(&proc_);
-                return Err(DriverError::Socket {
-                    unreachable: true,
-                    path: sock,
-                    reason: format!(
-                        "did not appear within {} ms",
-                        self.cfg.spawn_timeout.as_millis()
-                    ),
-                });
-            }
-            // QEMU creates the socket within milliseconds of starting; there is no event for a
-            // file appearing that is cheaper than this short, bounded poll.
-            tokio::select! {
-                _ = proc_.pidfd.exited() => {}
-                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
-            }
-        }
+        // QMP answering is QEMU ready; an early exit reports QEMU's own error message.
+        super::wait_ready(
+            proc_,
+            &req.run_dir.join(VMM_LOG),
+            self.cfg.spawn_timeout,
+            |ep| async move { self.qmp(&ep, "query-status", None).await.map(|_| ()) },
+        )
+        .await
     }
 
     async fn configure(&self, _ep: &VmmEndpoint, _spec: &VmSpec) -> Result<(), DriverError> {
