@@ -489,7 +489,10 @@ impl Controller {
         loop {
             let check_at = self.check_due();
             let ready_at = self.ready_due();
-            tokio::select! {
+            // Whether reads must be given the record again: every handler but the health
+            // check's, which publishes what it changed itself (once a second for every VM, a
+            // whole record's copy would be most of a check's cost).
+            let publish = tokio::select! {
                 req = rx.recv() => {
                     // All handles dropped: metald is shutting down. The VMM is left running on
                     // purpose; the next metald adopts it.
@@ -504,17 +507,20 @@ impl Controller {
                     if gone {
                         break;
                     }
+                    false
                 }
-                _ = wait_exit(&self.vmm) => self.on_unexpected_exit().await,
-                _ = sleep_until(check_at) => self.health_check().await,
-                _ = sleep_until(self.retry_at) => self.on_retry_due(),
-                permit = wait_permit(&mut self.permit) => self.on_permit(permit).await,
-                ev = recv_opt(&mut self.vmm_events) => self.on_vmm_event(ev).await,
-                res = recv_opt(&mut self.probes) => self.on_probe(res).await,
-                _ = sleep_until(ready_at) => self.on_ready_deadline().await,
-            }
+                _ = wait_exit(&self.vmm) => { self.on_unexpected_exit().await; true }
+                _ = sleep_until(check_at) => { self.health_check().await; false }
+                _ = sleep_until(self.retry_at) => { self.on_retry_due(); true }
+                permit = wait_permit(&mut self.permit) => { self.on_permit(permit).await; true }
+                ev = recv_opt(&mut self.vmm_events) => { self.on_vmm_event(ev).await; true }
+                res = recv_opt(&mut self.probes) => { self.on_probe(res).await; true }
+                _ = sleep_until(ready_at) => { self.on_ready_deadline().await; true }
+            };
             // Reads see the VM as this controller now knows it, whatever the handler changed.
-            self.publish();
+            if publish {
+                self.publish();
+            }
         }
         debug!(vm_id = %self.rec.vm_id, "controller stopped");
     }
