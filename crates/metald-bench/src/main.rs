@@ -125,8 +125,8 @@ enum Bench {
         /// WatchEvents subscribers (one of them never reads).
         #[arg(long, default_value_t = 100)]
         watchers: usize,
-        /// Seconds of the idle window (CPU, reconcile passes).
-        #[arg(long, default_value_t = 30)]
+        /// Seconds of the idle window (CPU, measured in 10 s slices; reconcile passes).
+        #[arg(long, default_value_t = 60)]
         idle_secs: u64,
     },
     /// Chaos: random SIGKILLs, SIGSTOPs and control-socket deletions against running VMs, with
@@ -973,8 +973,15 @@ async fn scale(
     eprintln!("bench: {idle_secs} s idle with {vms} VMs (1 s health checks)");
     // Let the creates' work settle before timing the idle host.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let window = Duration::from_secs(idle_secs);
-    let (cpu_us, mark) = metald_cpu_us(&d, window).await;
+    // In 10 s slices, reported with their median: on a 2-core host shared with 1,000 VMM
+    // processes, one slice can catch a neighbour's burst.
+    let slices = (idle_secs / 10).max(1);
+    let mark = d.mark();
+    let mut cpu_pct = Vec::new();
+    for _ in 0..slices {
+        let (us, _) = metald_cpu_us(&d, Duration::from_secs(10)).await;
+        cpu_pct.push(us / 10.0 / 1e4);
+    }
     let idle_failed = d.count(mark, "vm health check failed");
     let passes: Vec<f64> = d
         .logs
@@ -1144,7 +1151,8 @@ async fn scale(
         "idle": {
             "window_s": idle_secs,
             "health_interval_ms": 1000,
-            "metald_cpu_pct_of_one_core": cpu_us / window.as_secs_f64() / 1e4,
+            "metald_cpu_pct_of_one_core": percentile(&cpu_pct, 50.0),
+            "slices_pct": cpu_pct,
             "goal_pct": 5,
             "failed_health_checks": idle_failed,
         },
