@@ -39,6 +39,15 @@ pub enum ConnectError {
 
 /// Connects to metald at `unix:PATH` (its default) or `tcp:HOST:PORT`.
 pub async fn connect(endpoint: &str) -> Result<Client, ConnectError> {
+    connect_with(endpoint, |e| e).await
+}
+
+/// Like [`connect`], with the connection's settings changed by `tune` first (its HTTP/2
+/// windows, say, as a test or benchmark of a slow reader needs).
+pub async fn connect_with(
+    endpoint: &str,
+    tune: impl FnOnce(Endpoint) -> Endpoint,
+) -> Result<Client, ConnectError> {
     let transport = |source| ConnectError::Transport {
         endpoint: endpoint.to_string(),
         source,
@@ -46,7 +55,7 @@ pub async fn connect(endpoint: &str) -> Result<Client, ConnectError> {
     let channel = if let Some(path) = endpoint.strip_prefix("unix:") {
         let path = std::path::PathBuf::from(path);
         // tonic wants a URI; the connector below ignores it and dials the socket.
-        Endpoint::from_static("http://metald.invalid")
+        tune(Endpoint::from_static("http://metald.invalid"))
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let path = path.clone();
                 async move {
@@ -58,8 +67,7 @@ pub async fn connect(endpoint: &str) -> Result<Client, ConnectError> {
             .await
             .map_err(transport)?
     } else if let Some(addr) = endpoint.strip_prefix("tcp:") {
-        Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(transport)?
+        tune(Endpoint::from_shared(format!("http://{addr}")).map_err(transport)?)
             .connect()
             .await
             .map_err(transport)?

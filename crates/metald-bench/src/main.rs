@@ -235,6 +235,25 @@ impl Daemon {
         .context("metald did not come back")
     }
 
+    /// SIGKILLs metald and starts it again, timed: its `registry loaded` and `metald ready`
+    /// lines, and the ms from exec to ready.
+    async fn crash_and_time(&mut self) -> Result<(Value, Value, f64)> {
+        let mark = self.mark();
+        let ready = self.crash_and_restart().await?;
+        let ready_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let loaded = self
+            .wait_log(mark, Duration::from_secs(5), |l| {
+                l.contains("\"registry loaded\"")
+            })
+            .await
+            .context("no registry loaded line")?;
+        Ok((
+            serde_json::from_str(&loaded)?,
+            serde_json::from_str(&ready)?,
+            ready_ms,
+        ))
+    }
+
     fn mark(&self) -> usize {
         self.logs.lines.lock().map(|l| l.len()).unwrap_or(0)
     }
@@ -823,17 +842,7 @@ async fn detection(
             }
             v
         };
-        let mark = d.mark();
-        let ready = d.crash_and_restart().await?;
-        let ready_ms = d.started.elapsed().as_secs_f64() * 1000.0;
-        let loaded = d
-            .wait_log(mark, Duration::from_secs(5), |l| {
-                l.contains("\"registry loaded\"")
-            })
-            .await
-            .context("no registry loaded line")?;
-        let lv: Value = serde_json::from_str(&loaded)?;
-        let rv: Value = serde_json::from_str(&ready)?;
+        let (lv, rv, ready_ms) = d.crash_and_time().await?;
         c = d.client().await?;
         let mut same = 0;
         for (id, before) in ids.iter().zip(&pids_before) {
@@ -885,20 +894,13 @@ fn open_fds(pid: i32) -> usize {
 /// A client on its own connection whose HTTP/2 windows are 1 KiB, so that a stream it does
 /// not read backs up into metald after a few events (as a watcher on a slow link would).
 async fn narrow_client(sock: &Path) -> Result<Client> {
-    let path = sock.to_path_buf();
-    let channel = tonic::transport::Endpoint::from_static("http://localhost")
-        .initial_stream_window_size(1024)
-        .initial_connection_window_size(1024)
-        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await?;
-    Ok(pb::vm_service_client::VmServiceClient::new(channel))
+    Ok(
+        metald_api::connect_with(&format!("unix:{}", sock.display()), |e| {
+            e.initial_stream_window_size(1024)
+                .initial_connection_window_size(1024)
+        })
+        .await?,
+    )
 }
 
 /// Every VM listed, page by page (1,000 a page); returns how many.
@@ -1038,17 +1040,7 @@ async fn scale(
     eprintln!("bench: re-attach after SIGKILL of metald x3");
     let mut attach = Vec::new();
     for _ in 0..3 {
-        let mark = d.mark();
-        let ready = d.crash_and_restart().await?;
-        let ready_ms = d.started.elapsed().as_secs_f64() * 1000.0;
-        let loaded = d
-            .wait_log(mark, Duration::from_secs(5), |l| {
-                l.contains("\"registry loaded\"")
-            })
-            .await
-            .context("no registry loaded line")?;
-        let lv: Value = serde_json::from_str(&loaded)?;
-        let rv: Value = serde_json::from_str(&ready)?;
+        let (lv, rv, ready_ms) = d.crash_and_time().await?;
         attach.push(json!({
             "adopted": lv["adopted"], "lost": lv["lost"],
             "attach_ms": lv["duration_ms"],

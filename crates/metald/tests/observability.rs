@@ -393,21 +393,12 @@ async fn event_history_records_the_orphan_and_recovery() {
 /// A client whose HTTP/2 windows are 1 KiB: once it stops reading, metald can send it almost
 /// nothing, as with a watcher on a slow link or one that never reads.
 async fn narrow_client(sock: &std::path::Path) -> Client {
-    let path = sock.to_path_buf();
-    let channel = tonic::transport::Endpoint::from_static("http://localhost")
-        .initial_stream_window_size(1024)
-        .initial_connection_window_size(1024)
-        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
-    pb::vm_service_client::VmServiceClient::new(channel)
+    metald_api::connect_with(&format!("unix:{}", sock.display()), |e| {
+        e.initial_stream_window_size(1024)
+            .initial_connection_window_size(1024)
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -191,9 +191,7 @@ impl Controller {
         }
         let saved = self.save().await;
         self.env
-            .events
             .emit(
-                &self.env.writer,
                 self.rec.vm_id.as_str(),
                 EventKind::GuestReady,
                 self.rec.observed,
@@ -439,9 +437,7 @@ impl Controller {
                 };
                 if recovered {
                     self.env
-                        .events
                         .emit(
-                            &self.env.writer,
                             self.rec.vm_id.as_str(),
                             EventKind::HealthChanged,
                             self.rec.observed,
@@ -475,9 +471,7 @@ impl Controller {
                     self.rec.health.is_healthy = false;
                     let res = self.save().await;
                     self.env
-                        .events
                         .emit(
-                            &self.env.writer,
                             self.rec.vm_id.as_str(),
                             EventKind::HealthChanged,
                             self.rec.observed,
@@ -515,9 +509,7 @@ impl Controller {
             (EventKind::ControlSocketLost, "vmm control socket missing")
         };
         self.env
-            .events
             .emit(
-                &self.env.writer,
                 self.rec.vm_id.as_str(),
                 kind,
                 self.rec.observed,

@@ -231,9 +231,7 @@ impl Controller {
         crate::crash_point!("save.after_snapshot");
         self.stop_vmm(None, "saved by a host drain").await?;
         self.env
-            .events
             .emit(
-                &self.env.writer,
                 self.rec.vm_id.as_str(),
                 EventKind::Saved,
                 was,
@@ -620,9 +618,7 @@ impl Controller {
         self.save().await?;
         if from != s {
             self.env
-                .events
                 .emit(
-                    &self.env.writer,
                     self.rec.vm_id.as_str(),
                     EventKind::StateChanged,
                     from,

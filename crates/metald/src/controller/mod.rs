@@ -216,6 +216,22 @@ impl ControllerEnv {
         }
     }
 
+    /// Records an event of VM `vm_id`, with the controllers' writer (after the registry commit
+    /// it describes, as every caller makes it).
+    pub(super) async fn emit(
+        &self,
+        vm_id: &str,
+        kind: EventKind,
+        from: VmState,
+        to: VmState,
+        reason: &str,
+        message: &str,
+    ) {
+        self.events
+            .emit(&self.writer, vm_id, kind, from, to, reason, message)
+            .await;
+    }
+
     /// The same settings for a VM on another VMM.
     pub fn with_driver(&self, driver: Arc<dyn VmmDriver>, kind: crate::config::VmmKind) -> Self {
         ControllerEnv {

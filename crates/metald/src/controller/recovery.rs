@@ -296,9 +296,7 @@ impl Controller {
         info!(vm_id = %self.rec.vm_id, attempt, reason = %trigger, in_flight, "vm recovery started");
         let from = self.rec.observed;
         self.env
-            .events
             .emit(
-                &self.env.writer,
                 self.rec.vm_id.as_str(),
                 EventKind::Recovering,
                 from,
@@ -360,9 +358,7 @@ impl Controller {
                     }
                 }
                 self.env
-                    .events
                     .emit(
-                        &self.env.writer,
                         self.rec.vm_id.as_str(),
                         EventKind::Recovered,
                         from,
@@ -388,9 +384,7 @@ impl Controller {
                 self.rec.orphaned_at_ms = orphaned_at.or(Some(now_ms()));
                 let _ = self.save().await;
                 self.env
-                    .events
                     .emit(
-                        &self.env.writer,
                         self.rec.vm_id.as_str(),
                         EventKind::RecoveryFailed,
                         from,
@@ -415,9 +409,7 @@ impl Controller {
         }
         let saved = self.save().await;
         self.env
-            .events
             .emit(
-                &self.env.writer,
                 self.rec.vm_id.as_str(),
                 EventKind::Failed,
                 from,
@@ -540,9 +532,7 @@ impl Controller {
         let saved = self.save().await;
         self.env.metrics.orphaned(reason.as_str());
         self.env
-            .events
             .emit(
-                &self.env.writer,
                 self.rec.vm_id.as_str(),
                 EventKind::Orphaned,
                 from,

@@ -169,7 +169,9 @@ impl Pool {
                 None => Conn::open(sock).await?,
             };
             let r = conn.exchange(method.clone(), path, body).await;
-            if r.is_ok() && !conn.closed().await {
+            // Kept even if the VMM closes it right after this answer: the next request finds it
+            // closed before sending anything.
+            if r.is_ok() {
                 self.idle().keep(sock, conn);
             }
             r
