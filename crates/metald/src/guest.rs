@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::GuestHealthConfig;
 use crate::driver::qga::{Agent, GuestInfo};
-use crate::driver::{DriverError, VmmDriver, VmmEndpoint};
+use crate::driver::{DriverError, VmmControl};
 
 /// One probe's outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,18 +49,17 @@ impl Drop for AgentHandle {
 const OP_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl AgentHandle {
-    /// Starts the agent task for the VMM at `ep`. With `probe` it pings the guest every
+    /// Starts the agent task for the VMM `vmm`. With `probe` it pings the guest every
     /// `cfg.interval` and sends each result on the returned receiver; without, it only serves
     /// operations.
     pub fn start(
-        driver: Arc<dyn VmmDriver>,
-        ep: VmmEndpoint,
+        vmm: Arc<dyn VmmControl>,
         cfg: GuestHealthConfig,
         probe: bool,
     ) -> (AgentHandle, mpsc::Receiver<ProbeResult>) {
         let (tx, rx) = mpsc::channel(4);
         let (res_tx, res_rx) = mpsc::channel(8);
-        let task = tokio::spawn(run(driver, ep, cfg, probe, rx, res_tx));
+        let task = tokio::spawn(run(vmm, cfg, probe, rx, res_tx));
         (AgentHandle { tx, task }, res_rx)
     }
 
@@ -87,8 +86,7 @@ impl AgentHandle {
 }
 
 async fn run(
-    driver: Arc<dyn VmmDriver>,
-    ep: VmmEndpoint,
+    vmm: Arc<dyn VmmControl>,
     cfg: GuestHealthConfig,
     probe: bool,
     mut ops: mpsc::Receiver<AgentOp>,
@@ -109,13 +107,13 @@ async fn run(
                 let Some(op) = op else { break };
                 match op {
                     AgentOp::Info(reply) => {
-                        let r = with_agent(OP_TIMEOUT, &mut agent, &*driver, &ep, |a| Box::pin(a.info())).await;
+                        let r = with_agent(OP_TIMEOUT, &mut agent, &*vmm, |a| Box::pin(a.info())).await;
                         let _ = reply.send(r);
                     }
                     AgentOp::Shutdown(reply) => {
                         // The agent answers guest-shutdown only with an error; a short wait for
                         // one, then it counts as delivered.
-                        let r = with_agent(OP_TIMEOUT, &mut agent, &*driver, &ep, |a| {
+                        let r = with_agent(OP_TIMEOUT, &mut agent, &*vmm, |a| {
                             Box::pin(async move {
                                 a.send_only("guest-shutdown", Some(serde_json::json!({"mode": "powerdown"}))).await?;
                                 match tokio::time::timeout(Duration::from_millis(300), a.call("guest-ping", None)).await {
@@ -135,7 +133,7 @@ async fn run(
                 // Probes start on a fixed cadence; a slow probe delays the next, never stacks.
                 next = Instant::now() + cfg.interval;
                 let started = Instant::now();
-                let r = with_agent(cfg.timeout, &mut agent, &*driver, &ep, |a| {
+                let r = with_agent(cfg.timeout, &mut agent, &*vmm, |a| {
                     Box::pin(async move { a.call("guest-ping", None).await.map(|_| ()) })
                 })
                 .await;
@@ -160,13 +158,12 @@ type AgentFuture<'a, T> =
 async fn with_agent<T>(
     limit: Duration,
     agent: &mut Option<Agent>,
-    driver: &dyn VmmDriver,
-    ep: &VmmEndpoint,
+    vmm: &dyn VmmControl,
     f: impl for<'a> FnOnce(&'a mut Agent) -> AgentFuture<'a, T>,
 ) -> Result<T, DriverError> {
     let work = async {
         if agent.is_none() {
-            *agent = Some(Agent::new(driver.agent_connect(ep).await?));
+            *agent = Some(Agent::new(vmm.agent_connect().await?));
         }
         match agent.as_mut() {
             Some(a) => f(a).await,

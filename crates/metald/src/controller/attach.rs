@@ -19,7 +19,7 @@ pub async fn look(
     run_dir: &std::path::Path,
 ) -> Attach {
     let mut verdict = match &rec.endpoint {
-        Some(_) => verify(driver, rec).await,
+        Some(_) => verify(driver, rec, run_dir).await,
         None => Attach::Nothing,
     };
     let wanted_up = matches!(
@@ -31,12 +31,12 @@ pub async fn look(
     {
         let mut found = rec.clone();
         found.endpoint = Some(driver.endpoint_for(&rec.vm_id, run_dir, pid, start));
-        match verify(driver, &found).await {
+        match verify(driver, &found, run_dir).await {
             // A VMM whose guest never started may not be configured yet (metald died between
             // spawning and configuring it): a fresh one is started in its place, which costs
             // the VM nothing.
             Attach::Adopted(vmm, GuestRun::NotStarted) => {
-                let _ = driver.kill(&vmm);
+                let _ = vmm.kill();
                 info!(vm_id = %rec.vm_id, pid, "unrecorded vmm that never started its guest replaced");
             }
             v @ Attach::Adopted(..) => {
@@ -50,7 +50,7 @@ pub async fn look(
 }
 
 /// Decides whether the VMM recorded for `rec` is still there and still ours.
-async fn verify(driver: &dyn VmmDriver, rec: &VmRecord) -> Attach {
+async fn verify(driver: &dyn VmmDriver, rec: &VmRecord, run_dir: &std::path::Path) -> Attach {
     let Some(ep) = rec.endpoint.clone() else {
         return Attach::Nothing;
     };
@@ -68,20 +68,17 @@ async fn verify(driver: &dyn VmmDriver, rec: &VmRecord) -> Attach {
     if info.start_time != ep.start_time || !driver.owns_cmdline(&rec.vm_id, &info.cmdline) {
         return Attach::Lost(OrphanReason::PidReused);
     }
-    let vmm = VmmProcess {
-        endpoint: ep.clone(),
-        pidfd,
-    };
+    let vmm = driver.adopt(ep.clone(), pidfd, run_dir);
     if !ep.control_socket.exists() {
-        let _ = driver.kill(&vmm);
+        let _ = vmm.kill();
         return Attach::Lost(OrphanReason::SocketUnreachable);
     }
-    match driver.ping(&ep).await {
+    match vmm.ping().await {
         Ok(run) => Attach::Adopted(vmm, run),
         Err(_) => {
             // Ours, but not answering: it cannot be driven, so it is not adopted. It is killed
             // through the pidfd, which cannot hit another process.
-            let _ = driver.kill(&vmm);
+            let _ = vmm.kill();
             Attach::Lost(OrphanReason::ApiUnresponsive)
         }
     }

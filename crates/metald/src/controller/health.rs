@@ -9,15 +9,14 @@ impl Controller {
     /// Opens the control connection of the current VMM (its events) and starts its guest
     /// agent task. Called for every new or adopted VMM.
     pub(super) async fn attach_vmm(&mut self) {
-        let Some(ep) = self.vmm.as_ref().map(|v| v.endpoint.clone()) else {
+        let Some(ctl) = self.vmm.as_ref().map(Vmm::control) else {
             return;
         };
         self.reported_shutdown = None;
         self.socket_missing = false;
         self.watch_vmm().await;
         let (agent, probes) = AgentHandle::start(
-            self.env.driver.clone(),
-            ep,
+            ctl,
             self.rec.spec.guest_health,
             self.probed(),
         );
@@ -26,10 +25,10 @@ impl Controller {
     }
 
     pub(super) async fn watch_vmm(&mut self) {
-        let Some(ep) = self.vmm.as_ref().map(|v| v.endpoint.clone()) else {
+        let Some((ctl, pid)) = self.vmm.as_ref().map(|v| (v.control(), v.pid())) else {
             return;
         };
-        match self.env.driver.watch(&ep).await {
+        match ctl.watch().await {
             Ok(rx) => {
                 self.watchable = rx.is_some();
                 self.vmm_events = rx;
@@ -37,7 +36,7 @@ impl Controller {
             Err(e) => {
                 // Health checks still reach the VMM on a connection of their own; the next one
                 // tries to open the held connection again.
-                warn!(vm_id = %self.rec.vm_id, pid = ep.pid, error = %e, "watching the vmm failed");
+                warn!(vm_id = %self.rec.vm_id, pid, error = %e, "watching the vmm failed");
                 self.watchable = true;
                 self.vmm_events = None;
             }
@@ -61,7 +60,7 @@ impl Controller {
     pub(super) async fn on_vmm_event(&mut self, ev: Option<VmmEvent>) {
         let Some(ev) = ev else {
             self.vmm_events = None;
-            if self.vmm.as_ref().is_some_and(|v| !v.pidfd.has_exited()) {
+            if self.vmm.as_ref().is_some_and(|v| !v.pidfd().has_exited()) {
                 warn!(vm_id = %self.rec.vm_id, "vmm control connection lost; reopening it at the next health check");
             }
             return;
@@ -70,7 +69,7 @@ impl Controller {
         match ev {
             VmmEvent::Shutdown(reason) => self.reported_shutdown = Some(reason),
             VmmEvent::GuestPanicked => {
-                let pid = self.vmm.as_ref().map_or(0, |v| v.endpoint.pid);
+                let pid = self.vmm.as_ref().map_or(0, |v| v.pid());
                 warn!(vm_id = %self.rec.vm_id, pid, source = "panic device", "guest panicked");
                 if let Err(e) = self.orphan_live_vmm(OrphanReason::GuestPanicked).await {
                     warn!(vm_id = %self.rec.vm_id, error = %e, "recording guest panic failed");
@@ -158,7 +157,7 @@ impl Controller {
                 let threshold = self.rec.spec.guest_health.failure_threshold;
                 warn!(vm_id = %self.rec.vm_id, error = %error, consecutive_failures = failures, took_ms = crate::model::ms(res.took), "guest probe failed");
                 if failures >= threshold {
-                    let pid = self.vmm.as_ref().map_or(0, |v| v.endpoint.pid);
+                    let pid = self.vmm.as_ref().map_or(0, |v| v.pid());
                     warn!(vm_id = %self.rec.vm_id, pid, consecutive_failures = failures, error = %error, "guest unresponsive");
                     if let Err(e) = self.orphan_live_vmm(OrphanReason::GuestUnresponsive).await {
                         warn!(vm_id = %self.rec.vm_id, error = %e, "recording guest failure failed");
@@ -212,7 +211,7 @@ impl Controller {
         if self.rec.guest.ready || !self.probed() {
             return;
         }
-        let pid = self.vmm.as_ref().map_or(0, |v| v.endpoint.pid);
+        let pid = self.vmm.as_ref().map_or(0, |v| v.pid());
         let timeout = self.rec.spec.guest_health.startup_timeout;
         warn!(vm_id = %self.rec.vm_id, pid, startup_timeout_ms = crate::model::ms(timeout), error = %self.rec.guest.last_error, "guest unresponsive");
         if let Err(e) = self.orphan_live_vmm(OrphanReason::GuestUnresponsive).await {
@@ -245,7 +244,7 @@ impl Controller {
             return false;
         }
         if self.console.is_none() {
-            let Some(path) = self.vmm.as_ref().map(|v| v.endpoint.console_log.clone()) else {
+            let Some(path) = self.vmm.as_ref().map(|v| v.endpoint().console_log.clone()) else {
                 return false;
             };
             // Not there yet (a jailed Firecracker creates it when configured): look next time.
@@ -316,7 +315,7 @@ impl Controller {
         self.next_check = next_check_after(started, &self.env.health);
         // The endpoint is borrowed where it is needed, not cloned: this runs once a second for
         // every VM.
-        let Some(pid) = self.vmm.as_ref().map(|v| v.endpoint.pid) else {
+        let Some(pid) = self.vmm.as_ref().map(|v| v.pid()) else {
             return;
         };
         if self.console_shows_panic() {
@@ -337,7 +336,7 @@ impl Controller {
             let Some(vmm) = self.vmm.as_ref() else {
                 return;
             };
-            match tokio::time::timeout(timeout, self.env.driver.ping(&vmm.endpoint)).await {
+            match tokio::time::timeout(timeout, vmm.ping()).await {
                 Ok(Ok(run)) => Ok(run),
                 Ok(Err(DriverError::Socket {
                     reason,
@@ -353,7 +352,7 @@ impl Controller {
         };
         // A VMM that answered was alive; one that did not may have died during the check, and
         // then the exit event, handled next, says why. (Asked only on a failure: it is a call.)
-        if verdict.is_err() && self.vmm.as_ref().is_some_and(|v| v.pidfd.has_exited()) {
+        if verdict.is_err() && self.vmm.as_ref().is_some_and(|v| v.pidfd().has_exited()) {
             return;
         }
         let now = now_ms();
@@ -365,9 +364,9 @@ impl Controller {
         self.rec.health.pid = Some(pid);
         // Compared before it is written: at every check of every VM, an allocation adds up.
         if let Some(vmm) = self.vmm.as_ref()
-            && Path::new(&self.rec.health.control_socket) != vmm.endpoint.control_socket
+            && Path::new(&self.rec.health.control_socket) != vmm.endpoint().control_socket
         {
-            self.rec.health.control_socket = vmm.endpoint.control_socket.display().to_string();
+            self.rec.health.control_socket = vmm.endpoint().control_socket.display().to_string();
         }
         let cfg = self.env.health.clone();
         // The socket file is looked for every few seconds, not at every check: losing it changes
@@ -378,7 +377,7 @@ impl Controller {
                 self.socket_looked_at = Some(Instant::now());
                 self.vmm
                     .as_ref()
-                    .is_some_and(|v| v.endpoint.control_socket.exists())
+                    .is_some_and(|v| v.endpoint().control_socket.exists())
             }
         };
         let res = match verdict {
@@ -501,7 +500,7 @@ impl Controller {
         let sock = self
             .vmm
             .as_ref()
-            .map(|v| v.endpoint.control_socket.display().to_string())
+            .map(|v| v.endpoint().control_socket.display().to_string())
             .unwrap_or_default();
         let (kind, msg) = if there {
             (EventKind::ControlSocketRestored, "vmm control socket back")
@@ -532,10 +531,10 @@ impl Controller {
         let Some(vmm) = self.vmm.take() else {
             return Ok(());
         };
-        let pid = vmm.endpoint.pid;
-        let _ = self.env.driver.kill(&vmm);
+        let pid = vmm.pid();
+        let _ = vmm.kill();
         let exit = if exited_within(&vmm, KILL_WAIT).await {
-            format!("{}; killed by metald ({reason})", vmm.pidfd.reap())
+            format!("{}; killed by metald ({reason})", vmm.pidfd().reap())
         } else {
             format!(
                 "did not exit within {} ms of SIGKILL",

@@ -164,7 +164,7 @@ impl Controller {
                 "cannot snapshot a vm that is {was}"
             )));
         }
-        let Some(ep) = self.vmm.as_ref().map(|v| v.endpoint.clone()) else {
+        let Some(ctl) = self.vmm.as_ref().map(Vmm::control) else {
             return Err(Error::FailedPrecondition("the vm has no vmm".into()));
         };
         let base = match (diff, &self.snapshot_base) {
@@ -178,21 +178,20 @@ impl Controller {
                 ));
             }
         };
-        let driver = self.env.driver.clone();
         if was == VmState::Running {
-            driver.pause(&ep).await?;
+            ctl.pause().await?;
             self.set_observed(VmState::Paused, Cause::Paused).await?;
         }
         crate::crash_point!("snapshot.after_pause");
         let started = Instant::now();
-        let res = driver.snapshot(&ep, dest, base.as_deref()).await;
+        let res = ctl.snapshot(dest, base.as_deref()).await;
         crate::crash_point!("snapshot.after_write");
         // Whatever the outcome, the VMM's dirty-page log was reset or is in doubt: only a
         // snapshot that was written whole can be the next diff's base.
         self.snapshot_base = res.is_ok().then(|| dest.to_path_buf());
         if was == VmState::Running {
             // Resume even when the snapshot failed: the guest must not stay paused by accident.
-            driver.resume(&ep).await?;
+            ctl.resume().await?;
             self.guest_resumed();
             self.set_observed(VmState::Running, Cause::Ran).await?;
         }
@@ -212,17 +211,16 @@ impl Controller {
                 "cannot save a vm that is {was}"
             )));
         }
-        let Some(ep) = self.vmm.as_ref().map(|v| v.endpoint.clone()) else {
+        let Some(ctl) = self.vmm.as_ref().map(Vmm::control) else {
             return Err(Error::FailedPrecondition("the vm has no vmm".into()));
         };
-        let driver = self.env.driver.clone();
         if was == VmState::Running {
-            driver.pause(&ep).await?;
+            ctl.pause().await?;
         }
         let started = Instant::now();
-        if let Err(e) = driver.snapshot(&ep, dest, None).await {
+        if let Err(e) = ctl.snapshot(dest, None).await {
             if was == VmState::Running {
-                driver.resume(&ep).await?;
+                ctl.resume().await?;
                 self.guest_resumed();
             }
             return Err(e.into());
@@ -253,7 +251,7 @@ impl Controller {
             // The registry refused an earlier write; try again with everything.
             let _ = self.save().await;
         }
-        if self.vmm.as_ref().is_some_and(|v| v.pidfd.has_exited()) {
+        if self.vmm.as_ref().is_some_and(|v| v.pidfd().has_exited()) {
             did.missed_exit = true;
             self.on_unexpected_exit().await;
         }
@@ -366,25 +364,24 @@ impl Controller {
     }
 
     pub(super) async fn converge_running_vmm(&mut self, want: VmState) -> Result<()> {
-        let driver = self.env.driver.clone();
-        let Some(ep) = self.vmm.as_ref().map(|p| p.endpoint.clone()) else {
+        let Some(ctl) = self.vmm.as_ref().map(Vmm::control) else {
             return Ok(());
         };
         let mut now = self.rec.observed;
         if want != VmState::Created && now == VmState::Created {
-            driver.boot(&ep).await?;
+            ctl.boot().await?;
             crate::crash_point!("boot.after_vmm");
             self.guest_starting();
             now = VmState::Running;
         }
         match (want, now) {
             (VmState::Paused, VmState::Running) => {
-                driver.pause(&ep).await?;
+                ctl.pause().await?;
                 crate::crash_point!("pause.after_vmm");
                 now = VmState::Paused;
             }
             (VmState::Running, VmState::Paused) => {
-                driver.resume(&ep).await?;
+                ctl.resume().await?;
                 crate::crash_point!("resume.after_vmm");
                 self.guest_resumed();
                 now = VmState::Running;
@@ -419,8 +416,9 @@ impl Controller {
         };
         let vmm = driver.spawn(&req).await?;
         crate::crash_point!("start.after_spawn");
-        info!(vm_id = %self.rec.vm_id, pid = vmm.endpoint.pid, vmm = driver.kind(), "vmm started");
-        let ep = vmm.endpoint.clone();
+        info!(vm_id = %self.rec.vm_id, pid = vmm.pid(), vmm = driver.kind(), "vmm started");
+        let ep = vmm.endpoint().clone();
+        let ctl = vmm.control();
         self.vmm = Some(vmm);
         self.console = None;
         self.console_from_end = false;
@@ -444,8 +442,8 @@ impl Controller {
         self.next_check = next_check_after(Instant::now(), &self.env.health);
         self.set_observed(VmState::Created, Cause::Started).await?;
         let prepared = match &restore {
-            Some(dir) => driver.restore(&ep, &self.rec.spec, dir).await,
-            None => driver.configure(&ep, &self.rec.spec).await,
+            Some(dir) => ctl.restore(&self.rec.spec, dir).await,
+            None => ctl.configure(&self.rec.spec).await,
         };
         crate::crash_point!("start.after_configure");
         self.snapshot_base = restore.filter(|_| prepared.is_ok());
@@ -462,8 +460,7 @@ impl Controller {
         let Some(vmm) = self.vmm.as_ref() else {
             return Ok(());
         };
-        let driver = self.env.driver.clone();
-        let ep = vmm.endpoint.clone();
+        let pid = vmm.pid();
         let started = Instant::now();
         let mut how = "killed";
         if let Some(grace) = graceful.filter(|_| self.rec.observed == VmState::Running) {
@@ -483,7 +480,7 @@ impl Controller {
             let requested = if by_agent {
                 Ok(())
             } else {
-                driver.shutdown(&ep).await
+                vmm.shutdown().await
             };
             match requested {
                 Ok(()) if exited_within(vmm, grace).await => {
@@ -497,27 +494,27 @@ impl Controller {
                 Err(e) => debug!(vm_id = %self.rec.vm_id, error = %e, "power-off request failed"),
             }
         }
-        if !vmm.pidfd.has_exited() {
-            match driver.quit(&ep).await {
+        if !vmm.pidfd().has_exited() {
+            match vmm.quit().await {
                 Ok(()) if exited_within(vmm, QUIT_WAIT).await => how = "vmm quit",
                 _ => {}
             }
         }
-        if !vmm.pidfd.has_exited() {
-            driver.kill(vmm)?;
+        if !vmm.pidfd().has_exited() {
+            vmm.kill()?;
             if !exited_within(vmm, KILL_WAIT).await {
                 return Err(DriverError::Timeout {
-                    what: format!("SIGKILL of pid {}", ep.pid),
+                    what: format!("SIGKILL of pid {pid}"),
                     millis: KILL_WAIT.as_millis(),
                 }
                 .into());
             }
         }
-        let status = vmm.pidfd.reap();
+        let status = vmm.pidfd().reap();
         crate::crash_point!("stop.after_exit");
         info!(
             vm_id = %self.rec.vm_id,
-            pid = ep.pid,
+            pid,
             reason = why,
             how,
             exit = %status,

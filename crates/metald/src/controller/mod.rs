@@ -40,7 +40,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::{GuestProbe, HealthConfig};
 use crate::driver::qga::GuestInfo;
 use crate::driver::{
-    DriverError, ExitCause, GuestRun, ShutdownReason, SpawnRequest, VmmDriver, VmmEvent, VmmProcess,
+    DriverError, ExitCause, GuestRun, ShutdownReason, SpawnRequest, Vmm, VmmDriver, VmmEvent,
 };
 use crate::error::{Error, Result};
 use crate::events::EventBus;
@@ -260,7 +260,7 @@ pub enum Attach {
     Nothing,
     /// Its VMM is alive and is this VM's (pid, start time and control socket agree): adopted,
     /// its guest in this run state.
-    Adopted(VmmProcess, GuestRun),
+    Adopted(Vmm, GuestRun),
     /// The VMM its row names is gone, or is not its own any more.
     Lost(OrphanReason),
 }
@@ -303,7 +303,7 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 /// A VM's controller: its row, its VMM process, and the environment to act in.
 pub struct Controller {
     rec: VmRecord,
-    vmm: Option<VmmProcess>,
+    vmm: Option<Vmm>,
     env: ControllerEnv,
     /// When the VMM was last known good (spawned, adopted, or answering), ms since the epoch.
     last_seen_ms: i64,
@@ -443,16 +443,16 @@ impl Controller {
                     GuestRun::Paused => VmState::Paused,
                     GuestRun::ShutDown => VmState::Shutdown,
                 };
-                info!(vm_id = %self.rec.vm_id, pid = vmm.endpoint.pid, state = %observed, "vmm re-attached");
+                info!(vm_id = %self.rec.vm_id, pid = vmm.pid(), state = %observed, "vmm re-attached");
                 self.last_seen_ms = now_ms();
                 let h = &mut self.rec.health;
                 h.is_healthy = true;
                 h.consecutive_failures = 0;
-                h.pid = Some(vmm.endpoint.pid);
+                h.pid = Some(vmm.pid());
                 h.last_activity_ms = self.last_seen_ms;
                 // Re-attach believes the VMM; the table allows any live state here.
                 let _ = self.observe(observed, Cause::Adopted);
-                self.rec.endpoint = Some(vmm.endpoint.clone());
+                self.rec.endpoint = Some(vmm.endpoint().clone());
                 self.rec.orphan_reason = None;
                 self.rec.orphaned_at_ms = None;
                 self.vmm = Some(vmm);
@@ -599,10 +599,10 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 /// Resolves when the VMM exits; never, when there is none.
-async fn wait_exit(vmm: &Option<VmmProcess>) {
+async fn wait_exit(vmm: &Option<Vmm>) {
     match vmm {
         Some(p) => {
-            if p.pidfd.exited().await.is_err() {
+            if p.pidfd().exited().await.is_err() {
                 // Registering the fd failed; treat as exited so the state is re-read.
             }
         }
@@ -610,6 +610,6 @@ async fn wait_exit(vmm: &Option<VmmProcess>) {
     }
 }
 
-async fn exited_within(vmm: &VmmProcess, d: Duration) -> bool {
-    tokio::time::timeout(d, vmm.pidfd.exited()).await.is_ok()
+async fn exited_within(vmm: &Vmm, d: Duration) -> bool {
+    tokio::time::timeout(d, vmm.pidfd().exited()).await.is_ok()
 }

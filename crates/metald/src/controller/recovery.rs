@@ -433,8 +433,8 @@ impl Controller {
     /// Handles the pidfd event of a VMM that exited without metald asking it to.
     pub(super) async fn on_unexpected_exit(&mut self) {
         let Some(vmm) = self.vmm.take() else { return };
-        debug!(vm_id = %self.rec.vm_id, pid = vmm.endpoint.pid, "vmm exit event");
-        let status = vmm.pidfd.reap();
+        debug!(vm_id = %self.rec.vm_id, pid = vmm.pid(), "vmm exit event");
+        let status = vmm.pidfd().reap();
         // The VMM's last events (its SHUTDOWN and the reason) may still be on their way: the
         // connection ends right after them, so wait, briefly and bounded, for it to end.
         self.drain_vmm_events().await;
@@ -453,7 +453,7 @@ impl Controller {
             .unwrap_or(ExitCause::Unknown)
         };
         self.forget_vmm().await;
-        let pid = vmm.endpoint.pid;
+        let pid = vmm.pid();
         let exit = match &self.reported_shutdown {
             Some(reason) => format!("{status}; cause: {cause}; vmm reported: {reason}"),
             None => format!("{status}; cause: {cause}"),

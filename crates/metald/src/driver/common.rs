@@ -157,40 +157,35 @@ pub(crate) fn cause_from_report(
     }
 }
 
-/// Waits, bounded by `timeout`, for a VMM just started to answer on its control socket:
-/// `probe` asks it (QMP `query-status`, Firecracker's `GET /`) once the socket file exists.
-/// A VMM that exits first fails fast with its exit status and the end of its `log` (its own
-/// error message: a bad option, a missing device); one that does not answer in time is killed
-/// through its pidfd. Both drivers start their VMMs this way.
-pub(crate) async fn wait_ready<F, Fut>(
-    proc_: super::VmmProcess,
+/// Waits, bounded by `timeout`, for a VMM just started to answer on its control socket: a
+/// `ping` (QMP `query-status`, Firecracker's `GET /`) once the socket file exists. A VMM that
+/// exits first fails fast with its exit status and the end of its `log` (its own error message:
+/// a bad option, a missing device); one that does not answer in time is killed through its
+/// pidfd. Both drivers start their VMMs this way.
+pub(crate) async fn wait_ready(
+    vmm: super::Vmm,
     log: &Path,
     timeout: std::time::Duration,
-    mut probe: F,
-) -> Result<super::VmmProcess, DriverError>
-where
-    F: FnMut(super::VmmEndpoint) -> Fut,
-    Fut: std::future::Future<Output = Result<(), DriverError>>,
-{
-    let sock = proc_.endpoint.control_socket.clone();
+) -> Result<super::Vmm, DriverError> {
+    let sock = vmm.endpoint().control_socket.clone();
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = None;
     loop {
-        if proc_.pidfd.has_exited() {
-            let status = proc_.pidfd.reap();
+        if vmm.pidfd().has_exited() {
+            let status = vmm.pidfd().reap();
             return Err(DriverError::EarlyExit(format!(
                 "{status}: {}",
                 log_tail(log, 600)
             )));
         }
         if sock.exists() {
-            match probe(proc_.endpoint.clone()).await {
-                Ok(()) => return Ok(proc_),
+            match vmm.ping().await {
+                Ok(_) => return Ok(vmm),
                 Err(e) => last = Some(e),
             }
         }
         if tokio::time::Instant::now() >= deadline {
-            let _ = proc_.pidfd.signal(libc::SIGKILL);
+            let _ = vmm.kill();
             return Err(last.unwrap_or_else(|| DriverError::Socket {
                 path: sock,
                 reason: format!("did not answer within {} ms", timeout.as_millis()),
@@ -200,7 +195,7 @@ where
         // A VMM creates its socket within milliseconds of starting, and no event announces a
         // file appearing more cheaply than this short poll, bounded by the deadline.
         tokio::select! {
-            _ = proc_.pidfd.exited() => {}
+            _ = vmm.pidfd().exited() => {}
             () = tokio::time::sleep(std::time::Duration::from_millis(5)) => {}
         }
     }

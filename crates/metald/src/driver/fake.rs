@@ -14,11 +14,11 @@ use async_trait::async_trait;
 use tokio::sync::Semaphore;
 
 use super::{
-    AgentStream, DriverError, ExitCause, GuestRun, ShutdownReason, SpawnRequest, VmmDriver,
-    VmmEndpoint, VmmProcess,
+    AgentStream, DriverError, ExitCause, GuestRun, ShutdownReason, SpawnRequest, Vmm, VmmControl,
+    VmmDriver, VmmEndpoint,
 };
 use crate::model::{VmId, VmSpec};
-use crate::process::{ExitInfo, ProcInfo};
+use crate::process::{ExitInfo, Pidfd, ProcInfo};
 
 /// What the fake VMMs do; change it at any time from the test.
 #[derive(Debug, Default)]
@@ -55,6 +55,8 @@ struct FakeVmm {
 /// The fake driver (test only: see the module docs).
 #[derive(Debug, Default)]
 pub struct FakeVmmDriver {
+    /// Itself, for the handles it makes (each VMM's control API asks it what the VMM does).
+    me: std::sync::Weak<FakeVmmDriver>,
     /// What the VMMs do.
     pub script: Mutex<Script>,
     seen: Mutex<Seen>,
@@ -74,7 +76,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl FakeVmmDriver {
     /// A fake whose VMMs do what they are told.
     pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+        Arc::new_cyclic(|me| FakeVmmDriver {
+            me: me.clone(),
+            ..Self::default()
+        })
     }
 
     /// Changes the script.
@@ -142,13 +147,96 @@ impl FakeVmmDriver {
 
 const SOCKET: &str = "fake.sock";
 
+/// One fake VMM's control API: asks the fake driver what that VMM does.
+#[derive(Debug)]
+struct FakeControl {
+    fake: Arc<FakeVmmDriver>,
+    ep: VmmEndpoint,
+}
+
+#[async_trait]
+impl VmmControl for FakeControl {
+    async fn configure(&self, _spec: &VmSpec) -> Result<(), DriverError> {
+        self.fake.run_of(&self.ep).map(|_| ())
+    }
+
+    async fn boot(&self) -> Result<(), DriverError> {
+        let gate = lock(&self.fake.boot_gate).clone();
+        if let Some(gate) = gate {
+            self.fake.boot_waiting.notify_one();
+            if let Ok(p) = gate.acquire().await {
+                p.forget();
+            }
+        }
+        let vm = lock(&self.fake.vmms).get(&self.ep.pid).map(|v| v.vm.clone());
+        if let Some(vm) = vm {
+            *lock(&self.fake.seen).boots.entry(vm).or_default() += 1;
+        }
+        self.fake.set_run(&self.ep, GuestRun::Running)
+    }
+
+    async fn pause(&self) -> Result<(), DriverError> {
+        self.fake.set_run(&self.ep, GuestRun::Paused)
+    }
+
+    async fn resume(&self) -> Result<(), DriverError> {
+        self.fake.set_run(&self.ep, GuestRun::Running)
+    }
+
+    async fn shutdown(&self) -> Result<(), DriverError> {
+        self.quit().await
+    }
+
+    async fn quit(&self) -> Result<(), DriverError> {
+        let _ = crate::process::kill_pid(self.ep.pid, libc::SIGTERM);
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<GuestRun, DriverError> {
+        let (delay, hang) = {
+            let s = lock(&self.fake.script);
+            (s.ping_delay, s.hang_pings)
+        };
+        if hang {
+            std::future::pending::<()>().await;
+        }
+        // The state is read when the ping is asked, and answered after the delay, as a VMM
+        // busy elsewhere would.
+        let run = self.fake.run_of(&self.ep)?;
+        tokio::time::sleep(delay).await;
+        lock(&self.fake.seen).pings += 1;
+        self.fake.ping_answered.notify_waiters();
+        Ok(run)
+    }
+
+    async fn agent_connect(&self) -> Result<AgentStream, DriverError> {
+        Err(DriverError::Unsupported("guest agent", "fake"))
+    }
+
+    async fn snapshot(
+        &self,
+        _dest: &Path,
+        _diff: Option<&Path>,
+    ) -> Result<(), DriverError> {
+        Err(DriverError::Unsupported("snapshots", "fake"))
+    }
+
+    async fn restore(
+        &self,
+        _spec: &VmSpec,
+        _src: &Path,
+    ) -> Result<(), DriverError> {
+        Err(DriverError::Unsupported("snapshots", "fake"))
+    }
+}
+
 #[async_trait]
 impl VmmDriver for FakeVmmDriver {
     fn kind(&self) -> &'static str {
         "fake"
     }
 
-    async fn spawn(&self, req: &SpawnRequest<'_>) -> Result<VmmProcess, DriverError> {
+    async fn spawn(&self, req: &SpawnRequest<'_>) -> Result<Vmm, DriverError> {
         let vm = req.vm_id.to_string();
         *lock(&self.seen).spawns.entry(vm.clone()).or_default() += 1;
         {
@@ -177,90 +265,21 @@ impl VmmDriver for FakeVmmDriver {
                 _listener: listener,
             },
         );
-        Ok(VmmProcess {
-            endpoint: VmmEndpoint {
-                pid: sp.pid,
-                start_time: sp.start_time,
-                control_socket: sock,
-                console_log: req.run_dir.join(super::CONSOLE_LOG),
-            },
-            pidfd: sp.pidfd,
-        })
-    }
-
-    async fn configure(&self, ep: &VmmEndpoint, _spec: &VmSpec) -> Result<(), DriverError> {
-        self.run_of(ep).map(|_| ())
-    }
-
-    async fn boot(&self, ep: &VmmEndpoint) -> Result<(), DriverError> {
-        let gate = lock(&self.boot_gate).clone();
-        if let Some(gate) = gate {
-            self.boot_waiting.notify_one();
-            if let Ok(p) = gate.acquire().await {
-                p.forget();
-            }
-        }
-        let vm = lock(&self.vmms).get(&ep.pid).map(|v| v.vm.clone());
-        if let Some(vm) = vm {
-            *lock(&self.seen).boots.entry(vm).or_default() += 1;
-        }
-        self.set_run(ep, GuestRun::Running)
-    }
-
-    async fn pause(&self, ep: &VmmEndpoint) -> Result<(), DriverError> {
-        self.set_run(ep, GuestRun::Paused)
-    }
-
-    async fn resume(&self, ep: &VmmEndpoint) -> Result<(), DriverError> {
-        self.set_run(ep, GuestRun::Running)
-    }
-
-    async fn shutdown(&self, ep: &VmmEndpoint) -> Result<(), DriverError> {
-        self.quit(ep).await
-    }
-
-    async fn quit(&self, ep: &VmmEndpoint) -> Result<(), DriverError> {
-        let _ = crate::process::kill_pid(ep.pid, libc::SIGTERM);
-        Ok(())
-    }
-
-    async fn ping(&self, ep: &VmmEndpoint) -> Result<GuestRun, DriverError> {
-        let (delay, hang) = {
-            let s = lock(&self.script);
-            (s.ping_delay, s.hang_pings)
+        let endpoint = VmmEndpoint {
+            pid: sp.pid,
+            start_time: sp.start_time,
+            control_socket: sock,
+            console_log: req.run_dir.join(super::CONSOLE_LOG),
         };
-        if hang {
-            std::future::pending::<()>().await;
-        }
-        // The state is read when the ping is asked, and answered after the delay, as a VMM
-        // busy elsewhere would.
-        let run = self.run_of(ep)?;
-        tokio::time::sleep(delay).await;
-        lock(&self.seen).pings += 1;
-        self.ping_answered.notify_waiters();
-        Ok(run)
+        Ok(self.adopt(endpoint, sp.pidfd, req.run_dir))
     }
 
-    async fn agent_connect(&self, _ep: &VmmEndpoint) -> Result<AgentStream, DriverError> {
-        Err(DriverError::Unsupported("guest agent", "fake"))
-    }
-
-    async fn snapshot(
-        &self,
-        _ep: &VmmEndpoint,
-        _dest: &Path,
-        _diff: Option<&Path>,
-    ) -> Result<(), DriverError> {
-        Err(DriverError::Unsupported("snapshots", "fake"))
-    }
-
-    async fn restore(
-        &self,
-        _ep: &VmmEndpoint,
-        _spec: &VmSpec,
-        _src: &Path,
-    ) -> Result<(), DriverError> {
-        Err(DriverError::Unsupported("snapshots", "fake"))
+    fn adopt(&self, endpoint: VmmEndpoint, pidfd: Pidfd, run_dir: &Path) -> Vmm {
+        let control = FakeControl {
+            fake: self.me.upgrade().unwrap_or_default(),
+            ep: endpoint.clone(),
+        };
+        Vmm::new(endpoint, pidfd, run_dir, Arc::new(control))
     }
 
     fn owns_cmdline(&self, _vm_id: &VmId, _cmdline: &[String]) -> bool {

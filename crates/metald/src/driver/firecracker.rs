@@ -18,11 +18,12 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 use super::jail::{self, CgroupHost};
 use super::{
-    DriverError, ExitCause, GuestRun, SpawnRequest, VmmDriver, VmmEndpoint, VmmProcess, uds_http,
+    DriverError, ExitCause, GuestRun, SpawnRequest, Vmm, VmmControl, VmmDriver, VmmEndpoint,
+    uds_http,
 };
 use crate::config::FirecrackerConfig;
 use crate::model::{VmId, VmSpec};
-use crate::process::{ExitInfo, spawn_detached};
+use crate::process::{ExitInfo, Pidfd, spawn_detached};
 
 /// The API socket inside a VM's run directory.
 pub const API_SOCKET: &str = "firecracker.sock";
@@ -154,9 +155,8 @@ impl FcPaths {
 /// Drives Firecracker microVMs.
 #[derive(Debug)]
 pub struct FirecrackerDriver {
-    cfg: FirecrackerConfig,
-    /// Kept-alive API connections, one per VMM.
-    pool: uds_http::Pool,
+    /// Shared with every VMM's handle (paths, timeouts, the jailer's user).
+    cfg: std::sync::Arc<FirecrackerConfig>,
     /// The host's cgroup hierarchies, as the jailer will find them (jailer on only).
     cgroups: Result<CgroupHost, String>,
     version: std::sync::OnceLock<String>,
@@ -171,8 +171,7 @@ impl FirecrackerDriver {
             Err("the jailer is off".into())
         };
         FirecrackerDriver {
-            cfg,
-            pool: uds_http::Pool::default(),
+            cfg: std::sync::Arc::new(cfg),
             cgroups,
             version: Default::default(),
         }
@@ -342,7 +341,6 @@ impl FirecrackerDriver {
     /// Kills every process in a jail's cgroups, then removes the jail and the cgroups; the jail
     /// is never removed while a process may still run in it.
     async fn clear_jail(&self, jail: &Jail) -> Result<(), DriverError> {
-        self.pool.forget(&jail.root.join(API_SOCKET));
         let j = jail.clone();
         let res = tokio::task::spawn_blocking(move || -> Result<usize, String> {
             let killed = jail::kill_cgroups(&j.cgroups, KILL_WAIT)?;
@@ -367,7 +365,7 @@ impl FirecrackerDriver {
 
     /// Starts Firecracker through the jailer. Whatever fails, nothing it started outlives the
     /// failure: every process in the VM's cgroup is killed, then the jail and cgroup removed.
-    async fn spawn_jailed(&self, req: &SpawnRequest<'_>) -> Result<VmmProcess, DriverError> {
+    async fn spawn_jailed(&self, req: &SpawnRequest<'_>) -> Result<Vmm, DriverError> {
         if let Err(e) = &self.cgroups {
             return Err(DriverError::Spawn(format!(
                 "the jailer cannot run here: {e}"
@@ -394,7 +392,7 @@ impl FirecrackerDriver {
         &self,
         req: &SpawnRequest<'_>,
         jail: &Jail,
-    ) -> Result<VmmProcess, DriverError> {
+    ) -> Result<Vmm, DriverError> {
         let j = &self.cfg.jailer;
         let deadline = Instant::now() + self.cfg.spawn_timeout;
         let timeout = |what: &str| DriverError::Timeout {
@@ -516,94 +514,16 @@ impl FirecrackerDriver {
                 .await
                 .map_err(|e| DriverError::Spawn(format!("furnishing the jail: {e}")))??
         };
-        let proc_ = VmmProcess {
-            endpoint: VmmEndpoint {
-                pid,
-                start_time: info.start_time,
-                control_socket: jail.root.join(API_SOCKET),
-                console_log: console,
-            },
-            pidfd,
+        let endpoint = VmmEndpoint {
+            pid,
+            start_time: info.start_time,
+            control_socket: jail.root.join(API_SOCKET),
+            console_log: console,
         };
-        self.wait_api(proc_, &req.run_dir.join(VMM_LOG)).await
+        let vmm = self.adopt(endpoint, pidfd, req.run_dir);
+        super::wait_ready(vmm, &req.run_dir.join(VMM_LOG), self.cfg.spawn_timeout).await
     }
 
-    /// Waits, bounded, for a new Firecracker's API to answer; gives up early if it exits,
-    /// quoting `log`.
-    async fn wait_api(&self, proc_: VmmProcess, log: &Path) -> Result<VmmProcess, DriverError> {
-        super::wait_ready(proc_, log, self.cfg.spawn_timeout, |ep| async move {
-            self.ping(&ep).await.map(|_| ())
-        })
-        .await
-    }
-
-    /// The VM's files as this VMM names them: inside its jail, or in its run directory (where
-    /// its socket is).
-    fn paths(&self, ep: &VmmEndpoint, spec: &VmSpec) -> FcPaths {
-        if self.cfg.jailer.enabled {
-            FcPaths::jailed(spec)
-        } else {
-            let dir = ep.control_socket.parent().unwrap_or(Path::new("/"));
-            FcPaths::host(spec, dir)
-        }
-    }
-
-    /// A fresh directory beside the VMM's socket for snapshot files, as (host path, the path
-    /// the VMM knows it by), writable by the VMM's user.
-    fn snapshot_work(&self, ep: &VmmEndpoint) -> Result<(PathBuf, String), DriverError> {
-        let dir = ep
-            .control_socket
-            .parent()
-            .unwrap_or(Path::new("/"))
-            .join(SNAPSHOT_WORK);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| DriverError::Io(format!("creating {}", dir.display()), e))?;
-        if self.cfg.jailer.enabled {
-            let j = &self.cfg.jailer;
-            chown(&dir, j.uid, j.gid)?;
-            Ok((dir, format!("/{SNAPSHOT_WORK}")))
-        } else {
-            let s = dir.display().to_string();
-            Ok((dir, s))
-        }
-    }
-
-    async fn api(&self, ep: &VmmEndpoint, req: &ApiRequest) -> Result<Value, DriverError> {
-        let body = (!req.body.is_null()).then_some(&req.body);
-        let (status, value) = self
-            .pool
-            .call(
-                &ep.control_socket,
-                req.method.clone(),
-                &req.path,
-                body,
-                self.cfg.api_timeout,
-            )
-            .await?;
-        if status.is_success() {
-            return Ok(value);
-        }
-        Err(refusal(&req.method, &req.path, status, &value))
-    }
-
-    async fn send(
-        &self,
-        ep: &VmmEndpoint,
-        method: Method,
-        path: &str,
-        body: Value,
-    ) -> Result<Value, DriverError> {
-        self.api(
-            ep,
-            &ApiRequest {
-                method,
-                path: path.into(),
-                body,
-            },
-        )
-        .await
-    }
 }
 
 /// Puts the VM's files into the jail under the names [`FcPaths::jailed`] gives them, without
@@ -795,71 +715,86 @@ fn kernel_args(spec: &VmSpec) -> String {
     args
 }
 
-#[async_trait]
-impl VmmDriver for FirecrackerDriver {
-    fn version(&self) -> String {
-        super::binary_version(&self.version, &self.cfg.binary)
-    }
+/// One Firecracker's control API: its REST API on its socket, over a connection kept between
+/// requests.
+#[derive(Debug)]
+struct FcVmm {
+    cfg: std::sync::Arc<FirecrackerConfig>,
+    api: uds_http::Kept,
+}
 
-    fn kind(&self) -> &'static str {
-        "firecracker"
-    }
-
-    async fn spawn(&self, req: &SpawnRequest<'_>) -> Result<VmmProcess, DriverError> {
+impl FcVmm {
+    /// The VM's files as this VMM names them: inside its jail, or in its run directory (where
+    /// its socket is).
+    fn paths(&self, spec: &VmSpec) -> FcPaths {
         if self.cfg.jailer.enabled {
-            return self.spawn_jailed(req).await;
+            FcPaths::jailed(spec)
+        } else {
+            FcPaths::host(spec, self.dir())
         }
-        let sock = req.run_dir.join(API_SOCKET);
-        // Firecracker refuses to start if its socket path exists.
-        let _ = std::fs::remove_file(&sock);
-        self.pool.forget(&sock);
-        for f in [VMM_LOG, METRICS_FILE] {
-            // Firecracker opens these, it does not create them.
-            let p = req.run_dir.join(f);
-            let _ = std::fs::rename(&p, req.run_dir.join(format!("{f}.prev")));
-            std::fs::File::create(&p)
-                .map_err(|e| DriverError::Io(format!("creating {}", p.display()), e))?;
-        }
-        let mut cmd = Command::new(&self.cfg.binary);
-        cmd.arg("--api-sock")
-            .arg(super::socket_arg(req.run_dir, API_SOCKET))
-            .arg("--id")
-            .arg(req.vm_id.as_str())
-            .current_dir(req.run_dir);
-        // The console log is recreated per VMM, like QEMU's, so a guest's output is its own.
-        let console = req.run_dir.join(CONSOLE_LOG);
-        let _ = std::fs::remove_file(&console);
-        let sp = spawn_detached(cmd, &console)
-            .map_err(|e| DriverError::Spawn(format!("{}: {e}", self.cfg.binary.display())))?;
-        let proc_ = VmmProcess {
-            endpoint: VmmEndpoint {
-                pid: sp.pid,
-                start_time: sp.start_time,
-                control_socket: sock,
-                console_log: console.clone(),
-            },
-            pidfd: sp.pidfd,
-        };
-        self.wait_api(proc_, &console).await
     }
 
-    async fn configure(&self, ep: &VmmEndpoint, spec: &VmSpec) -> Result<(), DriverError> {
-        let mut paths = self.paths(ep, spec);
+    /// The directory of its socket: the run directory, or the jail's root.
+    fn dir(&self) -> &Path {
+        self.api.sock().parent().unwrap_or(Path::new("/"))
+    }
+
+    /// A fresh directory beside the VMM's socket for snapshot files, as (host path, the path
+    /// the VMM knows it by), writable by the VMM's user.
+    fn snapshot_work(&self) -> Result<(PathBuf, String), DriverError> {
+        let dir = self.dir().join(SNAPSHOT_WORK);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| DriverError::Io(format!("creating {}", dir.display()), e))?;
+        if self.cfg.jailer.enabled {
+            let j = &self.cfg.jailer;
+            chown(&dir, j.uid, j.gid)?;
+            Ok((dir, format!("/{SNAPSHOT_WORK}")))
+        } else {
+            let s = dir.display().to_string();
+            Ok((dir, s))
+        }
+    }
+
+    async fn call(&self, req: &ApiRequest) -> Result<Value, DriverError> {
+        let body = (!req.body.is_null()).then_some(&req.body);
+        let (status, value) = self
+            .api
+            .call(req.method.clone(), &req.path, body, self.cfg.api_timeout)
+            .await?;
+        if status.is_success() {
+            return Ok(value);
+        }
+        Err(refusal(&req.method, &req.path, status, &value))
+    }
+
+    async fn send(&self, method: Method, path: &str, body: Value) -> Result<Value, DriverError> {
+        self.call(&ApiRequest {
+                method,
+                path: path.into(),
+            body,
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl VmmControl for FcVmm {
+    async fn configure(&self, spec: &VmSpec) -> Result<(), DriverError> {
+        let mut paths = self.paths(spec);
         paths.track_dirty_pages = self.cfg.diff_snapshots;
-        for req in Self::config_requests(spec, &paths) {
-            self.api(ep, &req).await?;
+        for req in FirecrackerDriver::config_requests(spec, &paths) {
+            self.call(&req).await?;
         }
         Ok(())
     }
 
-    async fn boot(&self, ep: &VmmEndpoint) -> Result<(), DriverError> {
+    async fn boot(&self) -> Result<(), DriverError> {
         // A VMM that loaded a snapshot is already started, paused: booting it is resuming it.
-        if self.ping(ep).await? == GuestRun::Paused {
-            return self.resume(ep).await;
+        if self.ping().await? == GuestRun::Paused {
+            return self.resume().await;
         }
-        self.send(
-            ep,
-            Method::PUT,
+        self.send(Method::PUT,
             "/actions",
             json!({"action_type": "InstanceStart"}),
         )
@@ -867,22 +802,20 @@ impl VmmDriver for FirecrackerDriver {
         .map(|_| ())
     }
 
-    async fn pause(&self, ep: &VmmEndpoint) -> Result<(), DriverError> {
-        self.send(ep, Method::PATCH, "/vm", json!({"state": "Paused"}))
+    async fn pause(&self) -> Result<(), DriverError> {
+        self.send(Method::PATCH, "/vm", json!({"state": "Paused"}))
             .await
             .map(|_| ())
     }
 
-    async fn resume(&self, ep: &VmmEndpoint) -> Result<(), DriverError> {
-        self.send(ep, Method::PATCH, "/vm", json!({"state": "Resumed"}))
+    async fn resume(&self) -> Result<(), DriverError> {
+        self.send(Method::PATCH, "/vm", json!({"state": "Resumed"}))
             .await
             .map(|_| ())
     }
 
-    async fn shutdown(&self, ep: &VmmEndpoint) -> Result<(), DriverError> {
-        self.send(
-            ep,
-            Method::PUT,
+    async fn shutdown(&self) -> Result<(), DriverError> {
+        self.send(Method::PUT,
             "/actions",
             json!({"action_type": "SendCtrlAltDel"}),
         )
@@ -890,12 +823,12 @@ impl VmmDriver for FirecrackerDriver {
         .map(|_| ())
     }
 
-    async fn quit(&self, _ep: &VmmEndpoint) -> Result<(), DriverError> {
+    async fn quit(&self) -> Result<(), DriverError> {
         // Firecracker has no quit command; the caller goes on to SIGKILL.
         Err(DriverError::Unsupported("quit", "firecracker"))
     }
 
-    async fn ping(&self, ep: &VmmEndpoint) -> Result<GuestRun, DriverError> {
+    async fn ping(&self) -> Result<GuestRun, DriverError> {
         /// The one field of `GET /` a health check reads (borrowed, not copied out: this
         /// runs once a second for every VM).
         #[derive(serde::Deserialize)]
@@ -904,14 +837,8 @@ impl VmmDriver for FirecrackerDriver {
             state: std::borrow::Cow<'a, str>,
         }
         let (status, bytes) = self
-            .pool
-            .call_raw(
-                &ep.control_socket,
-                Method::GET,
-                "/",
-                None,
-                self.cfg.api_timeout,
-            )
+            .api
+            .call_raw(Method::GET, "/", None, self.cfg.api_timeout)
             .await?;
         if !status.is_success() {
             let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
@@ -931,13 +858,12 @@ impl VmmDriver for FirecrackerDriver {
         })
     }
 
-    async fn agent_connect(&self, ep: &VmmEndpoint) -> Result<super::AgentStream, DriverError> {
+    async fn agent_connect(&self) -> Result<super::AgentStream, DriverError> {
         // Firecracker's hybrid vsock: connect to the device's unix socket, ask for the guest
         // port with `CONNECT <port>\n`, and read `OK <host port>\n`; the stream is then the
         // guest connection.
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let dir = ep.control_socket.parent().unwrap_or(Path::new("/"));
-        let path = dir.join(VSOCK_SOCKET);
+        let path = self.dir().join(VSOCK_SOCKET);
         let mut s = super::connect_unix(&path)
             .await
             .map_err(|e| DriverError::connect(&path, &e))?;
@@ -974,18 +900,12 @@ impl VmmDriver for FirecrackerDriver {
         Ok(s)
     }
 
-    async fn snapshot(
-        &self,
-        ep: &VmmEndpoint,
-        dest: &Path,
-        base: Option<&Path>,
-    ) -> Result<(), DriverError> {
+    async fn snapshot(&self, dest: &Path, base: Option<&Path>) -> Result<(), DriverError> {
         // Firecracker writes into a directory beside its socket (inside the jail when jailed),
         // then the files move to the snapshot store.
-        let (host_dir, vmm_dir) = self.snapshot_work(ep)?;
+        let (host_dir, vmm_dir) = self.snapshot_work()?;
         let res = self
             .send(
-                ep,
                 Method::PUT,
                 "/snapshot/create",
                 snapshot_body(&vmm_dir, base.is_some()),
@@ -1019,16 +939,11 @@ impl VmmDriver for FirecrackerDriver {
         placed
     }
 
-    async fn restore(
-        &self,
-        ep: &VmmEndpoint,
-        spec: &VmSpec,
-        src: &Path,
-    ) -> Result<(), DriverError> {
+    async fn restore(&self, spec: &VmSpec, src: &Path) -> Result<(), DriverError> {
         let dir = if self.cfg.jailer.enabled {
             // The snapshot's files go into the jail; its drives were placed at spawn, under
             // the names they had in the jail they were snapshotted in.
-            let (host_dir, vmm_dir) = self.snapshot_work(ep)?;
+            let (host_dir, vmm_dir) = self.snapshot_work()?;
             let j = &self.cfg.jailer;
             for f in [SNAPSHOT_STATE, SNAPSHOT_MEM] {
                 let (from, to) = (src.join(f), host_dir.join(f));
@@ -1048,23 +963,75 @@ impl VmmDriver for FirecrackerDriver {
             src.display().to_string()
         };
         // A restored VMM logs, counts and prints its console like a booted one.
-        let paths = self.paths(ep, spec);
-        let mut pre = Self::config_requests(spec, &paths);
+        let paths = self.paths(spec);
+        let mut pre = FirecrackerDriver::config_requests(spec, &paths);
         // A jailed, daemonized VMM's console goes to a file (`/serial`), restored or not.
         pre.retain(|r| matches!(r.path.as_str(), "/logger" | "/metrics" | "/serial"));
         for req in &pre {
-            self.api(ep, req).await?;
+            self.call(req).await?;
         }
         let agent = spec.guest_health.probe == crate::config::GuestProbe::Agent;
         let vsock = (spec.vsock_cid.is_some() || agent).then_some(paths.vsock.as_str());
-        self.send(
-            ep,
-            Method::PUT,
+        self.send(Method::PUT,
             "/snapshot/load",
             load_body(&dir, self.cfg.diff_snapshots, vsock),
         )
         .await
         .map(|_| ())
+    }
+}
+
+#[async_trait]
+impl VmmDriver for FirecrackerDriver {
+    fn version(&self) -> String {
+        super::binary_version(&self.version, &self.cfg.binary)
+    }
+
+    fn kind(&self) -> &'static str {
+        "firecracker"
+    }
+
+    async fn spawn(&self, req: &SpawnRequest<'_>) -> Result<Vmm, DriverError> {
+        if self.cfg.jailer.enabled {
+            return self.spawn_jailed(req).await;
+        }
+        let sock = req.run_dir.join(API_SOCKET);
+        // Firecracker refuses to start if its socket path exists.
+        let _ = std::fs::remove_file(&sock);
+        for f in [VMM_LOG, METRICS_FILE] {
+            // Firecracker opens these, it does not create them.
+            let p = req.run_dir.join(f);
+            let _ = std::fs::rename(&p, req.run_dir.join(format!("{f}.prev")));
+            std::fs::File::create(&p)
+                .map_err(|e| DriverError::Io(format!("creating {}", p.display()), e))?;
+        }
+        let mut cmd = Command::new(&self.cfg.binary);
+        cmd.arg("--api-sock")
+            .arg(super::socket_arg(req.run_dir, API_SOCKET))
+            .arg("--id")
+            .arg(req.vm_id.as_str())
+            .current_dir(req.run_dir);
+        // The console log is recreated per VMM, like QEMU's, so a guest's output is its own.
+        let console = req.run_dir.join(CONSOLE_LOG);
+        let _ = std::fs::remove_file(&console);
+        let sp = spawn_detached(cmd, &console)
+            .map_err(|e| DriverError::Spawn(format!("{}: {e}", self.cfg.binary.display())))?;
+        let endpoint = VmmEndpoint {
+            pid: sp.pid,
+            start_time: sp.start_time,
+            control_socket: sock,
+            console_log: console.clone(),
+        };
+        let vmm = self.adopt(endpoint, sp.pidfd, req.run_dir);
+        super::wait_ready(vmm, &console, self.cfg.spawn_timeout).await
+    }
+
+    fn adopt(&self, endpoint: VmmEndpoint, pidfd: Pidfd, run_dir: &Path) -> Vmm {
+        let control = FcVmm {
+            cfg: self.cfg.clone(),
+            api: uds_http::Kept::new(&endpoint.control_socket),
+        };
+        Vmm::new(endpoint, pidfd, run_dir, std::sync::Arc::new(control))
     }
 
     fn owns_cmdline(&self, vm_id: &VmId, cmdline: &[String]) -> bool {

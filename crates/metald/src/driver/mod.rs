@@ -1,9 +1,12 @@
 //! VMM drivers behind one trait.
 //!
 //! A driver knows how to start one kind of VMM and talk to its control API; nothing above this
-//! module knows which VMM a VM runs on. The controller calls `spawn` and `configure` at create,
-//! `boot`, `pause`, `resume` and `shutdown` on user operations, `ping` for health, and `kill` when
-//! a VMM must go now. Exit is observed through the pidfd in [`VmmProcess`], never by polling.
+//! module knows which VMM a VM runs on. Two traits: [`VmmDriver`] is host-wide (start a VMM,
+//! recognise one, clean up after one), and [`VmmControl`] is one VMM's control API, made by its
+//! driver for that process. [`VmmDriver::spawn`] (and `adopt`, at re-attach) return a [`Vmm`]
+//! handle that owns the process's endpoint, pidfd, run directory and control connection; the
+//! controller drives the VMM only through it (`configure`, `boot`, `pause`, `resume`, `shutdown`,
+//! `ping`, `kill`). Exit is observed through the handle's pidfd, never by polling.
 
 pub use crate::config::SUN_PATH_MAX;
 // The plumbing both drivers share, written once (common.rs).
@@ -132,13 +135,84 @@ pub struct SpawnRequest<'a> {
     pub restore: Option<&'a Path>,
 }
 
-/// A live VMM process: where to reach it, and a pidfd to watch and signal it.
-#[derive(Debug)]
-pub struct VmmProcess {
-    /// How to reach it.
-    pub endpoint: VmmEndpoint,
-    /// Its pidfd.
-    pub pidfd: Pidfd,
+/// A running VMM, as [`VmmDriver::spawn`] or [`VmmDriver::adopt`] returns it: the one handle
+/// that owns everything of that process: where it is reached, its pidfd (to watch and signal
+/// it), its run directory, and its control connection ([`VmmControl`], kept open between
+/// commands). Dropping it closes the connection; the process itself outlives it on purpose (a
+/// VMM outlives metald).
+pub struct Vmm {
+    endpoint: VmmEndpoint,
+    pidfd: Pidfd,
+    run_dir: PathBuf,
+    control: std::sync::Arc<dyn VmmControl>,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("endpoint", &self.endpoint)
+            .field("run_dir", &self.run_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vmm {
+    /// A handle over a started (or found) process and the control API a driver made for it.
+    pub fn new(
+        endpoint: VmmEndpoint,
+        pidfd: Pidfd,
+        run_dir: &Path,
+        control: std::sync::Arc<dyn VmmControl>,
+    ) -> Vmm {
+        Vmm {
+            endpoint,
+            pidfd,
+            run_dir: run_dir.to_path_buf(),
+            control,
+        }
+    }
+
+    /// Where it is reached (pid, start time, control socket, console), as the registry records it.
+    pub fn endpoint(&self) -> &VmmEndpoint {
+        &self.endpoint
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> i32 {
+        self.endpoint.pid
+    }
+
+    /// Its pidfd: its exit, its reaping, signals that cannot hit a reused pid.
+    pub fn pidfd(&self) -> &Pidfd {
+        &self.pidfd
+    }
+
+    /// The VM's run directory it was started in.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// Its control API, for work that outlives a borrow of the handle (a command awaited while
+    /// its owner changes, the guest agent's task).
+    pub fn control(&self) -> std::sync::Arc<dyn VmmControl> {
+        self.control.clone()
+    }
+
+    /// Kills it with SIGKILL through its pidfd, which cannot hit a reused pid.
+    pub fn kill(&self) -> Result<(), DriverError> {
+        self.pidfd
+            .signal(libc::SIGKILL)
+            .map_err(|e| DriverError::Io(format!("SIGKILL pid {}", self.endpoint.pid), e))
+    }
+}
+
+impl std::ops::Deref for Vmm {
+    type Target = dyn VmmControl;
+
+    /// A handle is used as its control API: `vmm.ping()`, `vmm.pause()`.
+    fn deref(&self) -> &Self::Target {
+        &*self.control
+    }
 }
 
 /// What a VMM reports about its guest on `ping`. Every run state a VMM can report maps to one of
@@ -259,67 +333,70 @@ impl std::fmt::Display for ExitCause {
     }
 }
 
-/// One kind of VMM.
+/// One running VMM's control API, made by its driver for that process alone, holding its
+/// control connection (QEMU's QMP session, Firecracker's kept HTTP connection) between commands.
+/// Reached through the [`Vmm`] handle that owns it.
+#[async_trait]
+pub trait VmmControl: Send + Sync + 'static {
+    /// Applies the VM's config through the control API. A no-op where the command line carries it.
+    async fn configure(&self, spec: &VmSpec) -> Result<(), DriverError>;
+
+    /// Starts the guest.
+    async fn boot(&self) -> Result<(), DriverError>;
+
+    /// Pauses the vCPUs.
+    async fn pause(&self) -> Result<(), DriverError>;
+
+    /// Resumes the vCPUs.
+    async fn resume(&self) -> Result<(), DriverError>;
+
+    /// Asks the guest to power off (ACPI power button or Ctrl-Alt-Del). Returns once the request
+    /// was delivered; the caller waits on the pidfd for the exit.
+    async fn shutdown(&self) -> Result<(), DriverError>;
+
+    /// Asks the VMM to exit now without the guest's cooperation. The caller escalates to
+    /// [`Vmm::kill`] if it does not.
+    async fn quit(&self) -> Result<(), DriverError>;
+
+    /// Checks that the VMM's API answers, and reports the guest's run state.
+    async fn ping(&self) -> Result<GuestRun, DriverError>;
+
+    /// Opens the held control connection to the VMM, through which every later command to it
+    /// goes, and returns its events, which end when the connection does. `None` for a VMM whose
+    /// control API sends no events (Firecracker): its exit and pings tell everything.
+    async fn watch(&self) -> Result<Option<tokio::sync::mpsc::Receiver<VmmEvent>>, DriverError> {
+        Ok(None)
+    }
+
+    /// Connects to the guest agent's channel (QEMU guest agent protocol). The stream is the
+    /// agent's byte stream: what the driver needed to reach it (a handshake) is done.
+    async fn agent_connect(&self) -> Result<AgentStream, DriverError>;
+
+    /// Writes a complete snapshot of the paused VM into the directory `dest`. With `diff`, the
+    /// VMM writes only the memory dirtied since the snapshot in `base` (the last one of this
+    /// VMM), and the driver merges it onto a copy of that base, so that what `dest` holds can
+    /// be restored alone.
+    async fn snapshot(&self, dest: &Path, diff: Option<&Path>) -> Result<(), DriverError>;
+
+    /// Loads a snapshot written by [`VmmControl::snapshot`] into a VMM spawned with
+    /// `SpawnRequest::restore`; the guest stays paused until `boot`.
+    async fn restore(&self, spec: &VmSpec, src: &Path) -> Result<(), DriverError>;
+}
+
+/// One kind of VMM, host-wide: starts its processes, recognises them, and cleans up after
+/// them. Each process it starts or adopts is driven through its own [`Vmm`] handle.
 #[async_trait]
 pub trait VmmDriver: Send + Sync + 'static {
     /// Short name (`qemu`, `firecracker`), shown as the VM's vmm.kind.
     fn kind(&self) -> &'static str;
 
-    /// Starts the VMM process (guest not booted) and waits, bounded, for its control socket.
-    async fn spawn(&self, req: &SpawnRequest<'_>) -> Result<VmmProcess, DriverError>;
+    /// Starts the VMM process (guest not booted) and waits, bounded, for its control API to
+    /// answer.
+    async fn spawn(&self, req: &SpawnRequest<'_>) -> Result<Vmm, DriverError>;
 
-    /// Applies the VM's config through the control API. A no-op where the command line carries it.
-    async fn configure(&self, ep: &VmmEndpoint, spec: &VmSpec) -> Result<(), DriverError>;
-
-    /// Starts the guest.
-    async fn boot(&self, ep: &VmmEndpoint) -> Result<(), DriverError>;
-
-    /// Pauses the vCPUs.
-    async fn pause(&self, ep: &VmmEndpoint) -> Result<(), DriverError>;
-
-    /// Resumes the vCPUs.
-    async fn resume(&self, ep: &VmmEndpoint) -> Result<(), DriverError>;
-
-    /// Asks the guest to power off (ACPI power button or Ctrl-Alt-Del). Returns once the request
-    /// was delivered; the caller waits on the pidfd for the exit.
-    async fn shutdown(&self, ep: &VmmEndpoint) -> Result<(), DriverError>;
-
-    /// Asks the VMM to exit now without the guest's cooperation. The caller escalates to
-    /// [`VmmDriver::kill`] if it does not.
-    async fn quit(&self, ep: &VmmEndpoint) -> Result<(), DriverError>;
-
-    /// Checks that the VMM's API answers, and reports the guest's run state.
-    async fn ping(&self, ep: &VmmEndpoint) -> Result<GuestRun, DriverError>;
-
-    /// Opens the held control connection to a VMM, through which every later command to it goes,
-    /// and returns its events, which end when the connection does. `None` for a VMM whose
-    /// control API sends no events (Firecracker): its exit and pings tell everything.
-    async fn watch(
-        &self,
-        _ep: &VmmEndpoint,
-    ) -> Result<Option<tokio::sync::mpsc::Receiver<VmmEvent>>, DriverError> {
-        Ok(None)
-    }
-
-    /// Connects to the guest agent's channel (QEMU guest agent protocol) of a VM. The stream is
-    /// the agent's byte stream: what the driver needed to reach it (a handshake) is done.
-    async fn agent_connect(&self, ep: &VmmEndpoint) -> Result<AgentStream, DriverError>;
-
-    /// Writes a complete snapshot of a paused VM into the directory `dest`. With `diff`, the VMM
-    /// writes only the memory dirtied since the snapshot in `base` (the last one of this VMM),
-    /// and the driver merges it onto a copy of that base, so that what `dest` holds can be
-    /// restored alone.
-    async fn snapshot(
-        &self,
-        ep: &VmmEndpoint,
-        dest: &Path,
-        diff: Option<&Path>,
-    ) -> Result<(), DriverError>;
-
-    /// Loads a snapshot written by [`VmmDriver::snapshot`] into a VMM spawned with
-    /// `SpawnRequest::restore`; the guest stays paused until `boot`.
-    async fn restore(&self, ep: &VmmEndpoint, spec: &VmSpec, src: &Path)
-    -> Result<(), DriverError>;
+    /// A handle for a VMM found running at re-attach (its process already verified as this
+    /// VM's by the caller: pid, start time, command line). Connects nothing yet.
+    fn adopt(&self, endpoint: VmmEndpoint, pidfd: Pidfd, run_dir: &Path) -> Vmm;
 
     /// Checks, at CreateVm, that a VM's config can run on this driver (a kernel in the format
     /// the VMM boots, files the VMM's user may open).
@@ -378,19 +455,11 @@ pub trait VmmDriver: Send + Sync + 'static {
 
     /// Tells a guest power-off from a crash or an external kill, from the exit status, the last
     /// shutdown reason the VMM reported (when it was watched), and whatever it left in its run
-    /// directory.
+    /// directory. Asked once the process is gone, so it is the driver's, not the handle's.
     fn exit_cause(
         &self,
         run_dir: &Path,
         status: ExitInfo,
         reported: Option<&ShutdownReason>,
     ) -> ExitCause;
-
-    /// Kills the VMM with SIGKILL through its pidfd, which cannot hit a reused pid.
-    fn kill(&self, proc_: &VmmProcess) -> Result<(), DriverError> {
-        proc_
-            .pidfd
-            .signal(libc::SIGKILL)
-            .map_err(|e| DriverError::Io(format!("SIGKILL pid {}", proc_.endpoint.pid), e))
-    }
 }

@@ -13,12 +13,12 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 
 use super::{
-    AgentStream, DriverError, ExitCause, GuestRun, ShutdownReason, SpawnRequest, VmmDriver,
-    VmmEndpoint, VmmEvent, VmmProcess, cause_from_report, log_tail as tail, qmp,
+    AgentStream, DriverError, ExitCause, GuestRun, ShutdownReason, SpawnRequest, Vmm, VmmControl,
+    VmmDriver, VmmEndpoint, VmmEvent, cause_from_report, log_tail as tail, qmp,
 };
 use crate::config::{Accel, QemuConfig};
 use crate::model::{VmId, VmSpec};
-use crate::process::{ExitInfo, spawn_detached};
+use crate::process::{ExitInfo, Pidfd, spawn_detached};
 
 /// The marker in every QEMU command line metald starts: `-name metald.<vm_id>`. It is how
 /// re-attach recognises a VM's process and how strays are found.
@@ -58,9 +58,6 @@ fn shell_quote(p: &Path) -> Result<String, DriverError> {
 pub struct QemuDriver {
     cfg: QemuConfig,
     accel: Accel,
-    /// The held QMP session of each watched VMM, by control socket. While a VMM's session is
-    /// open every command to it goes through it (QEMU serves one QMP client at a time).
-    sessions: std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, qmp::Session>>,
     version: std::sync::OnceLock<String>,
 }
 
@@ -70,14 +67,8 @@ impl QemuDriver {
         QemuDriver {
             cfg,
             accel,
-            sessions: Default::default(),
             version: Default::default(),
         }
-    }
-
-    fn session(&self, sock: &Path) -> Option<qmp::Session> {
-        let map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(sock).filter(|s| !s.is_closed()).cloned()
     }
 
     /// The QEMU command line for a VM (without the binary).
@@ -201,11 +192,23 @@ impl QemuDriver {
         args
     }
 
+}
+
+/// One QEMU's control API: QMP on its socket, through the held session while it is open.
+#[derive(Debug)]
+struct QemuVmm {
+    sock: std::path::PathBuf,
+    timeout: Duration,
+    /// The held QMP session, once watched. While it is open every command goes through it.
+    session: std::sync::Mutex<Option<qmp::Session>>,
+}
+
+impl QemuVmm {
     /// Waits, bounded, for a migration (either direction) to complete.
-    async fn wait_migration(&self, ep: &VmmEndpoint) -> Result<(), DriverError> {
+    async fn wait_migration(&self) -> Result<(), DriverError> {
         let deadline = Instant::now() + MIGRATION_TIMEOUT;
         loop {
-            let v = self.qmp(ep, "query-migrate", None).await?;
+            let v = self.qmp("query-migrate", None).await?;
             match v.get("status").and_then(Value::as_str).unwrap_or("") {
                 "completed" => return Ok(()),
                 "failed" | "cancelled" => {
@@ -232,20 +235,100 @@ impl QemuDriver {
         }
     }
 
-    fn qmp_timeout(&self) -> Duration {
-        self.cfg.qmp_timeout
+    /// The held session, while it is open.
+    fn session(&self) -> Option<qmp::Session> {
+        let held = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        held.as_ref().filter(|s| !s.is_closed()).cloned()
     }
 
-    async fn qmp(
-        &self,
-        ep: &VmmEndpoint,
-        cmd: &str,
-        args: Option<Value>,
-    ) -> Result<Value, DriverError> {
-        match self.session(&ep.control_socket) {
-            Some(s) => s.execute(cmd, args, self.qmp_timeout()).await,
-            None => qmp::execute(&ep.control_socket, cmd, args, self.qmp_timeout()).await,
+    /// Runs one QMP command: on the held session while there is one (QEMU serves one QMP
+    /// client at a time), else on a connection of its own.
+    async fn qmp(&self, cmd: &str, args: Option<Value>) -> Result<Value, DriverError> {
+        match self.session() {
+            Some(s) => s.execute(cmd, args, self.timeout).await,
+            None => qmp::execute(&self.sock, cmd, args, self.timeout).await,
         }
+    }
+}
+
+#[async_trait]
+impl VmmControl for QemuVmm {
+    async fn configure(&self, _spec: &VmSpec) -> Result<(), DriverError> {
+        // QEMU takes its whole config on the command line.
+        Ok(())
+    }
+
+    async fn boot(&self) -> Result<(), DriverError> {
+        self.qmp("cont", None).await.map(|_| ())
+    }
+
+    async fn pause(&self) -> Result<(), DriverError> {
+        self.qmp("stop", None).await.map(|_| ())
+    }
+
+    async fn resume(&self) -> Result<(), DriverError> {
+        self.qmp("cont", None).await.map(|_| ())
+    }
+
+    async fn shutdown(&self) -> Result<(), DriverError> {
+        self.qmp("system_powerdown", None).await.map(|_| ())
+    }
+
+    async fn quit(&self) -> Result<(), DriverError> {
+        match self.qmp("quit", None).await {
+            Ok(_) => Ok(()),
+            // QEMU may close the socket before its reply reaches us.
+            Err(DriverError::Closed | DriverError::Io(..)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn ping(&self) -> Result<GuestRun, DriverError> {
+        let v = self.qmp("query-status", None).await?;
+        let status = v.get("status").and_then(Value::as_str).unwrap_or("");
+        run_state(status)
+    }
+
+    async fn watch(&self) -> Result<Option<tokio::sync::mpsc::Receiver<VmmEvent>>, DriverError> {
+        let (session, mut raw) = qmp::Session::connect(&self.sock, self.timeout).await?;
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            while let Some(ev) = raw.recv().await {
+                if let Some(ev) = translate(&ev)
+                    && tx.send(ev).await.is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Ok(Some(rx))
+    }
+
+    async fn agent_connect(&self) -> Result<AgentStream, DriverError> {
+        let dir = self.sock.parent().unwrap_or(Path::new("/"));
+        let path = dir.join(AGENT_SOCKET);
+        super::connect_unix(&path)
+            .await
+            .map_err(|e| DriverError::connect(&path, &e))
+    }
+
+    async fn snapshot(&self, dest: &Path, diff: Option<&Path>) -> Result<(), DriverError> {
+        if diff.is_some() {
+            return Err(DriverError::Unsupported("a diff snapshot", "qemu"));
+        }
+        // QEMU's snapshot is its migration stream, written to a file (this QEMU has no file:
+        // migration URI, so through `exec:`). The guest is paused, so the stream is final.
+        let uri = format!("exec:cat > {}", shell_quote(&dest.join(MIGRATION_FILE))?);
+        self.qmp("migrate", Some(json!({ "uri": uri }))).await?;
+        self.wait_migration().await
+    }
+
+    async fn restore(&self, _spec: &VmSpec, src: &Path) -> Result<(), DriverError> {
+        let uri = format!("exec:cat {}", shell_quote(&src.join(MIGRATION_FILE))?);
+        self.qmp("migrate-incoming", Some(json!({ "uri": uri })))
+            .await?;
+        self.wait_migration().await
     }
 }
 
@@ -259,7 +342,7 @@ impl VmmDriver for QemuDriver {
         "qemu"
     }
 
-    async fn spawn(&self, req: &SpawnRequest<'_>) -> Result<VmmProcess, DriverError> {
+    async fn spawn(&self, req: &SpawnRequest<'_>) -> Result<Vmm, DriverError> {
         let sock = req.run_dir.join(QMP_SOCKET);
         // A socket left by an earlier process would make the readiness check below pass early.
         let _ = std::fs::remove_file(&sock);
@@ -282,116 +365,18 @@ impl VmmDriver for QemuDriver {
             control_socket: sock.clone(),
             console_log: req.run_dir.join(CONSOLE_LOG),
         };
-        let proc_ = VmmProcess {
-            endpoint,
-            pidfd: sp.pidfd,
-        };
-
+        let vmm = self.adopt(endpoint, sp.pidfd, req.run_dir);
         // QMP answering is QEMU ready; an early exit reports QEMU's own error message.
-        super::wait_ready(
-            proc_,
-            &req.run_dir.join(VMM_LOG),
-            self.cfg.spawn_timeout,
-            |ep| async move { self.qmp(&ep, "query-status", None).await.map(|_| ()) },
-        )
-        .await
+        super::wait_ready(vmm, &req.run_dir.join(VMM_LOG), self.cfg.spawn_timeout).await
     }
 
-    async fn configure(&self, _ep: &VmmEndpoint, _spec: &VmSpec) -> Result<(), DriverError> {
-        // QEMU takes its whole config on the command line.
-        Ok(())
-    }
-
-    async fn boot(&self, ep: &VmmEndpoint) -> Result<(), DriverError> {
-        self.qmp(ep, "cont", None).await.map(|_| ())
-    }
-
-    async fn pause(&self, ep: &VmmEndpoint) -> Result<(), DriverError> {
-        self.qmp(ep, "stop", None).await.map(|_| ())
-    }
-
-    async fn resume(&self, ep: &VmmEndpoint) -> Result<(), DriverError> {
-        self.qmp(ep, "cont", None).await.map(|_| ())
-    }
-
-    async fn shutdown(&self, ep: &VmmEndpoint) -> Result<(), DriverError> {
-        self.qmp(ep, "system_powerdown", None).await.map(|_| ())
-    }
-
-    async fn quit(&self, ep: &VmmEndpoint) -> Result<(), DriverError> {
-        match self.qmp(ep, "quit", None).await {
-            Ok(_) => Ok(()),
-            // QEMU may close the socket before its reply reaches us.
-            Err(DriverError::Closed | DriverError::Io(..)) => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-
-    async fn ping(&self, ep: &VmmEndpoint) -> Result<GuestRun, DriverError> {
-        let v = self.qmp(ep, "query-status", None).await?;
-        let status = v.get("status").and_then(Value::as_str).unwrap_or("");
-        run_state(status)
-    }
-
-    async fn watch(
-        &self,
-        ep: &VmmEndpoint,
-    ) -> Result<Option<tokio::sync::mpsc::Receiver<VmmEvent>>, DriverError> {
-        let (session, mut raw) =
-            qmp::Session::connect(&ep.control_socket, self.qmp_timeout()).await?;
-        {
-            let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-            // Sessions of VMMs that are gone close by themselves; forget them here.
-            map.retain(|_, s| !s.is_closed());
-            map.insert(ep.control_socket.clone(), session);
-        }
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(async move {
-            while let Some(ev) = raw.recv().await {
-                if let Some(ev) = translate(&ev)
-                    && tx.send(ev).await.is_err()
-                {
-                    break;
-                }
-            }
-        });
-        Ok(Some(rx))
-    }
-
-    async fn agent_connect(&self, ep: &VmmEndpoint) -> Result<AgentStream, DriverError> {
-        let dir = ep.control_socket.parent().unwrap_or(Path::new("/"));
-        let path = dir.join(AGENT_SOCKET);
-        super::connect_unix(&path)
-            .await
-            .map_err(|e| DriverError::connect(&path, &e))
-    }
-
-    async fn snapshot(
-        &self,
-        ep: &VmmEndpoint,
-        dest: &Path,
-        diff: Option<&Path>,
-    ) -> Result<(), DriverError> {
-        if diff.is_some() {
-            return Err(DriverError::Unsupported("a diff snapshot", "qemu"));
-        }
-        // QEMU's snapshot is its migration stream, written to a file (this QEMU has no file:
-        // migration URI, so through `exec:`). The guest is paused, so the stream is final.
-        let uri = format!("exec:cat > {}", shell_quote(&dest.join(MIGRATION_FILE))?);
-        self.qmp(ep, "migrate", Some(json!({ "uri": uri }))).await?;
-        self.wait_migration(ep).await
-    }
-
-    async fn restore(
-        &self,
-        ep: &VmmEndpoint,
-        _spec: &VmSpec,
-        src: &Path,
-    ) -> Result<(), DriverError> {
-        let uri = format!("exec:cat {}", shell_quote(&src.join(MIGRATION_FILE))?);
-        self.qmp(ep, "migrate-incoming", Some(json!({ "uri": uri })))
-            .await?;
-        self.wait_migration(ep).await
+    fn adopt(&self, endpoint: VmmEndpoint, pidfd: Pidfd, run_dir: &Path) -> Vmm {
+        let control = QemuVmm {
+            sock: endpoint.control_socket.clone(),
+            timeout: self.cfg.qmp_timeout,
+            session: std::sync::Mutex::new(None),
+        };
+        Vmm::new(endpoint, pidfd, run_dir, std::sync::Arc::new(control))
     }
 
     fn owns_cmdline(&self, vm_id: &VmId, cmdline: &[String]) -> bool {

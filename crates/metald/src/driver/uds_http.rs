@@ -1,6 +1,6 @@
 //! A minimal HTTP/1.1 client over a unix socket, for VMMs whose control API is REST
-//! (Firecracker): one-shot requests ([`call`]), and a [`Pool`] that keeps one idle connection
-//! per socket alive between requests. The kept connection is what lets metald keep driving a VMM
+//! (Firecracker): one-shot requests ([`call`]), and [`Kept`], one VMM's connection kept alive
+//! between requests (its handle owns it). The kept connection is what lets metald keep driving a VMM
 //! whose socket file was deleted, and it saves a connect per health check. A connection the VMM
 //! closed (it exited, or a request on it timed out) is dropped and the next request connects anew.
 //!
@@ -99,56 +99,45 @@ impl Conn {
     }
 }
 
-/// Kept-alive connections, one idle connection per socket.
-#[derive(Debug, Default)]
-pub struct Pool {
-    idle: std::sync::Mutex<Idle>,
+/// One VMM's kept-alive connection: the idle connection to its socket between requests. A VMM's
+/// handle owns one, so that its health checks and commands reuse one connection, and a VMM that
+/// is gone takes its connection with it.
+#[derive(Debug)]
+pub struct Kept {
+    sock: std::path::PathBuf,
+    idle: std::sync::Mutex<Option<Conn>>,
 }
 
-/// The kept connections, and the size at which closed ones are next swept out.
-#[derive(Debug, Default)]
-struct Idle {
-    map: std::collections::HashMap<std::path::PathBuf, Conn>,
-    sweep_at: usize,
-}
-
-impl Idle {
-    /// Keeps `sender` for `sock`. Connections of VMMs that went away close by themselves and
-    /// are swept out here, when the map has doubled since the last sweep: a sweep per request
-    /// would cost every health check a walk over every VM's connection (quadratic in VMs).
-    fn keep(&mut self, sock: &Path, conn: Conn) {
-        self.map.insert(sock.to_path_buf(), conn);
-        if self.map.len() >= self.sweep_at {
-            self.map.retain(|_, c| !c.sender.is_closed());
-            self.sweep_at = (self.map.len() * 2).max(64);
+impl Kept {
+    /// No connection yet to `sock`; the first request opens one.
+    pub fn new(sock: &Path) -> Kept {
+        Kept {
+            sock: sock.to_path_buf(),
+            idle: std::sync::Mutex::new(None),
         }
     }
-}
 
-impl Pool {
-    /// Drops the kept connection to `sock` (a new VMM is about to listen there).
-    pub fn forget(&self, sock: &Path) {
-        self.idle().map.remove(sock);
+    /// The socket it connects to.
+    pub fn sock(&self) -> &Path {
+        &self.sock
     }
 
-    /// Like [`call`], on the socket's kept connection when there is a usable one.
+    /// Like [`call`], on the kept connection when there is a usable one.
     pub async fn call(
         &self,
-        sock: &Path,
         method: Method,
         path: &str,
         body: Option<&Value>,
         timeout: Duration,
     ) -> Result<(StatusCode, Value), DriverError> {
-        let (status, bytes) = self.call_raw(sock, method, path, body, timeout).await?;
+        let (status, bytes) = self.call_raw(method, path, body, timeout).await?;
         Ok((status, json(&bytes)?))
     }
 
-    /// Like [`Pool::call`], with the answer's body as it came, for a caller that reads only
+    /// Like [`Kept::call`], with the answer's body as it came, for a caller that reads only
     /// part of it (a health check wants one field of it, once a second).
     pub async fn call_raw(
         &self,
-        sock: &Path,
         method: Method,
         path: &str,
         body: Option<&Value>,
@@ -156,7 +145,9 @@ impl Pool {
     ) -> Result<(StatusCode, Bytes), DriverError> {
         // Named only if it times out: this runs at every health check.
         let what = || format!("{method} {path}");
-        let kept = self.idle().map.remove(sock);
+        // Taken out for the request: a second request meanwhile (the owner is one actor, so
+        // rarely) opens a connection of its own.
+        let kept = self.slot().take();
         let work = async {
             // A kept connection the VMM closed a moment ago is found closed before anything is
             // sent; a fresh one is then safe to use for the same request.
@@ -166,13 +157,13 @@ impl Pool {
             };
             let mut conn = match usable {
                 Some(c) => c,
-                None => Conn::open(sock).await?,
+                None => Conn::open(&self.sock).await?,
             };
             let r = conn.exchange(method.clone(), path, body).await;
             // Kept even if the VMM closes it right after this answer: the next request finds it
             // closed before sending anything.
             if r.is_ok() {
-                self.idle().keep(sock, conn);
+                *self.slot() = Some(conn);
             }
             r
         };
@@ -181,8 +172,8 @@ impl Pool {
         bounded(what, timeout, work).await
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Idle> {
-        // The map holds only connections; a panic elsewhere cannot leave it inconsistent.
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Conn>> {
+        // It holds only a connection; a panic elsewhere cannot leave it inconsistent.
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
