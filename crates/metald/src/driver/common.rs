@@ -157,6 +157,20 @@ pub(crate) fn cause_from_report(
     }
 }
 
+/// Starts a VMM's file afresh, the same way for every driver, so that what a VMM's exit left is
+/// its own: the console log is removed (a guest's output belongs to its run), any other log
+/// (the VMM's own, its metrics) keeps its previous run beside it as `<name>.prev` for
+/// post-mortems.
+pub(crate) fn rotate_log(p: &Path) {
+    if p.file_name().is_some_and(|n| n == CONSOLE_LOG) {
+        let _ = std::fs::remove_file(p);
+    } else {
+        let mut prev = p.as_os_str().to_owned();
+        prev.push(".prev");
+        let _ = std::fs::rename(p, prev);
+    }
+}
+
 /// Waits, bounded by `timeout`, for a VMM just started to answer on its control socket: a
 /// `ping` (QMP `query-status`, Firecracker's `GET /`) once the socket file exists. A VMM that
 /// exits first fails fast with its exit status and the end of its `log` (its own error message:

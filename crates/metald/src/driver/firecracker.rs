@@ -61,18 +61,6 @@ struct Jail {
     exec_name: String,
 }
 
-/// Starts a fresh file for a new VMM: the console log is the VMM's own, the VMM's log and
-/// metrics keep their previous run as `.prev`.
-fn rotate(p: &Path) {
-    if p.file_name().is_some_and(|n| n == CONSOLE_LOG) {
-        let _ = std::fs::remove_file(p);
-    } else {
-        let mut prev = p.as_os_str().to_owned();
-        prev.push(".prev");
-        let _ = std::fs::rename(p, prev);
-    }
-}
-
 fn same_file(a: &Path, b: &Path) -> bool {
     match (std::fs::metadata(a), std::fs::metadata(b)) {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
@@ -574,7 +562,7 @@ fn furnish_jail(
     }
     for name in [VMM_LOG, METRICS_FILE, CONSOLE_LOG] {
         let kept = run_dir.join(name);
-        rotate(&kept);
+        super::rotate_log(&kept);
         std::fs::File::create(&kept).map_err(io(format!("creating {}", kept.display())))?;
         chown(&kept, j.uid, j.gid)?;
         let dst = jail.root.join(name);
@@ -1001,7 +989,7 @@ impl VmmDriver for FirecrackerDriver {
         for f in [VMM_LOG, METRICS_FILE] {
             // Firecracker opens these, it does not create them.
             let p = req.run_dir.join(f);
-            let _ = std::fs::rename(&p, req.run_dir.join(format!("{f}.prev")));
+            super::rotate_log(&p);
             std::fs::File::create(&p)
                 .map_err(|e| DriverError::Io(format!("creating {}", p.display()), e))?;
         }
@@ -1013,7 +1001,7 @@ impl VmmDriver for FirecrackerDriver {
             .current_dir(req.run_dir);
         // The console log is recreated per VMM, like QEMU's, so a guest's output is its own.
         let console = req.run_dir.join(CONSOLE_LOG);
-        let _ = std::fs::remove_file(&console);
+        super::rotate_log(&console);
         let sp = spawn_detached(cmd, &console)
             .map_err(|e| DriverError::Spawn(format!("{}: {e}", self.cfg.binary.display())))?;
         let endpoint = VmmEndpoint {

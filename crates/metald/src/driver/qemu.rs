@@ -349,7 +349,8 @@ impl VmmDriver for QemuDriver {
         // Each VMM gets a fresh log, so what its exit left there is its own; the previous one is
         // kept beside it for post-mortems.
         let log = req.run_dir.join(VMM_LOG);
-        let _ = std::fs::rename(&log, req.run_dir.join(format!("{VMM_LOG}.prev")));
+        super::rotate_log(&log);
+        super::rotate_log(&req.run_dir.join(CONSOLE_LOG));
         let mut cmd = Command::new(&self.cfg.binary);
         cmd.args(self.args(req.vm_id, req.spec, req.run_dir));
         if req.restore.is_some() {
