@@ -15,11 +15,7 @@ impl Controller {
         self.reported_shutdown = None;
         self.socket_missing = false;
         self.watch_vmm().await;
-        let (agent, probes) = AgentHandle::start(
-            ctl,
-            self.rec.spec.guest_health,
-            self.probed(),
-        );
+        let (agent, probes) = AgentHandle::start(ctl, self.rec.spec.guest_health, self.probed());
         self.agent = Some(agent);
         self.probes = Some(probes);
     }

@@ -168,7 +168,9 @@ impl VmmControl for FakeControl {
                 p.forget();
             }
         }
-        let vm = lock(&self.fake.vmms).get(&self.ep.pid).map(|v| v.vm.clone());
+        let vm = lock(&self.fake.vmms)
+            .get(&self.ep.pid)
+            .map(|v| v.vm.clone());
         if let Some(vm) = vm {
             *lock(&self.fake.seen).boots.entry(vm).or_default() += 1;
         }
@@ -213,19 +215,11 @@ impl VmmControl for FakeControl {
         Err(DriverError::Unsupported("guest agent", "fake"))
     }
 
-    async fn snapshot(
-        &self,
-        _dest: &Path,
-        _diff: Option<&Path>,
-    ) -> Result<(), DriverError> {
+    async fn snapshot(&self, _dest: &Path, _diff: Option<&Path>) -> Result<(), DriverError> {
         Err(DriverError::Unsupported("snapshots", "fake"))
     }
 
-    async fn restore(
-        &self,
-        _spec: &VmSpec,
-        _src: &Path,
-    ) -> Result<(), DriverError> {
+    async fn restore(&self, _spec: &VmSpec, _src: &Path) -> Result<(), DriverError> {
         Err(DriverError::Unsupported("snapshots", "fake"))
     }
 }

@@ -376,11 +376,7 @@ impl FirecrackerDriver {
     /// The jailer's sequence as it really runs with `--daemonize`: the jailer exits right after
     /// its first fork; its grandchild writes `<exec name>.pid` in the jail and only then execs
     /// firecracker. Each step is waited for, bounded by `spawn_timeout` in all.
-    async fn start_in_jail(
-        &self,
-        req: &SpawnRequest<'_>,
-        jail: &Jail,
-    ) -> Result<Vmm, DriverError> {
+    async fn start_in_jail(&self, req: &SpawnRequest<'_>, jail: &Jail) -> Result<Vmm, DriverError> {
         let j = &self.cfg.jailer;
         let deadline = Instant::now() + self.cfg.spawn_timeout;
         let timeout = |what: &str| DriverError::Timeout {
@@ -511,7 +507,6 @@ impl FirecrackerDriver {
         let vmm = self.adopt(endpoint, pidfd, req.run_dir);
         super::wait_ready(vmm, &req.run_dir.join(VMM_LOG), self.cfg.spawn_timeout).await
     }
-
 }
 
 /// Puts the VM's files into the jail under the names [`FcPaths::jailed`] gives them, without
@@ -758,8 +753,8 @@ impl FcVmm {
 
     async fn send(&self, method: Method, path: &str, body: Value) -> Result<Value, DriverError> {
         self.call(&ApiRequest {
-                method,
-                path: path.into(),
+            method,
+            path: path.into(),
             body,
         })
         .await
@@ -782,7 +777,8 @@ impl VmmControl for FcVmm {
         if self.ping().await? == GuestRun::Paused {
             return self.resume().await;
         }
-        self.send(Method::PUT,
+        self.send(
+            Method::PUT,
             "/actions",
             json!({"action_type": "InstanceStart"}),
         )
@@ -803,7 +799,8 @@ impl VmmControl for FcVmm {
     }
 
     async fn shutdown(&self) -> Result<(), DriverError> {
-        self.send(Method::PUT,
+        self.send(
+            Method::PUT,
             "/actions",
             json!({"action_type": "SendCtrlAltDel"}),
         )
@@ -960,7 +957,8 @@ impl VmmControl for FcVmm {
         }
         let agent = spec.guest_health.probe == crate::config::GuestProbe::Agent;
         let vsock = (spec.vsock_cid.is_some() || agent).then_some(paths.vsock.as_str());
-        self.send(Method::PUT,
+        self.send(
+            Method::PUT,
             "/snapshot/load",
             load_body(&dir, self.cfg.diff_snapshots, vsock),
         )

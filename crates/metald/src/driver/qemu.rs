@@ -191,7 +191,6 @@ impl QemuDriver {
         }
         args
     }
-
 }
 
 /// One QEMU's control API: QMP on its socket, through the held session while it is open.
