@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use hyper::Method;
 use serde_json::{Value, json};
+use uds_http::{Method, StatusCode};
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
@@ -578,7 +578,7 @@ fn furnish_jail(
 }
 
 /// A refused request's error: Firecracker explains a refusal in `fault_message`.
-fn refusal(method: &Method, path: &str, status: hyper::StatusCode, body: &Value) -> DriverError {
+fn refusal(method: &Method, path: &str, status: StatusCode, body: &Value) -> DriverError {
     let fault = body
         .get("fault_message")
         .and_then(Value::as_str)
