@@ -8,8 +8,9 @@ use std::time::Duration;
 use metald_api::v1 as pb;
 use metald_api::v1::vm_service_server::VmService;
 use tonic::{Request, Response, Status};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
+use crate::auth::{Authn, Caller, Denied, Role, Scope};
 use crate::config::GuestProbe;
 use crate::error::Error;
 use crate::model::{
@@ -155,6 +156,90 @@ impl VmApi {
     ) -> Result<VmRecord, Status> {
         let id = VmId::parse("vm_id", vm_id)?;
         Ok(self.sup.transition(&id, op, graceful).await?)
+    }
+
+    /// The VM `vm_id` names, if it exists for `caller`: a VM of a customer the caller may not
+    /// see is NOT_FOUND, exactly as an id never used, so that ids do not leak.
+    async fn visible(&self, caller: &Caller, vm_id: &str) -> Result<VmId, Status> {
+        let id = VmId::parse("vm_id", vm_id)?;
+        if caller.scope != Scope::All {
+            let rec = self.sup.get(&id).await?;
+            if !caller.sees(&rec.customer_id) {
+                return Err(Error::NotFound(id.to_string()).into());
+            }
+        }
+        Ok(id)
+    }
+
+    /// The ids of the VMs `caller` may see now.
+    fn visible_ids(&self, caller: &Caller) -> std::collections::HashSet<String> {
+        self.sup
+            .all_live()
+            .into_iter()
+            .filter(|r| caller.sees(&r.customer_id))
+            .map(|r| r.vm_id.to_string())
+            .collect()
+    }
+
+    /// [`VmApi::visible`], for a call that changes the VM.
+    async fn changeable(&self, caller: &Caller, method: &str, vm_id: &str) -> Result<VmId, Status> {
+        let id = self.visible(caller, vm_id).await?;
+        caller.may_change(method)?;
+        Ok(id)
+    }
+}
+
+/// The caller of a request, as the auth layer recorded it. A request it did not see has no
+/// caller, and is refused: the check fails closed.
+fn caller_of<T>(req: &Request<T>) -> Result<Caller, Status> {
+    match req.extensions().get::<Authn>() {
+        Some(Authn(Ok(c))) => Ok(c.clone()),
+        Some(Authn(Err(d))) => Err(d.clone().into()),
+        None => Err(Status::unauthenticated(
+            "the request carries no caller identity",
+        )),
+    }
+}
+
+/// Logs a call that changes something, with who made it and how it ended: the audit trail.
+fn audited<T>(
+    caller: &Caller,
+    method: &'static str,
+    vm_id: &str,
+    res: Result<T, Status>,
+) -> Result<T, Status> {
+    let code = match &res {
+        Ok(_) => tonic::Code::Ok,
+        Err(s) => s.code(),
+    };
+    info!(
+        caller = %caller.identity,
+        role = caller.role.as_str(),
+        method,
+        vm_id,
+        code = ?code,
+        "api call"
+    );
+    res
+}
+
+impl From<Denied> for Status {
+    fn from(d: Denied) -> Status {
+        match d {
+            Denied::Unauthenticated(m) => Status::unauthenticated(m),
+            Denied::PermissionDenied(m) => Status::permission_denied(m),
+        }
+    }
+}
+
+impl Idempotency {
+    /// Keys a request_id by its caller: a tenant's request_id never finds another caller's
+    /// answer (admins share one namespace, as before callers had identities).
+    fn of_caller(mut self, caller: &Caller) -> Idempotency {
+        if caller.role != Role::Admin {
+            self.request_id = format!("{}#{}", caller.identity, self.request_id);
+        }
+        self
     }
 }
 
@@ -540,9 +625,35 @@ pub const WATCH_QUEUE: usize = 256;
 /// with RESOURCE_EXHAUSTED. Why not carry on and say how much it missed: a watcher that never
 /// reads would hold its stream and its share of the bus forever, and one that reads late would
 /// act on a view it cannot know is whole. The history (GetVmEvents) has everything it missed.
+/// What a scoped watcher may see: events of its customers' VMs. `known` holds the VMs already
+/// found to be its own (or not), so that a VM's last event, after its delete, is still told to
+/// the watcher that saw it live; a VM not known yet is looked up once.
+struct WatchScope {
+    sup: Arc<Supervisor>,
+    customers: std::collections::BTreeSet<String>,
+    known: std::collections::HashSet<String>,
+}
+
+impl WatchScope {
+    fn shows(&mut self, vm_id: &str) -> bool {
+        if self.known.contains(vm_id) {
+            return true;
+        }
+        let mine = VmId::parse("vm_id", vm_id)
+            .ok()
+            .and_then(|id| self.sup.get_live(&id))
+            .is_some_and(|rec| self.customers.contains(&rec.customer_id));
+        if mine {
+            self.known.insert(vm_id.to_string());
+        }
+        mine
+    }
+}
+
 fn watch_stream(
     mut bus: tokio::sync::broadcast::Receiver<crate::store::EventRecord>,
     only: Option<String>,
+    mut scope: Option<WatchScope>,
 ) -> impl tokio_stream::Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send {
     use tokio::sync::broadcast::error::RecvError;
     // One slot more than the queue: the last is kept for the cut-off status. This task is the
@@ -556,7 +667,10 @@ fn watch_stream(
                 () = tx.closed() => return,
             };
             match ev {
-                Ok(ev) if only.as_ref().is_none_or(|v| *v == ev.vm_id) => {
+                Ok(ev)
+                    if only.as_ref().is_none_or(|v| *v == ev.vm_id)
+                        && scope.as_mut().is_none_or(|s| s.shows(&ev.vm_id)) =>
+                {
                     if tx.capacity() <= 1 {
                         break format!(
                             "this watcher fell {WATCH_QUEUE} events behind and was cut off; \
@@ -640,28 +754,36 @@ fn desired_to_pb(rec: &VmRecord) -> i32 {
     }
 }
 
+/// A customer id: 1 to 128 of `[A-Za-z0-9_.@-]`.
+fn check_customer_id(c: &str) -> Result<(), Error> {
+    if c.is_empty()
+        || c.len() > 128
+        || !c
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-@".contains(&b))
+    {
+        return Err(Error::invalid(
+            "customer_id",
+            "is required and must match [A-Za-z0-9_.@-]{1,128}",
+        ));
+    }
+    Ok(())
+}
+
 /// The mutating calls, each once per request_id (see [`VmApi::once`]).
 impl VmApi {
-    async fn do_create_vm(&self, req: pb::CreateVmRequest) -> Result<pb::CreateVmResponse, Status> {
+    async fn do_create_vm(
+        &self,
+        caller: &Caller,
+        req: pb::CreateVmRequest,
+    ) -> Result<pb::CreateVmResponse, Status> {
         let r = req;
         let vm_id = if r.vm_id.is_empty() {
             None
         } else {
             Some(VmId::parse("vm_id", &r.vm_id)?)
         };
-        if r.customer_id.is_empty()
-            || r.customer_id.len() > 128
-            || !r
-                .customer_id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_.-@".contains(&b))
-        {
-            return Err(Error::invalid(
-                "customer_id",
-                "is required and must match [A-Za-z0-9_.@-]{1,128}",
-            )
-            .into());
-        }
+        check_customer_id(&r.customer_id)?;
         let (spec, restore) = if r.from_snapshot.is_empty() {
             (spec_input(r.config)?.validate(self.sup.spec_rules())?, None)
         } else {
@@ -682,6 +804,24 @@ impl VmApi {
                         format!("{:?} is not a snapshot", r.from_snapshot),
                     )
                 })?;
+            // A scoped caller may start only from a snapshot of a VM it can see now.
+            if caller.scope != Scope::All {
+                let theirs = match VmId::parse("vm_id", &snap.vm_id) {
+                    Ok(id) => self
+                        .sup
+                        .get(&id)
+                        .await
+                        .is_ok_and(|v| caller.sees(&v.customer_id)),
+                    Err(_) => false,
+                };
+                if !theirs {
+                    return Err(Error::invalid(
+                        "from_snapshot",
+                        format!("{:?} is not a snapshot", r.from_snapshot),
+                    )
+                    .into());
+                }
+            }
             (snap.spec, Some(snap.path))
         };
         let rec = self.sup.create(vm_id, r.customer_id, spec, restore).await?;
@@ -784,80 +924,132 @@ impl VmService for VmApi {
         &self,
         req: Request<pb::CreateVmRequest>,
     ) -> Result<Response<pb::CreateVmResponse>, Status> {
+        let caller = caller_of(&req)?;
         let r = req.into_inner();
-        let key = Idempotency::of("CreateVm", &r.request_id, &r, |c| c.request_id.clear())?;
-        self.once(key, self.do_create_vm(r))
-            .await
-            .map(Response::new)
+        let vm_id = r.vm_id.clone();
+        let res = async {
+            check_customer_id(&r.customer_id)?;
+            caller.may_create_for(&r.customer_id)?;
+            let key = Idempotency::of("CreateVm", &r.request_id, &r, |c| c.request_id.clear())?
+                .map(|k| k.of_caller(&caller));
+            self.once(key, self.do_create_vm(&caller, r)).await
+        }
+        .await;
+        let vm_id = match &res {
+            Ok(done) => done.vm_id.clone(),
+            Err(_) => vm_id,
+        };
+        audited(&caller, "CreateVm", &vm_id, res).map(Response::new)
     }
 
     async fn delete_vm(
         &self,
         req: Request<pb::DeleteVmRequest>,
     ) -> Result<Response<pb::DeleteVmResponse>, Status> {
+        let caller = caller_of(&req)?;
         let r = req.into_inner();
-        let key = Idempotency::of("DeleteVm", &r.request_id, &r, |c| c.request_id.clear())?;
-        self.once(key, self.do_delete_vm(r))
-            .await
-            .map(Response::new)
+        let vm_id = r.vm_id.clone();
+        let res = async {
+            self.changeable(&caller, "DeleteVm", &r.vm_id).await?;
+            let key = Idempotency::of("DeleteVm", &r.request_id, &r, |c| c.request_id.clear())?
+                .map(|k| k.of_caller(&caller));
+            self.once(key, self.do_delete_vm(r)).await
+        }
+        .await;
+        audited(&caller, "DeleteVm", &vm_id, res).map(Response::new)
     }
 
     async fn boot_vm(
         &self,
         req: Request<pb::BootVmRequest>,
     ) -> Result<Response<pb::BootVmResponse>, Status> {
+        let caller = caller_of(&req)?;
         let r = req.into_inner();
-        let key = Idempotency::of("BootVm", &r.request_id, &r, |c| c.request_id.clear())?;
-        self.once(key, self.do_boot_vm(r)).await.map(Response::new)
+        let vm_id = r.vm_id.clone();
+        let res = async {
+            self.changeable(&caller, "BootVm", &r.vm_id).await?;
+            let key = Idempotency::of("BootVm", &r.request_id, &r, |c| c.request_id.clear())?
+                .map(|k| k.of_caller(&caller));
+            self.once(key, self.do_boot_vm(r)).await
+        }
+        .await;
+        audited(&caller, "BootVm", &vm_id, res).map(Response::new)
     }
 
     async fn shutdown_vm(
         &self,
         req: Request<pb::ShutdownVmRequest>,
     ) -> Result<Response<pb::ShutdownVmResponse>, Status> {
+        let caller = caller_of(&req)?;
         let r = req.into_inner();
-        let key = Idempotency::of("ShutdownVm", &r.request_id, &r, |c| c.request_id.clear())?;
-        self.once(key, self.do_shutdown_vm(r))
-            .await
-            .map(Response::new)
+        let vm_id = r.vm_id.clone();
+        let res = async {
+            self.changeable(&caller, "ShutdownVm", &r.vm_id).await?;
+            let key = Idempotency::of("ShutdownVm", &r.request_id, &r, |c| c.request_id.clear())?
+                .map(|k| k.of_caller(&caller));
+            self.once(key, self.do_shutdown_vm(r)).await
+        }
+        .await;
+        audited(&caller, "ShutdownVm", &vm_id, res).map(Response::new)
     }
 
     async fn pause_vm(
         &self,
         req: Request<pb::PauseVmRequest>,
     ) -> Result<Response<pb::PauseVmResponse>, Status> {
+        let caller = caller_of(&req)?;
         let r = req.into_inner();
-        let key = Idempotency::of("PauseVm", &r.request_id, &r, |c| c.request_id.clear())?;
-        self.once(key, self.do_pause_vm(r)).await.map(Response::new)
+        let vm_id = r.vm_id.clone();
+        let res = async {
+            self.changeable(&caller, "PauseVm", &r.vm_id).await?;
+            let key = Idempotency::of("PauseVm", &r.request_id, &r, |c| c.request_id.clear())?
+                .map(|k| k.of_caller(&caller));
+            self.once(key, self.do_pause_vm(r)).await
+        }
+        .await;
+        audited(&caller, "PauseVm", &vm_id, res).map(Response::new)
     }
 
     async fn resume_vm(
         &self,
         req: Request<pb::ResumeVmRequest>,
     ) -> Result<Response<pb::ResumeVmResponse>, Status> {
+        let caller = caller_of(&req)?;
         let r = req.into_inner();
-        let key = Idempotency::of("ResumeVm", &r.request_id, &r, |c| c.request_id.clear())?;
-        self.once(key, self.do_resume_vm(r))
-            .await
-            .map(Response::new)
+        let vm_id = r.vm_id.clone();
+        let res = async {
+            self.changeable(&caller, "ResumeVm", &r.vm_id).await?;
+            let key = Idempotency::of("ResumeVm", &r.request_id, &r, |c| c.request_id.clear())?
+                .map(|k| k.of_caller(&caller));
+            self.once(key, self.do_resume_vm(r)).await
+        }
+        .await;
+        audited(&caller, "ResumeVm", &vm_id, res).map(Response::new)
     }
 
     async fn reboot_vm(
         &self,
         req: Request<pb::RebootVmRequest>,
     ) -> Result<Response<pb::RebootVmResponse>, Status> {
+        let caller = caller_of(&req)?;
         let r = req.into_inner();
-        let key = Idempotency::of("RebootVm", &r.request_id, &r, |c| c.request_id.clear())?;
-        self.once(key, self.do_reboot_vm(r))
-            .await
-            .map(Response::new)
+        let vm_id = r.vm_id.clone();
+        let res = async {
+            self.changeable(&caller, "RebootVm", &r.vm_id).await?;
+            let key = Idempotency::of("RebootVm", &r.request_id, &r, |c| c.request_id.clear())?
+                .map(|k| k.of_caller(&caller));
+            self.once(key, self.do_reboot_vm(r)).await
+        }
+        .await;
+        audited(&caller, "RebootVm", &vm_id, res).map(Response::new)
     }
 
     async fn get_vm_info(
         &self,
         req: Request<pb::GetVmInfoRequest>,
     ) -> Result<Response<pb::GetVmInfoResponse>, Status> {
-        let id = VmId::parse("vm_id", &req.into_inner().vm_id)?;
+        let caller = caller_of(&req)?;
+        let id = self.visible(&caller, &req.into_inner().vm_id).await?;
         let rec = self.sup.get(&id).await?;
         let history = self.sup.attempts(&id).await?;
         Ok(Response::new(pb::GetVmInfoResponse {
@@ -884,8 +1076,9 @@ impl VmService for VmApi {
         &self,
         req: Request<pb::WaitGuestReadyRequest>,
     ) -> Result<Response<pb::WaitGuestReadyResponse>, Status> {
+        let caller = caller_of(&req)?;
         let r = req.into_inner();
-        let id = VmId::parse("vm_id", &r.vm_id)?;
+        let id = self.visible(&caller, &r.vm_id).await?;
         let secs = match r.timeout_seconds {
             0 => 60,
             n if (1..=3600).contains(&n) => n,
@@ -903,8 +1096,9 @@ impl VmService for VmApi {
 
     async fn get_host_status(
         &self,
-        _req: Request<pb::GetHostStatusRequest>,
+        req: Request<pb::GetHostStatusRequest>,
     ) -> Result<Response<pb::GetHostStatusResponse>, Status> {
+        caller_of(&req)?.may_run_host("GetHostStatus")?;
         let st = self.sup.host().status();
         Ok(Response::new(pb::GetHostStatusResponse {
             mode: Some(host_mode_to_pb(&st.mode)),
@@ -919,6 +1113,7 @@ impl VmService for VmApi {
         &self,
         req: Request<pb::SetHostModeRequest>,
     ) -> Result<Response<pb::SetHostModeResponse>, Status> {
+        caller_of(&req)?.may_run_host("SetHostMode")?;
         let r = req.into_inner();
         let mode = mode_from_pb("mode", r.mode)?;
         let reason = r.reason.trim().to_string();
@@ -945,6 +1140,7 @@ impl VmService for VmApi {
         &self,
         req: Request<pb::DrainHostRequest>,
     ) -> Result<Response<pb::DrainHostResponse>, Status> {
+        caller_of(&req)?.may_run_host("DrainHost")?;
         let r = req.into_inner();
         if r.deadline_seconds > 86_400 {
             return Err(Error::invalid("deadline_seconds", "at most 86400").into());
@@ -970,8 +1166,9 @@ impl VmService for VmApi {
 
     async fn undrain_host(
         &self,
-        _req: Request<pb::UndrainHostRequest>,
+        req: Request<pb::UndrainHostRequest>,
     ) -> Result<Response<pb::UndrainHostResponse>, Status> {
+        caller_of(&req)?.may_run_host("UndrainHost")?;
         let m = self.sup.undrain("undrain").await?;
         Ok(Response::new(pb::UndrainHostResponse {
             mode: Some(host_mode_to_pb(&m)),
@@ -982,7 +1179,8 @@ impl VmService for VmApi {
         &self,
         req: Request<pb::GetGuestInfoRequest>,
     ) -> Result<Response<pb::GetGuestInfoResponse>, Status> {
-        let id = VmId::parse("vm_id", &req.into_inner().vm_id)?;
+        let caller = caller_of(&req)?;
+        let id = self.visible(&caller, &req.into_inner().vm_id).await?;
         let (info, rec) = self.sup.guest_info(&id).await?;
         let host_ns = i64::try_from(
             std::time::SystemTime::now()
@@ -1021,29 +1219,41 @@ impl VmService for VmApi {
         &self,
         req: Request<pb::RecoverVmRequest>,
     ) -> Result<Response<pb::RecoverVmResponse>, Status> {
+        let caller = caller_of(&req)?;
         let r = req.into_inner();
-        let key = Idempotency::of("RecoverVm", &r.request_id, &r, |c| c.request_id.clear())?;
-        self.once(key, self.do_recover_vm(r))
-            .await
-            .map(Response::new)
+        let vm_id = r.vm_id.clone();
+        let res = async {
+            self.changeable(&caller, "RecoverVm", &r.vm_id).await?;
+            let key = Idempotency::of("RecoverVm", &r.request_id, &r, |c| c.request_id.clear())?
+                .map(|k| k.of_caller(&caller));
+            self.once(key, self.do_recover_vm(r)).await
+        }
+        .await;
+        audited(&caller, "RecoverVm", &vm_id, res).map(Response::new)
     }
 
     async fn set_auto_recover(
         &self,
         req: Request<pb::SetAutoRecoverRequest>,
     ) -> Result<Response<pb::SetAutoRecoverResponse>, Status> {
+        let caller = caller_of(&req)?;
         let r = req.into_inner();
-        let id = VmId::parse("vm_id", &r.vm_id)?;
-        let rec = self.sup.set_auto_recover(&id, r.enabled).await?;
-        Ok(Response::new(pb::SetAutoRecoverResponse {
-            auto_recover: rec.spec.auto_recover,
-        }))
+        let res = async {
+            let id = self.changeable(&caller, "SetAutoRecover", &r.vm_id).await?;
+            let rec = self.sup.set_auto_recover(&id, r.enabled).await?;
+            Ok(pb::SetAutoRecoverResponse {
+                auto_recover: rec.spec.auto_recover,
+            })
+        }
+        .await;
+        audited(&caller, "SetAutoRecover", &r.vm_id, res).map(Response::new)
     }
 
     async fn get_recovery_status(
         &self,
-        _req: Request<pb::GetRecoveryStatusRequest>,
+        req: Request<pb::GetRecoveryStatusRequest>,
     ) -> Result<Response<pb::GetRecoveryStatusResponse>, Status> {
+        caller_of(&req)?.may_run_host("GetRecoveryStatus")?;
         let s = self.sup.recovery_status();
         let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
         Ok(Response::new(pb::GetRecoveryStatusResponse {
@@ -1063,8 +1273,9 @@ impl VmService for VmApi {
 
     async fn reconcile(
         &self,
-        _req: Request<pb::ReconcileRequest>,
+        req: Request<pb::ReconcileRequest>,
     ) -> Result<Response<pb::ReconcileResponse>, Status> {
+        caller_of(&req)?.may_run_host("Reconcile")?;
         let r = self.sup.reconcile_pass().await?;
         let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
         Ok(Response::new(pb::ReconcileResponse {
@@ -1084,11 +1295,12 @@ impl VmService for VmApi {
         &self,
         req: Request<pb::GetVmEventsRequest>,
     ) -> Result<Response<pb::GetVmEventsResponse>, Status> {
+        let caller = caller_of(&req)?;
         let r = req.into_inner();
         let vm = if r.vm_id.is_empty() {
             None
         } else {
-            let id = VmId::parse("vm_id", &r.vm_id)?;
+            let id = self.visible(&caller, &r.vm_id).await?;
             // An unknown VM is NOT_FOUND, as on every other call, not an empty history.
             self.sup.get(&id).await?;
             Some(id.to_string())
@@ -1100,10 +1312,32 @@ impl VmService for VmApi {
             0 => 100,
             n => n.min(1000),
         };
-        let events = self
-            .sup
-            .events_since(vm, r.after_seq, usize::try_from(limit).unwrap_or(100))
-            .await?;
+        let limit = usize::try_from(limit).unwrap_or(100);
+        let events = match (&caller.scope, vm) {
+            (Scope::All, vm) | (Scope::Only(_), vm @ Some(_)) => {
+                self.sup.events_since(vm, r.after_seq, limit).await?
+            }
+            // All events, as this caller may see them: those of its customers' VMs. Pages are
+            // read until `limit` of them are found or the history ends.
+            (Scope::Only(_), None) => {
+                let mine = self.visible_ids(&caller);
+                let mut out = Vec::new();
+                let mut after = r.after_seq;
+                loop {
+                    let page = self.sup.events_since(None, after, 1000).await?;
+                    let Some(last) = page.last().map(|e| e.seq) else {
+                        break;
+                    };
+                    out.extend(page.into_iter().filter(|e| mine.contains(&e.vm_id)));
+                    if out.len() >= limit {
+                        out.truncate(limit);
+                        break;
+                    }
+                    after = last;
+                }
+                out
+            }
+        };
         Ok(Response::new(pb::GetVmEventsResponse {
             events: events.into_iter().map(event_to_pb).collect(),
         }))
@@ -1113,11 +1347,17 @@ impl VmService for VmApi {
         &self,
         req: Request<pb::SnapshotVmRequest>,
     ) -> Result<Response<pb::SnapshotVmResponse>, Status> {
+        let caller = caller_of(&req)?;
         let r = req.into_inner();
-        let key = Idempotency::of("SnapshotVm", &r.request_id, &r, |c| c.request_id.clear())?;
-        self.once(key, self.do_snapshot_vm(r))
-            .await
-            .map(Response::new)
+        let vm_id = r.vm_id.clone();
+        let res = async {
+            self.changeable(&caller, "SnapshotVm", &r.vm_id).await?;
+            let key = Idempotency::of("SnapshotVm", &r.request_id, &r, |c| c.request_id.clear())?
+                .map(|k| k.of_caller(&caller));
+            self.once(key, self.do_snapshot_vm(r)).await
+        }
+        .await;
+        audited(&caller, "SnapshotVm", &vm_id, res).map(Response::new)
     }
 
     type WatchEventsStream = std::pin::Pin<
@@ -1129,15 +1369,26 @@ impl VmService for VmApi {
         req: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         use tokio_stream::StreamExt;
+        let caller = caller_of(&req)?;
         let r = req.into_inner();
         let only = if r.vm_id.is_empty() {
             None
         } else {
-            let id = VmId::parse("vm_id", &r.vm_id)?;
+            let id = self.visible(&caller, &r.vm_id).await?;
             self.sup.get(&id).await?;
             Some(id.to_string())
         };
-        let stream = watch_stream(self.sup.events().subscribe(), only);
+        // Subscribed before the scope is read, so that no VM created meanwhile is missed.
+        let bus = self.sup.events().subscribe();
+        let scope = match (&caller.scope, &only) {
+            (Scope::Only(customers), None) => Some(WatchScope {
+                sup: self.sup.clone(),
+                customers: customers.clone(),
+                known: self.visible_ids(&caller),
+            }),
+            _ => None,
+        };
+        let stream = watch_stream(bus, only, scope);
         // A stopping metald ends every open stream with a status that says so, rather than
         // waiting for its watchers to hang up (which could be never).
         let stop = tokio_stream::wrappers::WatchStream::new(self.sup.stopping())
@@ -1154,8 +1405,9 @@ impl VmService for VmApi {
         &self,
         req: Request<pb::StreamLogRequest>,
     ) -> Result<Response<Self::StreamLogStream>, Status> {
+        let caller = caller_of(&req)?;
         let r = req.into_inner();
-        let id = VmId::parse("vm_id", &r.vm_id)?;
+        let id = self.visible(&caller, &r.vm_id).await?;
         self.sup.get(&id).await?;
         let name = match pb::LogKind::try_from(r.kind) {
             Ok(pb::LogKind::Unspecified | pb::LogKind::Console) => crate::driver::CONSOLE_LOG,
@@ -1190,7 +1442,8 @@ impl VmService for VmApi {
         &self,
         req: Request<pb::GetVmHealthRequest>,
     ) -> Result<Response<pb::GetVmHealthResponse>, Status> {
-        let id = VmId::parse("vm_id", &req.into_inner().vm_id)?;
+        let caller = caller_of(&req)?;
+        let id = self.visible(&caller, &req.into_inner().vm_id).await?;
         let rec = self.sup.get(&id).await?;
         Ok(Response::new(pb::GetVmHealthResponse {
             vm_id: rec.vm_id.to_string(),
@@ -1203,6 +1456,7 @@ impl VmService for VmApi {
         &self,
         req: Request<pb::ListVmsRequest>,
     ) -> Result<Response<pb::ListVmsResponse>, Status> {
+        let caller = caller_of(&req)?;
         let r = req.into_inner();
         if r.page_size < 0 {
             return Err(Error::invalid("page_size", "must not be negative").into());
@@ -1228,6 +1482,7 @@ impl VmService for VmApi {
             .sup
             .all_live()
             .into_iter()
+            .filter(|r| caller.sees(&r.customer_id))
             .filter(|r| states.is_empty() || states.contains(&r.observed))
             .collect();
         let total = matching.len();

@@ -144,6 +144,79 @@ pub struct Config {
     pub events_per_vm: usize,
     /// When metald goes readonly by itself.
     pub degraded: DegradedConfig,
+    /// Who may call the API, and what each caller may do.
+    pub auth: crate::auth::AuthConfig,
+    /// Host-wide and per-customer caps on what VMs may commit.
+    pub quota: QuotaConfig,
+}
+
+/// Caps checked at CreateVm, host-wide and per customer. A create that would pass one is
+/// refused with RESOURCE_EXHAUSTED naming it, and leaves nothing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuotaConfig {
+    /// Most VMs on this host.
+    pub max_vms: Option<u64>,
+    /// Most guest memory committed on this host, in MiB; default: the host's memory, less
+    /// `reserved_memory_mib`, times `memory_overcommit`.
+    pub max_memory_mib: Option<u64>,
+    /// Memory kept for the host itself (metald, the VMMs' own overhead, the kernel), in MiB.
+    pub reserved_memory_mib: u64,
+    /// How much more guest memory may be committed than the host has (1.0: none). Guests
+    /// rarely touch all of their memory; a host that overcommits relies on that.
+    pub memory_overcommit: f64,
+    /// Most vCPUs committed on this host; default: none.
+    pub max_vcpus: Option<u64>,
+    /// Caps of one customer each.
+    pub customers: Vec<CustomerQuota>,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        QuotaConfig {
+            max_vms: None,
+            max_memory_mib: None,
+            reserved_memory_mib: 1024,
+            memory_overcommit: 1.0,
+            max_vcpus: None,
+            customers: Vec::new(),
+        }
+    }
+}
+
+/// One customer's caps (`[[quota.customers]]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomerQuota {
+    /// The customer.
+    pub customer_id: String,
+    /// Most VMs.
+    #[serde(default)]
+    pub max_vms: Option<u64>,
+    /// Most guest memory, in MiB.
+    #[serde(default)]
+    pub max_memory_mib: Option<u64>,
+    /// Most vCPUs.
+    #[serde(default)]
+    pub max_vcpus: Option<u64>,
+}
+
+impl QuotaConfig {
+    /// The host-wide memory cap in MiB: the configured one, or what the host has less the
+    /// reserve, times the overcommit ratio. `host_mib` is the host's memory.
+    pub fn memory_cap_mib(&self, host_mib: u64) -> u64 {
+        self.max_memory_mib.unwrap_or_else(|| {
+            let usable = host_mib.saturating_sub(self.reserved_memory_mib);
+            // Whole MiB are enough; the ratio is checked to be finite and positive.
+            #[allow(
+                clippy::cast_precision_loss,
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss
+            )]
+            let cap = (usable as f64 * self.memory_overcommit) as u64;
+            cap
+        })
+    }
 }
 
 /// When metald goes readonly by itself (see [`crate::host`]).
@@ -441,6 +514,8 @@ impl Default for Config {
             firecracker: FirecrackerConfig::default(),
             asset_dirs: Vec::new(),
             log_format: LogFormat::Json,
+            auth: crate::auth::AuthConfig::default(),
+            quota: QuotaConfig::default(),
             limits: Limits::default(),
             qemu: QemuConfig::default(),
             shutdown_timeout: Duration::from_secs(10),
@@ -531,6 +606,30 @@ impl Config {
                  drives may only come from them"
                     .into(),
             ));
+        }
+        self.auth.validate().map_err(Error::Config)?;
+        if let Listen::Tcp(addr) = self.listen()?
+            && !self.auth.insecure_tcp
+        {
+            return Err(Error::Config(format!(
+                "listen: tcp:{addr} would serve the whole API to the network with no caller \
+                 identity: metald has no TLS listener yet, so a TCP listener needs \
+                 auth.insecure_tcp = true (every caller an admin; only on a network you trust \
+                 as much as root on this host); use the unix socket otherwise"
+            )));
+        }
+        let q = &self.quota;
+        if !(q.memory_overcommit.is_finite() && q.memory_overcommit > 0.0) {
+            return Err(Error::Config(
+                "quota.memory_overcommit: must be a number above 0 (1.0: no overcommit)".into(),
+            ));
+        }
+        for (i, c) in q.customers.iter().enumerate() {
+            if c.customer_id.is_empty() {
+                return Err(Error::Config(format!(
+                    "quota.customers[{i}].customer_id: is required"
+                )));
+            }
         }
         if self.limits.min_memory_mib == 0
             || self.limits.min_memory_mib > self.limits.max_memory_mib

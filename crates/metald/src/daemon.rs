@@ -7,7 +7,7 @@
 //! running for the next metald to adopt. It never waits on a client.
 
 use std::future::Future;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -77,7 +77,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     // re-attaches its VMMs learns that it is starting rather than finding no socket: the
     // health service says NOT_SERVING and VmService answers UNAVAILABLE until it is ready.
     let listen = cfg.listen()?;
-    let (listener, tcp_addr) = bind(&listen).await?;
+    let (listener, tcp_addr, socket_gid) = bind(&listen, &cfg.auth).await?;
+    let auth = Arc::new(crate::auth::Auth::new(cfg.auth.clone(), socket_gid));
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, false).await;
     let gate = {
@@ -103,7 +104,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     let reflection_err =
         |e: tonic_reflection::server::Error| Error::Config(format!("reflection: {e}"));
     let router = tonic::transport::Server::builder()
-        .layer(metrics::ApiMetricsLayer(sup.metrics().clone()))
+        // Outermost first: the caller is resolved once, then counted (by role) and served.
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(crate::auth::AuthLayer(auth))
+                .layer(metrics::ApiMetricsLayer(sup.metrics().clone())),
+        )
         .add_service(InterceptedService::new(
             VmApi::new(sup.clone()).into_server(),
             gate,
@@ -256,16 +262,29 @@ enum Listener {
 }
 
 /// Binds the API's socket: a unix socket (a stale one from a metald that did not exit cleanly
-/// is replaced; mode 0660) or a TCP address (returned with the address it got).
-async fn bind(listen: &Listen) -> Result<(Listener, Option<std::net::SocketAddr>)> {
+/// is replaced; the configured mode and group, returned with the group) or a TCP address
+/// (returned with the address it got).
+async fn bind(
+    listen: &Listen,
+    auth: &crate::auth::AuthConfig,
+) -> Result<(Listener, Option<std::net::SocketAddr>, Option<u32>)> {
     match listen {
         Listen::Unix(path) => {
             remove_stale_socket(path)?;
             let l = UnixListener::bind(path)
                 .map_err(|e| Error::io(format!("binding {}", path.display()), e))?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            if let Some(group) = &auth.socket_group {
+                let gid = group_id(group)?;
+                rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid))).map_err(
+                    |e| Error::io(format!("chgrp {} {}", group, path.display()), e.into()),
+                )?;
+            }
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(auth.socket_mode))
                 .map_err(|e| Error::io(format!("chmod {}", path.display()), e))?;
-            Ok((Listener::Unix(l), None))
+            let gid = std::fs::metadata(path)
+                .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
+                .gid();
+            Ok((Listener::Unix(l), None, Some(gid)))
         }
         Listen::Tcp(addr) => {
             let l = TcpListener::bind(addr)
@@ -274,9 +293,31 @@ async fn bind(listen: &Listen) -> Result<(Listener, Option<std::net::SocketAddr>
             let local = l
                 .local_addr()
                 .map_err(|e| Error::io("reading the bound address", e))?;
-            Ok((Listener::Tcp(l), Some(local)))
+            Ok((Listener::Tcp(l), Some(local), None))
         }
     }
+}
+
+/// A group's id from its name (in /etc/group) or its number.
+fn group_id(group: &str) -> Result<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let text =
+        std::fs::read_to_string("/etc/group").map_err(|e| Error::io("reading /etc/group", e))?;
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let gid = f.nth(1)?.parse::<u32>().ok()?;
+            (name == group).then_some(gid)
+        })
+        .next()
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "auth.socket_group: no group {group:?} in /etc/group"
+            ))
+        })
 }
 
 /// Sets the health of the API (and of the server as a whole, the empty service name).

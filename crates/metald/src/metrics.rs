@@ -63,6 +63,8 @@ pub struct ApiLabels {
     pub method: String,
     /// The gRPC status code.
     pub code: String,
+    /// The caller's role (`admin`, `tenant`, `reader`, or `none` when not authenticated).
+    pub role: String,
 }
 
 /// A `method` label.
@@ -141,7 +143,7 @@ pub struct Metrics {
     pub breaker_open: Gauge<i64, AtomicI64>,
     /// `metald_stray_vmms_total`
     pub strays: Counter,
-    /// `metald_api_requests_total{method,code}`
+    /// `metald_api_requests_total{method,code,role}`
     pub api_requests: Family<ApiLabels, Counter>,
     /// `metald_api_request_duration_seconds{method}`
     pub api_latency: Hist,
@@ -312,11 +314,12 @@ impl Metrics {
     }
 
     /// Records one API call.
-    pub fn api(&self, method: &str, started: Instant, code: tonic::Code) {
+    pub fn api(&self, method: &str, role: &str, started: Instant, code: tonic::Code) {
         self.api_requests
             .get_or_create(&ApiLabels {
                 method: method.to_string(),
                 code: format!("{code:?}"),
+                role: role.to_string(),
             })
             .inc();
         self.api_latency
@@ -433,6 +436,10 @@ where
             .find(|m| **m == name)
             .copied()
             .unwrap_or("unknown");
+        let role = req
+            .extensions()
+            .get::<crate::auth::Authn>()
+            .map_or("none", crate::auth::Authn::role_label);
         let started = Instant::now();
         let fut = self.inner.call(req);
         let metrics = self.metrics.clone();
@@ -450,7 +457,7 @@ where
                     .unwrap_or(tonic::Code::Ok),
                 Err(_) => tonic::Code::Unknown,
             };
-            metrics.api(method, started, code);
+            metrics.api(method, role, started, code);
             res
         })
     }
@@ -549,10 +556,12 @@ mod tests {
     #[test]
     fn api_metrics_are_encoded() {
         let m = Metrics::new("qemu");
-        m.api("GetVmInfo", Instant::now(), tonic::Code::NotFound);
+        m.api("GetVmInfo", "admin", Instant::now(), tonic::Code::NotFound);
         let text = m.encode();
         assert!(
-            text.contains("metald_api_requests_total{method=\"GetVmInfo\",code=\"NotFound\"} 1"),
+            text.contains(
+                "metald_api_requests_total{method=\"GetVmInfo\",code=\"NotFound\",role=\"admin\"} 1"
+            ),
             "{text}"
         );
         assert!(text.contains("metald_api_request_duration_seconds_count{method=\"GetVmInfo\"} 1"));

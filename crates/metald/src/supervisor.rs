@@ -485,6 +485,15 @@ impl Supervisor {
         }
     }
 
+    /// One VM as its controller knows it, without waiting: `None` for a VM not (or no longer)
+    /// supervised.
+    pub fn get_live(&self, id: &VmId) -> Option<VmRecord> {
+        self.lock()
+            .get(id)
+            .map(|e| read_live(&e.live))
+            .filter(|r| r.desired != Desired::Deleted)
+    }
+
     /// Every VM as its controller knows it, by id.
     pub fn all_live(&self) -> Vec<VmRecord> {
         let mut v: Vec<VmRecord> = self

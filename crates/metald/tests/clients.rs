@@ -315,7 +315,12 @@ async fn unknown_ids_are_not_found_everywhere_and_page_tokens_are_opaque() {
 async fn health_follows_the_host_mode_and_is_served_on_tcp_with_reflection() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let d = Daemon::start_with(vec!["--listen".into(), "tcp:127.0.0.1:0".into()]).await;
+    // No TLS listener yet: TCP is served only to a network the operator says it trusts.
+    let d = Daemon::start_with_toml_args(
+        "[auth]\ninsecure_tcp = true\n",
+        vec!["--listen".into(), "tcp:127.0.0.1:0".into()],
+    )
+    .await;
     let line = d
         .wait_log_since(0, Duration::from_secs(5), |l| l.contains("metald ready"))
         .await

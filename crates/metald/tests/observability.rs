@@ -107,7 +107,7 @@ async fn every_metric_is_exposed_with_bounded_labels() {
         sample(
             &text,
             "metald_api_requests_total",
-            "method=\"GetVmInfo\",code=\"NotFound\""
+            "method=\"GetVmInfo\",code=\"NotFound\",role=\"admin\""
         ),
         Some(1.0)
     );
