@@ -273,6 +273,7 @@ impl From<Error> for Status {
             )),
             Error::Driver(_) => Status::internal(msg),
             Error::Config(_) => Status::failed_precondition(msg),
+            Error::QuotaExceeded(_) => Status::resource_exhausted(msg),
             Error::HostMode(_) => Status::unavailable(msg),
             // The host ran out of something (a full disk, files, memory): the caller may retry
             // once it is back; not a fault of metald's.
@@ -625,35 +626,10 @@ pub const WATCH_QUEUE: usize = 256;
 /// with RESOURCE_EXHAUSTED. Why not carry on and say how much it missed: a watcher that never
 /// reads would hold its stream and its share of the bus forever, and one that reads late would
 /// act on a view it cannot know is whole. The history (GetVmEvents) has everything it missed.
-/// What a scoped watcher may see: events of its customers' VMs. `known` holds the VMs already
-/// found to be its own (or not), so that a VM's last event, after its delete, is still told to
-/// the watcher that saw it live; a VM not known yet is looked up once.
-struct WatchScope {
-    sup: Arc<Supervisor>,
-    customers: std::collections::BTreeSet<String>,
-    known: std::collections::HashSet<String>,
-}
-
-impl WatchScope {
-    fn shows(&mut self, vm_id: &str) -> bool {
-        if self.known.contains(vm_id) {
-            return true;
-        }
-        let mine = VmId::parse("vm_id", vm_id)
-            .ok()
-            .and_then(|id| self.sup.get_live(&id))
-            .is_some_and(|rec| self.customers.contains(&rec.customer_id));
-        if mine {
-            self.known.insert(vm_id.to_string());
-        }
-        mine
-    }
-}
-
 fn watch_stream(
     mut bus: tokio::sync::broadcast::Receiver<crate::store::EventRecord>,
     only: Option<String>,
-    mut scope: Option<WatchScope>,
+    customers: Option<std::collections::BTreeSet<String>>,
 ) -> impl tokio_stream::Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send {
     use tokio::sync::broadcast::error::RecvError;
     // One slot more than the queue: the last is kept for the cut-off status. This task is the
@@ -669,7 +645,9 @@ fn watch_stream(
             match ev {
                 Ok(ev)
                     if only.as_ref().is_none_or(|v| *v == ev.vm_id)
-                        && scope.as_mut().is_none_or(|s| s.shows(&ev.vm_id)) =>
+                        // A scoped watcher sees its customers' VMs: each live event names its
+                        // VM's customer, so a VM's last event, after its delete, is told too.
+                        && customers.as_ref().is_none_or(|c| c.contains(&ev.customer_id)) =>
                 {
                     if tx.capacity() <= 1 {
                         break format!(
@@ -1378,17 +1356,11 @@ impl VmService for VmApi {
             self.sup.get(&id).await?;
             Some(id.to_string())
         };
-        // Subscribed before the scope is read, so that no VM created meanwhile is missed.
-        let bus = self.sup.events().subscribe();
-        let scope = match (&caller.scope, &only) {
-            (Scope::Only(customers), None) => Some(WatchScope {
-                sup: self.sup.clone(),
-                customers: customers.clone(),
-                known: self.visible_ids(&caller),
-            }),
-            _ => None,
+        let customers = match &caller.scope {
+            Scope::Only(customers) => Some(customers.clone()),
+            Scope::All => None,
         };
-        let stream = watch_stream(bus, only, scope);
+        let stream = watch_stream(self.sup.events().subscribe(), only, customers);
         // A stopping metald ends every open stream with a status that says so, rather than
         // waiting for its watchers to hang up (which could be never).
         let stop = tokio_stream::wrappers::WatchStream::new(self.sup.stopping())

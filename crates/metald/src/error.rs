@@ -74,6 +74,9 @@ pub enum Error {
     /// The configuration is invalid.
     #[error("config: {0}")]
     Config(String),
+    /// A create would pass a quota (`[quota]`): the message names the cap and what is in use.
+    #[error("{0}")]
+    QuotaExceeded(String),
 }
 
 impl Error {

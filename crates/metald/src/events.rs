@@ -87,6 +87,7 @@ impl EventBus {
         &self,
         w: &Writer,
         vm_id: &str,
+        customer_id: &str,
         kind: EventKind,
         from: VmState,
         to: VmState,
@@ -102,6 +103,7 @@ impl EventBus {
             to_state: to.as_str().to_string(),
             reason: reason.to_string(),
             message: message.to_string(),
+            customer_id: customer_id.to_string(),
         };
         // Behind held events the new one waits its turn, so that history stays in order.
         let recorded = if self.flush(w).await {
@@ -132,7 +134,7 @@ impl EventBus {
 
     /// Sends an event to live watchers only (for a VM whose history is being deleted with it,
     /// so that none of its held events is written after it is gone).
-    pub fn announce(&self, vm_id: &str, kind: EventKind, message: &str) {
+    pub fn announce(&self, vm_id: &str, customer_id: &str, kind: EventKind, message: &str) {
         self.pending().events.retain(|e| e.vm_id != vm_id);
         let _ = self.tx.send(EventRecord {
             seq: 0,
@@ -143,6 +145,7 @@ impl EventBus {
             to_state: String::new(),
             reason: String::new(),
             message: message.to_string(),
+            customer_id: customer_id.to_string(),
         });
     }
 

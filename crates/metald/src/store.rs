@@ -146,6 +146,9 @@ pub struct EventRecord {
     pub reason: String,
     /// Free text.
     pub message: String,
+    /// The VM's customer, on live events (what scoped watchers are filtered by); empty on
+    /// history read from the registry, which does not store it.
+    pub customer_id: String,
 }
 
 /// Recovery attempts kept per VM.
@@ -497,6 +500,7 @@ impl Store {
                     to_state: r.get(5)?,
                     reason: r.get(6)?,
                     message: r.get(7)?,
+                    customer_id: String::new(),
                 })
             })?;
             Ok(rows.collect::<std::result::Result<Vec<_>, _>>()?)

@@ -57,6 +57,74 @@ pub struct Supervisor {
     strays: Mutex<HashMap<(i32, u64), Instant>>,
     /// Set when metald begins to stop: open streams end, the health service says NOT_SERVING.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// The host's memory, in MiB, for the default memory cap.
+    host_memory_mib: u64,
+}
+
+/// What VMs commit: their count, guest memory and vCPUs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// VMs.
+    pub vms: u64,
+    /// Guest memory, MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u64,
+}
+
+impl Usage {
+    fn add(&mut self, spec: &VmSpec) {
+        self.vms += 1;
+        self.memory_mib += spec.memory_bytes >> 20;
+        self.vcpus += u64::from(spec.vcpus);
+    }
+}
+
+/// Refuses a VM `spec` that would take `used` past a cap. `what` names whose caps (`host`,
+/// `customer "acme"`).
+fn admit(
+    what: &str,
+    used: Usage,
+    spec: &VmSpec,
+    max_vms: Option<u64>,
+    max_memory_mib: Option<u64>,
+    max_vcpus: Option<u64>,
+) -> Result<()> {
+    let want = spec.memory_bytes >> 20;
+    let refuse = |cap: &str, used: u64, asked: u64, max: u64| {
+        Err(Error::QuotaExceeded(format!(
+            "quota: {what} {cap} is {max}; {used} in use, this vm asks {asked}"
+        )))
+    };
+    if let Some(max) = max_vms
+        && used.vms + 1 > max
+    {
+        return refuse("max_vms", used.vms, 1, max);
+    }
+    if let Some(max) = max_memory_mib
+        && used.memory_mib + want > max
+    {
+        return refuse("max_memory_mib", used.memory_mib, want, max);
+    }
+    if let Some(max) = max_vcpus
+        && used.vcpus + u64::from(spec.vcpus) > max
+    {
+        return refuse("max_vcpus", used.vcpus, u64::from(spec.vcpus), max);
+    }
+    Ok(())
+}
+
+/// The host's memory in MiB (`MemTotal` in /proc/meminfo); 0 when it cannot be read.
+fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|kib| kib.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib >> 10)
 }
 
 /// What one reconcile pass found and did.
@@ -146,6 +214,7 @@ impl Supervisor {
             vms: Mutex::new(HashMap::new()),
             strays: Mutex::new(HashMap::new()),
             stopping: tokio::sync::watch::channel(false).0,
+            host_memory_mib: host_memory_mib(),
         })
     }
 
@@ -357,6 +426,9 @@ impl Supervisor {
             if vms.contains_key(&vm_id) {
                 return Err(Error::AlreadyExists(vm_id.to_string()));
             }
+            // Admission, under the same lock as the insert: two creates cannot both take the
+            // last of a cap.
+            self.admit(&vms, &rec)?;
             let (handle, live, task) = Controller::start(rec, Attach::Nothing, env);
             vms.insert(
                 vm_id.clone(),
@@ -483,6 +555,46 @@ impl Supervisor {
             Some(r) if r.desired != Desired::Deleted => Ok(r),
             _ => Err(Error::NotFound(id.to_string())),
         }
+    }
+
+    /// Refuses `rec` if it would take the host or its customer past a `[quota]` cap. Counts
+    /// every supervised VM (its spec, read in place under its lock: no copy per VM).
+    fn admit(&self, vms: &HashMap<VmId, Entry>, rec: &VmRecord) -> Result<()> {
+        let q = &self.cfg.quota;
+        let theirs = q
+            .customers
+            .iter()
+            .find(|c| c.customer_id == rec.customer_id);
+        let (mut host, mut customer) = (Usage::default(), Usage::default());
+        for e in vms.values() {
+            let live = e.live.lock().unwrap_or_else(|p| p.into_inner());
+            if live.desired == Desired::Deleted {
+                continue;
+            }
+            host.add(&live.spec);
+            if theirs.is_some() && live.customer_id == rec.customer_id {
+                customer.add(&live.spec);
+            }
+        }
+        admit(
+            "host",
+            host,
+            &rec.spec,
+            q.max_vms,
+            Some(q.memory_cap_mib(self.host_memory_mib)),
+            q.max_vcpus,
+        )?;
+        if let Some(c) = theirs {
+            admit(
+                &format!("customer {:?}", c.customer_id),
+                customer,
+                &rec.spec,
+                c.max_vms,
+                c.max_memory_mib,
+                c.max_vcpus,
+            )?;
+        }
+        Ok(())
     }
 
     /// One VM as its controller knows it, without waiting: `None` for a VM not (or no longer)

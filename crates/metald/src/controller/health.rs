@@ -187,7 +187,7 @@ impl Controller {
         let saved = self.save().await;
         self.env
             .emit(
-                self.rec.vm_id.as_str(),
+                &self.rec,
                 EventKind::GuestReady,
                 self.rec.observed,
                 self.rec.observed,
@@ -433,7 +433,7 @@ impl Controller {
                 if recovered {
                     self.env
                         .emit(
-                            self.rec.vm_id.as_str(),
+                            &self.rec,
                             EventKind::HealthChanged,
                             self.rec.observed,
                             self.rec.observed,
@@ -467,7 +467,7 @@ impl Controller {
                     let res = self.save().await;
                     self.env
                         .emit(
-                            self.rec.vm_id.as_str(),
+                            &self.rec,
                             EventKind::HealthChanged,
                             self.rec.observed,
                             self.rec.observed,
@@ -505,7 +505,7 @@ impl Controller {
         };
         self.env
             .emit(
-                self.rec.vm_id.as_str(),
+                &self.rec,
                 kind,
                 self.rec.observed,
                 self.rec.observed,

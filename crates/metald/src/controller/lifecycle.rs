@@ -78,9 +78,12 @@ impl Controller {
                 self.set_desired(Desired::Deleted).await?;
                 crate::crash_point!("delete.after_desired");
                 self.teardown(graceful).await?;
-                self.env
-                    .events
-                    .announce(self.rec.vm_id.as_str(), EventKind::Deleted, "vm deleted");
+                self.env.events.announce(
+                    self.rec.vm_id.as_str(),
+                    &self.rec.customer_id,
+                    EventKind::Deleted,
+                    "vm deleted",
+                );
                 info!(vm_id = %self.rec.vm_id, "vm deleted");
             }
             Op::Recover => {
@@ -230,7 +233,7 @@ impl Controller {
         self.stop_vmm(None, "saved by a host drain").await?;
         self.env
             .emit(
-                self.rec.vm_id.as_str(),
+                &self.rec,
                 EventKind::Saved,
                 was,
                 VmState::Shutdown,
@@ -615,14 +618,7 @@ impl Controller {
         self.save().await?;
         if from != s {
             self.env
-                .emit(
-                    self.rec.vm_id.as_str(),
-                    EventKind::StateChanged,
-                    from,
-                    s,
-                    "",
-                    "",
-                )
+                .emit(&self.rec, EventKind::StateChanged, from, s, "", "")
                 .await;
             info!(vm_id = %self.rec.vm_id, from = %from, to = %s, "vm state changed");
         }

@@ -216,11 +216,11 @@ impl ControllerEnv {
         }
     }
 
-    /// Records an event of VM `vm_id`, with the controllers' writer (after the registry commit
+    /// Records an event of VM `vm` (its id, and its customer for scoped watchers), with the controllers' writer (after the registry commit
     /// it describes, as every caller makes it).
     pub(super) async fn emit(
         &self,
-        vm_id: &str,
+        vm: &VmRecord,
         kind: EventKind,
         from: VmState,
         to: VmState,
@@ -228,7 +228,16 @@ impl ControllerEnv {
         message: &str,
     ) {
         self.events
-            .emit(&self.writer, vm_id, kind, from, to, reason, message)
+            .emit(
+                &self.writer,
+                vm.vm_id.as_str(),
+                &vm.customer_id,
+                kind,
+                from,
+                to,
+                reason,
+                message,
+            )
             .await;
     }
 

@@ -297,7 +297,7 @@ impl Controller {
         let from = self.rec.observed;
         self.env
             .emit(
-                self.rec.vm_id.as_str(),
+                &self.rec,
                 EventKind::Recovering,
                 from,
                 from,
@@ -359,7 +359,7 @@ impl Controller {
                 }
                 self.env
                     .emit(
-                        self.rec.vm_id.as_str(),
+                        &self.rec,
                         EventKind::Recovered,
                         from,
                         self.rec.observed,
@@ -385,7 +385,7 @@ impl Controller {
                 let _ = self.save().await;
                 self.env
                     .emit(
-                        self.rec.vm_id.as_str(),
+                        &self.rec,
                         EventKind::RecoveryFailed,
                         from,
                         VmState::Orphaned,
@@ -410,7 +410,7 @@ impl Controller {
         let saved = self.save().await;
         self.env
             .emit(
-                self.rec.vm_id.as_str(),
+                &self.rec,
                 EventKind::Failed,
                 from,
                 VmState::Failed,
@@ -533,7 +533,7 @@ impl Controller {
         self.env.metrics.orphaned(reason.as_str());
         self.env
             .emit(
-                self.rec.vm_id.as_str(),
+                &self.rec,
                 EventKind::Orphaned,
                 from,
                 VmState::Orphaned,

@@ -1,0 +1,336 @@
+//! Tenants cannot see or touch each other. Real `metalctl` processes run as unprivileged users
+//! (two tenants, of customers acme and globex, a reader and a stranger no rule names) against a
+//! metald whose socket anyone may open and whose `[auth]` rules decide, by the uid the kernel
+//! gives for each connection. Quotas refuse a create that would pass a cap and leave nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::os::unix::process::CommandExt as _;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use metald_api::v1 as pb;
+
+/// Users with no account on the host: the kernel does not need one.
+const ACME: u32 = 61_001;
+const GLOBEX: u32 = 61_002;
+const READER: u32 = 61_003;
+const STRANGER: u32 = 61_004;
+
+fn auth_toml() -> String {
+    format!(
+        "[auth]\nsocket_mode = 0o666\n\
+         [[auth.callers]]\nuid = {ACME}\nrole = \"tenant\"\ncustomers = [\"acme\"]\n\
+         [[auth.callers]]\nuid = {GLOBEX}\nrole = \"tenant\"\ncustomers = [\"globex\"]\n\
+         [[auth.callers]]\nuid = {READER}\nrole = \"reader\"\n"
+    )
+}
+
+/// What one metalctl run said.
+struct Ran {
+    ok: bool,
+    out: String,
+    err: String,
+}
+
+/// Runs metalctl as `uid` (bounded: a hung call fails the test instead of hanging it).
+async fn ctl(d: &Daemon, uid: u32, args: &[&str]) -> Ran {
+    let mut cmd = std::process::Command::new(bin("metalctl"));
+    cmd.uid(uid)
+        .gid(uid)
+        .arg("--endpoint")
+        .arg(format!("unix:{}", d.sock.display()))
+        .args(args)
+        .stdin(Stdio::null());
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .expect("metalctl did not finish within 30 s")
+        .expect("running metalctl");
+    Ran {
+        ok: out.status.success(),
+        out: String::from_utf8_lossy(&out.stdout).into_owned(),
+        err: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn create_args<'a>(id: &'a str, customer: &'a str, kernel: &'a str) -> Vec<&'a str> {
+    vec![
+        "create",
+        "--id",
+        id,
+        "--customer",
+        customer,
+        "--kernel",
+        kernel,
+        "--memory-mib",
+        "128",
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_see_and_touch_only_their_own_vms() {
+    let d = Daemon::start_with_toml(&auth_toml()).await;
+    let kernel = guest_dir().join("vmlinux").display().to_string();
+
+    let r = ctl(&d, ACME, &create_args("ta1", "acme", &kernel)).await;
+    assert!(r.ok, "acme's create: {}", r.err);
+    let r = ctl(&d, GLOBEX, &create_args("tb1", "globex", &kernel)).await;
+    assert!(r.ok, "globex's create: {}", r.err);
+
+    // A tenant creates only for its own customers.
+    let r = ctl(&d, ACME, &create_args("ta9", "globex", &kernel)).await;
+    assert!(!r.ok && r.err.contains("PermissionDenied"), "{}", r.err);
+
+    // It lists only its own VMs.
+    let r = ctl(&d, ACME, &["list", "--json"]).await;
+    assert!(r.ok, "{}", r.err);
+    assert!(r.out.contains("ta1") && !r.out.contains("tb1"), "{}", r.out);
+
+    // Every call on the other tenant's VM answers as for an id never used.
+    let never = ctl(&d, ACME, &["info", "tz9"]).await;
+    assert!(never.err.contains("NotFound"), "{}", never.err);
+    for args in [
+        vec!["info", "tb1"],
+        vec!["health", "tb1"],
+        vec!["boot", "tb1"],
+        vec!["pause", "tb1"],
+        vec!["resume", "tb1"],
+        vec!["shutdown", "tb1"],
+        vec!["reboot", "tb1"],
+        vec!["snapshot", "tb1"],
+        vec!["delete", "tb1"],
+        vec!["recover", "tb1"],
+        vec!["events", "tb1"],
+        vec!["events", "tb1", "--follow"],
+        vec!["logs", "tb1"],
+    ] {
+        let r = ctl(&d, ACME, &args).await;
+        assert!(
+            !r.ok && r.err.contains("NotFound: vm tb1 not found"),
+            "{args:?} as acme: {}",
+            r.err
+        );
+    }
+    // globex's VM is untouched.
+    let mut admin = d.client().await;
+    assert_eq!(state(&info(&mut admin, "tb1").await), pb::VmState::Created);
+
+    // Host operations are for admins.
+    for args in [
+        vec!["reconcile"],
+        vec!["host", "status"],
+        vec!["recovery-status"],
+    ] {
+        let r = ctl(&d, ACME, &args).await;
+        assert!(
+            !r.ok && r.err.contains("PermissionDenied"),
+            "{args:?}: {}",
+            r.err
+        );
+    }
+
+    // A reader sees everything and changes nothing.
+    let r = ctl(&d, READER, &["list", "--json"]).await;
+    assert!(r.out.contains("ta1") && r.out.contains("tb1"), "{}", r.out);
+    for args in [vec!["boot", "ta1"], vec!["delete", "tb1"]] {
+        let r = ctl(&d, READER, &args).await;
+        assert!(
+            !r.ok && r.err.contains("PermissionDenied"),
+            "{args:?}: {}",
+            r.err
+        );
+    }
+    let r = ctl(&d, READER, &create_args("tr1", "acme", &kernel)).await;
+    assert!(!r.ok && r.err.contains("PermissionDenied"), "{}", r.err);
+
+    // Nobody's rule names the stranger.
+    let r = ctl(&d, STRANGER, &["list"]).await;
+    assert!(!r.ok && r.err.contains("Unauthenticated"), "{}", r.err);
+
+    // The live stream is scoped too: acme follows all events while globex deletes its VM and
+    // acme creates and deletes another; acme sees its own VM's end and nothing of globex's.
+    let mut follow = {
+        let mut cmd = std::process::Command::new(bin("metalctl"));
+        cmd.uid(ACME)
+            .gid(ACME)
+            .arg("--endpoint")
+            .arg(format!("unix:{}", d.sock.display()))
+            .args(["events", "--follow", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
+        let mut cmd = tokio::process::Command::from(cmd);
+        cmd.kill_on_drop(true);
+        cmd.spawn().unwrap()
+    };
+    let out = follow.stdout.take().unwrap();
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut r = tokio::io::BufReader::new(out).lines();
+        while let Ok(Some(l)) = r.next_line().await {
+            let _ = tx.send(l);
+        }
+    });
+    let r = ctl(&d, GLOBEX, &["delete", "tb1"]).await;
+    assert!(r.ok, "{}", r.err);
+    let r = ctl(&d, ACME, &create_args("ta2", "acme", &kernel)).await;
+    assert!(r.ok, "{}", r.err);
+    let r = ctl(&d, ACME, &["delete", "ta2", "--force"]).await;
+    assert!(r.ok, "{}", r.err);
+    let mut seen = Vec::new();
+    let found = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(l) = lines.recv().await {
+            let mine = l.contains("ta2");
+            seen.push(l);
+            if mine {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    let _ = follow.kill().await;
+    let why = match follow.wait_with_output().await {
+        Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        found,
+        "acme never saw ta2's events: {seen:?}; metalctl said {why}"
+    );
+    assert!(seen.iter().all(|l| !l.contains("tb1")), "{seen:?}");
+    // The history as well: globex's booted VM has events; an admin sees them, acme does not.
+    let r = ctl(&d, GLOBEX, &create_args("tb2", "globex", &kernel)).await;
+    assert!(r.ok, "{}", r.err);
+    let r = ctl(&d, GLOBEX, &["boot", "tb2"]).await;
+    assert!(r.ok, "{}", r.err);
+    let all = ctl(&d, 0, &["events", "--json", "--limit", "1000"]).await;
+    assert!(all.out.contains("tb2"), "{}", all.out);
+    let r = ctl(&d, ACME, &["events", "--json", "--limit", "1000"]).await;
+    assert!(r.ok && !r.out.contains("tb2"), "{} {}", r.out, r.err);
+
+    // Every change is logged with who made it.
+    let audit = d
+        .wait_log_since(0, Duration::from_secs(5), |l| {
+            l.contains("\"api call\"")
+                && l.contains("uid:61002")
+                && l.contains("\"DeleteVm\"")
+                && l.contains("\"tenant\"")
+        })
+        .await;
+    assert!(audit.is_some(), "no audit line for globex's delete");
+    let text = d.metrics_text().await;
+    assert!(
+        text.contains("method=\"ListVms\",code=\"Ok\",role=\"tenant\""),
+        "no tenant-labelled ListVms in the metrics"
+    );
+    assert!(
+        text.contains("role=\"none\""),
+        "the stranger is not counted as none"
+    );
+
+    for id in ["ta1", "tb2"] {
+        admin
+            .delete_vm(pb::DeleteVmRequest {
+                vm_id: id.into(),
+                force: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_past_a_quota_is_refused_and_leaves_nothing() {
+    let d = Daemon::start_with_toml(
+        "[quota]\nmax_memory_mib = 400\n\
+         [[quota.customers]]\ncustomer_id = \"globex\"\nmax_vms = 1\n",
+    )
+    .await;
+    let mut c = d.client().await;
+    let req = |id: &str, customer: &str| {
+        let mut r = guest_request(id);
+        r.customer_id = customer.into();
+        r
+    };
+    c.create_vm(req("q1", "globex")).await.unwrap();
+    let e = c.create_vm(req("q2", "globex")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
+    assert!(
+        e.message().contains("customer \"globex\" max_vms is 1"),
+        "{}",
+        e.message()
+    );
+    // Another customer still has room, until the host's memory cap.
+    c.create_vm(req("q3", "acme")).await.unwrap();
+    c.create_vm(req("q4", "acme")).await.unwrap();
+    let e = c.create_vm(req("q5", "acme")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
+    assert!(
+        e.message()
+            .contains("host max_memory_mib is 400; 384 in use"),
+        "{}",
+        e.message()
+    );
+    // Nothing of the refused VMs: no row, no run directory, no VMM.
+    for id in ["q2", "q5"] {
+        let e = c
+            .get_vm_info(pb::GetVmInfoRequest { vm_id: id.into() })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        assert!(!d.run_dir(id).exists(), "{id} left its run directory");
+    }
+    assert_eq!(d.vmm_pids().len(), 3);
+    // A delete gives the room back.
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: "q1".into(),
+        force: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.create_vm(req("q2", "globex")).await.unwrap();
+    for id in ["q2", "q3", "q4"] {
+        c.delete_vm(pb::DeleteVmRequest {
+            vm_id: id.into(),
+            force: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_tcp_listener_without_insecure_tcp_is_refused_at_start() {
+    let dir = std::env::temp_dir().join(format!("mdt-tcp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cmd = tokio::process::Command::new(bin("metald"));
+    cmd.arg("--state-dir")
+        .arg(&dir)
+        .arg("--asset-dir")
+        .arg(guest_dir())
+        .args(["--listen", "tcp:127.0.0.1:0", "--metrics-listen", ""])
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(20), cmd.output())
+        .await
+        .expect("metald did not exit within 20 s")
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "metald started: {said}");
+    assert!(said.contains("auth.insecure_tcp = true"), "{said}");
+}
