@@ -502,6 +502,11 @@ pub struct QemuConfig {
     /// Give each VM a pvpanic device, so a guest kernel panic reaches metald in milliseconds
     /// (`GUEST_PANICKED`). Needs the guest kernel's pvpanic driver; harmless without it.
     pub panic_device: bool,
+    /// Run QEMU under its seccomp sandbox (`-sandbox on,obsolete=deny,elevateprivileges=deny,
+    /// spawn=deny,resourcecontrol=deny`): a guest that escapes into QEMU cannot run programs,
+    /// change its ids or use obsolete system calls. Snapshots pass QEMU an open file instead of
+    /// a command to run, so they work under it.
+    pub sandbox: bool,
 }
 
 impl Default for Config {
@@ -548,6 +553,7 @@ impl Default for QemuConfig {
             spawn_timeout: Duration::from_secs(5),
             qmp_timeout: Duration::from_secs(2),
             panic_device: true,
+            sandbox: true,
         }
     }
 }

@@ -334,3 +334,34 @@ async fn a_tcp_listener_without_insecure_tcp_is_refused_at_start() {
     assert!(!out.status.success(), "metald started: {said}");
     assert!(said.contains("auth.insecure_tcp = true"), "{said}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qemu_vmm_runs_under_its_seccomp_sandbox() {
+    if on_firecracker() {
+        // Firecracker installs its own seccomp filters; the jailer tests cover it.
+        return;
+    }
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    c.create_vm(guest_request("sb1")).await.unwrap();
+    let pid = pid_of(&info(&mut c, "sb1").await).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mode = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .map(str::trim);
+    // 2: filter mode.
+    assert_eq!(mode, Some("2"), "{status}");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("spawn=deny"),
+        "the sandbox does not forbid spawning"
+    );
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: "sb1".into(),
+        force: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}

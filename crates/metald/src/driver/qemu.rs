@@ -5,6 +5,7 @@
 //! Firecracker's configure-then-InstanceStart. It runs with `-no-reboot`: a guest reboot (or a QMP
 //! `system_reset`) makes QEMU exit, and the controller turns a reboot into a supervised restart.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -41,17 +42,6 @@ pub use super::VMM_LOG;
 pub const MIGRATION_FILE: &str = "qemu-migration.bin";
 /// Bound on writing or loading a snapshot.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Quotes a path for the shell QEMU runs an `exec:` migration URI in.
-fn shell_quote(p: &Path) -> Result<String, DriverError> {
-    let s = p.display().to_string();
-    if s.contains('\'') {
-        return Err(DriverError::Protocol(format!(
-            "snapshot path {s:?} contains a quote"
-        )));
-    }
-    Ok(format!("'{s}'"))
-}
 
 /// Drives QEMU `microvm` guests.
 #[derive(Debug)]
@@ -140,6 +130,12 @@ impl QemuDriver {
             "-device",
             &format!("virtserialport,chardev=metald-qga,name={AGENT_PORT}"),
         ]);
+        if self.cfg.sandbox {
+            push(&[
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            ]);
+        }
         if self.cfg.panic_device {
             // pvpanic tells QEMU the moment the guest kernel panics (GUEST_PANICKED); with the
             // pause action QEMU stays up in `guest-panicked` so metald, not QEMU, decides what
@@ -234,6 +230,42 @@ impl QemuVmm {
         }
     }
 
+    /// Starts `command` (`migrate` or `migrate-incoming`) on the stream in `file`, handed to
+    /// QEMU over the QMP socket (`getfd`, SCM_RIGHTS) and named in an `fd:` URI. Both commands
+    /// go over one connection, since QEMU keeps a passed fd with the monitor it came on: the
+    /// held session, or one opened for the two.
+    async fn migrate_fd(&self, command: &str, file: std::fs::File) -> Result<(), DriverError> {
+        const NAME: &str = "metald-migration";
+        let session = match self.session() {
+            Some(s) => s,
+            None => qmp::Session::connect(&self.sock, self.timeout).await?.0,
+        };
+        session
+            .execute_with_fd(
+                "getfd",
+                Some(json!({ "fdname": NAME })),
+                std::os::fd::AsFd::as_fd(&file),
+                self.timeout,
+            )
+            .await?;
+        // QEMU holds its own copy of the file now.
+        drop(file);
+        let started = session
+            .execute(
+                command,
+                Some(json!({ "uri": format!("fd:{NAME}") })),
+                self.timeout,
+            )
+            .await;
+        if started.is_err() {
+            // Not taken by a migration: closed here, not left open in QEMU.
+            let _ = session
+                .execute("closefd", Some(json!({ "fdname": NAME })), self.timeout)
+                .await;
+        }
+        started.map(|_| ())
+    }
+
     /// The held session, while it is open.
     fn session(&self) -> Option<qmp::Session> {
         let held = self.session.lock().unwrap_or_else(|p| p.into_inner());
@@ -316,17 +348,25 @@ impl VmmControl for QemuVmm {
         if diff.is_some() {
             return Err(DriverError::Unsupported("a diff snapshot", "qemu"));
         }
-        // QEMU's snapshot is its migration stream, written to a file (this QEMU has no file:
-        // migration URI, so through `exec:`). The guest is paused, so the stream is final.
-        let uri = format!("exec:cat > {}", shell_quote(&dest.join(MIGRATION_FILE))?);
-        self.qmp("migrate", Some(json!({ "uri": uri }))).await?;
+        // QEMU's snapshot is its migration stream, written into a file metald opens and hands
+        // over (QEMU runs nothing: its sandbox forbids it). The guest is paused, so the stream
+        // is final.
+        let path = dest.join(MIGRATION_FILE);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| DriverError::Io(format!("creating {}", path.display()), e))?;
+        self.migrate_fd("migrate", file).await?;
         self.wait_migration().await
     }
 
     async fn restore(&self, _spec: &VmSpec, src: &Path) -> Result<(), DriverError> {
-        let uri = format!("exec:cat {}", shell_quote(&src.join(MIGRATION_FILE))?);
-        self.qmp("migrate-incoming", Some(json!({ "uri": uri })))
-            .await?;
+        let path = src.join(MIGRATION_FILE);
+        let file = std::fs::File::open(&path)
+            .map_err(|e| DriverError::Io(format!("opening {}", path.display()), e))?;
+        self.migrate_fd("migrate-incoming", file).await?;
         self.wait_migration().await
     }
 }

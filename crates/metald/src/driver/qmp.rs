@@ -100,6 +100,47 @@ async fn send(wr: &mut tokio::net::unix::OwnedWriteHalf, msg: &Value) -> Result<
         .map_err(|e| DriverError::Io("writing QMP".into(), e))
 }
 
+/// Sends `msg` with `fd` attached to its first bytes (SCM_RIGHTS), then the rest of it.
+async fn send_with_fd(
+    wr: &mut tokio::net::unix::OwnedWriteHalf,
+    msg: &Value,
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> Result<(), DriverError> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let mut line = msg.to_string();
+    line.push('\n');
+    let bytes = line.as_bytes();
+    let io = |e: std::io::Error| DriverError::Io("writing QMP".into(), e);
+    let stream: &tokio::net::UnixStream = wr.as_ref();
+    let sent = loop {
+        stream.writable().await.map_err(io)?;
+        let attempt = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut ancillary = SendAncillaryBuffer::new(&mut space);
+            let fds = [fd];
+            if !ancillary.push(SendAncillaryMessage::ScmRights(&fds)) {
+                return Err(std::io::Error::other("no room for the fd"));
+            }
+            rustix::net::sendmsg(
+                stream,
+                &[std::io::IoSlice::new(bytes)],
+                &mut ancillary,
+                SendFlags::NOSIGNAL,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match attempt {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(io(e)),
+        }
+    };
+    // The fd went with the first bytes; the rest of the line follows as plain bytes.
+    wr.write_all(bytes.get(sent..).unwrap_or_default())
+        .await
+        .map_err(io)
+}
+
 type Lines = tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>;
 
 async fn next_message(lines: &mut Lines, what: &str) -> Result<Value, DriverError> {
@@ -209,6 +250,28 @@ impl Session {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, DriverError> {
+        self.run(command, arguments, None, timeout).await
+    }
+
+    /// Runs a command that takes a file descriptor (`getfd`, `add-fd`): `fd` travels with the
+    /// command's bytes as SCM_RIGHTS, and QEMU keeps its own copy.
+    pub async fn execute_with_fd(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: std::os::fd::BorrowedFd<'_>,
+        timeout: Duration,
+    ) -> Result<Value, DriverError> {
+        self.run(command, arguments, Some(fd), timeout).await
+    }
+
+    async fn run(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
+        timeout: Duration,
+    ) -> Result<Value, DriverError> {
         if self.is_closed() {
             return Err(DriverError::Closed);
         }
@@ -219,7 +282,12 @@ impl Session {
             .insert(id, (command.to_string(), reply));
         let run = async {
             let msg = command_message(command, arguments, Some(id));
-            send(&mut *self.inner.writer.lock().await, &msg).await?;
+            let mut wr = self.inner.writer.lock().await;
+            match fd {
+                Some(fd) => send_with_fd(&mut wr, &msg, fd).await?,
+                None => send(&mut wr, &msg).await?,
+            }
+            drop(wr);
             rx.await.map_err(|_| DriverError::Closed)?
         };
         let r = bounded(|| format!("QMP {command}"), timeout, run).await;
