@@ -20,6 +20,9 @@ use crate::recovery::BreakerState;
 use crate::store::VmRecord;
 use crate::supervisor::Supervisor;
 
+/// The largest request message accepted, in bytes.
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+
 /// The `metald.v1.VmService` implementation.
 #[derive(Debug, Clone)]
 pub struct VmApi {
@@ -145,7 +148,10 @@ impl VmApi {
 
     /// The tonic server for this API.
     pub fn into_server(self) -> pb::vm_service_server::VmServiceServer<VmApi> {
+        // metald's largest request (a CreateVm with every drive, NIC and metadata entry at its
+        // limit) is well under 256 KiB; anything bigger is refused before it is decoded.
         pb::vm_service_server::VmServiceServer::new(self)
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
     }
 
     async fn lifecycle(
@@ -710,7 +716,7 @@ fn page_token_encode(after: &VmId) -> String {
     out
 }
 
-fn page_token_decode(token: &str) -> Result<VmId, Error> {
+pub(crate) fn page_token_decode(token: &str) -> Result<VmId, Error> {
     let bad = || Error::invalid("page_token", "is not a next_page_token from ListVms");
     let hex = token.strip_prefix("p1").ok_or_else(bad)?;
     if hex.len() % 2 != 0 || !hex.is_ascii() {
@@ -733,7 +739,7 @@ fn desired_to_pb(rec: &VmRecord) -> i32 {
 }
 
 /// A customer id: 1 to 128 of `[A-Za-z0-9_.@-]`.
-fn check_customer_id(c: &str) -> Result<(), Error> {
+pub(crate) fn check_customer_id(c: &str) -> Result<(), Error> {
     if c.is_empty()
         || c.len() > 128
         || !c

@@ -56,6 +56,8 @@ pub mod store;
 pub mod supervisor;
 pub mod telemetry;
 pub mod transport;
+#[cfg(test)]
+mod validate_props;
 
 pub use error::{Error, Result};
 

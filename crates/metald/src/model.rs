@@ -650,6 +650,12 @@ pub struct VmSpecInput {
 
 const MIB: u64 = 1024 * 1024;
 
+/// Most storage devices one VM may have: a microVM's virtio-mmio slots are few (QEMU's
+/// `microvm` has 24 for every device together), and each drive holds a file open in its VMM.
+pub const MAX_DRIVES: usize = 16;
+/// Most network interfaces one VM may have.
+pub const MAX_NICS: usize = 8;
+
 /// What a host accepts of a VM: the rules [`VmSpecInput::validate`] checks a request against,
 /// taken from the daemon's config (`Config::spec_rules`) so that the domain needs none of it.
 #[derive(Debug, Clone)]
@@ -723,6 +729,18 @@ impl VmSpecInput {
             ));
         }
 
+        if self.drives.len() > MAX_DRIVES {
+            return Err(Error::invalid(
+                "config.storage",
+                format!("at most {MAX_DRIVES} storage devices"),
+            ));
+        }
+        if self.nics.len() > MAX_NICS {
+            return Err(Error::invalid(
+                "config.network",
+                format!("at most {MAX_NICS} network interfaces"),
+            ));
+        }
         let mut drives = Vec::with_capacity(self.drives.len());
         for (i, (id, path, read_only, is_root)) in self.drives.into_iter().enumerate() {
             let field = format!("config.storage[{i}]");

@@ -189,6 +189,26 @@ async fn bad_create_requests_name_the_field_and_leave_nothing() {
             "config.network[0].mac_address",
         ),
         (
+            with("drives17", |c| {
+                c.storage = (0..17).map(|i| data_disk(&format!("d{i}"))).collect()
+            }),
+            Code::InvalidArgument,
+            "config.storage: at most 16",
+        ),
+        (
+            with("nics9", |c| {
+                c.network = (0..9)
+                    .map(|i| pb::NetworkInterface {
+                        id: format!("n{i}"),
+                        mac_address: format!("02:00:00:00:00:{i:02x}"),
+                        tap_device: format!("tap{i}"),
+                    })
+                    .collect()
+            }),
+            Code::InvalidArgument,
+            "config.network: at most 8",
+        ),
+        (
             with("vsockcid", |c| {
                 c.vsock = Some(pb::VsockConfig { guest_cid: 2 })
             }),
@@ -207,6 +227,16 @@ async fn bad_create_requests_name_the_field_and_leave_nothing() {
         );
         assert_only(&d, &mut c, &["keeper"], 1).await;
     }
+
+    // A request far larger than any valid one is refused before it is decoded.
+    let e = c
+        .create_vm(with("huge", |c| {
+            c.boot.as_mut().unwrap().kernel_args = "x".repeat(300 * 1024)
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    assert_only(&d, &mut c, &["keeper"], 1).await;
 
     // A request that passes validation but that QEMU itself refuses (the keeper holds the
     // disk's write lock): the VMM exits during start-up and everything is rolled back. Image
