@@ -148,6 +148,41 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
     /// Host-wide and per-customer caps on what VMs may commit.
     pub quota: QuotaConfig,
+    /// A cgroup per VMM, with its limits.
+    pub cgroups: CgroupConfig,
+}
+
+/// A cgroup per VMM (a jailed Firecracker's comes from the jailer instead).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CgroupConfig {
+    /// Put each VMM in a cgroup of its own. metald refuses to start when it cannot.
+    pub enabled: bool,
+    /// Which cgroup version: "auto" (v2 on a unified host, v1 otherwise), "1" or "2".
+    pub version: CgroupVersion,
+    /// The cgroup, under each hierarchy's root, that holds this metald's VMs' cgroups. Default:
+    /// `metald/<12 hex digits naming the state directory>`, so that two metalds on one host
+    /// (two state directories) never share a VM's cgroup.
+    pub parent: Option<String>,
+    /// Memory a VMM may use beyond its guest's, in MiB (QEMU's own is some tens of MiB).
+    pub memory_overhead_mib: u64,
+    /// Most processes and threads in a VMM's cgroup.
+    pub pids_max: u64,
+    /// CPU a VMM may use per vCPU, in % of one core (0: no limit).
+    pub cpu_pct_per_vcpu: u32,
+}
+
+impl Default for CgroupConfig {
+    fn default() -> Self {
+        CgroupConfig {
+            enabled: true,
+            version: CgroupVersion::Auto,
+            parent: None,
+            memory_overhead_mib: 256,
+            pids_max: 1024,
+            cpu_pct_per_vcpu: 0,
+        }
+    }
 }
 
 /// Caps checked at CreateVm, host-wide and per customer. A create that would pass one is
@@ -507,6 +542,12 @@ pub struct QemuConfig {
     /// change its ids or use obsolete system calls. Snapshots pass QEMU an open file instead of
     /// a command to run, so they work under it.
     pub sandbox: bool,
+    /// Run QEMU as this user id (and `gid`), dropped to before it execs; its run directory is
+    /// given to it. None: metald's own user. Kernels, initrds and drives must be readable (and
+    /// writable drives writable) by it: CreateVm checks.
+    pub uid: Option<u32>,
+    /// The group id QEMU runs as with `uid` (default: the same number as `uid`).
+    pub gid: Option<u32>,
 }
 
 impl Default for Config {
@@ -521,6 +562,7 @@ impl Default for Config {
             log_format: LogFormat::Json,
             auth: crate::auth::AuthConfig::default(),
             quota: QuotaConfig::default(),
+            cgroups: CgroupConfig::default(),
             limits: Limits::default(),
             qemu: QemuConfig::default(),
             shutdown_timeout: Duration::from_secs(10),
@@ -554,6 +596,8 @@ impl Default for QemuConfig {
             qmp_timeout: Duration::from_secs(2),
             panic_device: true,
             sandbox: true,
+            uid: None,
+            gid: None,
         }
     }
 }
@@ -594,6 +638,21 @@ impl Config {
         }
     }
 
+    /// The cgroup that holds this metald's VMs' cgroups (see [`CgroupConfig::parent`]).
+    pub fn cgroup_parent(&self) -> String {
+        if let Some(p) = &self.cgroups.parent {
+            return p.clone();
+        }
+        // FNV-1a of the state directory's path: stable across restarts, different per metald.
+        let dir = std::fs::canonicalize(&self.state_dir).unwrap_or_else(|_| self.state_dir.clone());
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in dir.as_os_str().as_encoded_bytes() {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("metald/{:012x}", h >> 16)
+    }
+
     /// Path of the SQLite registry.
     pub fn db_path(&self) -> PathBuf {
         self.state_dir.join("metald.db")
@@ -623,6 +682,19 @@ impl Config {
                  auth.insecure_tcp = true (every caller an admin; only on a network you trust \
                  as much as root on this host); use the unix socket otherwise"
             )));
+        }
+        if self
+            .cgroups
+            .parent
+            .as_deref()
+            .is_some_and(|p| p.split('/').any(|c| c.is_empty() || c == ".." || c == "."))
+        {
+            return Err(Error::Config(
+                "cgroups.parent: must be a relative path without empty or .. components".into(),
+            ));
+        }
+        if self.qemu.gid.is_some() && self.qemu.uid.is_none() {
+            return Err(Error::Config("qemu.gid: set qemu.uid too".into()));
         }
         let q = &self.quota;
         if !(q.memory_overcommit.is_finite() && q.memory_overcommit > 0.0) {

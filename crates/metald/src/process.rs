@@ -232,15 +232,44 @@ pub struct Spawned {
 /// Starts `cmd` in a new session with stdin from /dev/null and stdout and stderr appended to
 /// `log`. The new session means a signal to metald's process group (Ctrl-C, systemd stopping the
 /// unit with KillMode=process) does not reach the VMM, so VMs outlive metald.
-pub fn spawn_detached(mut cmd: Command, log: &Path) -> io::Result<Spawned> {
+pub fn spawn_detached(cmd: Command, log: &Path) -> io::Result<Spawned> {
+    spawn_detached_as(cmd, log, &[], None)
+}
+
+/// [`spawn_detached`], with the child first joining the cgroups whose `cgroup.procs` are open
+/// in `cgroups` (so the program runs in them from its first instruction), then, with `user`,
+/// dropping to that uid and gid (and no supplementary groups) before it execs. Joining comes
+/// before dropping: the cgroups belong to root.
+pub fn spawn_detached_as(
+    mut cmd: Command,
+    log: &Path,
+    cgroups: &[std::os::fd::OwnedFd],
+    user: Option<(u32, u32)>,
+) -> io::Result<Spawned> {
+    use std::os::fd::AsRawFd;
     let out = File::options().create(true).append(true).open(log)?;
     let err = out.try_clone()?;
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-    // SAFETY: the closure runs in the forked child before exec and only makes the setsid system
-    // call (rustix's, a raw syscall: async-signal-safe, no allocation).
+    let procs: Vec<i32> = cgroups.iter().map(AsRawFd::as_raw_fd).collect();
+    // SAFETY: the closure runs in the forked (single-threaded) child before exec and makes only
+    // raw system calls through rustix (setsid, write, setgroups, setgid, setuid): async-signal-
+    // safe, no allocation, no lock. The fds it borrows are `cgroups`, which the caller keeps open
+    // until this function returns, after the fork; the child inherited them.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             rustix::process::setsid()?;
+            for fd in &procs {
+                // SAFETY: see above; `fd` is open in this child.
+                let fd = std::os::fd::BorrowedFd::borrow_raw(*fd);
+                // "0" is the writing process itself.
+                rustix::io::write(fd, b"0")?;
+            }
+            if let Some((uid, gid)) = user {
+                // The thread calls are the process's here: the child has one thread.
+                rustix::thread::set_thread_groups(&[])?;
+                rustix::thread::set_thread_gid(rustix::fs::Gid::from_raw(gid))?;
+                rustix::thread::set_thread_uid(rustix::fs::Uid::from_raw(uid))?;
+            }
             Ok(())
         });
     }

@@ -365,3 +365,160 @@ async fn a_qemu_vmm_runs_under_its_seccomp_sandbox() {
     .await
     .unwrap();
 }
+
+/// The memory limit a cgroup directory holds (v1 or v2).
+fn memory_limit(dir: &std::path::Path) -> Option<u64> {
+    ["memory.limit_in_bytes", "memory.max"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
+        .and_then(|s| s.trim().parse().ok())
+}
+
+fn in_cgroup(dir: &std::path::Path, pid: i32) -> bool {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .any(|p| p == pid.to_string())
+}
+
+/// Waits, bounded, until `f` holds.
+async fn until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        // No event announces a cgroup directory going away; bounded by `within`.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qemu_vmm_runs_as_its_user_in_a_cgroup_that_goes_with_it() {
+    if on_firecracker() {
+        return;
+    }
+    const VMM_USER: u32 = 61_010;
+    let d = Daemon::start_with_toml(&format!("[qemu]\nuid = {VMM_USER}\n")).await;
+    let mut c = d.client().await;
+    let mut req = guest_request("u1");
+    req.config.as_mut().unwrap().auto_recover = Some(false);
+    c.create_vm(req).await.unwrap();
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "u1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let vm = info(&mut c, "u1").await;
+    let pid = pid_of(&vm).unwrap();
+    // The guest runs, under a QEMU that is not root.
+    assert!(
+        wait_console(
+            &console_of(&vm),
+            "METALD-GUEST-READY",
+            1,
+            Duration::from_secs(60)
+        )
+        .await,
+        "the guest of an unprivileged QEMU did not boot"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uids = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert_eq!(
+        uids.split_whitespace().skip(1).collect::<Vec<_>>(),
+        vec![VMM_USER.to_string(); 4],
+        "{uids}"
+    );
+    // Its own cgroup in every hierarchy, with the guest's memory plus the overhead as limit.
+    let groups = d.cgroups_of("u1");
+    assert!(!groups.is_empty(), "no cgroup for u1");
+    assert!(groups.iter().all(|g| in_cgroup(g, pid)), "{groups:?}");
+    let limits: Vec<u64> = groups.iter().filter_map(|g| memory_limit(g)).collect();
+    assert_eq!(limits, vec![(128 + 256) << 20], "{groups:?}");
+    // A crash takes the cgroup with the VMM (no recovery for this VM: nothing new is made).
+    metald::process::kill_pid(pid, libc::SIGKILL).unwrap();
+    assert!(
+        until(Duration::from_secs(10), || d.cgroups_of("u1").is_empty()).await,
+        "the cgroup outlived its crashed VMM"
+    );
+    // A new start makes it again; a delete removes it.
+    c.recover_vm(pb::RecoverVmRequest {
+        vm_id: "u1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let pid2 = pid_of(&info(&mut c, "u1").await).unwrap();
+    assert!(d.cgroups_of("u1").iter().all(|g| in_cgroup(g, pid2)));
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: "u1".into(),
+        force: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(d.cgroups_of("u1").is_empty(), "the cgroup outlived its vm");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_killed_at_its_cgroup_memory_limit_is_reported_as_oom_and_recovered() {
+    if on_firecracker() {
+        return;
+    }
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    c.create_vm(guest_request("o1")).await.unwrap();
+    let pid = pid_of(&info(&mut c, "o1").await).unwrap();
+    // Squeeze the created (not yet booted) VMM's memory to a little above what it uses: its
+    // guest's boot touches far more, and the kernel's OOM killer ends it.
+    for g in d.cgroups_of("o1") {
+        for (usage, limit) in [
+            ("memory.usage_in_bytes", "memory.limit_in_bytes"),
+            ("memory.current", "memory.max"),
+        ] {
+            if let Ok(u) = std::fs::read_to_string(g.join(usage)) {
+                let u: u64 = u.trim().parse().unwrap();
+                std::fs::write(g.join(limit), (u + (4 << 20)).to_string()).unwrap();
+            }
+        }
+    }
+    let mark = d.log_mark();
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "o1".into(),
+        ..Default::default()
+    })
+    .await
+    .ok();
+    let exited = d
+        .wait_log_since(mark, Duration::from_secs(30), |l| {
+            l.contains("\"o1\"") && l.contains("cause: oom")
+        })
+        .await;
+    assert!(exited.is_some(), "no oom exit of o1 logged");
+    // Recovered: a new VMM, in a fresh cgroup with the configured limit, runs the guest.
+    let back = d
+        .wait_log_since(mark, Duration::from_secs(60), |l| {
+            l.contains("\"o1\"") && l.contains("vm recovered")
+        })
+        .await;
+    assert!(back.is_some(), "o1 was not recovered");
+    let vm = info(&mut c, "o1").await;
+    assert!(vm.last_exit.contains("oom"), "{}", vm.last_exit);
+    let pid2 = pid_of(&vm).unwrap();
+    assert_ne!(pid, pid2);
+    let limits: Vec<u64> = d
+        .cgroups_of("o1")
+        .iter()
+        .filter_map(|g| memory_limit(g))
+        .collect();
+    assert_eq!(limits, vec![(128 + 256) << 20]);
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: "o1".into(),
+        force: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}

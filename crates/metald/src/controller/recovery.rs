@@ -122,7 +122,7 @@ pub(super) fn plan_exit(wanted_up: bool, cause: &ExitCause, policy: RestartPolic
             ExitPlan::Restart(Trigger::GuestPoweroff)
         }
         ExitCause::GuestPoweroff => ExitPlan::PoweredOff,
-        ExitCause::Signal(_) | ExitCause::Crash(_) | ExitCause::Unknown => {
+        ExitCause::Signal(_) | ExitCause::Crash(_) | ExitCause::Oom | ExitCause::Unknown => {
             ExitPlan::Orphan(OrphanReason::ProcessDead)
         }
     }

@@ -23,7 +23,7 @@ use super::{
 };
 use crate::config::FirecrackerConfig;
 use crate::model::{VmId, VmSpec};
-use crate::process::{ExitInfo, Pidfd, spawn_detached};
+use crate::process::{ExitInfo, Pidfd, spawn_detached, spawn_detached_as};
 
 /// The API socket inside a VM's run directory.
 pub const API_SOCKET: &str = "firecracker.sock";
@@ -147,6 +147,8 @@ pub struct FirecrackerDriver {
     cfg: std::sync::Arc<FirecrackerConfig>,
     /// The host's cgroup hierarchies, as the jailer will find them (jailer on only).
     cgroups: Result<CgroupHost, String>,
+    /// The cgroup of each VMM started without the jailer (the jailer makes its own).
+    vmm_cgroups: super::cgroup::CgroupPolicy,
     version: std::sync::OnceLock<String>,
 }
 
@@ -161,8 +163,18 @@ impl FirecrackerDriver {
         FirecrackerDriver {
             cfg: std::sync::Arc::new(cfg),
             cgroups,
+            vmm_cgroups: super::cgroup::CgroupPolicy::off(),
             version: Default::default(),
         }
+    }
+
+    /// The same driver, placing each VMM it starts without the jailer in a cgroup of its own.
+    #[must_use]
+    pub fn with_cgroups(mut self, cgroups: super::cgroup::CgroupPolicy) -> Self {
+        if !self.cfg.jailer.enabled {
+            self.vmm_cgroups = cgroups;
+        }
+        self
     }
 
     /// The requests that configure a VM, in the order they are sent, with files named as
@@ -1000,8 +1012,10 @@ impl VmmDriver for FirecrackerDriver {
         // The console log is recreated per VMM, like QEMU's, so a guest's output is its own.
         let console = req.run_dir.join(CONSOLE_LOG);
         super::rotate_log(&console);
-        let sp = spawn_detached(cmd, &console)
+        let placement = self.vmm_cgroups.place(req.vm_id, req.spec, None)?;
+        let sp = spawn_detached_as(cmd, &console, &placement.procs, None)
             .map_err(|e| DriverError::Spawn(format!("{}: {e}", self.cfg.binary.display())))?;
+        drop(placement);
         let endpoint = VmmEndpoint {
             pid: sp.pid,
             start_time: sp.start_time,
@@ -1061,6 +1075,9 @@ impl VmmDriver for FirecrackerDriver {
 
     async fn release(&self, vm_id: &VmId, run_dir: &Path) {
         if !self.cfg.jailer.enabled {
+            let (cgroups, id) = (self.vmm_cgroups.clone(), vm_id.clone());
+            // Kills what is left in the cgroup and waits for it, bounded: off the runtime.
+            let _ = tokio::task::spawn_blocking(move || cgroups.release(&id)).await;
             return;
         }
         let jail = self.jail(vm_id.as_str());
@@ -1079,7 +1096,7 @@ impl VmmDriver for FirecrackerDriver {
 
     fn sweep_leftovers(&self, live: &[VmId], grace: Duration) -> usize {
         if !self.cfg.jailer.enabled {
-            return 0;
+            return self.vmm_cgroups.sweep(live, grace);
         }
         let Ok(host) = &self.cgroups else { return 0 };
         let settings = self.cgroup_settings();
@@ -1147,6 +1164,9 @@ impl VmmDriver for FirecrackerDriver {
         status: ExitInfo,
         _reported: Option<&super::ShutdownReason>,
     ) -> ExitCause {
+        if self.vmm_cgroups.oom_killed(run_dir) {
+            return ExitCause::Oom;
+        }
         // Firecracker exits 0 both when its guest stops it (a reset, Ctrl-Alt-Del) and when a
         // vCPU dies on an internal error, and a jailed one is not our child, so its status is
         // unknown. Its log says which.
@@ -1206,7 +1226,7 @@ impl VmmDriver for FirecrackerDriver {
 
     fn check_host(&self) -> Result<(), String> {
         if !self.cfg.jailer.enabled {
-            return Ok(());
+            return self.vmm_cgroups.check();
         }
         let j = &self.cfg.jailer;
         if let Err(e) = &self.cgroups {

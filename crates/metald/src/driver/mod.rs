@@ -18,6 +18,7 @@ pub(crate) use common::{
 pub use crate::error::DriverError;
 pub use crate::model::VmmEndpoint;
 
+pub mod cgroup;
 mod common;
 #[cfg(test)]
 pub mod fake;
@@ -54,12 +55,16 @@ impl std::fmt::Debug for Drivers {
 impl Drivers {
     /// Both drivers, configured from the daemon config.
     pub fn from_config(cfg: &crate::config::Config) -> Self {
+        // One view of the host's cgroups, for both drivers.
+        let cgroups = cgroup::CgroupPolicy::from_config(cfg);
         Drivers {
             default: cfg.vmm,
-            qemu: std::sync::Arc::new(qemu::QemuDriver::new(cfg.qemu.clone(), cfg.accel)),
-            firecracker: std::sync::Arc::new(firecracker::FirecrackerDriver::new(
-                cfg.firecracker.clone(),
-            )),
+            qemu: std::sync::Arc::new(
+                qemu::QemuDriver::new(cfg.qemu.clone(), cfg.accel).with_cgroups(cgroups.clone()),
+            ),
+            firecracker: std::sync::Arc::new(
+                firecracker::FirecrackerDriver::new(cfg.firecracker.clone()).with_cgroups(cgroups),
+            ),
         }
     }
 
@@ -316,6 +321,8 @@ pub enum ExitCause {
     Signal(i32),
     /// The VMM failed on its own (non-zero exit).
     Crash(String),
+    /// The kernel's OOM killer killed it: its cgroup hit its memory limit.
+    Oom,
     /// Not knowable (an adopted process that is not our child, killed without a trace).
     Unknown,
 }
@@ -328,6 +335,7 @@ impl std::fmt::Display for ExitCause {
             ExitCause::GuestPanic => f.write_str("guest kernel panicked"),
             ExitCause::Signal(s) => write!(f, "signal {s}"),
             ExitCause::Crash(m) => write!(f, "crash: {m}"),
+            ExitCause::Oom => f.write_str("oom (killed at its cgroup's memory limit)"),
             ExitCause::Unknown => f.write_str("unknown"),
         }
     }

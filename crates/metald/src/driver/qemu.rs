@@ -19,7 +19,7 @@ use super::{
 };
 use crate::config::{Accel, QemuConfig};
 use crate::model::{VmId, VmSpec};
-use crate::process::{ExitInfo, Pidfd, spawn_detached};
+use crate::process::{ExitInfo, Pidfd, spawn_detached_as};
 
 /// The marker in every QEMU command line metald starts: `-name metald.<vm_id>`. It is how
 /// re-attach recognises a VM's process and how strays are found.
@@ -48,6 +48,7 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
 pub struct QemuDriver {
     cfg: QemuConfig,
     accel: Accel,
+    cgroups: super::cgroup::CgroupPolicy,
     version: std::sync::OnceLock<String>,
 }
 
@@ -57,8 +58,21 @@ impl QemuDriver {
         QemuDriver {
             cfg,
             accel,
+            cgroups: super::cgroup::CgroupPolicy::off(),
             version: Default::default(),
         }
+    }
+
+    /// The same driver, placing each VMM in a cgroup of its own.
+    #[must_use]
+    pub fn with_cgroups(mut self, cgroups: super::cgroup::CgroupPolicy) -> Self {
+        self.cgroups = cgroups;
+        self
+    }
+
+    /// The user QEMU runs as, when it is not metald's.
+    fn user(&self) -> Option<(u32, u32)> {
+        self.cfg.uid.map(|u| (u, self.cfg.gid.unwrap_or(u)))
     }
 
     /// The QEMU command line for a VM (without the binary).
@@ -397,8 +411,25 @@ impl VmmDriver for QemuDriver {
             cmd.args(["-incoming", "defer"]);
         }
         cmd.current_dir(req.run_dir);
-        let sp = spawn_detached(cmd, &req.run_dir.join(VMM_LOG))
-            .map_err(|e| DriverError::Spawn(format!("{}: {e}", self.cfg.binary.display())))?;
+        let placement = self.cgroups.place(req.vm_id, req.spec, self.user())?;
+        if let Some((uid, gid)) = placement.user {
+            // QEMU makes its sockets and its console log in the run directory.
+            rustix::fs::chown(
+                req.run_dir,
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+            )
+            .map_err(|e| DriverError::Io(format!("chown {}", req.run_dir.display()), e.into()))?;
+        }
+        let sp = spawn_detached_as(
+            cmd,
+            &req.run_dir.join(VMM_LOG),
+            &placement.procs,
+            placement.user,
+        )
+        .map_err(|e| DriverError::Spawn(format!("{}: {e}", self.cfg.binary.display())))?;
+        // The cgroups' files were for the child to join; it has.
+        drop(placement);
         let endpoint = VmmEndpoint {
             pid: sp.pid,
             start_time: sp.start_time,
@@ -411,12 +442,72 @@ impl VmmDriver for QemuDriver {
     }
 
     fn adopt(&self, endpoint: VmmEndpoint, pidfd: Pidfd, run_dir: &Path) -> Vmm {
+        if let Some(id) = run_dir
+            .file_name()
+            .and_then(|n| VmId::parse("vm_id", &n.to_string_lossy()).ok())
+            && !self.cgroups.holds(&id, endpoint.pid)
+        {
+            tracing::warn!(vm_id = %id, pid = endpoint.pid, "adopted vmm is not in its cgroup (started without one); its next start puts it there");
+        }
         let control = QemuVmm {
             sock: endpoint.control_socket.clone(),
             timeout: self.cfg.qmp_timeout,
             session: std::sync::Mutex::new(None),
         };
         Vmm::new(endpoint, pidfd, run_dir, std::sync::Arc::new(control))
+    }
+
+    async fn release(&self, vm_id: &VmId, _run_dir: &Path) {
+        let (cgroups, id) = (self.cgroups.clone(), vm_id.clone());
+        // Kills what is left in the cgroup and waits for it, bounded: off the runtime.
+        let _ = tokio::task::spawn_blocking(move || cgroups.release(&id)).await;
+    }
+
+    fn sweep_leftovers(&self, live: &[VmId], grace: Duration) -> usize {
+        self.cgroups.sweep(live, grace)
+    }
+
+    fn check_host(&self) -> Result<(), String> {
+        self.cgroups.check()
+    }
+
+    fn validate_spec(&self, spec: &VmSpec) -> Result<(), DriverError> {
+        let Some((uid, gid)) = self.user() else {
+            return Ok(());
+        };
+        // QEMU opens the VM's files itself, as its user: each must be open to it.
+        let mut files: Vec<(String, &Path, bool)> = vec![(
+            "config.boot.kernel_path".into(),
+            spec.kernel.as_path(),
+            false,
+        )];
+        if let Some(i) = &spec.initrd {
+            files.push(("config.boot.initrd_path".into(), i.as_path(), false));
+        }
+        for (i, d) in spec.drives.iter().enumerate() {
+            files.push((
+                format!("config.storage[{i}].path"),
+                d.path.as_path(),
+                !d.read_only,
+            ));
+        }
+        for (field, path, write) in files {
+            let Ok(meta) = std::fs::metadata(path) else {
+                continue;
+            };
+            if !super::jail::may_access(&meta, uid, gid, write) {
+                return Err(DriverError::InvalidSpec {
+                    field,
+                    reason: format!(
+                        "{} is not {} by QEMU's user {uid}:{gid}; metald never changes a \
+                         file's owner: give the file to that user or group",
+                        path.display(),
+                        if write { "writable" } else { "readable" }
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn owns_cmdline(&self, vm_id: &VmId, cmdline: &[String]) -> bool {
@@ -447,6 +538,9 @@ impl VmmDriver for QemuDriver {
         status: ExitInfo,
         reported: Option<&ShutdownReason>,
     ) -> ExitCause {
+        if self.cgroups.oom_killed(run_dir) {
+            return ExitCause::Oom;
+        }
         // The SHUTDOWN event's reason, when the session saw it, says it directly.
         if let Some(cause) = cause_from_report(status, reported) {
             return cause;

@@ -399,11 +399,56 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// The cgroup directories (one per mounted hierarchy) holding this daemon's VMs' cgroups.
+    pub fn cgroup_parents(&self) -> Vec<PathBuf> {
+        let parent = metald::config::Config {
+            state_dir: self.state_dir.clone(),
+            ..Default::default()
+        }
+        .cgroup_parent();
+        std::fs::read_to_string("/proc/mounts")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                matches!(f.get(2), Some(&"cgroup" | &"cgroup2")).then(|| PathBuf::from(f[1]))
+            })
+            .map(|m| m.join(&parent))
+            .filter(|d| d.exists())
+            .collect()
+    }
+
+    /// VM `vm`'s cgroup directories.
+    pub fn cgroups_of(&self, vm: &str) -> Vec<PathBuf> {
+        self.cgroup_parents()
+            .into_iter()
+            .map(|p| p.join(vm))
+            .filter(|d| d.exists())
+            .collect()
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop_with(libc::SIGKILL);
         for pid in pids_matching(&self.state_dir, "") {
             let _ = metald::process::kill_pid(pid, libc::SIGKILL);
+        }
+        // The VMs' cgroups, once the killed VMMs have left them (bounded).
+        let parents = self.cgroup_parents();
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        for p in &parents {
+            for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    while std::fs::remove_dir(e.path()).is_err()
+                        && std::time::Instant::now() < deadline
+                    {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(p);
         }
         let _ = std::fs::remove_dir_all(&self.state_dir);
         if let Some(f) = &self.config_file {

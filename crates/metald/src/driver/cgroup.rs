@@ -1,0 +1,312 @@
+//! A cgroup per VMM, for both drivers (a jailed Firecracker gets its cgroup from the jailer):
+//! a memory limit of the guest's memory plus the VMM's own overhead, a pids limit, and an
+//! optional CPU limit. On cgroup v2 one directory in the unified hierarchy; on v1 one in each of
+//! the `memory`, `pids` and `cpu` hierarchies (these machines mount v1 controllers beside an
+//! empty v2 hierarchy).
+//!
+//! The VMM is in its cgroup from its first instruction: the forked child writes itself into
+//! `cgroup.procs` before it execs (see [`crate::process::spawn_detached_as`]), so no allocation
+//! of the VMM's escapes the limit. The directory is named after the VM, so re-attach finds the
+//! cgroup of an adopted VMM where it was; it is made afresh for each VMM (its counters, the OOM
+//! kills among them, are that VMM's), and removed once the VMM is gone, after its exit's cause
+//! (an OOM kill by the cgroup) was read.
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::DriverError;
+use super::jail::{CgroupHost, kill_cgroups};
+use crate::config::CgroupConfig;
+use crate::model::{VmId, VmSpec};
+
+/// The v1 controllers a VMM's cgroup uses (as `--cgroup`-style settings, for [`CgroupHost`]).
+const V1_CONTROLLERS: [&str; 3] = ["memory.limit_in_bytes", "pids.max", "cpu.cfs_quota_us"];
+/// How long the processes left in a VMM's cgroup get to die.
+const KILL_WAIT: Duration = Duration::from_secs(3);
+
+/// The host's cgroups, as metald places its VMMs in them.
+#[derive(Debug)]
+pub struct VmmCgroups {
+    host: CgroupHost,
+    cfg: CgroupConfig,
+    /// The cgroup (relative to each hierarchy's root) holding this metald's VMs' cgroups.
+    parent: String,
+}
+
+/// Where a new VMM goes: its cgroups' `cgroup.procs`, open, for the child to write itself into,
+/// and the user it runs as.
+#[derive(Debug, Default)]
+pub struct Placement {
+    /// `cgroup.procs` of each of the VMM's cgroups.
+    pub procs: Vec<OwnedFd>,
+    /// (uid, gid) to run the VMM as; `None`: metald's own.
+    pub user: Option<(u32, u32)>,
+}
+
+impl VmmCgroups {
+    /// The host's hierarchies, as configured, with this metald's VMs under `parent`; an error
+    /// says why they cannot be used.
+    pub fn detect(cfg: &CgroupConfig, parent: &str) -> Result<VmmCgroups, String> {
+        let host = CgroupHost::detect(cfg.version)?;
+        let me = VmmCgroups {
+            host,
+            cfg: cfg.clone(),
+            parent: parent.to_string(),
+        };
+        // Found now, not at the first VM: a host where metald may not make cgroups.
+        for d in me.dirs("x") {
+            let Some(p) = d.parent() else { continue };
+            std::fs::create_dir_all(p).map_err(|e| format!("creating {}: {e}", p.display()))?;
+        }
+        Ok(me)
+    }
+
+    /// The cgroup version in use.
+    pub fn version(&self) -> u8 {
+        self.host.version
+    }
+
+    /// VM `id`'s cgroup directories.
+    pub fn dirs(&self, id: &str) -> Vec<PathBuf> {
+        let settings: Vec<String> = V1_CONTROLLERS.iter().map(|s| (*s).to_string()).collect();
+        self.host.vm_dirs(&self.parent, id, &settings)
+    }
+
+    /// The memory limit of a VMM for `spec`, in bytes: guest memory plus the VMM's overhead.
+    pub fn memory_limit(&self, spec: &VmSpec) -> u64 {
+        spec.memory_bytes
+            .saturating_add(self.cfg.memory_overhead_mib.saturating_mul(1 << 20))
+    }
+
+    /// Makes VM `id`'s cgroups afresh with the limits for `spec` (what an earlier VMM of it left
+    /// is killed and removed first) and opens their `cgroup.procs` for the new VMM to join.
+    pub fn prepare(&self, id: &VmId, spec: &VmSpec) -> Result<Vec<OwnedFd>, DriverError> {
+        let dirs = self.dirs(id.as_str());
+        if dirs.is_empty() {
+            return Err(DriverError::Spawn(
+                "no cgroup hierarchy to place the VMM in".into(),
+            ));
+        }
+        kill_cgroups(&dirs, KILL_WAIT).map_err(DriverError::Spawn)?;
+        if self.host.version == 2 {
+            self.enable_v2_controllers(&dirs)?;
+        }
+        let memory = self.memory_limit(spec).to_string();
+        let pids = self.cfg.pids_max.to_string();
+        // The CPU limit: `cpu_pct_per_vcpu` % of a core for each vCPU, over a 100 ms period.
+        let quota = (self.cfg.cpu_pct_per_vcpu > 0)
+            .then(|| u64::from(self.cfg.cpu_pct_per_vcpu) * u64::from(spec.vcpus) * 1000);
+        let mut procs = Vec::with_capacity(dirs.len());
+        for d in &dirs {
+            std::fs::create_dir_all(d)
+                .map_err(|e| DriverError::Io(format!("creating cgroup {}", d.display()), e))?;
+            let is = |c: &str| self.host.version == 2 || d.starts_with(self.v1_mount(c));
+            if is("memory") {
+                let file = if self.host.version == 2 {
+                    "memory.max"
+                } else {
+                    "memory.limit_in_bytes"
+                };
+                write(d, file, &memory)?;
+                if self.host.version == 2 {
+                    // No swap: a VMM over its limit is killed, not slowed to a crawl.
+                    let _ = std::fs::write(d.join("memory.swap.max"), "0");
+                }
+            }
+            if is("pids") {
+                write(d, "pids.max", &pids)?;
+            }
+            if let Some(q) = quota.filter(|_| is("cpu")) {
+                if self.host.version == 2 {
+                    write(d, "cpu.max", &format!("{q} 100000"))?;
+                } else {
+                    write(d, "cpu.cfs_period_us", "100000")?;
+                    write(d, "cpu.cfs_quota_us", &q.to_string())?;
+                }
+            }
+            let p = d.join("cgroup.procs");
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .map_err(|e| DriverError::Io(format!("opening {}", p.display()), e))?;
+            procs.push(OwnedFd::from(f));
+        }
+        Ok(procs)
+    }
+
+    /// The mount point of a v1 controller (empty when it is not mounted).
+    fn v1_mount(&self, controller: &str) -> PathBuf {
+        self.host
+            .vm_dirs("", "", &[format!("{controller}.x")])
+            .into_iter()
+            .next()
+            .unwrap_or_default()
+    }
+
+    /// On v2, a child's controllers must be enabled in every ancestor's `subtree_control`,
+    /// from the hierarchy's root down to the VMs' parent.
+    fn enable_v2_controllers(&self, dirs: &[PathBuf]) -> Result<(), DriverError> {
+        let Some(parent) = dirs.first().and_then(|d| d.parent()) else {
+            return Ok(());
+        };
+        std::fs::create_dir_all(parent)
+            .map_err(|e| DriverError::Io(format!("creating cgroup {}", parent.display()), e))?;
+        let depth = self.parent.split('/').count();
+        let ancestors: Vec<&Path> = parent.ancestors().take(depth + 1).collect();
+        for d in ancestors.into_iter().rev() {
+            // Each controller alone, so that one the host lacks (cpu, say) does not keep the
+            // others off.
+            for c in ["+memory", "+pids", "+cpu"] {
+                let _ = std::fs::write(d.join("cgroup.subtree_control"), c);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the kernel's OOM killer killed a process of VM `id`'s cgroup because it hit its
+    /// memory limit (v2 `memory.events`, v1 `memory.oom_control`: `oom_kill N`).
+    pub fn oom_killed(&self, id: &str) -> bool {
+        self.dirs(id).iter().any(|d| {
+            let file = if self.host.version == 2 {
+                "memory.events"
+            } else {
+                "memory.oom_control"
+            };
+            std::fs::read_to_string(d.join(file)).is_ok_and(|t| {
+                t.lines().any(|l| {
+                    l.strip_prefix("oom_kill ")
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                        .is_some_and(|n| n > 0)
+                })
+            })
+        })
+    }
+
+    /// Whether process `pid` is in VM `id`'s cgroup (re-attach's check of an adopted VMM).
+    pub fn holds(&self, id: &str, pid: i32) -> bool {
+        self.dirs(id)
+            .iter()
+            .all(|d| super::jail::cgroup_pids(d).contains(&pid))
+    }
+
+    /// Removes VM `id`'s cgroups once its VMM is gone (anything still in them is killed first).
+    pub fn remove(&self, id: &str) -> Result<(), String> {
+        kill_cgroups(&self.dirs(id), KILL_WAIT).map(|_| ())
+    }
+
+    /// The VMs that have a cgroup under metald's parent, for the sweep.
+    pub fn vms_with_cgroups(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .dirs("x")
+            .iter()
+            .filter_map(|d| d.parent())
+            .filter_map(|p| std::fs::read_dir(p).ok())
+            .flat_map(|r| r.flatten())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
+fn write(dir: &Path, file: &str, value: &str) -> Result<(), DriverError> {
+    let p = dir.join(file);
+    std::fs::write(&p, value)
+        .map_err(|e| DriverError::Io(format!("writing {value} to {}", p.display()), e))
+}
+
+/// The cgroups a driver places its VMMs in: none (turned off in the config), the host's, or the
+/// reason they cannot be used (reported at start-up by `check_host`). Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct CgroupPolicy(Option<std::sync::Arc<Result<VmmCgroups, String>>>);
+
+impl CgroupPolicy {
+    /// From the config: its `[cgroups]`, and the parent cgroup it names for this metald.
+    pub fn from_config(cfg: &crate::config::Config) -> CgroupPolicy {
+        CgroupPolicy(
+            cfg.cgroups.enabled.then(|| {
+                std::sync::Arc::new(VmmCgroups::detect(&cfg.cgroups, &cfg.cgroup_parent()))
+            }),
+        )
+    }
+
+    /// No cgroups (tests of other things, a jailed driver).
+    pub fn off() -> CgroupPolicy {
+        CgroupPolicy(None)
+    }
+
+    fn get(&self) -> Option<&VmmCgroups> {
+        self.0.as_deref().and_then(|r| r.as_ref().ok())
+    }
+
+    /// Whether the host can do what the config asks.
+    pub fn check(&self) -> Result<(), String> {
+        match self.0.as_deref() {
+            Some(Err(e)) => Err(format!(
+                "cgroups: {e}; set cgroups.enabled = false to run VMMs without limits"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Where VM `id`'s new VMM goes: its fresh cgroups (none when off), and `user`.
+    pub fn place(
+        &self,
+        id: &VmId,
+        spec: &VmSpec,
+        user: Option<(u32, u32)>,
+    ) -> Result<Placement, DriverError> {
+        let procs = match self.0.as_deref() {
+            None => Vec::new(),
+            Some(Ok(c)) => c.prepare(id, spec)?,
+            Some(Err(e)) => return Err(DriverError::Spawn(format!("cgroups: {e}"))),
+        };
+        Ok(Placement { procs, user })
+    }
+
+    /// Whether the VMM that ran in `run_dir`'s VM's cgroup was killed for its memory.
+    pub fn oom_killed(&self, run_dir: &Path) -> bool {
+        let id = run_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.get().is_some_and(|c| c.oom_killed(&id))
+    }
+
+    /// Whether an adopted VMM is in its VM's cgroup (true when cgroups are off).
+    pub fn holds(&self, id: &VmId, pid: i32) -> bool {
+        self.get().is_none_or(|c| c.holds(id.as_str(), pid))
+    }
+
+    /// Removes VM `id`'s cgroups (its VMM is gone). Blocking file work with a bounded wait.
+    pub fn release(&self, id: &VmId) {
+        if let Some(c) = self.get()
+            && let Err(e) = c.remove(id.as_str())
+        {
+            tracing::warn!(vm_id = %id, error = %e, "removing the vmm's cgroup failed; the sweep retries");
+        }
+    }
+
+    /// Removes the cgroups of VMs not in `live` made longer than `grace` ago (a younger one may
+    /// be a VMM's that is being started right now); returns how many.
+    pub fn sweep(&self, live: &[VmId], grace: Duration) -> usize {
+        let Some(c) = self.get() else { return 0 };
+        c.vms_with_cgroups()
+            .into_iter()
+            .filter(|id| !live.iter().any(|l| l.as_str() == id))
+            .filter(|id| {
+                c.dirs(id).iter().all(|d| {
+                    std::fs::metadata(d)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age >= grace)
+                })
+            })
+            .filter(|id| c.remove(id).is_ok())
+            .count()
+    }
+}
