@@ -1,8 +1,9 @@
 //! Who is calling, and what they may do.
 //!
-//! A caller is identified by the kernel, never by anything it sends: on the unix socket, the
-//! uid and gid the kernel recorded when it connected (`SO_PEERCRED`), and the groups of that
-//! process. The `[auth]` config maps identities to a role:
+//! A caller is identified by the kernel or by its certificate, never by anything it sends: on
+//! the unix socket, the uid and gid the kernel recorded when it connected (`SO_PEERCRED`), and
+//! the groups of that process; on TCP, the identity of the client certificate mutual TLS
+//! verified (its URI SAN, a SPIFFE ID, or its CN; see [`crate::tls`]). The `[auth]` config maps identities to a role:
 //!
 //! - `admin`: every call, on every customer's VMs, and the host's own operations;
 //! - `tenant`: its own customers' VMs only (it may create VMs only for them);
@@ -44,7 +45,8 @@ impl Role {
     }
 }
 
-/// One `[[auth.callers]]` rule: an identity and what it may do. Exactly one of `uid` and `gid`.
+/// One `[[auth.callers]]` rule: an identity and what it may do. Exactly one of `uid`, `gid`
+/// and `identity`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CallerRule {
@@ -54,6 +56,10 @@ pub struct CallerRule {
     /// A unix group id: any member (primary or supplementary group) matches.
     #[serde(default)]
     pub gid: Option<u32>,
+    /// A TLS client certificate's identity: its URI SAN (`spiffe://example.org/tenant/acme`)
+    /// or, for a certificate without one, its CN.
+    #[serde(default)]
+    pub identity: Option<String>,
     /// Its role.
     pub role: Role,
     /// The customers a tenant acts for, or a reader may see (empty: every customer, for a
@@ -75,8 +81,11 @@ pub struct AuthConfig {
     /// Members of the socket's group that no rule names are admins.
     pub socket_group_admins: bool,
     /// Serve `listen = "tcp:..."` without TLS or any caller identity, every caller an admin.
-    /// Only for a network that is itself trusted; metald refuses a TCP listener without it.
+    /// Only for a network that is itself trusted; metald refuses a TCP listener with neither
+    /// this nor `tls`.
     pub insecure_tcp: bool,
+    /// Mutual TLS on the TCP listener: callers are the identities of their certificates.
+    pub tls: Option<crate::tls::TlsConfig>,
     /// Identities and their roles, looked at in order: a rule naming the caller's uid first,
     /// then the first naming one of its groups.
     pub callers: Vec<CallerRule>,
@@ -89,6 +98,7 @@ impl Default for AuthConfig {
             socket_group: None,
             socket_group_admins: true,
             insecure_tcp: false,
+            tls: None,
             callers: Vec::new(),
         }
     }
@@ -104,10 +114,14 @@ impl AuthConfig {
             ));
         }
         for (i, r) in self.callers.iter().enumerate() {
-            if r.uid.is_some() == r.gid.is_some() {
+            let named = [r.uid.is_some(), r.gid.is_some(), r.identity.is_some()];
+            if named.iter().filter(|n| **n).count() != 1 {
                 return Err(format!(
-                    "auth.callers[{i}]: name exactly one of uid and gid"
+                    "auth.callers[{i}]: name exactly one of uid, gid and identity"
                 ));
+            }
+            if r.identity.as_deref().is_some_and(str::is_empty) {
+                return Err(format!("auth.callers[{i}].identity: must not be empty"));
             }
             if r.role == Role::Tenant && r.customers.is_empty() {
                 return Err(format!(
@@ -136,6 +150,8 @@ pub enum Identity {
         /// Its pid when it connected (for its supplementary groups).
         pid: Option<i32>,
     },
+    /// A TCP peer whose certificate mutual TLS verified: its identity.
+    Cert(String),
     /// A TCP peer on a listener configured with `insecure_tcp`: nobody in particular.
     InsecureTcp,
     /// Nothing identifies it.
@@ -146,6 +162,7 @@ impl std::fmt::Display for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Identity::Unix { uid, .. } => write!(f, "uid:{uid}"),
+            Identity::Cert(id) => f.write_str(id),
             Identity::InsecureTcp => f.write_str("tcp:insecure"),
             Identity::Unknown => f.write_str("unknown"),
         }
@@ -259,7 +276,25 @@ impl Auth {
 
     /// Who `identity` is to this metald, or why it is nobody.
     pub fn caller(&self, identity: Identity) -> Result<Caller, Denied> {
+        let scoped = |r: &CallerRule, identity: Identity| Caller {
+            identity,
+            role: r.role,
+            scope: if r.customers.is_empty() {
+                Scope::All
+            } else {
+                Scope::Only(r.customers.iter().cloned().collect())
+            },
+        };
         match identity {
+            Identity::Cert(ref id) => match self
+                .cfg
+                .callers
+                .iter()
+                .find(|r| r.identity.as_deref() == Some(id.as_str()))
+            {
+                Some(r) => Ok(scoped(r, identity)),
+                None => Err(Denied::Unauthenticated(identity.to_string())),
+            },
             Identity::InsecureTcp if self.cfg.insecure_tcp => Ok(Caller::admin(identity)),
             Identity::InsecureTcp | Identity::Unknown => {
                 Err(Denied::Unauthenticated(identity.to_string()))
@@ -334,6 +369,12 @@ pub fn identity_of(ext: &http::Extensions) -> Identity {
             },
             None => Identity::Unknown,
         };
+    }
+    if let Some(peer) = ext.get::<crate::tls::TlsPeer>() {
+        return peer
+            .identity
+            .clone()
+            .map_or(Identity::Unknown, Identity::Cert);
     }
     if ext.get::<TcpConnectInfo>().is_some() {
         return Identity::InsecureTcp;
@@ -415,12 +456,14 @@ mod tests {
                 CallerRule {
                     uid: Some(1001),
                     gid: None,
+                    identity: None,
                     role: Role::Tenant,
                     customers: vec!["acme".into()],
                 },
                 CallerRule {
                     uid: None,
                     gid: Some(2000),
+                    identity: None,
                     role: Role::Reader,
                     customers: vec![],
                 },
@@ -474,5 +517,19 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("callers[0]"));
         c.callers[0].gid = Some(1);
         assert!(c.validate().unwrap_err().contains("exactly one"));
+        c.callers[0].gid = None;
+        c.callers[0].uid = None;
+        c.callers[0].identity = Some("spiffe://example.org/tenant/acme".into());
+        c.callers[0].customers = vec!["acme".into()];
+        assert!(c.validate().is_ok());
+        let auth = Auth::new(c, None);
+        let t = auth
+            .caller(Identity::Cert("spiffe://example.org/tenant/acme".into()))
+            .unwrap();
+        assert_eq!((t.role, t.sees("acme")), (Role::Tenant, true));
+        assert!(
+            auth.caller(Identity::Cert("spiffe://example.org/x".into()))
+                .is_err()
+        );
     }
 }

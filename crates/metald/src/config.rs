@@ -675,12 +675,13 @@ impl Config {
         self.auth.validate().map_err(Error::Config)?;
         if let Listen::Tcp(addr) = self.listen()?
             && !self.auth.insecure_tcp
+            && self.auth.tls.is_none()
         {
             return Err(Error::Config(format!(
                 "listen: tcp:{addr} would serve the whole API to the network with no caller \
-                 identity: metald has no TLS listener yet, so a TCP listener needs \
+                 identity: configure mutual TLS ([auth.tls] cert, key and client_ca), or set \
                  auth.insecure_tcp = true (every caller an admin; only on a network you trust \
-                 as much as root on this host); use the unix socket otherwise"
+                 as much as root on this host)"
             )));
         }
         if self

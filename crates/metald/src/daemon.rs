@@ -77,6 +77,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     // re-attaches its VMMs learns that it is starting rather than finding no socket: the
     // health service says NOT_SERVING and VmService answers UNAVAILABLE until it is ready.
     let listen = cfg.listen()?;
+    // Mutual TLS for a TCP listener: its files are loaded now, and a file that cannot be loaded
+    // stops metald here (never a fall-back to plaintext).
+    let tls = match (&listen, &cfg.auth.tls) {
+        (Listen::Tcp(_), Some(t)) => {
+            Some(Arc::new(crate::tls::Tls::load(t).map_err(Error::Config)?))
+        }
+        _ => None,
+    };
+    reload_on_sighup(tls.clone())?;
     let (listener, tcp_addr, socket_gid) = bind(&listen, &cfg.auth).await?;
     let auth = Arc::new(crate::auth::Auth::new(cfg.auth.clone(), socket_gid));
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -144,11 +153,18 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
                 let incoming = UnixListenerStream::new(l).map(|c| c.map(AuthorityFix::new));
                 router.serve_with_incoming_shutdown(incoming, signal).await
             }
-            Listener::Tcp(l) => {
-                router
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(l), signal)
-                    .await
-            }
+            Listener::Tcp(l) => match tls {
+                Some(tls) => {
+                    router
+                        .serve_with_incoming_shutdown(crate::tls::incoming(l, tls), signal)
+                        .await
+                }
+                None => {
+                    router
+                        .serve_with_incoming_shutdown(TcpListenerStream::new(l), signal)
+                        .await
+                }
+            },
         }
         .map_err(|e| Error::io("serving gRPC", std::io::Error::other(e)))
     };
@@ -296,6 +312,25 @@ async fn bind(
             Ok((Listener::Tcp(l), Some(local), None))
         }
     }
+}
+
+/// Reloads the TLS files on every SIGHUP (a reload that fails keeps those in use). Without TLS
+/// a SIGHUP is logged and ignored: it must not end metald, as its default action would.
+fn reload_on_sighup(tls: Option<Arc<crate::tls::Tls>>) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| Error::io("handling SIGHUP", e))?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match tls.as_deref().map(crate::tls::Tls::reload) {
+                Some(Ok(())) => info!("sighup: tls certificates reloaded"),
+                Some(Err(e)) => {
+                    warn!(error = %e, "sighup: tls reload failed; the certificates in use stay");
+                }
+                None => info!("sighup: nothing to reload"),
+            }
+        }
+    });
+    Ok(())
 }
 
 /// A group's id from its name (in /etc/group) or its number.

@@ -55,6 +55,7 @@ pub mod recovery;
 pub mod store;
 pub mod supervisor;
 pub mod telemetry;
+pub mod tls;
 pub mod transport;
 #[cfg(test)]
 mod validate_props;
