@@ -127,7 +127,8 @@ impl Jails {
         self.base().join(exec_name).join(vm)
     }
 
-    /// Processes in any of this test's cgroups.
+    /// Processes in any of this test's cgroups (each once: a process is in one cgroup per
+    /// hierarchy).
     fn processes(&self) -> Vec<i32> {
         let mut pids = Vec::new();
         for p in self.cgroup_parents() {
@@ -142,6 +143,8 @@ impl Jails {
                 }
             }
         }
+        pids.sort_unstable();
+        pids.dedup();
         pids
     }
 }
@@ -295,6 +298,17 @@ async fn twenty_jailed_creates_in_a_row_all_succeed_and_leave_nothing() {
                 .unwrap()
                 .contains(&pid.to_string())
         );
+        // The jailer set the VMM's memory limit: the guest's memory plus metald's overhead.
+        let limit: Vec<u64> = cgs
+            .iter()
+            .filter_map(|d| {
+                ["memory.limit_in_bytes", "memory.max"]
+                    .iter()
+                    .find_map(|f| std::fs::read_to_string(d.join(f)).ok())
+            })
+            .filter_map(|v| v.trim().parse().ok())
+            .collect();
+        assert_eq!(limit, vec![(128u64 + 256) << 20], "{cgs:?}");
         c.delete_vm(pb::DeleteVmRequest {
             vm_id: id.clone(),
             force: true,

@@ -129,6 +129,13 @@ enum Bench {
         #[arg(long, default_value_t = 60)]
         idle_secs: u64,
     },
+    /// Fuzzing of CreateVm's request decoding and validation (fuzz/, cargo-fuzz on nightly,
+    /// both installed when missing) for a bounded time: runs, coverage, corpus, crashes.
+    Fuzz {
+        /// Seconds to fuzz.
+        #[arg(long, default_value_t = 300)]
+        secs: u64,
+    },
     /// Chaos: random SIGKILLs, SIGSTOPs and control-socket deletions against running VMs, with
     /// automatic recovery on; recovery rate and times, false recoveries, leftovers.
     Chaos {
@@ -2379,6 +2386,101 @@ async fn jailer_bench(
     result
 }
 
+/// Runs `cmd`, failing with its output when it fails.
+fn run_tool(cmd: &mut std::process::Command) -> Result<std::process::Output> {
+    let out = cmd.output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+/// Fuzzes `fuzz/fuzz_targets/create_request.rs` for `secs` seconds from a fresh seed corpus.
+fn fuzz(root: &Path, secs: u64) -> Result<Value> {
+    use std::process::Command;
+    let dir = root.join("fuzz");
+    let toolchains = run_tool(Command::new("rustup").args(["toolchain", "list"]))?;
+    if !String::from_utf8_lossy(&toolchains.stdout).contains("nightly") {
+        eprintln!("bench: installing the nightly toolchain (cargo-fuzz needs it)");
+        run_tool(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    if Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .map_or(true, |o| !o.status.success())
+    {
+        eprintln!("bench: installing cargo-fuzz");
+        run_tool(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let corpus = dir.join("corpus/create_request");
+    let _ = std::fs::remove_dir_all(&corpus);
+    run_tool(
+        Command::new("cargo")
+            .args(["+nightly", "run", "--quiet", "--bin", "seeds", "--"])
+            .arg(&corpus)
+            .current_dir(&dir),
+    )?;
+    let seeds = std::fs::read_dir(&corpus)?.count();
+    eprintln!("bench: fuzzing create_request for {secs} s");
+    let out = Command::new("cargo")
+        .args(["+nightly", "fuzz", "run", "create_request"])
+        .arg(&corpus)
+        .args([
+            "--",
+            &format!("-max_total_time={secs}"),
+            "-rss_limit_mb=2048",
+        ])
+        .current_dir(&dir)
+        .output()?;
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    // libFuzzer's last status line: `#RUNS DONE cov: C ft: F corp: N/SIZE ... exec/s: E ...`
+    let field = |line: &str, name: &str| -> Option<u64> {
+        let mut words = line.split_whitespace();
+        words.find(|w| *w == name)?;
+        words.next()?.split('/').next()?.parse().ok()
+    };
+    let last = log
+        .lines()
+        .rfind(|l| l.starts_with('#') && l.contains("cov:"))
+        .unwrap_or("");
+    let runs: Option<u64> = last
+        .split_whitespace()
+        .next()
+        .and_then(|w| w.trim_start_matches('#').parse().ok());
+    let crashed = !out.status.success();
+    let crash = crashed.then(|| {
+        log.lines()
+            .filter(|l| l.contains("panicked") || l.contains("SUMMARY") || l.contains("artifact"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    if let Some(c) = &crash {
+        eprintln!("bench: the fuzz target failed:\n{c}");
+    }
+    Ok(json!({
+        "target": "create_request (protobuf decode + metald::api::check_create_request)",
+        "seconds": secs,
+        "seed_inputs": seeds,
+        "runs": runs,
+        "runs_per_sec": runs.map(|r| r / secs.max(1)),
+        "coverage_edges": field(last, "cov:"),
+        "features": field(last, "ft:"),
+        "corpus_inputs": field(last, "corp:"),
+        "crashes": u8::from(crashed),
+        "crash": crash,
+    }))
+}
+
 fn write_results(root: &Path, name: &str, figures: &Value) -> Result<()> {
     let dir = root.join("bench/results");
     std::fs::create_dir_all(&dir)?;
@@ -2453,6 +2555,7 @@ async fn main() -> Result<()> {
             scale(&root, vms, clients, kills, watchers, idle_secs).await?,
         ),
         Bench::Degraded { vms, rounds } => ("degraded", degraded(&root, vms, rounds).await?),
+        Bench::Fuzz { secs } => ("fuzz", fuzz(&root, secs)?),
         Bench::Jailer {
             firecracker,
             jailer,

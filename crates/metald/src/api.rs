@@ -738,6 +738,24 @@ fn desired_to_pb(rec: &VmRecord) -> i32 {
     }
 }
 
+/// What CreateVm checks of a request's own fields before anything is made: its VM id, its
+/// customer id and its config against the host's rules (the caller, the quotas and the VMM's
+/// own checks come after). Public for the fuzz target (`fuzz/`), which must run exactly what
+/// the API runs.
+pub fn check_create_request(
+    r: &pb::CreateVmRequest,
+    rules: &crate::model::SpecRules,
+) -> Result<(Option<VmId>, VmSpec), Error> {
+    let vm_id = if r.vm_id.is_empty() {
+        None
+    } else {
+        Some(VmId::parse("vm_id", &r.vm_id)?)
+    };
+    check_customer_id(&r.customer_id)?;
+    let spec = spec_input(r.config.clone())?.validate(rules)?;
+    Ok((vm_id, spec))
+}
+
 /// A customer id: 1 to 128 of `[A-Za-z0-9_.@-]`.
 pub(crate) fn check_customer_id(c: &str) -> Result<(), Error> {
     if c.is_empty()
@@ -769,7 +787,7 @@ impl VmApi {
         };
         check_customer_id(&r.customer_id)?;
         let (spec, restore) = if r.from_snapshot.is_empty() {
-            (spec_input(r.config)?.validate(self.sup.spec_rules())?, None)
+            (check_create_request(&r, self.sup.spec_rules())?.1, None)
         } else {
             if r.config.is_some() {
                 return Err(Error::invalid(

@@ -113,6 +113,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> Resu
     let reflection_err =
         |e: tonic_reflection::server::Error| Error::Config(format!("reflection: {e}"));
     let router = tonic::transport::Server::builder()
+        // Request metadata (headers) is bounded too: metald reads none beyond gRPC's own, and a
+        // client's few hundred bytes fit many times over.
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         // Outermost first: the caller is resolved once, then counted (by role) and served.
         .layer(
             tower::ServiceBuilder::new()
@@ -270,6 +273,9 @@ fn raise_open_file_limit() -> std::io::Result<(u64, u64)> {
     }
     Ok((cur, max))
 }
+
+/// The most request metadata (HTTP/2 header list) a call may carry, in bytes.
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// A bound API listener.
 enum Listener {

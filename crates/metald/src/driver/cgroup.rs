@@ -165,22 +165,9 @@ impl VmmCgroups {
     }
 
     /// Whether the kernel's OOM killer killed a process of VM `id`'s cgroup because it hit its
-    /// memory limit (v2 `memory.events`, v1 `memory.oom_control`: `oom_kill N`).
+    /// memory limit.
     pub fn oom_killed(&self, id: &str) -> bool {
-        self.dirs(id).iter().any(|d| {
-            let file = if self.host.version == 2 {
-                "memory.events"
-            } else {
-                "memory.oom_control"
-            };
-            std::fs::read_to_string(d.join(file)).is_ok_and(|t| {
-                t.lines().any(|l| {
-                    l.strip_prefix("oom_kill ")
-                        .and_then(|n| n.trim().parse::<u64>().ok())
-                        .is_some_and(|n| n > 0)
-                })
-            })
-        })
+        oom_killed_in(&self.dirs(id))
     }
 
     /// Whether process `pid` is in VM `id`'s cgroup (re-attach's check of an adopted VMM).
@@ -210,6 +197,22 @@ impl VmmCgroups {
         out.dedup();
         out
     }
+}
+
+/// Whether the OOM killer killed a process in one of the cgroups `dirs` at its memory limit
+/// (`oom_kill N` in v2's `memory.events`, or in v1's `memory.oom_control`).
+pub fn oom_killed_in(dirs: &[PathBuf]) -> bool {
+    dirs.iter().any(|d| {
+        ["memory.events", "memory.oom_control"].iter().any(|file| {
+            std::fs::read_to_string(d.join(file)).is_ok_and(|t| {
+                t.lines().any(|l| {
+                    l.strip_prefix("oom_kill ")
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                        .is_some_and(|n| n > 0)
+                })
+            })
+        })
+    })
 }
 
 fn write(dir: &Path, file: &str, value: &str) -> Result<(), DriverError> {
@@ -274,6 +277,23 @@ impl CgroupPolicy {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         self.get().is_some_and(|c| c.oom_killed(&id))
+    }
+
+    /// The limits of a VMM for `spec` as jailer `--cgroup` settings for cgroup `version`
+    /// (memory, pids): what a jailed Firecracker gets in the cgroups the jailer makes. `None`
+    /// when cgroups are off.
+    pub fn jailer_settings(&self, spec: Option<&VmSpec>, version: u8) -> Option<Vec<String>> {
+        let c = self.get()?;
+        let memory = spec.map_or(0, |s| c.memory_limit(s));
+        let file = if version == 2 {
+            "memory.max"
+        } else {
+            "memory.limit_in_bytes"
+        };
+        Some(vec![
+            format!("{file}={memory}"),
+            format!("pids.max={}", c.cfg.pids_max),
+        ])
     }
 
     /// Whether an adopted VMM is in its VM's cgroup (true when cgroups are off).

@@ -147,7 +147,8 @@ pub struct FirecrackerDriver {
     cfg: std::sync::Arc<FirecrackerConfig>,
     /// The host's cgroup hierarchies, as the jailer will find them (jailer on only).
     cgroups: Result<CgroupHost, String>,
-    /// The cgroup of each VMM started without the jailer (the jailer makes its own).
+    /// The cgroup of each VMM started without the jailer; with it, the limits the jailer is
+    /// asked to set in the cgroups it makes.
     vmm_cgroups: super::cgroup::CgroupPolicy,
     version: std::sync::OnceLock<String>,
 }
@@ -171,9 +172,7 @@ impl FirecrackerDriver {
     /// The same driver, placing each VMM it starts without the jailer in a cgroup of its own.
     #[must_use]
     pub fn with_cgroups(mut self, cgroups: super::cgroup::CgroupPolicy) -> Self {
-        if !self.cfg.jailer.enabled {
-            self.vmm_cgroups = cgroups;
-        }
+        self.vmm_cgroups = cgroups;
         self
     }
 
@@ -311,11 +310,29 @@ impl FirecrackerDriver {
     /// The `--cgroup` settings: the configured ones, or one that limits nothing so that the
     /// jailer still gives the VM a cgroup of its own.
     fn cgroup_settings(&self) -> Vec<String> {
-        if self.cfg.jailer.cgroups.is_empty() {
-            vec![jail::DEFAULT_CGROUP_SETTING.to_string()]
-        } else {
-            self.cfg.jailer.cgroups.clone()
+        self.cgroup_settings_for(None)
+    }
+
+    /// The `--cgroup` settings for a VM with `spec`: the configured ones, and the VMM's memory
+    /// and pids limits when `[cgroups]` is on (a configured setting of the same file wins). With
+    /// neither, one that limits nothing, so that the jailer still gives the VM a cgroup.
+    fn cgroup_settings_for(&self, spec: Option<&VmSpec>) -> Vec<String> {
+        let version = self.cgroups.as_ref().map_or(2, |h| h.version);
+        let mut out = self.cfg.jailer.cgroups.clone();
+        for s in self
+            .vmm_cgroups
+            .jailer_settings(spec, version)
+            .unwrap_or_default()
+        {
+            let file = s.split('=').next().unwrap_or("");
+            if !out.iter().any(|o| o.split('=').next() == Some(file)) {
+                out.push(s);
+            }
         }
+        if out.is_empty() {
+            out.push(jail::DEFAULT_CGROUP_SETTING.to_string());
+        }
+        out
     }
 
     /// Where the jailer puts VM `vm_id`'s jail and cgroups.
@@ -416,7 +433,7 @@ impl FirecrackerDriver {
                     .unwrap_or(2)
                     .to_string(),
             );
-        for c in self.cgroup_settings() {
+        for c in self.cgroup_settings_for(Some(req.spec)) {
             cmd.arg("--cgroup").arg(c);
         }
         cmd.args(["--daemonize", "--", "--api-sock"])
@@ -1012,6 +1029,7 @@ impl VmmDriver for FirecrackerDriver {
         // The console log is recreated per VMM, like QEMU's, so a guest's output is its own.
         let console = req.run_dir.join(CONSOLE_LOG);
         super::rotate_log(&console);
+        // Not jailed: metald makes the VMM's cgroup (the jailer makes a jailed one's).
         let placement = self.vmm_cgroups.place(req.vm_id, req.spec, None)?;
         let sp = spawn_detached_as(cmd, &console, &placement.procs, None)
             .map_err(|e| DriverError::Spawn(format!("{}: {e}", self.cfg.binary.display())))?;
@@ -1164,7 +1182,14 @@ impl VmmDriver for FirecrackerDriver {
         status: ExitInfo,
         _reported: Option<&super::ShutdownReason>,
     ) -> ExitCause {
-        if self.vmm_cgroups.oom_killed(run_dir) {
+        let oom = if self.cfg.jailer.enabled {
+            run_dir.file_name().is_some_and(|id| {
+                super::cgroup::oom_killed_in(&self.jail(&id.to_string_lossy()).cgroups)
+            })
+        } else {
+            self.vmm_cgroups.oom_killed(run_dir)
+        };
+        if oom {
             return ExitCause::Oom;
         }
         // Firecracker exits 0 both when its guest stops it (a reset, Ctrl-Alt-Del) and when a
