@@ -136,7 +136,13 @@ async fn metalctl_drives_a_vm_end_to_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metald_serves_tcp_when_asked() {
-    let d = Daemon::start_with(vec!["--listen".into(), "tcp:127.0.0.1:0".into()]).await;
+    // metalctl has no TLS client: a TCP listener without TLS is what it can reach, which metald
+    // serves only when told the network is trusted.
+    let d = Daemon::start_with_toml_args(
+        "[auth]\ninsecure_tcp = true\n",
+        vec!["--listen".into(), "tcp:127.0.0.1:0".into()],
+    )
+    .await;
     let line = d
         .wait_log_since(0, std::time::Duration::from_secs(5), |l| {
             l.contains("metald ready")
