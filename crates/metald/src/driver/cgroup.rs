@@ -330,3 +330,44 @@ impl CgroupPolicy {
             .count()
     }
 }
+
+/// Removes the VMs' cgroups of the metald whose config is `cfg`, in every mounted hierarchy,
+/// and then their parent, once their processes are gone (waiting up to `within` for processes
+/// just killed to leave). For the tests and benchmarks that run metalds and kill them, and for
+/// an operator removing metald from a host. Returns how many directories it removed.
+pub fn remove_all(cfg: &crate::config::Config, within: Duration) -> usize {
+    let parent = cfg.cgroup_parent();
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let deadline = std::time::Instant::now() + within;
+    let mut removed = 0;
+    for line in mounts.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(mount), Some(&("cgroup" | "cgroup2"))) = (f.get(1), f.get(2)) else {
+            continue;
+        };
+        let dir = Path::new(mount).join(&parent);
+        let Ok(children) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in children.flatten() {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            loop {
+                if std::fs::remove_dir(e.path()).is_ok() {
+                    removed += 1;
+                    break;
+                }
+                if std::time::Instant::now() >= deadline {
+                    break;
+                }
+                // A killed process leaves its cgroup as it exits; bounded by `within`.
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        if std::fs::remove_dir(&dir).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}

@@ -436,20 +436,13 @@ impl Drop for Daemon {
             let _ = metald::process::kill_pid(pid, libc::SIGKILL);
         }
         // The VMs' cgroups, once the killed VMMs have left them (bounded).
-        let parents = self.cgroup_parents();
-        let deadline = std::time::Instant::now() + Duration::from_secs(3);
-        for p in &parents {
-            for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    while std::fs::remove_dir(e.path()).is_err()
-                        && std::time::Instant::now() < deadline
-                    {
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                }
-            }
-            let _ = std::fs::remove_dir(p);
-        }
+        metald::driver::cgroup::remove_all(
+            &metald::config::Config {
+                state_dir: self.state_dir.clone(),
+                ..Default::default()
+            },
+            Duration::from_secs(3),
+        );
         let _ = std::fs::remove_dir_all(&self.state_dir);
         if let Some(f) = &self.config_file {
             let _ = std::fs::remove_file(f);
