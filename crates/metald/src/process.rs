@@ -236,33 +236,35 @@ pub fn spawn_detached(cmd: Command, log: &Path) -> io::Result<Spawned> {
     spawn_detached_as(cmd, log, &[], None)
 }
 
-/// [`spawn_detached`], with the child first joining the cgroups whose `cgroup.procs` are open
-/// in `cgroups` (so the program runs in them from its first instruction), then, with `user`,
+/// [`spawn_detached`], with the child first joining the cgroups whose `cgroup.procs` files
+/// are `cgroups` (so the program runs in them from its first instruction), then, with `user`,
 /// dropping to that uid and gid (and no supplementary groups) before it execs. Joining comes
 /// before dropping: the cgroups belong to root.
 pub fn spawn_detached_as(
     mut cmd: Command,
     log: &Path,
-    cgroups: &[std::os::fd::OwnedFd],
+    cgroups: &[std::ffi::CString],
     user: Option<(u32, u32)>,
 ) -> io::Result<Spawned> {
-    use std::os::fd::AsRawFd;
     let out = File::options().create(true).append(true).open(log)?;
     let err = out.try_clone()?;
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-    let procs: Vec<i32> = cgroups.iter().map(AsRawFd::as_raw_fd).collect();
+    let procs: Vec<std::ffi::CString> = cgroups.to_vec();
     // SAFETY: the closure runs in the forked (single-threaded) child before exec and makes only
-    // raw system calls through rustix (setsid, write, setgroups, setgid, setuid): async-signal-
-    // safe, no allocation, no lock. The fds it borrows are `cgroups`, which the caller keeps open
-    // until this function returns, after the fork; the child inherited them.
+    // raw system calls through rustix (setsid, open, write, close, setgroups, setgid, setuid):
+    // async-signal-safe, no allocation (the paths were made before the fork), no lock.
     unsafe {
         cmd.pre_exec(move || {
             rustix::process::setsid()?;
-            for fd in &procs {
-                // SAFETY: see above; `fd` is open in this child.
-                let fd = std::os::fd::BorrowedFd::borrow_raw(*fd);
+            for path in &procs {
+                // One at a time, each closed before the next: a start needs one descriptor.
+                let fd = rustix::fs::open(
+                    path.as_c_str(),
+                    rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
+                    rustix::fs::Mode::empty(),
+                )?;
                 // "0" is the writing process itself.
-                rustix::io::write(fd, b"0")?;
+                rustix::io::write(&fd, b"0")?;
             }
             if let Some((uid, gid)) = user {
                 // The thread calls are the process's here: the child has one thread.

@@ -11,7 +11,7 @@
 //! kills among them, are that VMM's), and removed once the VMM is gone, after its exit's cause
 //! (an OOM kill by the cgroup) was read.
 
-use std::os::fd::OwnedFd;
+use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -34,12 +34,14 @@ pub struct VmmCgroups {
     parent: String,
 }
 
-/// Where a new VMM goes: its cgroups' `cgroup.procs`, open, for the child to write itself into,
-/// and the user it runs as.
+/// Where a new VMM goes: its cgroups' `cgroup.procs`, for the child to write itself into, and
+/// the user it runs as.
 #[derive(Debug, Default)]
 pub struct Placement {
-    /// `cgroup.procs` of each of the VMM's cgroups.
-    pub procs: Vec<OwnedFd>,
+    /// The path of `cgroup.procs` of each of the VMM's cgroups. Paths, not open files: the
+    /// child opens each in turn, so that a start needs one file descriptor for them, not one
+    /// per hierarchy (a host short of descriptors still starts VMMs).
+    pub procs: Vec<CString>,
     /// (uid, gid) to run the VMM as; `None`: metald's own.
     pub user: Option<(u32, u32)>,
 }
@@ -80,8 +82,8 @@ impl VmmCgroups {
     }
 
     /// Makes VM `id`'s cgroups afresh with the limits for `spec` (what an earlier VMM of it left
-    /// is killed and removed first) and opens their `cgroup.procs` for the new VMM to join.
-    pub fn prepare(&self, id: &VmId, spec: &VmSpec) -> Result<Vec<OwnedFd>, DriverError> {
+    /// is killed and removed first) and returns their `cgroup.procs` for the new VMM to join.
+    pub fn prepare(&self, id: &VmId, spec: &VmSpec) -> Result<Vec<CString>, DriverError> {
         let dirs = self.dirs(id.as_str());
         if dirs.is_empty() {
             return Err(DriverError::Spawn(
@@ -126,11 +128,10 @@ impl VmmCgroups {
                 }
             }
             let p = d.join("cgroup.procs");
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&p)
-                .map_err(|e| DriverError::Io(format!("opening {}", p.display()), e))?;
-            procs.push(OwnedFd::from(f));
+            let c = CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| {
+                DriverError::Spawn(format!("cgroup path {} holds a NUL", p.display()))
+            })?;
+            procs.push(c);
         }
         Ok(procs)
     }
