@@ -20,7 +20,8 @@ use super::jail::{CgroupHost, kill_cgroups};
 use crate::config::CgroupConfig;
 use crate::model::{VmId, VmSpec};
 
-/// The v1 controllers a VMM's cgroup uses (as `--cgroup`-style settings, for [`CgroupHost`]).
+/// The v1 controllers a VMM's cgroup uses (as `--cgroup`-style settings, for [`CgroupHost`]);
+/// `cpu` only with a CPU limit (see [`VmmCgroups::dirs`]).
 const V1_CONTROLLERS: [&str; 3] = ["memory.limit_in_bytes", "pids.max", "cpu.cfs_quota_us"];
 /// How long the processes left in a VMM's cgroup get to die.
 const KILL_WAIT: Duration = Duration::from_secs(3);
@@ -70,8 +71,17 @@ impl VmmCgroups {
     }
 
     /// VM `id`'s cgroup directories.
+    ///
+    /// A VMM joins the v1 `cpu` hierarchy only when it has a CPU limit: each hierarchy joined is
+    /// one more migration at start (see [`super::spawn_vmm`]), and a group of its own there
+    /// changes how the scheduler weighs its threads against the rest of the host, which is
+    /// worth it only for a limit.
     pub fn dirs(&self, id: &str) -> Vec<PathBuf> {
-        let settings: Vec<String> = V1_CONTROLLERS.iter().map(|s| (*s).to_string()).collect();
+        let settings: Vec<String> = V1_CONTROLLERS
+            .iter()
+            .filter(|c| self.cfg.cpu_pct_per_vcpu > 0 || !c.starts_with("cpu."))
+            .map(|s| (*s).to_string())
+            .collect();
         self.host.vm_dirs(&self.parent, id, &settings)
     }
 

@@ -23,7 +23,7 @@ use super::{
 };
 use crate::config::FirecrackerConfig;
 use crate::model::{VmId, VmSpec};
-use crate::process::{ExitInfo, Pidfd, spawn_detached, spawn_detached_as};
+use crate::process::{ExitInfo, Pidfd, spawn_detached};
 
 /// The API socket inside a VM's run directory.
 pub const API_SOCKET: &str = "firecracker.sock";
@@ -1031,9 +1031,7 @@ impl VmmDriver for FirecrackerDriver {
         super::rotate_log(&console);
         // Not jailed: metald makes the VMM's cgroup (the jailer makes a jailed one's).
         let placement = self.vmm_cgroups.place(req.vm_id, req.spec, None)?;
-        let sp = spawn_detached_as(cmd, &console, &placement.procs, None)
-            .map_err(|e| DriverError::Spawn(format!("{}: {e}", self.cfg.binary.display())))?;
-        drop(placement);
+        let sp = super::spawn_vmm(cmd, &console, placement).await?;
         let endpoint = VmmEndpoint {
             pid: sp.pid,
             start_time: sp.start_time,

@@ -12,7 +12,8 @@ pub use crate::config::SUN_PATH_MAX;
 // The plumbing both drivers share, written once (common.rs).
 pub use common::{CONSOLE_LOG, VMM_LOG, binary_version, connect_unix, socket_arg, socket_arg_is};
 pub(crate) use common::{
-    arg_after, args_after, bounded, cause_from_report, log_tail, read_tail, rotate_log, wait_ready,
+    arg_after, args_after, bounded, cause_from_report, log_tail, read_tail, rotate_log, spawn_vmm,
+    wait_ready,
 };
 // Defined below the drivers, with the records and errors they share.
 pub use crate::error::DriverError;

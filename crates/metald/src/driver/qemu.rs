@@ -19,7 +19,7 @@ use super::{
 };
 use crate::config::{Accel, QemuConfig};
 use crate::model::{VmId, VmSpec};
-use crate::process::{ExitInfo, Pidfd, spawn_detached_as};
+use crate::process::{ExitInfo, Pidfd};
 
 /// The marker in every QEMU command line metald starts: `-name metald.<vm_id>`. It is how
 /// re-attach recognises a VM's process and how strays are found.
@@ -421,15 +421,7 @@ impl VmmDriver for QemuDriver {
             )
             .map_err(|e| DriverError::Io(format!("chown {}", req.run_dir.display()), e.into()))?;
         }
-        let sp = spawn_detached_as(
-            cmd,
-            &req.run_dir.join(VMM_LOG),
-            &placement.procs,
-            placement.user,
-        )
-        .map_err(|e| DriverError::Spawn(format!("{}: {e}", self.cfg.binary.display())))?;
-        // The cgroups' files were for the child to join; it has.
-        drop(placement);
+        let sp = super::spawn_vmm(cmd, &req.run_dir.join(VMM_LOG), placement).await?;
         let endpoint = VmmEndpoint {
             pid: sp.pid,
             start_time: sp.start_time,
