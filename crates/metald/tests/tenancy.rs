@@ -29,6 +29,39 @@ fn auth_toml() -> String {
     )
 }
 
+/// A directory any user may enter, holding links to (or, across file systems, copies of)
+/// `files`; removed when dropped. The checkout itself may be closed to other users (CI clones
+/// into a private temporary directory), so what an unprivileged user must run or open is put
+/// here.
+struct OpenDir(std::path::PathBuf);
+
+impl OpenDir {
+    fn with(name: &str, files: &[std::path::PathBuf]) -> OpenDir {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("mdt-open-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for f in files {
+            let to = dir.join(f.file_name().unwrap());
+            if std::fs::hard_link(f, &to).is_err() {
+                std::fs::copy(f, &to).unwrap();
+            }
+        }
+        OpenDir(dir)
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for OpenDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// What one metalctl run said.
 struct Ran {
     ok: bool,
@@ -36,9 +69,10 @@ struct Ran {
     err: String,
 }
 
-/// Runs metalctl as `uid` (bounded: a hung call fails the test instead of hanging it).
-async fn ctl(d: &Daemon, uid: u32, args: &[&str]) -> Ran {
-    let mut cmd = std::process::Command::new(bin("metalctl"));
+/// Runs metalctl (from `bin`, where any user may run it) as `uid`, bounded: a hung call fails
+/// the test instead of hanging it.
+async fn ctl(d: &Daemon, bin: &OpenDir, uid: u32, args: &[&str]) -> Ran {
+    let mut cmd = std::process::Command::new(bin.path("metalctl"));
     cmd.uid(uid)
         .gid(uid)
         .arg("--endpoint")
@@ -75,24 +109,25 @@ fn create_args<'a>(id: &'a str, customer: &'a str, kernel: &'a str) -> Vec<&'a s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_see_and_touch_only_their_own_vms() {
     let d = Daemon::start_with_toml(&auth_toml()).await;
+    let tools = OpenDir::with("bin", &[bin("metalctl")]);
     let kernel = guest_dir().join("vmlinux").display().to_string();
 
-    let r = ctl(&d, ACME, &create_args("ta1", "acme", &kernel)).await;
+    let r = ctl(&d, &tools, ACME, &create_args("ta1", "acme", &kernel)).await;
     assert!(r.ok, "acme's create: {}", r.err);
-    let r = ctl(&d, GLOBEX, &create_args("tb1", "globex", &kernel)).await;
+    let r = ctl(&d, &tools, GLOBEX, &create_args("tb1", "globex", &kernel)).await;
     assert!(r.ok, "globex's create: {}", r.err);
 
     // A tenant creates only for its own customers.
-    let r = ctl(&d, ACME, &create_args("ta9", "globex", &kernel)).await;
+    let r = ctl(&d, &tools, ACME, &create_args("ta9", "globex", &kernel)).await;
     assert!(!r.ok && r.err.contains("PermissionDenied"), "{}", r.err);
 
     // It lists only its own VMs.
-    let r = ctl(&d, ACME, &["list", "--json"]).await;
+    let r = ctl(&d, &tools, ACME, &["list", "--json"]).await;
     assert!(r.ok, "{}", r.err);
     assert!(r.out.contains("ta1") && !r.out.contains("tb1"), "{}", r.out);
 
     // Every call on the other tenant's VM answers as for an id never used.
-    let never = ctl(&d, ACME, &["info", "tz9"]).await;
+    let never = ctl(&d, &tools, ACME, &["info", "tz9"]).await;
     assert!(never.err.contains("NotFound"), "{}", never.err);
     for args in [
         vec!["info", "tb1"],
@@ -109,7 +144,7 @@ async fn tenants_see_and_touch_only_their_own_vms() {
         vec!["events", "tb1", "--follow"],
         vec!["logs", "tb1"],
     ] {
-        let r = ctl(&d, ACME, &args).await;
+        let r = ctl(&d, &tools, ACME, &args).await;
         assert!(
             !r.ok && r.err.contains("NotFound: vm tb1 not found"),
             "{args:?} as acme: {}",
@@ -126,7 +161,7 @@ async fn tenants_see_and_touch_only_their_own_vms() {
         vec!["host", "status"],
         vec!["recovery-status"],
     ] {
-        let r = ctl(&d, ACME, &args).await;
+        let r = ctl(&d, &tools, ACME, &args).await;
         assert!(
             !r.ok && r.err.contains("PermissionDenied"),
             "{args:?}: {}",
@@ -135,27 +170,27 @@ async fn tenants_see_and_touch_only_their_own_vms() {
     }
 
     // A reader sees everything and changes nothing.
-    let r = ctl(&d, READER, &["list", "--json"]).await;
+    let r = ctl(&d, &tools, READER, &["list", "--json"]).await;
     assert!(r.out.contains("ta1") && r.out.contains("tb1"), "{}", r.out);
     for args in [vec!["boot", "ta1"], vec!["delete", "tb1"]] {
-        let r = ctl(&d, READER, &args).await;
+        let r = ctl(&d, &tools, READER, &args).await;
         assert!(
             !r.ok && r.err.contains("PermissionDenied"),
             "{args:?}: {}",
             r.err
         );
     }
-    let r = ctl(&d, READER, &create_args("tr1", "acme", &kernel)).await;
+    let r = ctl(&d, &tools, READER, &create_args("tr1", "acme", &kernel)).await;
     assert!(!r.ok && r.err.contains("PermissionDenied"), "{}", r.err);
 
     // Nobody's rule names the stranger.
-    let r = ctl(&d, STRANGER, &["list"]).await;
+    let r = ctl(&d, &tools, STRANGER, &["list"]).await;
     assert!(!r.ok && r.err.contains("Unauthenticated"), "{}", r.err);
 
     // The live stream is scoped too: acme follows all events while globex deletes its VM and
     // acme creates and deletes another; acme sees its own VM's end and nothing of globex's.
     let mut follow = {
-        let mut cmd = std::process::Command::new(bin("metalctl"));
+        let mut cmd = std::process::Command::new(tools.path("metalctl"));
         cmd.uid(ACME)
             .gid(ACME)
             .arg("--endpoint")
@@ -177,11 +212,11 @@ async fn tenants_see_and_touch_only_their_own_vms() {
             let _ = tx.send(l);
         }
     });
-    let r = ctl(&d, GLOBEX, &["delete", "tb1"]).await;
+    let r = ctl(&d, &tools, GLOBEX, &["delete", "tb1"]).await;
     assert!(r.ok, "{}", r.err);
-    let r = ctl(&d, ACME, &create_args("ta2", "acme", &kernel)).await;
+    let r = ctl(&d, &tools, ACME, &create_args("ta2", "acme", &kernel)).await;
     assert!(r.ok, "{}", r.err);
-    let r = ctl(&d, ACME, &["delete", "ta2", "--force"]).await;
+    let r = ctl(&d, &tools, ACME, &["delete", "ta2", "--force"]).await;
     assert!(r.ok, "{}", r.err);
     let mut seen = Vec::new();
     let found = tokio::time::timeout(Duration::from_secs(20), async {
@@ -207,13 +242,13 @@ async fn tenants_see_and_touch_only_their_own_vms() {
     );
     assert!(seen.iter().all(|l| !l.contains("tb1")), "{seen:?}");
     // The history as well: globex's booted VM has events; an admin sees them, acme does not.
-    let r = ctl(&d, GLOBEX, &create_args("tb2", "globex", &kernel)).await;
+    let r = ctl(&d, &tools, GLOBEX, &create_args("tb2", "globex", &kernel)).await;
     assert!(r.ok, "{}", r.err);
-    let r = ctl(&d, GLOBEX, &["boot", "tb2"]).await;
+    let r = ctl(&d, &tools, GLOBEX, &["boot", "tb2"]).await;
     assert!(r.ok, "{}", r.err);
-    let all = ctl(&d, 0, &["events", "--json", "--limit", "1000"]).await;
+    let all = ctl(&d, &tools, 0, &["events", "--json", "--limit", "1000"]).await;
     assert!(all.out.contains("tb2"), "{}", all.out);
-    let r = ctl(&d, ACME, &["events", "--json", "--limit", "1000"]).await;
+    let r = ctl(&d, &tools, ACME, &["events", "--json", "--limit", "1000"]).await;
     assert!(r.ok && !r.out.contains("tb2"), "{} {}", r.out, r.err);
 
     // Every change is logged with who made it.
@@ -400,10 +435,23 @@ async fn a_qemu_vmm_runs_as_its_user_in_a_cgroup_that_goes_with_it() {
         return;
     }
     const VMM_USER: u32 = 61_010;
-    let d = Daemon::start_with_toml(&format!("[qemu]\nuid = {VMM_USER}\n")).await;
+    // The guest's files, where QEMU's user may open them.
+    let assets = OpenDir::with(
+        "assets",
+        &[guest_dir().join("vmlinux"), guest_dir().join("initrd.img")],
+    );
+    let d = Daemon::start_with_toml_args(
+        &format!("[qemu]\nuid = {VMM_USER}\n"),
+        vec!["--asset-dir".into(), assets.0.display().to_string()],
+    )
+    .await;
     let mut c = d.client().await;
     let mut req = guest_request("u1");
-    req.config.as_mut().unwrap().auto_recover = Some(false);
+    let config = req.config.as_mut().unwrap();
+    config.auto_recover = Some(false);
+    let boot = config.boot.as_mut().unwrap();
+    boot.kernel_path = assets.path("vmlinux").display().to_string();
+    boot.initrd_path = assets.path("initrd.img").display().to_string();
     c.create_vm(req).await.unwrap();
     c.boot_vm(pb::BootVmRequest {
         vm_id: "u1".into(),
