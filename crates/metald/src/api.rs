@@ -1115,66 +1115,83 @@ impl VmService for VmApi {
         &self,
         req: Request<pb::SetHostModeRequest>,
     ) -> Result<Response<pb::SetHostModeResponse>, Status> {
-        caller_of(&req)?.may_run_host("SetHostMode")?;
-        let r = req.into_inner();
-        let mode = mode_from_pb("mode", r.mode)?;
-        let reason = r.reason.trim().to_string();
-        if mode != crate::host::Mode::Normal && reason.is_empty() {
-            return Err(
-                Error::invalid("reason", "is required for readonly and maintenance").into(),
-            );
+        let caller = caller_of(&req)?;
+        let res = async {
+            caller.may_run_host("SetHostMode")?;
+            let r = req.into_inner();
+            let mode = mode_from_pb("mode", r.mode)?;
+            let reason = r.reason.trim().to_string();
+            if mode != crate::host::Mode::Normal && reason.is_empty() {
+                return Err(
+                    Error::invalid("reason", "is required for readonly and maintenance").into(),
+                );
+            }
+            if reason.len() > 1024 || r.requested_by.len() > 256 {
+                return Err(
+                    Error::invalid("reason", "at most 1024 bytes (requested_by 256)").into(),
+                );
+            }
+            let set_by = if r.requested_by.trim().is_empty() {
+                "operator".to_string()
+            } else {
+                r.requested_by.trim().to_string()
+            };
+            let m = self.sup.set_host_mode(mode, reason, set_by).await?;
+            Ok(pb::SetHostModeResponse {
+                mode: Some(host_mode_to_pb(&m)),
+            })
         }
-        if reason.len() > 1024 || r.requested_by.len() > 256 {
-            return Err(Error::invalid("reason", "at most 1024 bytes (requested_by 256)").into());
-        }
-        let set_by = if r.requested_by.trim().is_empty() {
-            "operator".to_string()
-        } else {
-            r.requested_by.trim().to_string()
-        };
-        let m = self.sup.set_host_mode(mode, reason, set_by).await?;
-        Ok(Response::new(pb::SetHostModeResponse {
-            mode: Some(host_mode_to_pb(&m)),
-        }))
+        .await;
+        audited(&caller, "SetHostMode", "", res).map(Response::new)
     }
 
     async fn drain_host(
         &self,
         req: Request<pb::DrainHostRequest>,
     ) -> Result<Response<pb::DrainHostResponse>, Status> {
-        caller_of(&req)?.may_run_host("DrainHost")?;
-        let r = req.into_inner();
-        if r.deadline_seconds > 86_400 {
-            return Err(Error::invalid("deadline_seconds", "at most 86400").into());
+        let caller = caller_of(&req)?;
+        let res = async {
+            caller.may_run_host("DrainHost")?;
+            let r = req.into_inner();
+            if r.deadline_seconds > 86_400 {
+                return Err(Error::invalid("deadline_seconds", "at most 86400").into());
+            }
+            let secs = if r.deadline_seconds == 0 {
+                300
+            } else {
+                r.deadline_seconds
+            };
+            let rep = self.sup.drain(Duration::from_secs(u64::from(secs))).await?;
+            let outcome = |v: Vec<(String, String)>| {
+                v.into_iter()
+                    .map(|(vm_id, reason)| pb::VmOutcome { vm_id, reason })
+                    .collect()
+            };
+            Ok(pb::DrainHostResponse {
+                saved: rep.saved,
+                shut_down: outcome(rep.shut_down),
+                failed: outcome(rep.failed),
+                mode: Some(host_mode_to_pb(&self.sup.host().mode())),
+            })
         }
-        let secs = if r.deadline_seconds == 0 {
-            300
-        } else {
-            r.deadline_seconds
-        };
-        let rep = self.sup.drain(Duration::from_secs(u64::from(secs))).await?;
-        let outcome = |v: Vec<(String, String)>| {
-            v.into_iter()
-                .map(|(vm_id, reason)| pb::VmOutcome { vm_id, reason })
-                .collect()
-        };
-        Ok(Response::new(pb::DrainHostResponse {
-            saved: rep.saved,
-            shut_down: outcome(rep.shut_down),
-            failed: outcome(rep.failed),
-            mode: Some(host_mode_to_pb(&self.sup.host().mode())),
-        }))
+        .await;
+        audited(&caller, "DrainHost", "", res).map(Response::new)
     }
 
     async fn undrain_host(
         &self,
         req: Request<pb::UndrainHostRequest>,
     ) -> Result<Response<pb::UndrainHostResponse>, Status> {
-        caller_of(&req)?.may_run_host("UndrainHost")?;
-        let m = self.sup.undrain("undrain").await?;
-        Ok(Response::new(pb::UndrainHostResponse {
-            mode: Some(host_mode_to_pb(&m)),
-        }))
+        let caller = caller_of(&req)?;
+        let res = async {
+            caller.may_run_host("UndrainHost")?;
+            let m = self.sup.undrain("undrain").await?;
+            Ok(pb::UndrainHostResponse {
+                mode: Some(host_mode_to_pb(&m)),
+            })
+        }
+        .await;
+        audited(&caller, "UndrainHost", "", res).map(Response::new)
     }
 
     async fn get_guest_info(
@@ -1277,20 +1294,25 @@ impl VmService for VmApi {
         &self,
         req: Request<pb::ReconcileRequest>,
     ) -> Result<Response<pb::ReconcileResponse>, Status> {
-        caller_of(&req)?.may_run_host("Reconcile")?;
-        let r = self.sup.reconcile_pass().await?;
-        let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
-        Ok(Response::new(pb::ReconcileResponse {
-            vms: n(r.vms),
-            recoveries_scheduled: n(r.recoveries_scheduled),
-            missed_exits: n(r.missed_exits),
-            converged: n(r.converged),
-            strays_found: n(r.sweep.strays_found),
-            strays_killed: n(r.sweep.strays_killed),
-            stale_dirs_removed: n(r.sweep.stale_dirs_removed),
-            stale_sockets_removed: n(r.sweep.stale_sockets_removed),
-            duration_seconds: r.duration.as_secs_f64(),
-        }))
+        let caller = caller_of(&req)?;
+        let res = async {
+            caller.may_run_host("Reconcile")?;
+            let r = self.sup.reconcile_pass().await?;
+            let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
+            Ok(pb::ReconcileResponse {
+                vms: n(r.vms),
+                recoveries_scheduled: n(r.recoveries_scheduled),
+                missed_exits: n(r.missed_exits),
+                converged: n(r.converged),
+                strays_found: n(r.sweep.strays_found),
+                strays_killed: n(r.sweep.strays_killed),
+                stale_dirs_removed: n(r.sweep.stale_dirs_removed),
+                stale_sockets_removed: n(r.sweep.stale_sockets_removed),
+                duration_seconds: r.duration.as_secs_f64(),
+            })
+        }
+        .await;
+        audited(&caller, "Reconcile", "", res).map(Response::new)
     }
 
     async fn get_vm_events(

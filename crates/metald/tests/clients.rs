@@ -137,7 +137,17 @@ async fn sigterm_ends_open_streams_and_exits_within_the_grace() {
         );
     }
     let mut busy = d.client().await;
+    let before = d.log_mark();
     let in_flight = tokio::spawn(async move { busy.create_vm(guest_request("st2")).await });
+    // In progress means metald has it: a create sent at the very moment of the SIGTERM may be
+    // refused by the connection's GOAWAY before metald sees it, which the client reports as a
+    // transport error, not as metald's answer.
+    assert!(
+        d.wait_log_since(before, Duration::from_secs(5), |l| l.contains("\"st2\""))
+            .await
+            .is_some(),
+        "the create never reached metald"
+    );
     let mark = d.log_mark();
     let sent = Instant::now();
     d.signal(libc::SIGTERM);

@@ -261,6 +261,19 @@ async fn tenants_see_and_touch_only_their_own_vms() {
         })
         .await;
     assert!(audit.is_some(), "no audit line for globex's delete");
+    // A refused host operation is in the audit trail too.
+    let refused = d
+        .wait_log_since(0, Duration::from_secs(5), |l| {
+            l.contains("\"api call\"")
+                && l.contains("uid:61001")
+                && l.contains("\"Reconcile\"")
+                && l.contains("PermissionDenied")
+        })
+        .await;
+    assert!(
+        refused.is_some(),
+        "no audit line for acme's refused Reconcile"
+    );
     let text = d.metrics_text().await;
     assert!(
         text.contains("method=\"ListVms\",code=\"Ok\",role=\"tenant\""),
