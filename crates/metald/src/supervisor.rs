@@ -597,15 +597,6 @@ impl Supervisor {
         Ok(())
     }
 
-    /// One VM as its controller knows it, without waiting: `None` for a VM not (or no longer)
-    /// supervised.
-    pub fn get_live(&self, id: &VmId) -> Option<VmRecord> {
-        self.lock()
-            .get(id)
-            .map(|e| read_live(&e.live))
-            .filter(|r| r.desired != Desired::Deleted)
-    }
-
     /// Every VM as its controller knows it, by id.
     pub fn all_live(&self) -> Vec<VmRecord> {
         let mut v: Vec<VmRecord> = self
@@ -995,11 +986,14 @@ impl Supervisor {
             .collect();
         // Jails and cgroups are file work (and may kill what is left in them): off the runtime.
         let drivers = self.drivers.all();
+        let cgroups = self.drivers.cgroups();
         report.stale_dirs_removed += tokio::task::spawn_blocking(move || {
-            drivers
-                .iter()
-                .map(|d| d.sweep_leftovers(&live, grace))
-                .sum::<usize>()
+            // The VMM cgroups are the host's, shared by both drivers: swept once.
+            cgroups.sweep(&live, grace)
+                + drivers
+                    .iter()
+                    .map(|d| d.sweep_leftovers(&live, grace))
+                    .sum::<usize>()
         })
         .await
         .unwrap_or(0);

@@ -360,26 +360,7 @@ async fn a_create_past_a_quota_is_refused_and_leaves_nothing() {
 
 #[tokio::test]
 async fn a_tcp_listener_without_insecure_tcp_is_refused_at_start() {
-    let dir = std::env::temp_dir().join(format!("mdt-tcp-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut cmd = tokio::process::Command::new(bin("metald"));
-    cmd.arg("--state-dir")
-        .arg(&dir)
-        .arg("--asset-dir")
-        .arg(guest_dir())
-        .args(["--listen", "tcp:127.0.0.1:0", "--metrics-listen", ""])
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(20), cmd.output())
-        .await
-        .expect("metald did not exit within 20 s")
-        .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!out.status.success(), "metald started: {said}");
+    let said = metald_refuses_to_start(&["--listen", "tcp:127.0.0.1:0"]).await;
     assert!(said.contains("auth.insecure_tcp = true"), "{said}");
 }
 

@@ -65,11 +65,6 @@ impl VmmCgroups {
         Ok(me)
     }
 
-    /// The cgroup version in use.
-    pub fn version(&self) -> u8 {
-        self.host.version
-    }
-
     /// VM `id`'s cgroup directories.
     ///
     /// A VMM joins the v1 `cpu` hierarchy only when it has a CPU limit: each hierarchy joined is

@@ -1112,7 +1112,8 @@ impl VmmDriver for FirecrackerDriver {
 
     fn sweep_leftovers(&self, live: &[VmId], grace: Duration) -> usize {
         if !self.cfg.jailer.enabled {
-            return self.vmm_cgroups.sweep(live, grace);
+            // The VMM cgroups are swept host-wide (`Drivers::cgroups`).
+            return 0;
         }
         let Ok(host) = &self.cgroups else { return 0 };
         let settings = self.cgroup_settings();

@@ -43,6 +43,8 @@ pub struct Drivers {
     default: crate::config::VmmKind,
     qemu: std::sync::Arc<dyn VmmDriver>,
     firecracker: std::sync::Arc<dyn VmmDriver>,
+    /// The host's VMM cgroups, which both drivers place their VMMs in.
+    cgroups: cgroup::CgroupPolicy,
 }
 
 impl std::fmt::Debug for Drivers {
@@ -64,8 +66,10 @@ impl Drivers {
                 qemu::QemuDriver::new(cfg.qemu.clone(), cfg.accel).with_cgroups(cgroups.clone()),
             ),
             firecracker: std::sync::Arc::new(
-                firecracker::FirecrackerDriver::new(cfg.firecracker.clone()).with_cgroups(cgroups),
+                firecracker::FirecrackerDriver::new(cfg.firecracker.clone())
+                    .with_cgroups(cgroups.clone()),
             ),
+            cgroups,
         }
     }
 
@@ -80,6 +84,7 @@ impl Drivers {
             default,
             qemu,
             firecracker,
+            cgroups: cgroup::CgroupPolicy::off(),
         }
     }
 
@@ -99,6 +104,11 @@ impl Drivers {
             crate::config::VmmKind::Qemu => self.qemu.clone(),
             crate::config::VmmKind::Firecracker => self.firecracker.clone(),
         }
+    }
+
+    /// The host's VMM cgroups (for the sweep, which removes those no VM owns once).
+    pub fn cgroups(&self) -> cgroup::CgroupPolicy {
+        self.cgroups.clone()
     }
 
     /// Every driver, for work that must recognise any VMM (the stray sweep).

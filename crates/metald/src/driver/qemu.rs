@@ -455,10 +455,6 @@ impl VmmDriver for QemuDriver {
         let _ = tokio::task::spawn_blocking(move || cgroups.release(&id)).await;
     }
 
-    fn sweep_leftovers(&self, live: &[VmId], grace: Duration) -> usize {
-        self.cgroups.sweep(live, grace)
-    }
-
     fn check_host(&self) -> Result<(), String> {
         self.cgroups.check()
     }

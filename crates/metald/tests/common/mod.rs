@@ -450,6 +450,32 @@ impl Drop for Daemon {
     }
 }
 
+/// Runs metald on a fresh state directory with `args` (bounded: 20 s), expecting it to refuse
+/// to start; returns what it said (stdout and stderr). Panics if it started.
+pub async fn metald_refuses_to_start(args: &[&str]) -> String {
+    let n = SEQ.fetch_add(1, Ordering::SeqCst);
+    let dir = PathBuf::from(format!("/tmp/mdt-refused-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cmd = tokio::process::Command::new(bin("metald"));
+    cmd.arg("--state-dir")
+        .arg(&dir)
+        .arg("--asset-dir")
+        .arg(guest_dir())
+        .args(["--metrics-listen", ""])
+        .args(args)
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(20), cmd.output()).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out.expect("metald did not exit within 20 s").unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "metald started: {said}");
+    said
+}
+
 /// Live (non-zombie) QEMU processes whose command line mentions `dir`.
 pub fn vmm_pids_under(dir: &Path) -> Vec<i32> {
     pids_matching(dir, "qemu-system")
