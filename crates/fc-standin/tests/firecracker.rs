@@ -71,6 +71,7 @@ fn full_spec() -> VmSpec {
         vmm: None,
         vsock_cid: None,
         guest_health: Default::default(),
+        vmm_binary: None,
     }
 }
 

@@ -133,6 +133,22 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Move a running or paused VM's guest to a new VMM process without stopping it. With
+    /// --all, every running or paused VM, --max-parallel at a time (a rolling VMM upgrade with
+    /// --binary), stopping at the first failure.
+    Migrate {
+        /// VM id (or --all).
+        id: Option<String>,
+        /// Every running or paused VM.
+        #[arg(long)]
+        all: bool,
+        /// The VMM binary the new processes run, and the VMs' later VMMs (admins only).
+        #[arg(long)]
+        binary: Option<String>,
+        /// With --all, how many VMs move at once.
+        #[arg(long, default_value_t = 2)]
+        max_parallel: usize,
+    },
     /// Recover an orphaned or failed VM now (clears FAILED and the backoff).
     Recover {
         /// VM id.
@@ -538,6 +554,88 @@ async fn main() {
     }
 }
 
+/// Migrates the VMs `ids`, `parallel` at a time, printing each as it finishes; stops starting
+/// new ones at the first failure and fails once those in flight are done.
+async fn migrate_all(
+    c: &metald_api::Client,
+    ids: &[String],
+    binary: &str,
+    parallel: usize,
+) -> Result<()> {
+    let total = ids.len();
+    let mut queue = ids.iter().cloned();
+    let mut running = tokio::task::JoinSet::new();
+    let (mut done, mut failed) = (0usize, Vec::new());
+    let mut pauses = Vec::new();
+    loop {
+        while failed.is_empty() && running.len() < parallel {
+            let Some(id) = queue.next() else { break };
+            let mut c = c.clone();
+            let binary = binary.to_string();
+            running.spawn(async move {
+                let r = c
+                    .migrate_vm(pb::MigrateVmRequest {
+                        vm_id: id.clone(),
+                        vmm_binary: binary,
+                        ..Default::default()
+                    })
+                    .await;
+                (id, rpc(r))
+            });
+        }
+        let Some(joined) = running.join_next().await else {
+            break;
+        };
+        let (id, res) = joined?;
+        done += 1;
+        match res {
+            Ok(r) => {
+                pauses.push(r.handover_ms);
+                println!(
+                    "[{done}/{total}] {id}  {}  pid {} -> {}  guest pause <= {} ms (vmm downtime {} ms)  total {} ms  {} MiB sent{}",
+                    state_name(r.state),
+                    r.old_pid,
+                    r.new_pid,
+                    r.handover_ms,
+                    r.vmm_downtime_ms,
+                    r.total_ms,
+                    r.bytes >> 20,
+                    if r.shared_memory {
+                        "  shared memory"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            Err(e) => {
+                println!("[{done}/{total}] {id}  FAILED: {e:#}");
+                failed.push(id);
+            }
+        }
+    }
+    pauses.sort_unstable();
+    let moved = pauses.len();
+    if total > 1 || !failed.is_empty() {
+        let max = pauses.last().copied().unwrap_or(0);
+        let p50 = pauses.get(moved / 2).copied().unwrap_or(0);
+        println!(
+            "migrated {moved} of {total}; guest pause p50 {p50} ms, max {max} ms{}",
+            if failed.is_empty() {
+                String::new()
+            } else {
+                format!("; stopped at the first failure ({})", failed.join(", "))
+            }
+        );
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} migration(s) failed; the guests stay in their VMMs",
+            failed.len()
+        );
+    }
+    Ok(())
+}
+
 /// Turns a gRPC error into a message that keeps the status code and metald's explanation.
 fn rpc<T>(r: std::result::Result<tonic::Response<T>, tonic::Status>) -> Result<T> {
     r.map(tonic::Response::into_inner)
@@ -893,6 +991,41 @@ async fn run(cli: Cli) -> Result<()> {
                     }
                 }
             }
+        }
+        Cmd::Migrate {
+            id,
+            all,
+            binary,
+            max_parallel,
+        } => {
+            let binary = binary.unwrap_or_default();
+            let ids = match (id, all) {
+                (Some(id), false) => vec![id],
+                (None, true) => {
+                    let mut token = String::new();
+                    let mut ids = Vec::new();
+                    loop {
+                        let r = rpc(c
+                            .list_vms(pb::ListVmsRequest {
+                                state_filter: vec![
+                                    pb::VmState::Running as i32,
+                                    pb::VmState::Paused as i32,
+                                ],
+                                page_size: 500,
+                                page_token: token,
+                            })
+                            .await)?;
+                        ids.extend(r.vms.into_iter().map(|v| v.vm_id));
+                        if r.next_page_token.is_empty() {
+                            break;
+                        }
+                        token = r.next_page_token;
+                    }
+                    ids
+                }
+                _ => bail!("give one VM id, or --all"),
+            };
+            migrate_all(&c, &ids, &binary, max_parallel.max(1)).await?;
         }
         Cmd::Recover { id } => {
             let r = rpc(c

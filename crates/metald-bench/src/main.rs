@@ -488,6 +488,7 @@ async fn qemu_alone(root: &Path, reps: usize) -> Result<Vec<f64>> {
         vmm: None,
         vsock_cid: None,
         guest_health: Default::default(),
+        vmm_binary: None,
     };
     let dir = PathBuf::from(format!("/tmp/mdb-q-{}", std::process::id()));
     let mut out = Vec::new();
@@ -498,7 +499,7 @@ async fn qemu_alone(root: &Path, reps: usize) -> Result<Vec<f64>> {
         let sock = dir.join(QMP_SOCKET);
         let t0 = Instant::now();
         let mut child = Command::new("qemu-system-x86_64")
-            .args(driver.args(&id, &spec, &dir))
+            .args(driver.args(&id, &spec, &dir, false))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;

@@ -195,6 +195,31 @@ impl VmApi {
     }
 }
 
+/// A MigrateVm's `vmm_binary`: empty (the VM's own), or an absolute path to an executable
+/// regular file.
+fn check_vmm_binary(v: &str) -> Result<Option<std::path::PathBuf>, Error> {
+    use std::os::unix::fs::PermissionsExt;
+    const FIELD: &str = "vmm_binary";
+    if v.is_empty() {
+        return Ok(None);
+    }
+    let p = std::path::PathBuf::from(v);
+    if !p.is_absolute() || v.len() > 4096 {
+        return Err(Error::invalid(
+            FIELD,
+            "must be an absolute path of at most 4096 bytes",
+        ));
+    }
+    match std::fs::metadata(&p) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(Some(p)),
+        Ok(_) => Err(Error::invalid(
+            FIELD,
+            format!("{v} is not an executable file"),
+        )),
+        Err(e) => Err(Error::invalid(FIELD, format!("{v}: {e}"))),
+    }
+}
+
 /// The caller of a request, as the auth layer recorded it. A request it did not see has no
 /// caller, and is refused: the check fails closed.
 fn caller_of<T>(req: &Request<T>) -> Result<Caller, Status> {
@@ -280,6 +305,8 @@ impl From<Error> for Status {
             Error::Driver(_) => Status::internal(msg),
             Error::Config(_) => Status::failed_precondition(msg),
             Error::QuotaExceeded(_) => Status::resource_exhausted(msg),
+            // Nothing changed: the guest runs in its VMM as before; the caller may try again.
+            Error::MigrationFailed { .. } => Status::aborted(msg),
             Error::HostMode(_) => Status::unavailable(msg),
             // The host ran out of something (a full disk, files, memory): the caller may retry
             // once it is back; not a fault of metald's.
@@ -618,6 +645,8 @@ fn event_kind_to_pb(k: &str) -> pb::EventKind {
         Some(K::ControlSocketLost) => pb::EventKind::ControlSocketLost,
         Some(K::ControlSocketRestored) => pb::EventKind::ControlSocketRestored,
         Some(K::Saved) => pb::EventKind::Saved,
+        Some(K::Migrated) => pb::EventKind::Migrated,
+        Some(K::MigrationFailed) => pb::EventKind::MigrationFailed,
         Some(K::Deleted) => pb::EventKind::Deleted,
         None => pb::EventKind::Unspecified,
     }
@@ -904,6 +933,26 @@ impl VmApi {
         })
     }
 
+    async fn do_migrate_vm(
+        &self,
+        req: pb::MigrateVmRequest,
+    ) -> Result<pb::MigrateVmResponse, Status> {
+        let id = VmId::parse("vm_id", &req.vm_id)?;
+        let binary = check_vmm_binary(&req.vmm_binary)?;
+        let (m, rec) = self.sup.migrate(&id, binary).await?;
+        let ms = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        Ok(pb::MigrateVmResponse {
+            state: state_to_pb(rec.observed) as i32,
+            old_pid: m.old_pid,
+            new_pid: m.new_pid,
+            handover_ms: ms(m.handover_ms),
+            vmm_downtime_ms: ms(m.stats.downtime_ms),
+            total_ms: ms(m.total_ms),
+            bytes: m.stats.bytes,
+            shared_memory: m.stats.shared_memory,
+        })
+    }
+
     async fn do_snapshot_vm(
         &self,
         req: pb::SnapshotVmRequest,
@@ -1069,6 +1118,7 @@ impl VmService for VmApi {
                     } as i32,
                     error: a.error.clone(),
                     trigger: a.trigger.clone(),
+                    method: a.method.clone(),
                 })
                 .collect(),
         }))
@@ -1249,6 +1299,28 @@ impl VmService for VmApi {
         }
         .await;
         audited(&caller, "RecoverVm", &vm_id, res).map(Response::new)
+    }
+
+    async fn migrate_vm(
+        &self,
+        req: Request<pb::MigrateVmRequest>,
+    ) -> Result<Response<pb::MigrateVmResponse>, Status> {
+        let caller = caller_of(&req)?;
+        let r = req.into_inner();
+        let vm_id = r.vm_id.clone();
+        let res = async {
+            self.changeable(&caller, "MigrateVm", &r.vm_id).await?;
+            if !r.vmm_binary.is_empty() {
+                // Which program runs a VMM is the host's business: a tenant may move its VM,
+                // not choose what runs it.
+                caller.may_run_host("MigrateVm with vmm_binary")?;
+            }
+            let key = Idempotency::of("MigrateVm", &r.request_id, &r, |c| c.request_id.clear())?
+                .map(|k| k.of_caller(&caller));
+            self.once(key, self.do_migrate_vm(r)).await
+        }
+        .await;
+        audited(&caller, "MigrateVm", &vm_id, res).map(Response::new)
     }
 
     async fn set_auto_recover(

@@ -380,6 +380,15 @@ pub struct HealthConfig {
     pub orphan_threshold: u32,
     /// Successes in a row that make an unhealthy VM healthy again.
     pub recovery_threshold: u32,
+    /// Move the guest of a VMM that is alive but impaired (its control socket file gone, or
+    /// its checks slow) to a new VMM process without stopping it, rather than leave it or kill
+    /// it. A dead or hung VMM is restarted as before: there is nothing to move from.
+    pub replace_impaired: bool,
+    /// A check slower than this counts as slow; `failure_threshold` slow checks in a row make
+    /// the VMM impaired. 0 (the default) turns this off: on an overloaded host every check is
+    /// slow, and moving guests adds load.
+    #[serde(with = "millis")]
+    pub slow_threshold: Duration,
 }
 
 impl Default for HealthConfig {
@@ -392,6 +401,8 @@ impl Default for HealthConfig {
             failure_threshold: 2,
             orphan_threshold: 4,
             recovery_threshold: 2,
+            replace_impaired: true,
+            slow_threshold: Duration::ZERO,
         }
     }
 }
@@ -548,6 +559,24 @@ pub struct QemuConfig {
     pub uid: Option<u32>,
     /// The group id QEMU runs as with `uid` (default: the same number as `uid`).
     pub gid: Option<u32>,
+    /// Back guest RAM with a shared file in `shared_memory_dir`, so that a migration to a new
+    /// QEMU on this host maps the same memory instead of copying it (`x-ignore-shared`): the
+    /// guest's pause no longer grows with its memory. Costs nothing at run time; the RAM is
+    /// a tmpfs file rather than anonymous memory (still charged to the VMM's cgroup).
+    pub shared_memory: bool,
+    /// A tmpfs for the shared RAM files (`metald-<instance>/<vm_id>.ram` under it).
+    pub shared_memory_dir: PathBuf,
+    /// The longest pause a live migration may impose on the guest (QEMU's `downtime-limit`):
+    /// QEMU keeps copying dirtied memory until what is left can be sent within it.
+    #[serde(with = "millis")]
+    pub migration_downtime: Duration,
+    /// Cap on a live migration's transfer rate, in MiB/s (0: none). The stream is local, so
+    /// only the host's CPU and memory bandwidth limit it; a cap spreads a large guest's move
+    /// over more time (a longer migration, the same short pause).
+    pub migration_max_bandwidth_mib: u64,
+    /// Bound on a whole migration (or a snapshot's write or load).
+    #[serde(with = "millis")]
+    pub migration_timeout: Duration,
 }
 
 impl Default for Config {
@@ -598,6 +627,11 @@ impl Default for QemuConfig {
             sandbox: true,
             uid: None,
             gid: None,
+            shared_memory: false,
+            shared_memory_dir: PathBuf::from("/dev/shm"),
+            migration_downtime: Duration::from_millis(100),
+            migration_max_bandwidth_mib: 0,
+            migration_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -643,6 +677,12 @@ impl Config {
         if let Some(p) = &self.cgroups.parent {
             return p.clone();
         }
+        format!("metald/{}", self.instance_tag())
+    }
+
+    /// Twelve hex digits that name this metald (its state directory) in host-wide places it
+    /// shares with others: cgroups, shared-memory files.
+    pub fn instance_tag(&self) -> String {
         // FNV-1a of the state directory's path: stable across restarts, different per metald.
         let dir = std::fs::canonicalize(&self.state_dir).unwrap_or_else(|_| self.state_dir.clone());
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -650,7 +690,14 @@ impl Config {
             h ^= u64::from(*b);
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
-        format!("metald/{:012x}", h >> 16)
+        format!("{:012x}", h >> 16)
+    }
+
+    /// Where this metald keeps VMs' shared RAM files (`qemu.shared_memory`).
+    pub fn shared_memory_dir(&self) -> PathBuf {
+        self.qemu
+            .shared_memory_dir
+            .join(format!("metald-{}", self.instance_tag()))
     }
 
     /// Path of the SQLite registry.

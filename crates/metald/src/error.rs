@@ -74,9 +74,45 @@ pub enum Error {
     /// The configuration is invalid.
     #[error("config: {0}")]
     Config(String),
+    /// A migration failed at `step`; the guest stayed in its VMM, the VM unchanged.
+    #[error("migration failed at step {step}: {reason}; the guest stays in its VMM")]
+    MigrationFailed {
+        /// The step that failed.
+        step: MigrationStep,
+        /// Why.
+        reason: String,
+    },
     /// A create would pass a quota (`[quota]`): the message names the cap and what is in use.
     #[error("{0}")]
     QuotaExceeded(String),
+}
+
+/// The steps of a migration, named in its errors and events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationStep {
+    /// Starting the new VMM beside the running one.
+    StartTarget,
+    /// Moving the guest's state into it.
+    Transfer,
+    /// A delete of the VM arrived and won.
+    Cancelled,
+}
+
+impl MigrationStep {
+    /// Stable name, for logs, events and errors.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationStep::StartTarget => "start_target",
+            MigrationStep::Transfer => "transfer",
+            MigrationStep::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for MigrationStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Error {

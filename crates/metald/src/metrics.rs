@@ -42,6 +42,15 @@ pub struct OutcomeLabel {
     pub outcome: String,
 }
 
+/// The labels of a recovery attempt.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabel {
+    /// `success` or `failure`.
+    pub outcome: String,
+    /// `restart`, `migrate` or `restore`.
+    pub method: String,
+}
+
 /// A `state` label.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
@@ -108,8 +117,13 @@ pub struct Metrics {
     registry: Registry,
     /// `metald_vm_orphaned_total{reason}`
     pub orphaned: Family<ReasonLabel, Counter>,
-    /// `metald_vm_recovery_attempts_total{outcome}`
-    pub recovery_attempts: Family<OutcomeLabel, Counter>,
+    /// `metald_vm_recovery_attempts_total{outcome,method}`
+    pub recovery_attempts: Family<AttemptLabel, Counter>,
+    /// `metald_vm_migrations_total{outcome}`
+    pub migrations: Family<OutcomeLabel, Counter>,
+    /// `metald_vm_migration_handover_seconds`: from the start of a migration's transfer until
+    /// the guest runs in the new VMM (the guest's pause is at most this).
+    pub migration_handover: Histogram,
     /// `metald_vm_recovery_success_total`
     pub recovery_success: Counter,
     /// `metald_vm_health_check_failures_total`
@@ -158,6 +172,8 @@ impl Metrics {
         let m = Metrics {
             orphaned: Family::default(),
             recovery_attempts: Family::default(),
+            migrations: Family::default(),
+            migration_handover: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             recovery_success: Counter::default(),
             health_check_failures: Counter::default(),
             health_checks: Counter::default(),
@@ -187,13 +203,23 @@ impl Metrics {
         );
         r.register(
             "metald_vm_recovery_attempts",
-            "Recovery attempts, by outcome",
+            "Recovery attempts, by outcome and method (restart, migrate, restore)",
             m.recovery_attempts.clone(),
         );
         r.register(
             "metald_vm_recovery_success",
             "Recoveries that brought a VM back",
             m.recovery_success.clone(),
+        );
+        r.register(
+            "metald_vm_migrations",
+            "Migrations of a guest to a new VMM process, by outcome",
+            m.migrations.clone(),
+        );
+        r.register(
+            "metald_vm_migration_handover_seconds",
+            "From the start of a migration's transfer until the guest runs in the new VMM",
+            m.migration_handover.clone(),
         );
         r.register(
             "metald_vm_health_check_failures",
@@ -304,11 +330,21 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a recovery attempt.
-    pub fn recovery_attempt(&self, success: bool) {
-        self.recovery_attempts
+    /// Counts a migration.
+    pub fn migration(&self, success: bool) {
+        self.migrations
             .get_or_create(&OutcomeLabel {
                 outcome: if success { "success" } else { "failure" }.into(),
+            })
+            .inc();
+    }
+
+    /// Counts a recovery attempt made by `method` (`restart`, `migrate`, `restore`).
+    pub fn recovery_attempt(&self, success: bool, method: &str) {
+        self.recovery_attempts
+            .get_or_create(&AttemptLabel {
+                outcome: if success { "success" } else { "failure" }.into(),
+                method: method.into(),
             })
             .inc();
     }

@@ -159,6 +159,8 @@ impl VmState {
             Cause::Drift => matches!((self, to), (Running, Paused) | (Paused, Running)),
             // Re-attach believes the VMM, whatever the row said when metald died.
             Cause::Adopted => matches!(to, Created | Running | Paused),
+            // A migration moves the guest to a new VMM in the state it was in.
+            Cause::Migrated => to == self && matches!(self, Running | Paused),
         };
         if ok {
             Ok(to)
@@ -201,6 +203,8 @@ pub enum Cause {
     Drift,
     /// Re-attach at start-up found the VM's VMM, in the state the VMM reports.
     Adopted,
+    /// The guest moved to a new VMM process in the state it was in.
+    Migrated,
 }
 
 impl Cause {
@@ -215,6 +219,7 @@ impl Cause {
             Cause::GaveUp => "gave_up",
             Cause::Drift => "drift",
             Cause::Adopted => "adopted",
+            Cause::Migrated => "migrated",
         }
     }
 }
@@ -450,10 +455,14 @@ pub enum EventKind {
     Saved,
     /// The VM was deleted (told to watchers only).
     Deleted,
+    /// The guest moved to a new VMM process without stopping.
+    Migrated,
+    /// A migration failed; the guest stayed in its VMM.
+    MigrationFailed,
 }
 
 impl EventKind {
-    const ALL: [EventKind; 12] = [
+    const ALL: [EventKind; 14] = [
         EventKind::StateChanged,
         EventKind::HealthChanged,
         EventKind::Orphaned,
@@ -466,6 +475,8 @@ impl EventKind {
         EventKind::ControlSocketRestored,
         EventKind::Saved,
         EventKind::Deleted,
+        EventKind::Migrated,
+        EventKind::MigrationFailed,
     ];
 
     /// Stable name stored in the registry.
@@ -483,6 +494,8 @@ impl EventKind {
             EventKind::ControlSocketRestored => "control_socket_restored",
             EventKind::Saved => "saved",
             EventKind::Deleted => "deleted",
+            EventKind::Migrated => "migrated",
+            EventKind::MigrationFailed => "migration_failed",
         }
     }
 
@@ -612,6 +625,11 @@ pub struct VmSpec {
     /// How the guest is probed (resolved against the host defaults at create).
     #[serde(default)]
     pub guest_health: GuestHealthConfig,
+    /// The VMM binary this VM runs on instead of the host's configured one: set when it was
+    /// migrated onto another binary (a rolling upgrade), so that its later VMMs (a restart, a
+    /// recovery) run that binary too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm_binary: Option<PathBuf>,
 }
 
 /// What a caller asked for, before validation. The API layer fills this from the protobuf.
@@ -798,6 +816,7 @@ impl VmSpecInput {
         let guest_health = resolve_guest_health(cfg, &self.guest_health)?;
         Ok(VmSpec {
             guest_health,
+            vmm_binary: None,
             vcpus: u32::try_from(self.vcpus).unwrap_or(1),
             memory_bytes: mem,
             kernel,

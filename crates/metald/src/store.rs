@@ -95,6 +95,9 @@ CREATE TABLE requests (
     created_at_ms INTEGER NOT NULL
 );
 "#,
+    r#"
+ALTER TABLE recovery_attempts ADD COLUMN method TEXT NOT NULL DEFAULT 'restart';
+"#,
 ];
 
 /// How long a request_id's answer is kept for retries.
@@ -169,6 +172,9 @@ pub struct AttemptRecord {
     pub error: String,
     /// What started it (an orphan reason, `guest_poweroff`, or `manual`).
     pub trigger: String,
+    /// How it brought the VM back: `restart` (a new VMM, the guest booted), `migrate` (the
+    /// guest moved to a new VMM without stopping), `restore` (a new VMM from a snapshot).
+    pub method: String,
 }
 
 /// One VM's registry row.
@@ -421,7 +427,7 @@ impl Store {
             let tx = c.transaction()?;
             tx.execute(
                 "INSERT INTO recovery_attempts (vm_id, attempt, started_at_ms, duration_ms, outcome,
-                     error, trigger) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                     error, trigger, method) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
                     id.as_str(),
                     a.attempt,
@@ -429,7 +435,8 @@ impl Store {
                     a.duration_ms,
                     if a.succeeded { "success" } else { "failure" },
                     a.error,
-                    a.trigger
+                    a.trigger,
+                    a.method
                 ],
             )?;
             tx.execute(
@@ -628,7 +635,7 @@ impl Store {
         let id = id.clone();
         self.run(move |c| {
             let mut stmt = c.prepare(
-                "SELECT attempt, started_at_ms, duration_ms, outcome, error, trigger
+                "SELECT attempt, started_at_ms, duration_ms, outcome, error, trigger, method
                  FROM recovery_attempts WHERE vm_id = ?1 ORDER BY id DESC",
             )?;
             let rows = stmt.query_map(params![id.as_str()], |r| {
@@ -639,6 +646,7 @@ impl Store {
                     succeeded: r.get::<_, String>(3)? == "success",
                     error: r.get(4)?,
                     trigger: r.get(5)?,
+                    method: r.get(6)?,
                 })
             })?;
             Ok(rows.collect::<std::result::Result<Vec<_>, _>>()?)
@@ -870,6 +878,7 @@ mod tests {
                 vmm: None,
                 vsock_cid: None,
                 guest_health: Default::default(),
+                vmm_binary: None,
             },
             desired: Desired::State(Target::Created),
             observed: VmState::Created,
@@ -960,6 +969,7 @@ mod tests {
                     succeeded: false,
                     error: "e".into(),
                     trigger: "process_dead".into(),
+                    method: "restart".into(),
                 },
             )
             .await

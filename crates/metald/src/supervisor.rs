@@ -898,6 +898,20 @@ impl Supervisor {
         }
     }
 
+    /// Moves a VM's guest to a new VMM process (running `binary`, or the VM's own).
+    pub async fn migrate(
+        &self,
+        id: &VmId,
+        binary: Option<std::path::PathBuf>,
+    ) -> Result<(crate::controller::MigrationReport, VmRecord)> {
+        self.env.host.allow_change()?;
+        let res = self.handle(id)?.call_full(Op::Migrate { binary }).await?;
+        let report = res.migration.ok_or_else(|| {
+            Error::Unavailable(id.to_string(), "the migration left no report".into())
+        })?;
+        Ok((report, res.rec))
+    }
+
     /// Recovers an orphaned or failed VM now.
     pub async fn recover(&self, id: &VmId) -> Result<VmRecord> {
         self.env.host.allow_change()?;

@@ -161,6 +161,7 @@ async fn deleted_control_socket_is_reported_and_the_guest_keeps_running() {
     // metald holds a connection to each VMM (QMP with its events; a kept-alive HTTP connection on
     // Firecracker). Deleting the socket file does not cut that connection, so a working guest is
     // never cold-restarted for it: the loss is reported and the VM goes on being supervised.
+    // (With recovery on, the VMM is then replaced by a migration: tests/migration.rs.)
     let d = Daemon::start_with_toml(DETECT_ONLY).await;
     let mut c = d.client().await;
     let pid = running_vm(&mut c, "nosock").await;

@@ -22,6 +22,29 @@ pub async fn look(
         Some(_) => verify(driver, rec, run_dir).await,
         None => Attach::Nothing,
     };
+    if let (Attach::Adopted(vmm, _), Some((pid, start))) = (&verdict, unrecorded) {
+        // Two VMMs with the VM's marker: a migration that metald's death cut short. The one
+        // that holds the guest stays. The source is asked to stop migrating first, so that its
+        // answer is final: it still has the guest (the target goes), or it handed it over.
+        let _ = vmm.cancel_migration().await;
+        match vmm.ping().await {
+            Ok(GuestRun::MigratedAway) => {
+                info!(vm_id = %rec.vm_id, source = vmm.pid(), target = pid, "a cut-short migration had handed the guest over; its target is adopted");
+                let _ = vmm.kill();
+                let _ = tokio::time::timeout(Duration::from_secs(5), vmm.pidfd().exited()).await;
+                vmm.pidfd().reap();
+                // The source has removed its sockets as it exited: the target's take the names.
+                driver.promote_files(run_dir);
+                verdict = Attach::Lost(OrphanReason::ProcessDead);
+            }
+            _ => {
+                info!(vm_id = %rec.vm_id, source = vmm.pid(), target = pid, "a cut-short migration's target removed; the guest stays in its vmm");
+                kill_unrecorded(pid, start).await;
+                driver.discard_target(run_dir, &rec.spec);
+                return verdict;
+            }
+        }
+    }
     let wanted_up = matches!(
         rec.desired,
         Desired::State(Target::Created | Target::Running | Target::Paused)
@@ -47,6 +70,17 @@ pub async fn look(
         }
     }
     verdict
+}
+
+/// Kills the process `pid` if it is still the one that started at `start` (through a pidfd, so
+/// a reused pid is never hit), and waits for it, bounded.
+async fn kill_unrecorded(pid: i32, start: u64) {
+    let Ok(fd) = Pidfd::open(pid) else { return };
+    if ProcInfo::read(pid).is_some_and(|i| i.start_time == start) {
+        let _ = fd.signal(libc::SIGKILL);
+        let _ = tokio::time::timeout(Duration::from_secs(5), fd.exited()).await;
+        fd.reap();
+    }
 }
 
 /// Decides whether the VMM recorded for `rec` is still there and still ours.

@@ -386,6 +386,12 @@ impl Controller {
                 self.orphan_live_vmm(OrphanReason::GuestCrashed).await
             }
             Ok(run) => {
+                let slow = !cfg.slow_threshold.is_zero() && started.elapsed() > cfg.slow_threshold;
+                self.slow_checks = if slow {
+                    self.slow_checks.saturating_add(1)
+                } else {
+                    0
+                };
                 if socket_there == self.socket_missing {
                     self.control_socket_changed(socket_there).await;
                 }
@@ -446,6 +452,7 @@ impl Controller {
                 res
             }
             Err((reason, error)) => {
+                self.slow_checks = 0;
                 let h = &mut self.rec.health;
                 h.consecutive_failures = h.consecutive_failures.saturating_add(1);
                 h.consecutive_successes = 0;
@@ -485,6 +492,9 @@ impl Controller {
         };
         if let Err(e) = res {
             warn!(vm_id = %self.rec.vm_id, error = %e, "recording health failed");
+        }
+        if let Some(why) = self.impairment() {
+            self.replace_impaired(why).await;
         }
     }
 

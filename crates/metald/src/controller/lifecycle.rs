@@ -10,6 +10,7 @@ impl Controller {
         let mut did = Did::default();
         let mut guest_info = None;
         let mut snapshot = None;
+        let mut migration = None;
         match op {
             Op::Create { restore, insert } => {
                 // The driver checks what only it knows (the kernel format its VMM boots, files
@@ -126,12 +127,16 @@ impl Controller {
             }
             Op::Save { dest } => self.save_guest(&dest).await?,
             Op::GuestInfo => guest_info = Some(self.guest_info().await?),
+            Op::Migrate { binary } => {
+                migration = Some(self.migrate(binary, MigrateReason::Operator).await?);
+            }
         }
         Ok(OpResult {
             rec: self.rec.clone(),
             did,
             guest_info,
             snapshot,
+            migration,
         })
     }
 
@@ -416,6 +421,8 @@ impl Controller {
             spec: &self.rec.spec,
             run_dir: &run_dir,
             restore: restore.as_deref(),
+            migration_target: false,
+            binary: self.rec.spec.vmm_binary.as_deref(),
         };
         let vmm = driver.spawn(&req).await?;
         crate::crash_point!("start.after_spawn");

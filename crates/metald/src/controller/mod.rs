@@ -22,9 +22,11 @@
 mod attach;
 mod health;
 mod lifecycle;
+mod migrate;
 mod recovery;
 
 pub use attach::look;
+pub use migrate::{MigrateReason, MigrationReport};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -100,6 +102,11 @@ pub enum Op {
         /// Where.
         dest: PathBuf,
     },
+    /// Move the guest to a new VMM process without stopping it.
+    Migrate {
+        /// The VMM binary the new process runs (None: the VM's own).
+        binary: Option<PathBuf>,
+    },
 }
 
 /// What a reconcile pass did to one VM.
@@ -126,6 +133,8 @@ pub struct OpResult {
     pub guest_info: Option<GuestInfo>,
     /// For [`Op::Snapshot`], the snapshot as recorded.
     pub snapshot: Option<SnapshotRecord>,
+    /// For [`Op::Migrate`], what the migration did.
+    pub migration: Option<MigrationReport>,
 }
 
 struct Request {
@@ -141,6 +150,8 @@ type PermitFuture =
 pub struct ControllerHandle {
     tx: mpsc::Sender<Request>,
     vm_id: String,
+    /// Counts deletes sent: a migration in progress sees the count change and gives way.
+    deletes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl ControllerHandle {
@@ -152,6 +163,11 @@ impl ControllerHandle {
     /// Like [`ControllerHandle::call`], with what a reconcile did.
     pub async fn call_full(&self, op: Op) -> Result<OpResult> {
         let (reply, rx) = oneshot::channel();
+        if matches!(op, Op::Delete { .. }) {
+            // A delete wins over a migration in progress, which is cancelled at once instead
+            // of finishing first.
+            self.deletes.send_modify(|n| *n = n.wrapping_add(1));
+        }
         self.tx
             .send(Request { op, reply })
             .await
@@ -374,6 +390,13 @@ pub struct Controller {
     socket_looked_at: Option<Instant>,
     /// The control socket file is gone while the held connection still works.
     socket_missing: bool,
+    /// Deletes sent to this VM (see [`ControllerHandle`]).
+    deletes: tokio::sync::watch::Receiver<u64>,
+    /// Health checks in a row slower than `health.slow_threshold`.
+    slow_checks: u32,
+    /// When an impaired VMM may next be replaced by a migration, after one failed, with how
+    /// many failed in a row.
+    replace_after: Option<(Instant, u32)>,
 }
 
 impl Controller {
@@ -386,9 +409,11 @@ impl Controller {
         env: ControllerEnv,
     ) -> (ControllerHandle, SharedRecord, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(16);
+        let (deletes_tx, deletes) = tokio::sync::watch::channel(0);
         let handle = ControllerHandle {
             tx,
             vm_id: rec.vm_id.to_string(),
+            deletes: Arc::new(deletes_tx),
         };
         let live = Arc::new(Mutex::new(rec.clone()));
         let first_check = next_check_after(Instant::now(), &env.health);
@@ -424,6 +449,9 @@ impl Controller {
             console_from_end: false,
             socket_looked_at: None,
             socket_missing: false,
+            deletes,
+            slow_checks: 0,
+            replace_after: None,
         };
         let task = tokio::spawn(ctl.run(rx, attach));
         (handle, live, task)
@@ -449,7 +477,9 @@ impl Controller {
                     | GuestRun::Suspended
                     | GuestRun::Panicked
                     | GuestRun::Crashed(_) => VmState::Running,
-                    GuestRun::Paused => VmState::Paused,
+                    // Re-attach resolves a migration cut short (controller::look) before this;
+                    // a source with no target left holds the only copy, paused.
+                    GuestRun::Paused | GuestRun::MigratedAway => VmState::Paused,
                     GuestRun::ShutDown => VmState::Shutdown,
                 };
                 info!(vm_id = %self.rec.vm_id, pid = vmm.pid(), state = %observed, "vmm re-attached");

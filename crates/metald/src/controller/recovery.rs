@@ -323,6 +323,7 @@ impl Controller {
                 .map(|e| e.to_string())
                 .unwrap_or_default(),
             trigger: trigger.as_str().to_string(),
+            method: "restart".into(),
         };
         if let Err(e) = self
             .env
@@ -336,7 +337,7 @@ impl Controller {
             self.env.gate.record(res.is_ok(), self.probe);
         }
         self.probe = false;
-        self.env.metrics.recovery_attempt(res.is_ok());
+        self.env.metrics.recovery_attempt(res.is_ok(), "restart");
         match res {
             Ok(()) => {
                 self.up_since = Some(Instant::now());

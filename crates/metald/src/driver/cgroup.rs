@@ -141,6 +141,47 @@ impl VmmCgroups {
         Ok(procs)
     }
 
+    /// Sets VM `id`'s memory limit to `bytes` (where its memory hierarchy is).
+    fn set_memory(&self, id: &str, bytes: u64) -> Result<(), DriverError> {
+        let file = if self.host.version == 2 {
+            "memory.max"
+        } else {
+            "memory.limit_in_bytes"
+        };
+        for d in self.dirs(id) {
+            if self.host.version == 2 || d.starts_with(self.v1_mount("memory")) {
+                write(&d, file, &bytes.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The `cgroup.procs` of VM `id`'s existing cgroups, for a second VMM to join beside the
+    /// running one (a migration target), with the memory limit raised by `extra` bytes so that
+    /// both fit until the first is gone. Nothing in them is killed.
+    pub fn join_existing(
+        &self,
+        id: &VmId,
+        spec: &VmSpec,
+        extra: u64,
+    ) -> Result<Vec<CString>, DriverError> {
+        let dirs = self.dirs(id.as_str());
+        if dirs.iter().any(|d| !d.is_dir()) {
+            // The running VMM was started without cgroups (before they were enabled): the
+            // target gets them afresh, which kills nothing since none of its dirs exist.
+            return self.prepare(id, spec);
+        }
+        self.set_memory(id.as_str(), self.memory_limit(spec).saturating_add(extra))?;
+        dirs.iter()
+            .map(|d| {
+                let p = d.join("cgroup.procs");
+                CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| {
+                    DriverError::Spawn(format!("cgroup path {} holds a NUL", p.display()))
+                })
+            })
+            .collect()
+    }
+
     /// The mount point of a v1 controller (empty when it is not mounted).
     fn v1_mount(&self, controller: &str) -> PathBuf {
         self.host
@@ -274,6 +315,39 @@ impl CgroupPolicy {
             Some(Err(e)) => return Err(DriverError::Spawn(format!("cgroups: {e}"))),
         };
         Ok(Placement { procs, user })
+    }
+
+    /// Where a migration target of VM `id` goes: beside its running VMM, in the same cgroups,
+    /// whose memory limit grows by `extra` bytes until [`CgroupPolicy::settle`].
+    pub fn place_beside(
+        &self,
+        id: &VmId,
+        spec: &VmSpec,
+        user: Option<(u32, u32)>,
+        extra: u64,
+    ) -> Result<Placement, DriverError> {
+        let procs = match self.0.as_deref() {
+            None => Vec::new(),
+            Some(Ok(c)) => c.join_existing(id, spec, extra)?,
+            Some(Err(e)) => return Err(DriverError::Spawn(format!("cgroups: {e}"))),
+        };
+        Ok(Placement { procs, user })
+    }
+
+    /// The memory a VMM needs beside its guest's (`cgroups.memory_overhead_mib`), in bytes;
+    /// 0 when cgroups are off.
+    pub fn overhead(&self) -> u64 {
+        self.get()
+            .map_or(0, |c| c.cfg.memory_overhead_mib.saturating_mul(1 << 20))
+    }
+
+    /// Puts VM `id`'s memory limit back to one VMM's, once a migration's second VMM is gone.
+    pub fn settle(&self, id: &VmId, spec: &VmSpec) {
+        if let Some(c) = self.get()
+            && let Err(e) = c.set_memory(id.as_str(), c.memory_limit(spec))
+        {
+            tracing::warn!(vm_id = %id, error = %e, "resetting the vmm's memory limit after a migration failed");
+        }
     }
 
     /// Whether the VMM that ran in `run_dir`'s VM's cgroup was killed for its memory.

@@ -233,3 +233,52 @@ pub(crate) async fn wait_ready(
         }
     }
 }
+
+/// A file's name for a VMM: `name` for the VM's VMM, `next-name` for a migration target
+/// started beside it ([`super::TARGET_PREFIX`]).
+pub(crate) fn target_name(name: &str, target: bool) -> String {
+    if target {
+        format!("{}{name}", super::TARGET_PREFIX)
+    } else {
+        name.to_string()
+    }
+}
+
+/// Renames a promoted migration target's files in `run_dir` to the VM's VMM names (`next-X` to
+/// `X`), once the VMM it replaced is gone: that VMM removes its sockets as it exits, so a rename
+/// before then would lose the new ones. Each rename replaces what is there atomically; a file
+/// the target never made is skipped. Logs the old VMM left are kept as `X.prev`.
+pub(crate) fn promote_files(run_dir: &Path, names: &[&str]) -> Result<(), DriverError> {
+    for name in names {
+        let from = run_dir.join(target_name(name, true));
+        let to = run_dir.join(name);
+        if std::fs::symlink_metadata(&from).is_err() {
+            continue;
+        }
+        if name.ends_with(".log") || name.ends_with(".json") {
+            rotate_log(&to);
+        }
+        std::fs::rename(&from, &to).map_err(|e| {
+            DriverError::Io(
+                format!("renaming {} to {}", from.display(), to.display()),
+                e,
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Removes every migration target file (`next-*`) in `run_dir`.
+pub(crate) fn discard_target_files(run_dir: &Path) {
+    let Ok(dir) = std::fs::read_dir(run_dir) else {
+        return;
+    };
+    for e in dir.flatten() {
+        if e.file_name()
+            .to_string_lossy()
+            .starts_with(super::TARGET_PREFIX)
+        {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}

@@ -12,8 +12,8 @@ pub use crate::config::SUN_PATH_MAX;
 // The plumbing both drivers share, written once (common.rs).
 pub use common::{CONSOLE_LOG, VMM_LOG, binary_version, connect_unix, socket_arg, socket_arg_is};
 pub(crate) use common::{
-    arg_after, args_after, bounded, cause_from_report, log_tail, read_tail, rotate_log, spawn_vmm,
-    wait_ready,
+    arg_after, args_after, bounded, cause_from_report, discard_target_files, log_tail,
+    promote_files, read_tail, rotate_log, spawn_vmm, target_name, wait_ready,
 };
 // Defined below the drivers, with the records and errors they share.
 pub use crate::error::DriverError;
@@ -63,7 +63,9 @@ impl Drivers {
         Drivers {
             default: cfg.vmm,
             qemu: std::sync::Arc::new(
-                qemu::QemuDriver::new(cfg.qemu.clone(), cfg.accel).with_cgroups(cgroups.clone()),
+                qemu::QemuDriver::new(cfg.qemu.clone(), cfg.accel)
+                    .with_cgroups(cgroups.clone())
+                    .with_ram_dir(cfg.shared_memory_dir()),
             ),
             firecracker: std::sync::Arc::new(
                 firecracker::FirecrackerDriver::new(cfg.firecracker.clone())
@@ -149,6 +151,29 @@ pub struct SpawnRequest<'a> {
     pub run_dir: &'a Path,
     /// A snapshot directory to restore from instead of booting the kernel.
     pub restore: Option<&'a Path>,
+    /// Start it as the target of a migration of the VM's running VMM: beside that VMM (its
+    /// files under the [`TARGET_PREFIX`] names, in the same cgroup, nothing of the running VMM
+    /// touched), waiting for the guest to arrive ([`VmmDriver::migrate`]).
+    pub migration_target: bool,
+    /// The VMM binary to run instead of the configured one (a rolling upgrade's new binary).
+    pub binary: Option<&'a Path>,
+}
+
+/// The prefix of a migration target's files in the run directory (`next-qmp.sock`) while the
+/// VM's VMM still has the plain names; [`VmmDriver::promote`] renames them once that VMM is gone.
+pub const TARGET_PREFIX: &str = "next-";
+
+/// What a migration cost, as the VMMs report it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MigrationStats {
+    /// From the start of the transfer to the target holding the guest, in ms.
+    pub total_ms: u64,
+    /// How long the vCPUs were stopped, as the source VMM measured it, in ms.
+    pub downtime_ms: u64,
+    /// Bytes sent over the migration channel (or written to the handover files).
+    pub bytes: u64,
+    /// Guest RAM was shared between the two processes, not copied.
+    pub shared_memory: bool,
 }
 
 /// A running VMM, as [`VmmDriver::spawn`] or [`VmmDriver::adopt`] returns it: the one handle
@@ -250,6 +275,9 @@ pub enum GuestRun {
     /// The VMM stopped the guest for good: an emulation error, a disk I/O error or a watchdog.
     /// The text is the VMM's own name for the state.
     Crashed(String),
+    /// The VMM handed its guest to another process (a completed outgoing migration): what it
+    /// holds is a stale copy that must never run again.
+    MigratedAway,
 }
 
 /// Why a VMM says its guest stopped (QEMU's `SHUTDOWN` event reason).
@@ -400,6 +428,32 @@ pub trait VmmControl: Send + Sync + 'static {
     /// Loads a snapshot written by [`VmmControl::snapshot`] into a VMM spawned with
     /// `SpawnRequest::restore`; the guest stays paused until `boot`.
     async fn restore(&self, spec: &VmSpec, src: &Path) -> Result<(), DriverError>;
+
+    /// Target side of a live migration: listen on the unix socket `channel` for the guest's
+    /// state (this VMM was spawned as a migration target). With `shared_memory`, guest RAM is
+    /// the same file in both processes and is not sent.
+    async fn accept_migration(
+        &self,
+        _channel: &Path,
+        _shared_memory: bool,
+    ) -> Result<(), DriverError> {
+        Err(DriverError::Unsupported("a live migration", "this"))
+    }
+
+    /// Source side: send the guest over `channel` to a target that accepts on it, and wait,
+    /// bounded, for the end. On failure the VMM keeps (and runs again) its guest.
+    async fn send_migration(
+        &self,
+        _channel: &Path,
+        _shared_memory: bool,
+    ) -> Result<MigrationStats, DriverError> {
+        Err(DriverError::Unsupported("a live migration", "this"))
+    }
+
+    /// Stops an outgoing migration in flight; the VMM keeps its guest.
+    async fn cancel_migration(&self) -> Result<(), DriverError> {
+        Ok(())
+    }
 }
 
 /// One kind of VMM, host-wide: starts its processes, recognises them, and cleans up after
@@ -470,6 +524,38 @@ pub trait VmmDriver: Send + Sync + 'static {
             control_socket: self.control_socket(run_dir),
             console_log: run_dir.join("console.log"),
         }
+    }
+
+    /// Moves the guest of `from`, the VM's VMM, into `to`, spawned for it with
+    /// `SpawnRequest::migration_target`, and returns once `to` holds the guest: running if it was
+    /// running, unless the driver can only hand it over paused (the caller resumes it then). On
+    /// an error `from` still holds the guest, as it was; the caller removes `to`.
+    async fn migrate(
+        &self,
+        _from: &Vmm,
+        _to: &Vmm,
+        _spec: &VmSpec,
+    ) -> Result<MigrationStats, DriverError> {
+        Err(DriverError::Unsupported("a live migration", self.kind()))
+    }
+
+    /// Makes `to`, a migration target now holding the guest, the VM's VMM once the VMM it
+    /// replaced is gone: its files take the names the VM's VMM has (an operator's socket, the
+    /// guest agent's, the control socket re-attach looks for), and its handle says so.
+    /// A file that cannot be renamed is logged and left under its target name, which the
+    /// handle then uses: the guest runs in `to` whatever its files are called.
+    fn promote(&self, to: Vmm, _spec: &VmSpec) -> Vmm {
+        to
+    }
+
+    /// Gives a migration target's files in `run_dir` the VM's VMM names, for a target adopted
+    /// at re-attach (its source gone).
+    fn promote_files(&self, _run_dir: &Path) {}
+
+    /// Removes what a migration target that never became the VM's VMM left in `run_dir` (its
+    /// process is gone), and gives the VM's VMM back its own limits.
+    fn discard_target(&self, run_dir: &Path, _spec: &VmSpec) {
+        common::discard_target_files(run_dir);
     }
 
     /// Tells a guest power-off from a crash or an external kill, from the exit status, the last

@@ -40,8 +40,12 @@ pub const AGENT_PORT: &str = "org.qemu.guest_agent.0";
 pub use super::VMM_LOG;
 /// The migration stream inside a snapshot directory.
 pub const MIGRATION_FILE: &str = "qemu-migration.bin";
-/// Bound on writing or loading a snapshot.
-const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
+/// The unix socket a live migration's stream goes over, in the run directory (a target's
+/// file, removed with the target's others).
+pub const MIGRATION_SOCKET: &str = "next-migrate.sock";
+/// The files a QEMU has in its run directory under its own name (a migration target has them
+/// with [`super::TARGET_PREFIX`] until it is promoted); the console log is the VM's, shared.
+const OWN_FILES: [&str; 4] = [QMP_SOCKET, OPS_SOCKET, AGENT_SOCKET, VMM_LOG];
 
 /// Drives QEMU `microvm` guests.
 #[derive(Debug)]
@@ -50,6 +54,8 @@ pub struct QemuDriver {
     accel: Accel,
     cgroups: super::cgroup::CgroupPolicy,
     version: std::sync::OnceLock<String>,
+    /// Where shared guest RAM files go (`qemu.shared_memory`).
+    ram_dir: std::path::PathBuf,
 }
 
 impl QemuDriver {
@@ -60,7 +66,20 @@ impl QemuDriver {
             accel,
             cgroups: super::cgroup::CgroupPolicy::off(),
             version: Default::default(),
+            ram_dir: std::path::PathBuf::from("/dev/shm/metald"),
         }
+    }
+
+    /// The same driver, keeping shared guest RAM files in `dir`.
+    #[must_use]
+    pub fn with_ram_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.ram_dir = dir;
+        self
+    }
+
+    /// VM `vm_id`'s shared RAM file.
+    pub fn ram_file(&self, vm_id: &VmId) -> std::path::PathBuf {
+        self.ram_dir.join(format!("{vm_id}.ram"))
     }
 
     /// The same driver, placing each VMM in a cgroup of its own.
@@ -76,48 +95,72 @@ impl QemuDriver {
     }
 
     /// The QEMU command line for a VM (without the binary).
-    pub fn args(&self, vm_id: &VmId, spec: &VmSpec, run_dir: &Path) -> Vec<String> {
+    /// A migration `target` names its sockets `next-*` (it starts beside the VM's VMM).
+    pub fn args(&self, vm_id: &VmId, spec: &VmSpec, run_dir: &Path, target: bool) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+        let sock = |name: &str| {
+            super::socket_arg(run_dir, &super::target_name(name, target))
+                .display()
+                .to_string()
+        };
         push(&["-name", &format!("{NAME_PREFIX}{vm_id}")]);
-        push(&["-M", "microvm"]);
+        if self.cfg.shared_memory {
+            // Guest RAM in a shared tmpfs file: a migration target maps the same pages.
+            let file = self
+                .ram_file(vm_id)
+                .display()
+                .to_string()
+                .replace(',', ",,");
+            push(&["-M", "microvm,memory-backend=metald-ram"]);
+            push(&[
+                "-object",
+                &format!(
+                    "memory-backend-file,id=metald-ram,size={}M,mem-path={file},share=on",
+                    spec.memory_bytes / (1024 * 1024)
+                ),
+            ]);
+        } else {
+            push(&["-M", "microvm"]);
+        }
         match self.accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
             Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
         }
         push(&["-smp", &spec.vcpus.to_string()]);
         push(&["-m", &format!("{}M", spec.memory_bytes / (1024 * 1024))]);
-        push(&[
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-no-reboot",
-            "-S",
-        ]);
+        push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        if !target {
+            // A target starts with the guest's run state as the migration stream carries it.
+            push(&["-S"]);
+        }
         push(&["-kernel", &spec.kernel.display().to_string()]);
         if let Some(initrd) = &spec.initrd {
             push(&["-initrd", &initrd.display().to_string()]);
         }
         push(&["-append", &self.kernel_args(spec)]);
-        let console = if spec.console {
-            format!("file:{}", run_dir.join(CONSOLE_LOG).display())
+        if spec.console {
+            // Appended to, so that a migration target carries on the guest's console.
+            let file = run_dir
+                .join(CONSOLE_LOG)
+                .display()
+                .to_string()
+                .replace(',', ",,");
+            push(&[
+                "-chardev",
+                &format!("file,id=metald-console,path={file},append=on"),
+            ]);
+            push(&["-serial", "chardev:metald-console"]);
         } else {
-            "null".to_string()
-        };
-        push(&["-serial", &console]);
+            push(&["-serial", "null"]);
+        }
         push(&[
             "-qmp",
-            &format!(
-                "unix:{},server=on,wait=off",
-                super::socket_arg(run_dir, QMP_SOCKET).display()
-            ),
+            &format!("unix:{},server=on,wait=off", sock(QMP_SOCKET)),
         ]);
         push(&[
             "-qmp",
-            &format!(
-                "unix:{},server=on,wait=off",
-                super::socket_arg(run_dir, OPS_SOCKET).display()
-            ),
+            &format!("unix:{},server=on,wait=off", sock(OPS_SOCKET)),
         ]);
         for d in &spec.drives {
             // Commas in a QEMU option value are escaped by doubling them.
@@ -137,7 +180,7 @@ impl QemuDriver {
             "-chardev",
             &format!(
                 "socket,id=metald-qga,path={},server=on,wait=off",
-                super::socket_arg(run_dir, AGENT_SOCKET).display()
+                sock(AGENT_SOCKET)
             ),
         ]);
         push(&[
@@ -208,18 +251,36 @@ impl QemuDriver {
 struct QemuVmm {
     sock: std::path::PathBuf,
     timeout: Duration,
+    /// Bound on a migration, a snapshot's write or its load.
+    migration_timeout: Duration,
+    /// QEMU's downtime limit for a live migration.
+    downtime: Duration,
+    /// Its bandwidth cap, bytes/s.
+    bandwidth: u64,
     /// The held QMP session, once watched. While it is open every command goes through it.
     session: std::sync::Mutex<Option<qmp::Session>>,
 }
 
 impl QemuVmm {
-    /// Waits, bounded, for a migration (either direction) to complete.
-    async fn wait_migration(&self) -> Result<(), DriverError> {
-        let deadline = Instant::now() + MIGRATION_TIMEOUT;
+    /// Waits, bounded, for a migration (either direction) to complete, and returns what QEMU
+    /// says it cost.
+    async fn wait_migration(&self) -> Result<super::MigrationStats, DriverError> {
+        let deadline = Instant::now() + self.migration_timeout;
+        // Short polls first: a shared-memory migration is over in milliseconds and the guest is
+        // paused until it is seen to be; a long one backs off to 20 ms.
+        let mut poll = Duration::from_millis(1);
         loop {
             let v = self.qmp("query-migrate", None).await?;
             match v.get("status").and_then(Value::as_str).unwrap_or("") {
-                "completed" => return Ok(()),
+                "completed" => {
+                    let n = |v: Option<&Value>| v.and_then(Value::as_u64).unwrap_or(0);
+                    return Ok(super::MigrationStats {
+                        total_ms: n(v.get("total-time")),
+                        downtime_ms: n(v.get("downtime")),
+                        bytes: n(v.get("ram").and_then(|r| r.get("transferred"))),
+                        shared_memory: false,
+                    });
+                }
                 "failed" | "cancelled" => {
                     let why = v
                         .get("error-desc")
@@ -235,12 +296,13 @@ impl QemuVmm {
             if Instant::now() >= deadline {
                 return Err(DriverError::Timeout {
                     what: "QMP migration".into(),
-                    millis: MIGRATION_TIMEOUT.as_millis(),
+                    millis: self.migration_timeout.as_millis(),
                 });
             }
-            // QMP's MIGRATION events would need a held connection; a short bounded poll of
-            // query-migrate is simpler for an operation that takes well under a second.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // QMP's MIGRATION events would need the held connection, which the controller's
+            // event task reads; a bounded poll of query-migrate needs nothing of it.
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(Duration::from_millis(20));
         }
     }
 
@@ -278,6 +340,18 @@ impl QemuVmm {
                 .await;
         }
         started.map(|_| ())
+    }
+
+    /// Sets the migration capability `x-ignore-shared` (guest RAM in a shared file is not
+    /// sent): on for a migration between processes sharing it, off for a snapshot, which must
+    /// hold all of it. Capabilities stay set in a QEMU, so every migration sets its own.
+    async fn set_ignore_shared(&self, on: bool) -> Result<(), DriverError> {
+        self.qmp(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": on }] })),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// The held session, while it is open.
@@ -365,6 +439,7 @@ impl VmmControl for QemuVmm {
         // QEMU's snapshot is its migration stream, written into a file metald opens and hands
         // over (QEMU runs nothing: its sandbox forbids it). The guest is paused, so the stream
         // is final.
+        self.set_ignore_shared(false).await?;
         let path = dest.join(MIGRATION_FILE);
         let file = std::fs::OpenOptions::new()
             .write(true)
@@ -373,15 +448,61 @@ impl VmmControl for QemuVmm {
             .open(&path)
             .map_err(|e| DriverError::Io(format!("creating {}", path.display()), e))?;
         self.migrate_fd("migrate", file).await?;
-        self.wait_migration().await
+        self.wait_migration().await.map(|_| ())
     }
 
     async fn restore(&self, _spec: &VmSpec, src: &Path) -> Result<(), DriverError> {
         let path = src.join(MIGRATION_FILE);
         let file = std::fs::File::open(&path)
             .map_err(|e| DriverError::Io(format!("opening {}", path.display()), e))?;
+        self.set_ignore_shared(false).await?;
         self.migrate_fd("migrate-incoming", file).await?;
-        self.wait_migration().await
+        self.wait_migration().await.map(|_| ())
+    }
+
+    async fn accept_migration(
+        &self,
+        channel: &Path,
+        shared_memory: bool,
+    ) -> Result<(), DriverError> {
+        self.set_ignore_shared(shared_memory).await?;
+        // QEMU binds and listens before it answers, so the source can connect at once.
+        self.qmp(
+            "migrate-incoming",
+            Some(json!({ "uri": format!("unix:{}", channel.display()) })),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn send_migration(
+        &self,
+        channel: &Path,
+        shared_memory: bool,
+    ) -> Result<super::MigrationStats, DriverError> {
+        self.set_ignore_shared(shared_memory).await?;
+        let downtime = u64::try_from(self.downtime.as_millis()).unwrap_or(u64::MAX);
+        // Uncapped unless configured (QEMU's default, 128 MiB/s, is meant for a network): the
+        // stream goes over a local socket.
+        self.qmp(
+            "migrate-set-parameters",
+            Some(json!({ "downtime-limit": downtime, "max-bandwidth": self.bandwidth })),
+        )
+        .await?;
+        self.qmp(
+            "migrate",
+            Some(json!({ "uri": format!("unix:{}", channel.display()) })),
+        )
+        .await?;
+        // QEMU moves the guest from here on, with or without metald.
+        crate::crash_point!("migrate.in_transfer");
+        let mut stats = self.wait_migration().await?;
+        stats.shared_memory = shared_memory;
+        Ok(stats)
+    }
+
+    async fn cancel_migration(&self) -> Result<(), DriverError> {
+        self.qmp("migrate_cancel", None).await.map(|_| ())
     }
 }
 
@@ -396,22 +517,44 @@ impl VmmDriver for QemuDriver {
     }
 
     async fn spawn(&self, req: &SpawnRequest<'_>) -> Result<Vmm, DriverError> {
-        let sock = req.run_dir.join(QMP_SOCKET);
+        let target = req.migration_target;
+        let named = |n: &str| req.run_dir.join(super::target_name(n, target));
+        let sock = named(QMP_SOCKET);
         // A socket left by an earlier process would make the readiness check below pass early.
         let _ = std::fs::remove_file(&sock);
         // Each VMM gets a fresh log, so what its exit left there is its own; the previous one is
         // kept beside it for post-mortems.
-        let log = req.run_dir.join(VMM_LOG);
+        let log = named(VMM_LOG);
         super::rotate_log(&log);
-        super::rotate_log(&req.run_dir.join(CONSOLE_LOG));
-        let mut cmd = Command::new(&self.cfg.binary);
-        cmd.args(self.args(req.vm_id, req.spec, req.run_dir));
-        if req.restore.is_some() {
-            // The migration stream is fed in after start-up, by `restore`.
+        if !target {
+            // A target carries on the guest's console; a fresh VMM starts it afresh.
+            super::rotate_log(&req.run_dir.join(CONSOLE_LOG));
+        }
+        if self.cfg.shared_memory {
+            self.prepare_ram(req.vm_id, !target)?;
+        }
+        let mut cmd = Command::new(req.binary.unwrap_or(&self.cfg.binary));
+        cmd.args(self.args(req.vm_id, req.spec, req.run_dir, target));
+        if req.restore.is_some() || target {
+            // The guest's state is fed in after start-up, by `restore` or `migrate`.
             cmd.args(["-incoming", "defer"]);
         }
         cmd.current_dir(req.run_dir);
-        let placement = self.cgroups.place(req.vm_id, req.spec, self.user())?;
+        let placement = if target {
+            // Beside the running VMM, in its cgroup, which holds both until the old one is gone:
+            // a copy of guest RAM needs room for a second copy, shared RAM only the overhead.
+            let extra = if self.cfg.shared_memory {
+                self.cgroups.overhead()
+            } else {
+                req.spec
+                    .memory_bytes
+                    .saturating_add(self.cgroups.overhead())
+            };
+            self.cgroups
+                .place_beside(req.vm_id, req.spec, self.user(), extra)?
+        } else {
+            self.cgroups.place(req.vm_id, req.spec, self.user())?
+        };
         if let Some((uid, gid)) = placement.user {
             // QEMU makes its sockets and its console log in the run directory.
             rustix::fs::chown(
@@ -421,7 +564,7 @@ impl VmmDriver for QemuDriver {
             )
             .map_err(|e| DriverError::Io(format!("chown {}", req.run_dir.display()), e.into()))?;
         }
-        let sp = super::spawn_vmm(cmd, &req.run_dir.join(VMM_LOG), placement).await?;
+        let sp = super::spawn_vmm(cmd, &log, placement).await?;
         let endpoint = VmmEndpoint {
             pid: sp.pid,
             start_time: sp.start_time,
@@ -430,13 +573,77 @@ impl VmmDriver for QemuDriver {
         };
         let vmm = self.adopt(endpoint, sp.pidfd, req.run_dir);
         // QMP answering is QEMU ready; an early exit reports QEMU's own error message.
-        super::wait_ready(vmm, &req.run_dir.join(VMM_LOG), self.cfg.spawn_timeout).await
+        super::wait_ready(vmm, &log, self.cfg.spawn_timeout).await
+    }
+
+    async fn migrate(
+        &self,
+        from: &Vmm,
+        to: &Vmm,
+        _spec: &VmSpec,
+    ) -> Result<super::MigrationStats, DriverError> {
+        // Both QEMUs work in the run directory, so the channel's name is short whatever its
+        // path's length.
+        let channel = super::socket_arg(to.run_dir(), MIGRATION_SOCKET);
+        let _ = std::fs::remove_file(to.run_dir().join(MIGRATION_SOCKET));
+        let shared = self.cfg.shared_memory;
+        to.accept_migration(&channel, shared).await?;
+        let stats = from.send_migration(&channel, shared).await;
+        let _ = std::fs::remove_file(to.run_dir().join(MIGRATION_SOCKET));
+        let stats = stats?;
+        // The source is done; the target holds the guest once it has left `inmigrate` (it
+        // has loaded the last of the stream), running if the guest was.
+        let deadline = Instant::now() + self.cfg.qmp_timeout;
+        loop {
+            match to.ping().await? {
+                GuestRun::NotStarted if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                GuestRun::NotStarted => {
+                    return Err(DriverError::Timeout {
+                        what: "the target's load of the migration stream".into(),
+                        millis: self.cfg.qmp_timeout.as_millis(),
+                    });
+                }
+                _ => return Ok(stats),
+            }
+        }
+    }
+
+    fn promote(&self, to: Vmm, spec: &VmSpec) -> Vmm {
+        let Vmm {
+            mut endpoint,
+            pidfd,
+            run_dir,
+            ..
+        } = to;
+        match super::promote_files(&run_dir, &OWN_FILES) {
+            Ok(()) => endpoint.control_socket = run_dir.join(QMP_SOCKET),
+            Err(e) => {
+                tracing::warn!(run_dir = %run_dir.display(), error = %e, "promoting a migration target's files failed; it keeps its target names")
+            }
+        }
+        if let Some(id) = vm_of(&run_dir) {
+            self.cgroups.settle(&id, spec);
+        }
+        self.adopt(endpoint, pidfd, &run_dir)
+    }
+
+    fn promote_files(&self, run_dir: &Path) {
+        if let Err(e) = super::promote_files(run_dir, &OWN_FILES) {
+            tracing::warn!(run_dir = %run_dir.display(), error = %e, "promoting a migration target's files failed");
+        }
+    }
+
+    fn discard_target(&self, run_dir: &Path, spec: &VmSpec) {
+        super::discard_target_files(run_dir);
+        if let Some(id) = vm_of(run_dir) {
+            self.cgroups.settle(&id, spec);
+        }
     }
 
     fn adopt(&self, endpoint: VmmEndpoint, pidfd: Pidfd, run_dir: &Path) -> Vmm {
-        if let Some(id) = run_dir
-            .file_name()
-            .and_then(|n| VmId::parse("vm_id", &n.to_string_lossy()).ok())
+        if let Some(id) = vm_of(run_dir)
             && !self.cgroups.holds(&id, endpoint.pid)
         {
             tracing::warn!(vm_id = %id, pid = endpoint.pid, "adopted vmm is not in its cgroup (started without one); its next start puts it there");
@@ -444,12 +651,20 @@ impl VmmDriver for QemuDriver {
         let control = QemuVmm {
             sock: endpoint.control_socket.clone(),
             timeout: self.cfg.qmp_timeout,
+            migration_timeout: self.cfg.migration_timeout,
+            downtime: self.cfg.migration_downtime,
+            bandwidth: match self.cfg.migration_max_bandwidth_mib {
+                0 => 1 << 40,
+                mib => mib.saturating_mul(1 << 20),
+            },
             session: std::sync::Mutex::new(None),
         };
         Vmm::new(endpoint, pidfd, run_dir, std::sync::Arc::new(control))
     }
 
     async fn release(&self, vm_id: &VmId, _run_dir: &Path) {
+        // Shared guest RAM goes with its last VMM.
+        let _ = std::fs::remove_file(self.ram_file(vm_id));
         let (cgroups, id) = (self.cgroups.clone(), vm_id.clone());
         // Kills what is left in the cgroup and waits for it, bounded: off the runtime.
         let _ = tokio::task::spawn_blocking(move || cgroups.release(&id)).await;
@@ -516,7 +731,12 @@ impl VmmDriver for QemuDriver {
         let run_dir = run_root.join(id.as_str());
         let ours = super::args_after(cmdline, "-qmp")
             .filter_map(|a| a.strip_prefix("unix:")?.split(',').next())
-            .any(|sock| super::socket_arg_is(proc_.pid, Path::new(sock), &run_dir, QMP_SOCKET));
+            .any(|sock| {
+                // A migration target's socket has the target name until it is promoted.
+                [QMP_SOCKET, &super::target_name(QMP_SOCKET, true)]
+                    .iter()
+                    .any(|name| super::socket_arg_is(proc_.pid, Path::new(sock), &run_dir, name))
+            });
         ours.then_some(id)
     }
 
@@ -555,15 +775,45 @@ impl VmmDriver for QemuDriver {
     }
 }
 
+/// The VM a run directory belongs to (its name).
+fn vm_of(run_dir: &Path) -> Option<VmId> {
+    run_dir
+        .file_name()
+        .and_then(|n| VmId::parse("vm_id", &n.to_string_lossy()).ok())
+}
+
+impl QemuDriver {
+    /// Readies VM `vm_id`'s shared RAM file's directory; `fresh` (a VMM that boots or restores
+    /// its guest, not a migration target) removes an old file first, so that no guest starts
+    /// on a previous one's memory.
+    fn prepare_ram(&self, vm_id: &VmId, fresh: bool) -> Result<(), DriverError> {
+        std::fs::create_dir_all(&self.ram_dir)
+            .map_err(|e| DriverError::Io(format!("creating {}", self.ram_dir.display()), e))?;
+        if let Some((uid, gid)) = self.user() {
+            // QEMU creates its RAM file there as its own user.
+            rustix::fs::chown(
+                &self.ram_dir,
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+            )
+            .map_err(|e| DriverError::Io(format!("chown {}", self.ram_dir.display()), e.into()))?;
+        }
+        if fresh {
+            let _ = std::fs::remove_file(self.ram_file(vm_id));
+        }
+        Ok(())
+    }
+}
+
 /// Maps every QMP `RunState` QEMU 7.2 and later can report.
 fn run_state(status: &str) -> Result<GuestRun, DriverError> {
     Ok(match status {
         "running" | "colo" => GuestRun::Running,
         "prelaunch" | "inmigrate" => GuestRun::NotStarted,
         // Stopped by a command, or around a snapshot/migration that metald itself runs.
-        "paused" | "debug" | "finish-migrate" | "postmigrate" | "save-vm" | "restore-vm" => {
-            GuestRun::Paused
-        }
+        "paused" | "debug" | "finish-migrate" | "save-vm" | "restore-vm" => GuestRun::Paused,
+        // The guest went to another QEMU; this one holds a copy that must not run again.
+        "postmigrate" => GuestRun::MigratedAway,
         "suspended" => GuestRun::Suspended,
         "shutdown" => GuestRun::ShutDown,
         "guest-panicked" => GuestRun::Panicked,
@@ -621,6 +871,7 @@ mod tests {
             vmm: None,
             vsock_cid: None,
             guest_health: Default::default(),
+            vmm_binary: None,
         }
     }
 
@@ -628,7 +879,7 @@ mod tests {
     fn command_line_carries_marker_and_escapes() {
         let d = QemuDriver::new(QemuConfig::default(), Accel::Tcg);
         let id = VmId::parse("vm_id", "web-1").unwrap();
-        let args = d.args(&id, &spec(), Path::new("/run/web-1"));
+        let args = d.args(&id, &spec(), Path::new("/run/web-1"), false);
         assert!(d.owns_cmdline(&id, &args));
         assert!(!d.owns_cmdline(&VmId::parse("vm_id", "web-10").unwrap(), &args));
         let joined = args.join(" ");

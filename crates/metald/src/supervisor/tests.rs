@@ -132,6 +132,7 @@ fn spec() -> VmSpec {
         vmm: None,
         vsock_cid: None,
         guest_health: Default::default(),
+        vmm_binary: None,
     }
 }
 

@@ -435,6 +435,14 @@ impl Drop for Daemon {
         for pid in pids_matching(&self.state_dir, "") {
             let _ = metald::process::kill_pid(pid, libc::SIGKILL);
         }
+        // Shared guest RAM files (`qemu.shared_memory`).
+        let _ = std::fs::remove_dir_all(
+            metald::config::Config {
+                state_dir: self.state_dir.clone(),
+                ..Default::default()
+            }
+            .shared_memory_dir(),
+        );
         // The VMs' cgroups, once the killed VMMs have left them (bounded).
         metald::driver::cgroup::remove_all(
             &metald::config::Config {
