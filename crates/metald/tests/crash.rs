@@ -25,13 +25,16 @@ enum Call {
     Reboot,
     Delete,
     Snapshot,
+    Migrate,
 }
 
 /// Where the VM should end up after the call, or `None` when it should be gone.
 fn wanted(call: Call) -> Option<pb::VmState> {
     match call {
         Call::Create => Some(pb::VmState::Created),
-        Call::Boot | Call::Resume | Call::Reboot | Call::Snapshot => Some(pb::VmState::Running),
+        Call::Boot | Call::Resume | Call::Reboot | Call::Snapshot | Call::Migrate => {
+            Some(pb::VmState::Running)
+        }
         Call::Shutdown => Some(pb::VmState::Shutdown),
         Call::Pause => Some(pb::VmState::Paused),
         Call::Delete => None,
@@ -91,6 +94,13 @@ async fn call(c: &mut Client, call: Call, vm: &str) -> Result<(), tonic::Status>
             .snapshot_vm(pb::SnapshotVmRequest {
                 vm_id: id,
                 diff: false,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        Call::Migrate => c
+            .migrate_vm(pb::MigrateVmRequest {
+                vm_id: id,
                 ..Default::default()
             })
             .await
@@ -267,6 +277,17 @@ async fn snapshot_killed_at_each_step() {
     kill_at("snapshot.after_pause", Call::Snapshot).await;
     kill_at("snapshot.after_write", Call::Snapshot).await;
     kill_at("snapshot.before_record", Call::Snapshot).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_killed_at_each_step() {
+    // Before the transfer, while QEMU moves the guest on its own, once the target holds it
+    // (the source not yet stopped), and once the source is gone (the target not yet recorded):
+    // one VMM is left, running the guest.
+    kill_at("migrate.after_target", Call::Migrate).await;
+    kill_at("migrate.in_transfer", Call::Migrate).await;
+    kill_at("migrate.after_transfer", Call::Migrate).await;
+    kill_at("migrate.after_source_stopped", Call::Migrate).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
