@@ -392,3 +392,85 @@ async fn a_lost_control_socket_is_replaced_by_a_migration_not_a_reboot() {
         "{metrics}"
     );
 }
+
+/// metald on the labelled Firecracker stand-in (crates/fc-standin), whatever METALD_TEST_VMM
+/// says: it enforces Firecracker's snapshot/load rules (a load only into a fresh VMM, files
+/// that exist, a full snapshot's pages) and carries the "guest's" uptime in its memory file.
+async fn on_standin() -> Daemon {
+    Daemon::start_with(vec![
+        "--vmm".into(),
+        "firecracker".into(),
+        "--firecracker-bin".into(),
+        bin("firecracker-standin").display().to_string(),
+    ])
+    .await
+}
+
+/// The run state the stand-in reports on its API socket (`running`, `paused`).
+async fn fc_state(d: &Daemon, vm: &str) -> String {
+    let (_, v) = metald::driver::uds_http::call(
+        &d.run_dir(vm).join("firecracker.sock"),
+        metald::driver::uds_http::Method::GET,
+        "/",
+        None,
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap();
+    v["state"].as_str().unwrap_or("").to_ascii_lowercase()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firecracker_moves_the_guest_through_a_tmpfs_snapshot() {
+    let d = on_standin().await;
+    let mut c = d.client().await;
+    let pid = booted(&mut c, &d, "fc").await;
+    let console = d.run_dir("fc").join("console.log");
+    let (alive, up) = (alive_lines(&console), guest_uptime(&console).unwrap());
+    let r = migrate(&mut c, "fc", "").await.unwrap();
+    assert_eq!(r.old_pid, pid);
+    assert_ne!(r.new_pid, pid);
+    assert_eq!(r.state, pb::VmState::Running as i32);
+    assert!(r.bytes > 0, "{r:?}");
+    assert!(wait_dead(pid, EVENT).await);
+    let i = info(&mut c, "fc").await;
+    assert_eq!(pid_of(&i), Some(r.new_pid));
+    assert!(d.run_dir("fc").join("firecracker.sock").exists());
+    no_target_files(&d, "fc");
+    // The handover files on tmpfs are gone.
+    let shm = metald::config::Config {
+        state_dir: d.state_dir.clone(),
+        ..Default::default()
+    }
+    .shared_memory_dir();
+    let left: Vec<_> = std::fs::read_dir(&shm)
+        .map(|r| r.flatten().collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(fc_state(&d, "fc").await, "running");
+    guest_carries_on(&console, alive, up).await;
+
+    // Paused stays paused.
+    c.pause_vm(pb::PauseVmRequest {
+        vm_id: "fc".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = migrate(&mut c, "fc", "").await.unwrap();
+    assert_eq!(r.state, pb::VmState::Paused as i32);
+    assert_eq!(fc_state(&d, "fc").await, "paused");
+    // A target that cannot start leaves the guest where it was.
+    let e = migrate(&mut c, "fc", "/bin/false").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Aborted, "{e:?}");
+    let i = info(&mut c, "fc").await;
+    assert_eq!(pid_of(&i), Some(r.new_pid));
+    assert_eq!(state(&i), pb::VmState::Paused);
+    c.resume_vm(pb::ResumeVmRequest {
+        vm_id: "fc".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(fc_state(&d, "fc").await, "running");
+}

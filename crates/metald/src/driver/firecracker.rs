@@ -108,15 +108,24 @@ pub struct FcPaths {
 impl FcPaths {
     /// Host paths, for an unjailed Firecracker whose run directory is `run_dir`.
     pub fn host(spec: &VmSpec, run_dir: &Path) -> Self {
+        Self::host_named(spec, run_dir, false)
+    }
+
+    /// Host paths of an unjailed Firecracker, a migration `target`'s under its `next-` names.
+    pub fn host_named(spec: &VmSpec, run_dir: &Path, target: bool) -> Self {
         let s = |p: &Path| p.display().to_string();
+        let named = |n: &str| run_dir.join(super::target_name(n, target));
         FcPaths {
-            log: s(&run_dir.join(VMM_LOG)),
-            metrics: s(&run_dir.join(METRICS_FILE)),
+            log: s(&named(VMM_LOG)),
+            metrics: s(&named(METRICS_FILE)),
             serial: None,
             kernel: s(&spec.kernel),
             initrd: spec.initrd.as_deref().map(s),
             drives: spec.drives.iter().map(|d| s(&d.path)).collect(),
-            vsock: s(&super::socket_arg(run_dir, VSOCK_SOCKET)),
+            vsock: s(&super::socket_arg(
+                run_dir,
+                &super::target_name(VSOCK_SOCKET, target),
+            )),
             track_dirty_pages: false,
         }
     }
@@ -151,6 +160,8 @@ pub struct FirecrackerDriver {
     /// asked to set in the cgroups it makes.
     vmm_cgroups: super::cgroup::CgroupPolicy,
     version: std::sync::OnceLock<String>,
+    /// A tmpfs directory for a migration's snapshot files.
+    handover_dir: PathBuf,
 }
 
 impl FirecrackerDriver {
@@ -166,7 +177,15 @@ impl FirecrackerDriver {
             cgroups,
             vmm_cgroups: super::cgroup::CgroupPolicy::off(),
             version: Default::default(),
+            handover_dir: PathBuf::from("/dev/shm/metald"),
         }
+    }
+
+    /// The same driver, putting a migration's snapshot files in `dir` (a tmpfs).
+    #[must_use]
+    pub fn with_handover_dir(mut self, dir: PathBuf) -> Self {
+        self.handover_dir = dir;
+        self
     }
 
     /// The same driver, placing each VMM it starts without the jailer in a cgroup of its own.
@@ -620,6 +639,10 @@ fn refusal(method: &Method, path: &str, status: StatusCode, body: &Value) -> Dri
 }
 
 /// Files inside a snapshot directory.
+/// The files an unjailed Firecracker has in its run directory under its own name (a migration
+/// target has them with [`super::TARGET_PREFIX`] until it is promoted).
+const OWN_FILES: [&str; 4] = [API_SOCKET, VMM_LOG, METRICS_FILE, VSOCK_SOCKET];
+
 const SNAPSHOT_STATE: &str = "vmstate";
 const SNAPSHOT_MEM: &str = "memory";
 
@@ -742,8 +765,16 @@ impl FcVmm {
         if self.cfg.jailer.enabled {
             FcPaths::jailed(spec)
         } else {
-            FcPaths::host(spec, self.dir())
+            FcPaths::host_named(spec, self.dir(), self.is_target())
         }
+    }
+
+    /// Whether this is a migration target not promoted yet (its socket has the target name).
+    fn is_target(&self) -> bool {
+        self.api
+            .sock()
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(super::TARGET_PREFIX))
     }
 
     /// The directory of its socket: the run directory, or the jail's root.
@@ -915,6 +946,15 @@ impl VmmControl for FcVmm {
     }
 
     async fn snapshot(&self, dest: &Path, base: Option<&Path>) -> Result<(), DriverError> {
+        if !self.cfg.jailer.enabled && base.is_none() {
+            // Unjailed, a full snapshot is written where it goes (a migration's tmpfs, say),
+            // not copied there.
+            let dir = dest.display().to_string();
+            return self
+                .send(Method::PUT, "/snapshot/create", snapshot_body(&dir, false))
+                .await
+                .map(|_| ());
+        }
         // Firecracker writes into a directory beside its socket (inside the jail when jailed),
         // then the files move to the snapshot store.
         let (host_dir, vmm_dir) = self.snapshot_work()?;
@@ -1007,30 +1047,52 @@ impl VmmDriver for FirecrackerDriver {
     }
 
     async fn spawn(&self, req: &SpawnRequest<'_>) -> Result<Vmm, DriverError> {
+        let target = req.migration_target;
         if self.cfg.jailer.enabled {
+            if target {
+                // A second jail of the same VM id would collide with the first.
+                return Err(DriverError::Unsupported(
+                    "a live migration of a jailed VMM",
+                    "firecracker",
+                ));
+            }
             return self.spawn_jailed(req).await;
         }
-        let sock = req.run_dir.join(API_SOCKET);
+        let named = |n: &str| super::target_name(n, target);
+        let sock = req.run_dir.join(named(API_SOCKET));
         // Firecracker refuses to start if its socket path exists.
         let _ = std::fs::remove_file(&sock);
         for f in [VMM_LOG, METRICS_FILE] {
             // Firecracker opens these, it does not create them.
-            let p = req.run_dir.join(f);
+            let p = req.run_dir.join(named(f));
             super::rotate_log(&p);
             std::fs::File::create(&p)
                 .map_err(|e| DriverError::Io(format!("creating {}", p.display()), e))?;
         }
-        let mut cmd = Command::new(&self.cfg.binary);
+        let mut cmd = Command::new(req.binary.unwrap_or(&self.cfg.binary));
         cmd.arg("--api-sock")
-            .arg(super::socket_arg(req.run_dir, API_SOCKET))
+            .arg(super::socket_arg(req.run_dir, &named(API_SOCKET)))
             .arg("--id")
             .arg(req.vm_id.as_str())
             .current_dir(req.run_dir);
-        // The console log is recreated per VMM, like QEMU's, so a guest's output is its own.
+        // The console log is recreated per VMM, like QEMU's, so a guest's output is its own; a
+        // migration target carries on the guest's.
         let console = req.run_dir.join(CONSOLE_LOG);
-        super::rotate_log(&console);
-        // Not jailed: metald makes the VMM's cgroup (the jailer makes a jailed one's).
-        let placement = self.vmm_cgroups.place(req.vm_id, req.spec, None)?;
+        if !target {
+            super::rotate_log(&console);
+        }
+        // Not jailed: metald makes the VMM's cgroup (the jailer makes a jailed one's); a
+        // target joins its source's, which holds both until the source is gone.
+        let placement = if target {
+            let extra = req
+                .spec
+                .memory_bytes
+                .saturating_add(self.vmm_cgroups.overhead());
+            self.vmm_cgroups
+                .place_beside(req.vm_id, req.spec, None, extra)?
+        } else {
+            self.vmm_cgroups.place(req.vm_id, req.spec, None)?
+        };
         let sp = super::spawn_vmm(cmd, &console, placement).await?;
         let endpoint = VmmEndpoint {
             pid: sp.pid,
@@ -1048,6 +1110,94 @@ impl VmmDriver for FirecrackerDriver {
             api: uds_http::Kept::new(&endpoint.control_socket),
         };
         Vmm::new(endpoint, pidfd, run_dir, std::sync::Arc::new(control))
+    }
+
+    async fn migrate(
+        &self,
+        from: &Vmm,
+        to: &Vmm,
+        spec: &VmSpec,
+    ) -> Result<super::MigrationStats, DriverError> {
+        // Firecracker has no live migration: the guest is paused, snapshotted to a tmpfs, and
+        // loaded paused into the target (the caller resumes it there). The source keeps its
+        // paused guest until it is stopped, and runs it again if anything fails.
+        let started = Instant::now();
+        let run_dir = to.run_dir();
+        let id = run_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let dir = self.handover_dir.join(format!("{id}.migration"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| DriverError::Io(format!("creating {}", dir.display()), e))?;
+        let was_running = matches!(from.ping().await?, GuestRun::Running);
+        if was_running {
+            from.pause().await?;
+        }
+        let paused = Instant::now();
+        let moved = async {
+            from.snapshot(&dir, None).await?;
+            to.restore(spec, &dir).await
+        }
+        .await;
+        let bytes = [SNAPSHOT_STATE, SNAPSHOT_MEM]
+            .iter()
+            .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+            .map(|m| m.len())
+            .sum();
+        let _ = std::fs::remove_dir_all(&dir);
+        if let Err(e) = moved {
+            if was_running {
+                let _ = from.resume().await;
+            }
+            return Err(e);
+        }
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Ok(super::MigrationStats {
+            total_ms: ms(started.elapsed()),
+            downtime_ms: ms(paused.elapsed()),
+            bytes,
+            shared_memory: false,
+        })
+    }
+
+    fn promote(&self, to: Vmm, spec: &VmSpec) -> Vmm {
+        let Vmm {
+            mut endpoint,
+            pidfd,
+            run_dir,
+            ..
+        } = to;
+        match super::promote_files(&run_dir, &OWN_FILES) {
+            Ok(()) => endpoint.control_socket = run_dir.join(API_SOCKET),
+            Err(e) => {
+                tracing::warn!(run_dir = %run_dir.display(), error = %e, "promoting a migration target's files failed; it keeps its target names")
+            }
+        }
+        if let Some(id) = run_dir
+            .file_name()
+            .and_then(|n| VmId::parse("vm_id", &n.to_string_lossy()).ok())
+        {
+            self.vmm_cgroups.settle(&id, spec);
+        }
+        self.adopt(endpoint, pidfd, &run_dir)
+    }
+
+    fn promote_files(&self, run_dir: &Path) {
+        if let Err(e) = super::promote_files(run_dir, &OWN_FILES) {
+            tracing::warn!(run_dir = %run_dir.display(), error = %e, "promoting a migration target's files failed");
+        }
+    }
+
+    fn discard_target(&self, run_dir: &Path, spec: &VmSpec) {
+        super::discard_target_files(run_dir);
+        if let Some(id) = run_dir
+            .file_name()
+            .and_then(|n| VmId::parse("vm_id", &n.to_string_lossy()).ok())
+        {
+            self.vmm_cgroups.settle(&id, spec);
+        }
     }
 
     fn owns_cmdline(&self, vm_id: &VmId, cmdline: &[String]) -> bool {
@@ -1084,7 +1234,10 @@ impl VmmDriver for FirecrackerDriver {
             cmdline.first() == Some(&format!("/{}", jail.exec_name))
                 && jail::runs_in(proc_.pid, &jail.root)
         } else {
-            super::socket_arg_is(proc_.pid, &sock, &run_root.join(id.as_str()), API_SOCKET)
+            // A migration target's socket has the target name until it is promoted.
+            [API_SOCKET, &super::target_name(API_SOCKET, true)]
+                .iter()
+                .any(|n| super::socket_arg_is(proc_.pid, &sock, &run_root.join(id.as_str()), n))
         };
         ours.then_some(id)
     }

@@ -69,7 +69,8 @@ impl Drivers {
             ),
             firecracker: std::sync::Arc::new(
                 firecracker::FirecrackerDriver::new(cfg.firecracker.clone())
-                    .with_cgroups(cgroups.clone()),
+                    .with_cgroups(cgroups.clone())
+                    .with_handover_dir(cfg.shared_memory_dir()),
             ),
             cgroups,
         }
