@@ -72,6 +72,7 @@ fn full_spec() -> VmSpec {
         vsock_cid: None,
         guest_health: Default::default(),
         vmm_binary: None,
+        restore_from: Default::default(),
     }
 }
 

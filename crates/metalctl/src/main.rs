@@ -116,6 +116,10 @@ enum Cmd {
         /// Milliseconds the guest may take to answer its first probe (0: the host's default).
         #[arg(long, default_value_t = 0)]
         guest_startup_timeout_ms: u32,
+        /// How a dead VMM is replaced: none (a cold boot) or boot-snapshot (a warm restore of the
+        /// boot snapshot, which rolls the guest back to it: for stateless workloads).
+        #[arg(long)]
+        restore_from: Option<String>,
     },
     /// Wait until a VM's guest is ready (it answered its probe since its last start).
     WaitReady {
@@ -220,6 +224,24 @@ enum Cmd {
         /// Only the memory dirtied since the last snapshot (Firecracker with diff_snapshots).
         #[arg(long)]
         diff: bool,
+        /// Make it the VM's boot snapshot (its warm restore point with --restore-from
+        /// boot-snapshot).
+        #[arg(long)]
+        boot: bool,
+    },
+    /// List snapshots (a VM's with --vm), with their size.
+    Snapshots {
+        /// Only this VM's.
+        #[arg(long)]
+        vm: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a snapshot's files and record.
+    DeleteSnapshot {
+        /// Snapshot id.
+        id: String,
     },
     /// Boot a created or shut-down VM.
     Boot {
@@ -636,6 +658,11 @@ async fn migrate_all(
     Ok(())
 }
 
+/// A size in MiB, for people.
+fn mib(bytes: u64) -> String {
+    format!("{:.1}MiB", bytes as f64 / f64::from(1u32 << 20))
+}
+
 /// Turns a gRPC error into a message that keeps the status code and metald's explanation.
 fn rpc<T>(r: std::result::Result<tonic::Response<T>, tonic::Status>) -> Result<T> {
     r.map(tonic::Response::into_inner)
@@ -664,6 +691,7 @@ async fn run(cli: Cli) -> Result<()> {
             vsock_cid,
             guest_probe,
             guest_startup_timeout_ms,
+            restore_from,
             from_snapshot,
         } => {
             let restart_policy = match restart_policy.as_str() {
@@ -733,6 +761,14 @@ async fn run(cli: Cli) -> Result<()> {
                         startup_timeout_ms: guest_startup_timeout_ms,
                         ..Default::default()
                     }),
+                    restore_from: match restore_from.as_deref() {
+                        None => pb::RestoreFrom::Unspecified,
+                        Some("none") => pb::RestoreFrom::None,
+                        Some("boot-snapshot" | "boot_snapshot") => pb::RestoreFrom::BootSnapshot,
+                        Some(other) => {
+                            bail!("--restore-from {other:?} is not one of none, boot-snapshot")
+                        }
+                    } as i32,
                 }),
                 (Some(_), Some(_)) => bail!("--kernel and --from-snapshot exclude each other"),
                 (None, _) => None,
@@ -747,15 +783,60 @@ async fn run(cli: Cli) -> Result<()> {
             let r = rpc(c.create_vm(req).await)?;
             println!("{}", r.vm_id);
         }
-        Cmd::Snapshot { id, diff } => {
+        Cmd::Snapshot { id, diff, boot } => {
             let r = rpc(c
                 .snapshot_vm(pb::SnapshotVmRequest {
                     vm_id: id,
                     diff,
+                    boot,
                     ..Default::default()
                 })
                 .await)?;
-            println!("{} {}", r.snapshot_id, r.path);
+            println!("{} {} {}", r.snapshot_id, r.path, mib(r.size_bytes));
+        }
+        Cmd::Snapshots { vm, json } => {
+            let r = rpc(c
+                .list_snapshots(pb::ListSnapshotsRequest {
+                    vm_id: vm.unwrap_or_default(),
+                })
+                .await)?;
+            if json {
+                let v: Vec<Value> = r
+                    .snapshots
+                    .iter()
+                    .map(|s| {
+                        json!({
+                            "snapshot_id": s.snapshot_id, "vm_id": s.vm_id, "path": s.path,
+                            "created_at": ts(&s.created_at), "size_bytes": s.size_bytes,
+                            "boot": s.boot,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{:<40} {:<20} {:>10} {:<5} CREATED",
+                    "SNAPSHOT", "VM", "SIZE", "BOOT"
+                );
+                for s in &r.snapshots {
+                    println!(
+                        "{:<40} {:<20} {:>10} {:<5} {}",
+                        s.snapshot_id,
+                        s.vm_id,
+                        mib(s.size_bytes),
+                        if s.boot { "yes" } else { "" },
+                        ts(&s.created_at)
+                    );
+                }
+            }
+        }
+        Cmd::DeleteSnapshot { id } => {
+            rpc(c
+                .delete_snapshot(pb::DeleteSnapshotRequest {
+                    snapshot_id: id.clone(),
+                })
+                .await)?;
+            println!("{id} deleted");
         }
         Cmd::WaitReady { id, timeout } => {
             let r = rpc(c

@@ -489,6 +489,7 @@ async fn qemu_alone(root: &Path, reps: usize) -> Result<Vec<f64>> {
         vsock_cid: None,
         guest_health: Default::default(),
         vmm_binary: None,
+        restore_from: Default::default(),
     };
     let dir = PathBuf::from(format!("/tmp/mdb-q-{}", std::process::id()));
     let mut out = Vec::new();

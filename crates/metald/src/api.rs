@@ -14,7 +14,8 @@ use crate::auth::{Authn, Caller, Denied, Role, Scope};
 use crate::config::GuestProbe;
 use crate::error::Error;
 use crate::model::{
-    HealthStatus, OrphanReason, RestartPolicy, Transition, VmId, VmSpec, VmSpecInput, VmState,
+    HealthStatus, OrphanReason, RestartPolicy, RestoreFrom, Transition, VmId, VmSpec, VmSpecInput,
+    VmState,
 };
 use crate::recovery::BreakerState;
 use crate::store::VmRecord;
@@ -430,6 +431,16 @@ fn spec_input(cfg: Option<pb::VmConfig>) -> Result<VmSpecInput, Error> {
                 ));
             }
         },
+        restore_from: match pb::RestoreFrom::try_from(cfg.restore_from) {
+            Ok(pb::RestoreFrom::Unspecified | pb::RestoreFrom::None) => RestoreFrom::None,
+            Ok(pb::RestoreFrom::BootSnapshot) => RestoreFrom::BootSnapshot,
+            Err(_) => {
+                return Err(Error::invalid(
+                    "config.restore_from",
+                    format!("{} is not a restore_from", cfg.restore_from),
+                ));
+            }
+        },
         auto_recover: cfg.auto_recover.unwrap_or(true),
         vmm: cfg.vmm,
         vsock_cid: cfg.vsock.map(|v| v.guest_cid),
@@ -523,6 +534,10 @@ fn spec_to_pb(s: &VmSpec) -> pb::VmConfig {
             RestartPolicy::Never => pb::RestartPolicy::Never,
         } as i32,
         auto_recover: Some(s.auto_recover),
+        restore_from: match s.restore_from {
+            RestoreFrom::None => pb::RestoreFrom::None,
+            RestoreFrom::BootSnapshot => pb::RestoreFrom::BootSnapshot,
+        } as i32,
         vmm: s.vmm.map(|v| v.as_str().to_string()).unwrap_or_default(),
         vsock: s.vsock_cid.map(|guest_cid| pb::VsockConfig { guest_cid }),
         guest_health: Some(pb::GuestHealthConfig {
@@ -959,12 +974,13 @@ impl VmApi {
     ) -> Result<pb::SnapshotVmResponse, Status> {
         let r = req;
         let id = VmId::parse("vm_id", &r.vm_id)?;
-        let (snap, rec) = self.sup.snapshot(&id, r.diff).await?;
+        let (snap, rec) = self.sup.snapshot(&id, r.diff, r.boot).await?;
         Ok(pb::SnapshotVmResponse {
             snapshot_id: snap.snapshot_id,
             path: snap.path.display().to_string(),
             created_at: Some(ts(snap.created_at_ms)),
             state: state_to_pb(rec.observed) as i32,
+            size_bytes: snap.size_bytes,
         })
     }
 }
@@ -1299,6 +1315,70 @@ impl VmService for VmApi {
         }
         .await;
         audited(&caller, "RecoverVm", &vm_id, res).map(Response::new)
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let caller = caller_of(&req)?;
+        let r = req.into_inner();
+        let vm = if r.vm_id.is_empty() {
+            None
+        } else {
+            Some(self.visible(&caller, &r.vm_id).await?)
+        };
+        let snaps = self.sup.snapshots(vm.as_ref()).await?;
+        // A snapshot is seen by whoever sees its VM; one whose VM is gone, by admins.
+        let mut snapshots = Vec::with_capacity(snaps.len());
+        for s in snaps {
+            let seen = match self.sup.get(&VmId::parse("vm_id", &s.vm_id)?).await {
+                Ok(v) => caller.sees(&v.customer_id),
+                Err(_) => caller.role == Role::Admin,
+            };
+            if seen {
+                snapshots.push(pb::Snapshot {
+                    snapshot_id: s.snapshot_id,
+                    vm_id: s.vm_id,
+                    path: s.path.display().to_string(),
+                    created_at: Some(ts(s.created_at_ms)),
+                    size_bytes: s.size_bytes,
+                    boot: s.boot,
+                });
+            }
+        }
+        Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        let caller = caller_of(&req)?;
+        let r = req.into_inner();
+        let res = async {
+            let not_found = || {
+                Error::invalid(
+                    "snapshot_id",
+                    format!("{:?} is not a snapshot", r.snapshot_id),
+                )
+            };
+            let snap = self
+                .sup
+                .snapshot_record(&r.snapshot_id)
+                .await?
+                .ok_or_else(not_found)?;
+            // Deleted through its VM's controller; one whose VM is gone has nothing of it left
+            // but what a VM made from it still needs, so it stays until that VM has started.
+            let id = self
+                .changeable(&caller, "DeleteSnapshot", &snap.vm_id)
+                .await
+                .map_err(|_| Status::from(not_found()))?;
+            self.sup.delete_snapshot(&id, &r.snapshot_id).await?;
+            Ok(pb::DeleteSnapshotResponse {})
+        }
+        .await;
+        audited(&caller, "DeleteSnapshot", &r.snapshot_id, res).map(Response::new)
     }
 
     async fn migrate_vm(

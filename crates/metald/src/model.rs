@@ -537,6 +537,17 @@ impl Desired {
     }
 }
 
+/// How a VM whose VMM died is brought back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestoreFrom {
+    /// A new VMM boots the guest afresh.
+    #[default]
+    None,
+    /// A new VMM restores the VM's boot snapshot: the guest rolls back to that moment.
+    BootSnapshot,
+}
+
 /// What happens when a VM's VMM ends without metald asking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -630,6 +641,9 @@ pub struct VmSpec {
     /// recovery) run that binary too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vmm_binary: Option<PathBuf>,
+    /// How a VMM that died is replaced: a cold boot, or a restore of the VM's boot snapshot.
+    #[serde(default)]
+    pub restore_from: RestoreFrom,
 }
 
 /// What a caller asked for, before validation. The API layer fills this from the protobuf.
@@ -655,6 +669,8 @@ pub struct VmSpecInput {
     pub metadata: BTreeMap<String, String>,
     /// `config.restart_policy`.
     pub restart_policy: RestartPolicy,
+    /// `config.restore_from`.
+    pub restore_from: RestoreFrom,
     /// `config.auto_recover`.
     pub auto_recover: bool,
     /// `config.vmm`: "", "qemu" or "firecracker".
@@ -694,6 +710,19 @@ impl VmSpecInput {
     /// Validates every field against the host's rules, resolving asset paths. Each error names
     /// the request field.
     pub fn validate(self, cfg: &SpecRules) -> Result<VmSpec> {
+        if self.restore_from == RestoreFrom::BootSnapshot
+            && let Some((id, ..)) = self.drives.iter().find(|(_, _, ro, _)| !ro)
+        {
+            // A restore rolls the guest's memory back, not its disks: a guest whose page cache
+            // and file systems no longer match its drive would corrupt it.
+            return Err(Error::invalid(
+                "config.restore_from",
+                format!(
+                    "a warm restore rolls the guest back to its boot snapshot, but not its writable \
+                     drive {id:?}: use boot_snapshot only with read-only drives"
+                ),
+            ));
+        }
         let max_vcpus = cfg.max_vcpus;
         if self.vcpus < 1 {
             return Err(Error::invalid(
@@ -827,6 +856,7 @@ impl VmSpecInput {
             console: self.console,
             metadata: self.metadata,
             restart_policy: self.restart_policy,
+            restore_from: self.restore_from,
             auto_recover: self.auto_recover,
             vsock_cid: match self.vsock_cid {
                 Some(cid) if cid < 3 || cid == u32::MAX => {

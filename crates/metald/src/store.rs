@@ -98,6 +98,11 @@ CREATE TABLE requests (
     r#"
 ALTER TABLE recovery_attempts ADD COLUMN method TEXT NOT NULL DEFAULT 'restart';
 "#,
+    r#"
+ALTER TABLE snapshots ADD COLUMN boot INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE snapshots ADD COLUMN size_bytes INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX snapshots_vm ON snapshots(vm_id);
+"#,
 ];
 
 /// How long a request_id's answer is kept for retries.
@@ -127,6 +132,34 @@ pub struct SnapshotRecord {
     pub path: PathBuf,
     /// When, ms since the epoch.
     pub created_at_ms: i64,
+    /// It is its VM's boot snapshot: taken once its guest was first ready, what a crashed VMM
+    /// of a VM with `restore_from = boot_snapshot` is restored from.
+    pub boot: bool,
+    /// The size of its files.
+    pub size_bytes: u64,
+}
+
+/// The columns a snapshot row is read with (see [`decode_snapshot`]).
+const SNAPSHOT_COLUMNS: &str = "snapshot_id, vm_id, spec, path, created_at_ms, boot, size_bytes";
+
+fn decode_snapshot(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<SnapshotRecord>> {
+    let (snapshot_id, vm_id, spec, path): (String, String, String, String) =
+        (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+    let (created_at_ms, boot, size): (i64, bool, i64) = (r.get(4)?, r.get(5)?, r.get(6)?);
+    Ok(serde_json::from_str(&spec)
+        .map_err(|e| Error::CorruptRow {
+            vm_id: vm_id.clone(),
+            reason: format!("snapshot spec: {e}"),
+        })
+        .map(|spec| SnapshotRecord {
+            snapshot_id,
+            vm_id,
+            spec,
+            path: PathBuf::from(path),
+            created_at_ms,
+            boot,
+            size_bytes: u64::try_from(size).unwrap_or(0),
+        }))
 }
 
 /// One entry of a VM's event history.
@@ -523,14 +556,16 @@ impl Store {
         })?;
         self.run(move |c| {
             c.execute(
-                "INSERT INTO snapshots (snapshot_id, vm_id, spec, path, created_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO snapshots (snapshot_id, vm_id, spec, path, created_at_ms, boot,
+                     size_bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     snap.snapshot_id,
                     snap.vm_id,
                     spec,
                     snap.path.display().to_string(),
-                    snap.created_at_ms
+                    snap.created_at_ms,
+                    snap.boot,
+                    i64::try_from(snap.size_bytes).unwrap_or(i64::MAX)
                 ],
             )?;
             Ok(())
@@ -542,36 +577,55 @@ impl Store {
     pub async fn snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>> {
         let id = id.to_string();
         self.run(move |c| {
-            let row = c
-                .query_row(
-                    "SELECT snapshot_id, vm_id, spec, path, created_at_ms FROM snapshots
-                     WHERE snapshot_id = ?1",
-                    params![id],
-                    |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, String>(2)?,
-                            r.get::<_, String>(3)?,
-                            r.get::<_, i64>(4)?,
-                        ))
-                    },
-                )
-                .optional()?;
-            row.map(|(snapshot_id, vm_id, spec, path, created_at_ms)| {
-                let spec = serde_json::from_str(&spec).map_err(|e| Error::CorruptRow {
-                    vm_id: vm_id.clone(),
-                    reason: format!("snapshot spec: {e}"),
-                })?;
-                Ok(SnapshotRecord {
-                    snapshot_id,
-                    vm_id,
-                    spec,
-                    path: PathBuf::from(path),
-                    created_at_ms,
-                })
-            })
+            c.query_row(
+                &format!("SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE snapshot_id = ?1"),
+                params![id],
+                decode_snapshot,
+            )
+            .optional()?
             .transpose()
+        })
+        .await
+    }
+
+    /// Every snapshot (or `vm`'s), oldest first.
+    pub async fn snapshots(&self, vm: Option<&str>) -> Result<Vec<SnapshotRecord>> {
+        let vm = vm.map(str::to_string);
+        self.run(move |c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE ?1 IS NULL OR vm_id = ?1
+                 ORDER BY created_at_ms, snapshot_id"
+            ))?;
+            let rows = stmt.query_map(params![vm], decode_snapshot)?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(r??);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The VM whose guest waits in `path` (made from that snapshot, not started from it yet).
+    pub async fn vm_saved_at(&self, path: &Path) -> Result<Option<String>> {
+        let path = path.display().to_string();
+        self.run(move |c| {
+            Ok(c.query_row(
+                "SELECT vm_id FROM vms WHERE saved = ?1 LIMIT 1",
+                params![path],
+                |r| r.get(0),
+            )
+            .optional()?)
+        })
+        .await
+    }
+
+    /// Forgets a snapshot (its files are the caller's to remove, first).
+    pub async fn delete_snapshot(&self, _: &Writer, id: &str) -> Result<()> {
+        let id = id.to_string();
+        self.run(move |c| {
+            c.execute("DELETE FROM snapshots WHERE snapshot_id = ?1", params![id])?;
+            Ok(())
         })
         .await
     }
@@ -879,6 +933,7 @@ mod tests {
                 vsock_cid: None,
                 guest_health: Default::default(),
                 vmm_binary: None,
+                restore_from: Default::default(),
             },
             desired: Desired::State(Target::Created),
             observed: VmState::Created,

@@ -496,7 +496,12 @@ impl Supervisor {
     }
 
     /// Snapshots a VM into `<state_dir>/snapshots/<id>/` and records it.
-    pub async fn snapshot(&self, id: &VmId, diff: bool) -> Result<(SnapshotRecord, VmRecord)> {
+    pub async fn snapshot(
+        &self,
+        id: &VmId,
+        diff: bool,
+        boot: bool,
+    ) -> Result<(SnapshotRecord, VmRecord)> {
         self.env.host.allow_change()?;
         let handle = self.handle(id)?;
         let now = now_ms();
@@ -510,6 +515,8 @@ impl Supervisor {
             spec: self.get(id).await?.spec,
             path: dest.clone(),
             created_at_ms: now,
+            boot,
+            size_bytes: 0,
         };
         let r = handle
             .call_full(Op::Snapshot {
@@ -522,6 +529,22 @@ impl Supervisor {
             Error::Unavailable(id.to_string(), "the snapshot was not recorded".into())
         })?;
         Ok((snap, r.rec))
+    }
+
+    /// Snapshots (of VM `vm`, or all), oldest first.
+    pub async fn snapshots(&self, vm: Option<&VmId>) -> Result<Vec<SnapshotRecord>> {
+        self.env.store.snapshots(vm.map(VmId::as_str)).await
+    }
+
+    /// Removes a snapshot of VM `vm` through its controller, the one writer of its files.
+    pub async fn delete_snapshot(&self, vm: &VmId, snapshot_id: &str) -> Result<()> {
+        self.env.host.allow_change()?;
+        self.handle(vm)?
+            .call(Op::DeleteSnapshot {
+                snapshot_id: snapshot_id.to_string(),
+            })
+            .await
+            .map(|_| ())
     }
 
     /// Applies a lifecycle transition.

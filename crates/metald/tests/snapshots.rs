@@ -11,6 +11,7 @@ use common::*;
 use metald_api::v1 as pb;
 
 const BOOT: Duration = Duration::from_secs(60);
+const EVENT: Duration = Duration::from_secs(30);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_and_create_from_it_continue_the_guest() {
@@ -145,4 +146,162 @@ async fn snapshot_and_create_from_it_continue_the_guest() {
             .await
             .is_err()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_are_listed_with_their_size_deleted_and_removed_with_their_vm() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    running_vm(&mut c, "lst").await;
+    let console = d.run_dir("lst").join("console.log");
+    assert!(wait_console(&console, "METALD-GUEST-READY", 1, BOOT).await);
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let r = c
+            .snapshot_vm(pb::SnapshotVmRequest {
+                vm_id: "lst".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.size_bytes > 1 << 20, "{r:?}");
+        ids.push((r.snapshot_id, r.path));
+    }
+    let list = c
+        .list_snapshots(pb::ListSnapshotsRequest {
+            vm_id: "lst".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    assert_eq!(
+        list.iter()
+            .map(|s| s.snapshot_id.clone())
+            .collect::<Vec<_>>(),
+        ids.iter().map(|(i, _)| i.clone()).collect::<Vec<_>>()
+    );
+    assert!(list.iter().all(|s| s.size_bytes > 0 && !s.boot));
+    c.delete_snapshot(pb::DeleteSnapshotRequest {
+        snapshot_id: ids[0].0.clone(),
+    })
+    .await
+    .unwrap();
+    assert!(!std::path::Path::new(&ids[0].1).exists());
+    let e = c
+        .delete_snapshot(pb::DeleteSnapshotRequest {
+            snapshot_id: ids[0].0.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().starts_with("snapshot_id"), "{e:?}");
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: "lst".into(),
+        force: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(
+        !std::path::Path::new(&ids[1].1).exists(),
+        "a VM's snapshots go with it"
+    );
+    let list = c
+        .list_snapshots(pb::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    assert!(list.is_empty(), "{list:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_vmm_is_restored_warm_from_the_boot_snapshot() {
+    let d = Daemon::start_with_toml("[recovery]\nretry_interval = 100\n").await;
+    let mut c = d.client().await;
+    let mut req = guest_request("warm");
+    let cfg = req.config.as_mut().unwrap();
+    cfg.restore_from = pb::RestoreFrom::BootSnapshot as i32;
+    cfg.guest_health = Some(pb::GuestHealthConfig {
+        probe: pb::GuestProbe::Agent as i32,
+        ..Default::default()
+    });
+    c.create_vm(req).await.unwrap();
+    let mark = d.log_mark();
+    c.boot_vm(pb::BootVmRequest {
+        vm_id: "warm".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Once the guest answers, its boot snapshot is taken.
+    d.wait_event(mark, "warm", "boot snapshot taken", BOOT)
+        .await;
+    let snaps = c
+        .list_snapshots(pb::ListSnapshotsRequest {
+            vm_id: "warm".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert!(snaps[0].boot && snaps[0].size_bytes > 0);
+    let console = d.run_dir("warm").join("console.log");
+    assert!(wait_console(&console, "METALD-GUEST-ALIVE", 1, BOOT).await);
+
+    let pid = pid_of(&info(&mut c, "warm").await).unwrap();
+    let mark = d.log_mark();
+    signal(pid, libc::SIGKILL);
+    d.wait_event(mark, "warm", "vm recovered", EVENT).await;
+    c.wait_guest_ready(pb::WaitGuestReadyRequest {
+        vm_id: "warm".into(),
+        timeout_seconds: 30,
+    })
+    .await
+    .unwrap();
+    let h = history(&mut c, "warm").await;
+    assert_eq!(h[0].method, "restore", "{h:?}");
+    assert_eq!(h[0].outcome, outcome("success"));
+    // The guest resumed from its snapshot: it never boots again (no READY line in the new
+    // VMM's console), and its clock carries on from the snapshot.
+    assert!(wait_console(&console, "METALD-GUEST-ALIVE", 1, BOOT).await);
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(
+        !text.contains("METALD-GUEST-READY"),
+        "the guest booted:\n{text}"
+    );
+    assert!(guest_uptime(&console).unwrap() > 2.0, "{text}");
+    // The boot snapshot is kept for the next crash.
+    let snaps = c
+        .list_snapshots(pb::ListSnapshotsRequest {
+            vm_id: "warm".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_restore_is_refused_with_a_writable_drive() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    let disk = d.state_dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let mut req = guest_request("rw");
+    let cfg = req.config.as_mut().unwrap();
+    cfg.restore_from = pb::RestoreFrom::BootSnapshot as i32;
+    cfg.storage.push(pb::StorageDevice {
+        id: "data".into(),
+        path: disk.display().to_string(),
+        read_only: false,
+        is_root_device: false,
+    });
+    let e = c.create_vm(req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().starts_with("config.restore_from"), "{e:?}");
 }

@@ -199,6 +199,8 @@ impl Controller {
         if let Err(e) = saved {
             warn!(vm_id = %self.rec.vm_id, error = %e, "recording guest readiness failed");
         }
+        // A VM restored warm comes back from its boot snapshot: this is the moment to keep.
+        self.take_boot_snapshot_if_wanted().await;
     }
 
     /// A probed guest did not answer within its startup timeout.

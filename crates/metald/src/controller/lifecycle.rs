@@ -127,6 +127,21 @@ impl Controller {
             }
             Op::Save { dest } => self.save_guest(&dest).await?,
             Op::GuestInfo => guest_info = Some(self.guest_info().await?),
+            Op::DeleteSnapshot { snapshot_id } => {
+                let snap = self
+                    .env
+                    .store
+                    .snapshot(&snapshot_id)
+                    .await?
+                    .filter(|s| s.vm_id == self.rec.vm_id.as_str())
+                    .ok_or_else(|| {
+                        Error::invalid(
+                            "snapshot_id",
+                            format!("{snapshot_id:?} is not a snapshot of this vm"),
+                        )
+                    })?;
+                self.remove_snapshot(&snap).await?;
+            }
             Op::Migrate { binary } => {
                 migration = Some(self.migrate(binary, MigrateReason::Operator).await?);
             }
@@ -142,7 +157,7 @@ impl Controller {
 
     /// A snapshot into `dest`, made here and removed again if the snapshot fails, then
     /// recorded: the files and the record are this VM's, so its controller writes both.
-    async fn snapshot_recorded(
+    pub(super) async fn snapshot_recorded(
         &mut self,
         dest: PathBuf,
         diff: bool,
@@ -157,10 +172,14 @@ impl Controller {
         crate::crash_point!("snapshot.before_record");
         record.spec = self.rec.spec.clone();
         record.spec.vmm = Some(self.env.vmm_kind);
+        record.size_bytes = snapshots::dir_size(&dest);
         self.env
             .store
             .insert_snapshot(&self.env.writer, record.clone())
             .await?;
+        if record.boot {
+            self.remove_other_boot_snapshots(&record.snapshot_id).await;
+        }
         Ok(record)
     }
 
@@ -565,6 +584,8 @@ impl Controller {
     pub(super) async fn teardown(&mut self, graceful: Option<Duration>) -> Result<()> {
         self.stop_vmm(graceful, "delete").await?;
         crate::crash_point!("delete.after_stop");
+        // Its snapshots go with it (one a VM made from it still needs stays).
+        self.remove_snapshots().await;
         self.env
             .driver
             .release(&self.rec.vm_id, &self.run_dir())

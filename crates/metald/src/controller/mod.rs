@@ -24,6 +24,7 @@ mod health;
 mod lifecycle;
 mod migrate;
 mod recovery;
+mod snapshots;
 
 pub use attach::look;
 pub use migrate::{MigrateReason, MigrationReport};
@@ -96,6 +97,11 @@ pub enum Op {
     Reconcile,
     /// Ask the guest agent about the guest.
     GuestInfo,
+    /// Remove one of the VM's snapshots (files and record).
+    DeleteSnapshot {
+        /// Which.
+        snapshot_id: String,
+    },
     /// Save the running guest into this (existing, empty) directory and stop its VMM, for a
     /// host drain; the VM keeps its desired state, and its next start restores the guest.
     Save {
@@ -397,6 +403,8 @@ pub struct Controller {
     /// When an impaired VMM may next be replaced by a migration, after one failed, with how
     /// many failed in a row.
     replace_after: Option<(Instant, u32)>,
+    /// A warm restore failed in the current recovery streak: the next attempt boots afresh.
+    warm_restore_failed: bool,
 }
 
 impl Controller {
@@ -452,6 +460,7 @@ impl Controller {
             deletes,
             slow_checks: 0,
             replace_after: None,
+            warm_restore_failed: false,
         };
         let task = tokio::spawn(ctl.run(rx, attach));
         (handle, live, task)

@@ -307,8 +307,21 @@ impl Controller {
             .await;
         let started = Instant::now();
         let started_ms = now_ms();
-        self.start_trigger = "recovery";
+        let method = self.recovery_method().await;
+        self.start_trigger = if method == "restore" {
+            "restore"
+        } else {
+            "recovery"
+        };
         let res = self.reconcile(None).await;
+        // A restore that failed is not tried again in this streak; one that worked (or a
+        // boot) ends the streak's memory of it.
+        if res.is_ok() {
+            self.warm_restore_failed = false;
+        } else if method == "restore" {
+            self.warm_restore_failed = true;
+        }
+        self.restore_from = None;
         // Also when the attempt failed before the guest started.
         self.start_trigger = "boot";
         let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
@@ -323,7 +336,7 @@ impl Controller {
                 .map(|e| e.to_string())
                 .unwrap_or_default(),
             trigger: trigger.as_str().to_string(),
-            method: "restart".into(),
+            method: method.into(),
         };
         if let Err(e) = self
             .env
@@ -337,7 +350,7 @@ impl Controller {
             self.env.gate.record(res.is_ok(), self.probe);
         }
         self.probe = false;
-        self.env.metrics.recovery_attempt(res.is_ok(), "restart");
+        self.env.metrics.recovery_attempt(res.is_ok(), method);
         match res {
             Ok(()) => {
                 self.up_since = Some(Instant::now());

@@ -872,6 +872,7 @@ mod tests {
             vsock_cid: None,
             guest_health: Default::default(),
             vmm_binary: None,
+            restore_from: Default::default(),
         }
     }
 

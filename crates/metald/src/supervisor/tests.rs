@@ -133,6 +133,7 @@ fn spec() -> VmSpec {
         vsock_cid: None,
         guest_health: Default::default(),
         vmm_binary: None,
+        restore_from: Default::default(),
     }
 }
 

@@ -601,6 +601,7 @@ pub fn guest_request(vm_id: &str) -> pb::CreateVmRequest {
             vmm: String::new(),
             vsock: None,
             guest_health: None,
+            restore_from: 0,
         }),
         ..Default::default()
     }
