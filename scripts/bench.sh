@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs a benchmark on real QEMU guests, prints its figures, and saves them to bench/results/ and
-# bench/RESULTS.md. Usage: scripts/bench.sh [lifecycle|detection|chaos|guest|jailer|degraded|scale|fuzz] [options]
+# bench/RESULTS.md. Usage: scripts/bench.sh [lifecycle|detection|chaos|guest|jailer|degraded|scale|fuzz|migrate] [options]
 # (default: lifecycle; `target/release/metald-bench help SUBCOMMAND` lists the options)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -39,6 +39,17 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Bench {
+    /// MigrateVm: the guest's pause (seen from outside through a ticker on its console, and on
+    /// its own clock) and the migration's total time, for 128 MiB and 1 GiB guests with guest
+    /// RAM copied and shared; then crash → ready guest by warm restore against a cold boot.
+    Migrate {
+        /// Migrations per guest size and memory mode.
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+        /// Crashes timed for the warm restore and for the cold boot.
+        #[arg(long, default_value_t = 20)]
+        crashes: usize,
+    },
     /// Create/boot latency, creates per second, daemon RSS.
     Lifecycle,
     /// Exit and hang detection times, re-attach time, health-check cost, false orphans under a
@@ -398,6 +409,12 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
         kill_under(&self.state);
+        let cfg = metald::config::Config {
+            state_dir: self.state.clone(),
+            ..Default::default()
+        };
+        // Shared guest RAM files and migration handover files.
+        let _ = std::fs::remove_dir_all(cfg.shared_memory_dir());
         // The VMs' cgroups (a thousand of them after the scale benchmark).
         metald::driver::cgroup::remove_all(
             &metald::config::Config {
@@ -2286,6 +2303,262 @@ fn stats(v: &[f64]) -> Value {
     })
 }
 
+/// Console lines `METALD-TICK <uptime>` as they arrive: (host time, guest uptime in s).
+type Ticks = Arc<Mutex<Vec<(Instant, f64)>>>;
+
+/// Follows a console file in a thread, timestamping every tick line as it appears (the file is
+/// read every millisecond); stops when `stop` is set.
+fn follow_ticks(console: PathBuf, stop: Arc<std::sync::atomic::AtomicBool>) -> Ticks {
+    use std::io::{Read, Seek, SeekFrom};
+    let ticks: Ticks = Arc::default();
+    let out = ticks.clone();
+    std::thread::spawn(move || {
+        let mut pos = 0u64;
+        let mut partial = String::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(mut f) = std::fs::File::open(&console)
+                && f.seek(SeekFrom::Start(pos)).is_ok()
+            {
+                let mut buf = String::new();
+                if let Ok(n) = f.read_to_string(&mut buf) {
+                    pos += n as u64;
+                    let now = Instant::now();
+                    partial.push_str(&buf);
+                    while let Some(i) = partial.find('\n') {
+                        let line: String = partial.drain(..=i).collect();
+                        if let Some(up) = line
+                            .split("METALD-TICK ")
+                            .nth(1)
+                            .and_then(|u| u.trim().parse::<f64>().ok())
+                            && let Ok(mut t) = out.lock()
+                        {
+                            t.push((now, up));
+                        }
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    ticks
+}
+
+/// The longest gap between consecutive ticks whose later one came in `[from, to]`: as the host
+/// saw them arrive (ms), and on the guest's own clock (ms).
+fn longest_gap(ticks: &Ticks, from: Instant, to: Instant) -> (f64, f64) {
+    let t = ticks.lock().map(|t| t.clone()).unwrap_or_default();
+    let mut host = 0.0f64;
+    let mut guest = 0.0f64;
+    for w in t.windows(2) {
+        if w[1].0 >= from && w[1].0 <= to {
+            host = host.max((w[1].0 - w[0].0).as_secs_f64() * 1000.0);
+            guest = guest.max((w[1].1 - w[0].1) * 1000.0);
+        }
+    }
+    (host, guest)
+}
+
+/// Waits (bounded) until `n` ticks have arrived after `since`.
+async fn ticks_after(ticks: &Ticks, since: Instant, n: usize, within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = ticks
+            .lock()
+            .map(|t| t.iter().filter(|(at, _)| *at > since).count())
+            .unwrap_or(0);
+        if got >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the guest's ticker stopped ({got} ticks since)");
+        }
+        // The ticker is a file; polled, bounded by the deadline.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn migrate_bench(root: &Path, runs: usize, crashes: usize) -> Result<Value> {
+    const TICK_MS: u64 = 10;
+    let mut out = serde_json::Map::new();
+    for (mib, fill) in [(128u64, 64u64), (1024, 512)] {
+        for shared in [false, true] {
+            let name = format!("{mib}mib_{}", if shared { "shared" } else { "copied" });
+            eprintln!("bench: migrate {name}: {runs} migrations");
+            let d =
+                Daemon::start_with(root, &format!("[qemu]\nshared_memory = {shared}\n")).await?;
+            let mut c = d.client().await?;
+            let id = format!("m{mib}");
+            let mut req = guest_request(root, &id);
+            if let Some(cfg) = req.config.as_mut() {
+                cfg.memory = Some(pb::MemoryConfig {
+                    size_bytes: i64::try_from(mib << 20)?,
+                });
+                if let Some(b) = cfg.boot.as_mut() {
+                    b.kernel_args = format!(
+                        "{} metald.tick_ms={TICK_MS} metald.fill_mib={fill}",
+                        b.kernel_args
+                    );
+                }
+            }
+            c.create_vm(req).await?;
+            c.boot_vm(pb::BootVmRequest {
+                vm_id: id.clone(),
+                ..Default::default()
+            })
+            .await?;
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let ticks = follow_ticks(
+                d.state.join("run").join(&id).join("console.log"),
+                stop.clone(),
+            );
+            let booted = Instant::now();
+            ticks_after(&ticks, booted, 50, Duration::from_secs(300)).await?;
+            // The ticker's own rhythm under TCG, before any migration.
+            let (mut base_host, mut base_guest) = (Vec::new(), Vec::new());
+            if let Ok(t) = ticks.lock() {
+                for w in t.windows(2) {
+                    base_host.push((w[1].0 - w[0].0).as_secs_f64() * 1000.0);
+                    base_guest.push((w[1].1 - w[0].1) * 1000.0);
+                }
+            }
+            let (mut pause, mut guest_gap, mut handover, mut downtime, mut total, mut sent) = (
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+            );
+            for _ in 0..runs {
+                let t0 = Instant::now();
+                let r = match c
+                    .migrate_vm(pb::MigrateVmRequest {
+                        vm_id: id.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    Ok(r) => r.into_inner(),
+                    Err(e) => {
+                        if let Ok(l) = d.logs.lines.lock() {
+                            for line in l.iter().rev().take(40).rev() {
+                                eprintln!("{line}");
+                            }
+                        }
+                        return Err(e.into());
+                    }
+                };
+                let t1 = Instant::now();
+                // The ticks that show the pause have come in once a few more have.
+                ticks_after(&ticks, t1, 3, Duration::from_secs(10)).await?;
+                let (host_gap, g_gap) = longest_gap(&ticks, t0, Instant::now());
+                pause.push(host_gap);
+                guest_gap.push(g_gap);
+                handover.push(f64::from(r.handover_ms));
+                downtime.push(f64::from(r.vmm_downtime_ms));
+                total.push(t1.duration_since(t0).as_secs_f64() * 1000.0);
+                sent.push(r.bytes as f64 / f64::from(1u32 << 20));
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let tick = percentile(&base_host, 50.0);
+            out.insert(
+                name,
+                json!({
+                    "guest_mib": mib,
+                    "guest_ram_in_use_mib": fill,
+                    "ticker_gap_ms_without_migration": stats(&base_host),
+                    "guest_pause_ms": stats(&pause.iter().map(|g| (g - tick).max(0.0)).collect::<Vec<_>>()),
+                    "longest_tick_gap_ms_seen_from_host": stats(&pause),
+                    "longest_tick_gap_ms_on_guest_clock": stats(&guest_gap),
+                    "guest_clock_gap_ms_without_migration": stats(&base_guest),
+                    "vmm_reported_downtime_ms": stats(&downtime),
+                    "handover_ms": stats(&handover),
+                    "migrate_call_ms": stats(&total),
+                    "mib_sent": stats(&sent),
+                }),
+            );
+        }
+    }
+    out.insert(
+        "crash_to_ready".into(),
+        crash_to_ready(root, crashes).await?,
+    );
+    Ok(Value::Object(out))
+}
+
+/// SIGKILL of a VM's VMM → its guest answering its agent again, by warm restore and by a cold
+/// boot.
+async fn crash_to_ready(root: &Path, crashes: usize) -> Result<Value> {
+    let d = Daemon::start_with(root, "[recovery]\nretry_interval = 100\n").await?;
+    let mut c = d.client().await?;
+    let mut out = serde_json::Map::new();
+    for (name, from) in [
+        ("warm_restore", pb::RestoreFrom::BootSnapshot),
+        ("cold_boot", pb::RestoreFrom::None),
+    ] {
+        eprintln!("bench: migrate: {crashes} crashes, {name}");
+        let id = name.replace('_', "-");
+        let mut req = guest_request(root, &id);
+        if let Some(cfg) = req.config.as_mut() {
+            cfg.restore_from = from as i32;
+            cfg.guest_health = Some(pb::GuestHealthConfig {
+                probe: pb::GuestProbe::Agent as i32,
+                interval_ms: 100,
+                timeout_ms: 100,
+                ..Default::default()
+            });
+        }
+        let mark = d.mark();
+        c.create_vm(req).await?;
+        c.boot_vm(pb::BootVmRequest {
+            vm_id: id.clone(),
+            ..Default::default()
+        })
+        .await?;
+        c.wait_guest_ready(pb::WaitGuestReadyRequest {
+            vm_id: id.clone(),
+            timeout_seconds: 120,
+        })
+        .await?;
+        if from == pb::RestoreFrom::BootSnapshot {
+            d.wait_log(mark, Duration::from_secs(60), |l| {
+                l.contains("\"boot snapshot taken\"")
+            })
+            .await
+            .context("no boot snapshot")?;
+        }
+        let mut took = Vec::new();
+        for _ in 0..crashes {
+            let pid = vm_pid(&mut c, &id).await?;
+            let t0 = Instant::now();
+            metald::process::kill_pid(pid, libc::SIGKILL)?;
+            let deadline = t0 + Duration::from_secs(60);
+            loop {
+                let vm = c
+                    .get_vm_info(pb::GetVmInfoRequest { vm_id: id.clone() })
+                    .await?
+                    .into_inner()
+                    .vm
+                    .context("no vm")?;
+                let new_pid = vm.vmm.as_ref().map_or(0, |v| v.pid);
+                if new_pid != 0 && new_pid != pid && vm.guest.as_ref().is_some_and(|g| g.ready) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("{id}: the guest did not come back");
+                }
+                // GetVmInfo is cheap; polled at 5 ms, bounded by the deadline.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            took.push(t0.elapsed().as_secs_f64() * 1000.0);
+            // Let the guest settle before the next crash.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        out.insert(format!("{name}_ms"), stats(&took));
+    }
+    Ok(Value::Object(out))
+}
+
 async fn jailer_bench(
     root: &Path,
     firecracker: Option<PathBuf>,
@@ -2566,6 +2839,7 @@ async fn main() -> Result<()> {
         ),
         Bench::Degraded { vms, rounds } => ("degraded", degraded(&root, vms, rounds).await?),
         Bench::Fuzz { secs } => ("fuzz", fuzz(&root, secs)?),
+        Bench::Migrate { runs, crashes } => ("migrate", migrate_bench(&root, runs, crashes).await?),
         Bench::Jailer {
             firecracker,
             jailer,

@@ -93,7 +93,10 @@ async fn run(
     results: mpsc::Sender<ProbeResult>,
 ) {
     let mut agent: Option<Agent> = None;
-    let mut next = Instant::now() + cfg.interval;
+    // The first probe goes at once: a guest restored from a snapshot or moved to a new VMM
+    // answers right away, and is ready an interval sooner; a booting guest's early failures
+    // count for nothing (its startup deadline judges it).
+    let mut next = Instant::now();
     loop {
         let due = async {
             if probe {

@@ -213,12 +213,13 @@ impl Controller {
     ) -> Result<MigrationReport> {
         let old_pid = from.pid();
         // The source holds a stale copy of the guest: it is stopped before anything else, and
-        // before the target's files take its names (QEMU removes its sockets as it exits).
-        let _ = from.quit().await;
-        if !exited_within(&from, QUIT_WAIT).await {
-            let _ = from.kill();
-            let _ = exited_within(&from, KILL_WAIT).await;
-        }
+        // before the target's files take its names. It is killed, not asked to quit: a QEMU
+        // that quits removes the sockets it bound, by the names it bound them under, and a
+        // source that was itself a promoted target bound `next-*`, the names the new target's
+        // sockets have now. Nothing is lost: its disks were flushed and handed over when the
+        // migration completed.
+        let _ = from.kill();
+        let _ = exited_within(&from, KILL_WAIT).await;
         let status = from.pidfd().reap();
         drop(from);
         crate::crash_point!("migrate.after_source_stopped");
