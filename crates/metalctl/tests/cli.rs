@@ -316,3 +316,66 @@ async fn console_follows_the_guest_and_logs_show_the_vmm() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("NotFound"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_all_moves_every_running_vm_and_stops_at_the_first_failure() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    let mut pids = Vec::new();
+    for id in ["ra", "rb", "rc"] {
+        pids.push(running_vm(&mut c, id).await);
+    }
+    let out = ok(ctl(&d, &["migrate", "--all", "--max-parallel", "2"]));
+    for id in ["ra", "rb", "rc"] {
+        assert!(out.contains(&format!(" {id}  RUNNING  pid ")), "{out}");
+    }
+    assert!(out.contains("migrated 3 of 3"), "{out}");
+    for (id, old) in ["ra", "rb", "rc"].iter().zip(&pids) {
+        assert_ne!(
+            pid_of(&info(&mut c, id).await),
+            Some(*old),
+            "{id} did not move"
+        );
+    }
+    // A new binary that cannot run a VMM: the first VM fails, the run stops, nothing moves.
+    let before: Vec<_> = futures_pids(&mut c).await;
+    let o = ctl(
+        &d,
+        &[
+            "migrate",
+            "--all",
+            "--max-parallel",
+            "1",
+            "--binary",
+            "/bin/false",
+        ],
+    );
+    assert!(!o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("FAILED: Aborted"), "{out}");
+    assert!(out.contains("migrated 0 of 3"), "{out}");
+    assert!(out.contains("stopped at the first failure"), "{out}");
+    assert_eq!(
+        futures_pids(&mut c).await,
+        before,
+        "a VM moved after the failure"
+    );
+    // Snapshots are listed with their size.
+    let snap = ok(ctl(&d, &["snapshot", "ra"]));
+    let fields: Vec<_> = snap.split_whitespace().collect();
+    assert_eq!(fields.len(), 3, "{snap}");
+    assert!(fields[2].ends_with("MiB"), "{snap}");
+    let list = ok(ctl(&d, &["snapshots", "--vm", "ra"]));
+    assert!(list.contains(fields[0]) && list.contains("SIZE"), "{list}");
+    ok(ctl(&d, &["delete-snapshot", fields[0]]));
+    assert!(!ok(ctl(&d, &["snapshots"])).contains(fields[0]));
+}
+
+/// The VMM pids of the VMs ra, rb, rc.
+async fn futures_pids(c: &mut Client) -> Vec<Option<i32>> {
+    let mut v = Vec::new();
+    for id in ["ra", "rb", "rc"] {
+        v.push(pid_of(&info(c, id).await));
+    }
+    v
+}

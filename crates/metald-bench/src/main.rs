@@ -49,6 +49,10 @@ enum Bench {
         /// Crashes timed for the warm restore and for the cold boot.
         #[arg(long, default_value_t = 20)]
         crashes: usize,
+        /// QEMU's downtime limit for the migrations (`qemu.migration_downtime`), ms; metald's
+        /// default when omitted.
+        #[arg(long)]
+        downtime_ms: Option<u64>,
     },
     /// Create/boot latency, creates per second, daemon RSS.
     Lifecycle,
@@ -2377,15 +2381,26 @@ async fn ticks_after(ticks: &Ticks, since: Instant, n: usize, within: Duration) 
     }
 }
 
-async fn migrate_bench(root: &Path, runs: usize, crashes: usize) -> Result<Value> {
+async fn migrate_bench(
+    root: &Path,
+    runs: usize,
+    crashes: usize,
+    downtime_ms: Option<u64>,
+) -> Result<Value> {
+    let downtime = downtime_ms
+        .map(|d| format!("migration_downtime = {d}\n"))
+        .unwrap_or_default();
     const TICK_MS: u64 = 10;
     let mut out = serde_json::Map::new();
     for (mib, fill) in [(128u64, 64u64), (1024, 512)] {
         for shared in [false, true] {
             let name = format!("{mib}mib_{}", if shared { "shared" } else { "copied" });
             eprintln!("bench: migrate {name}: {runs} migrations");
-            let d =
-                Daemon::start_with(root, &format!("[qemu]\nshared_memory = {shared}\n")).await?;
+            let d = Daemon::start_with(
+                root,
+                &format!("[qemu]\nshared_memory = {shared}\n{downtime}"),
+            )
+            .await?;
             let mut c = d.client().await?;
             let id = format!("m{mib}");
             let mut req = guest_request(root, &id);
@@ -2480,6 +2495,10 @@ async fn migrate_bench(root: &Path, runs: usize, crashes: usize) -> Result<Value
         }
     }
     out.insert(
+        "qemu_migration_downtime_ms".into(),
+        json!(downtime_ms.unwrap_or(30)),
+    );
+    out.insert(
         "crash_to_ready".into(),
         crash_to_ready(root, crashes).await?,
     );
@@ -2489,7 +2508,13 @@ async fn migrate_bench(root: &Path, runs: usize, crashes: usize) -> Result<Value
 /// SIGKILL of a VM's VMM → its guest answering its agent again, by warm restore and by a cold
 /// boot.
 async fn crash_to_ready(root: &Path, crashes: usize) -> Result<Value> {
-    let d = Daemon::start_with(root, "[recovery]\nretry_interval = 100\n").await?;
+    // Crashes come every few hundred ms here: the crash-loop backoff (which would rightly slow
+    // such a VM down) is out of the way, so that each crash times the recovery itself.
+    let d = Daemon::start_with(
+        root,
+        "[recovery]\nretry_interval = 100\ncrash_loop_threshold = 1000\n",
+    )
+    .await?;
     let mut c = d.client().await?;
     let mut out = serde_json::Map::new();
     for (name, from) in [
@@ -2839,7 +2864,14 @@ async fn main() -> Result<()> {
         ),
         Bench::Degraded { vms, rounds } => ("degraded", degraded(&root, vms, rounds).await?),
         Bench::Fuzz { secs } => ("fuzz", fuzz(&root, secs)?),
-        Bench::Migrate { runs, crashes } => ("migrate", migrate_bench(&root, runs, crashes).await?),
+        Bench::Migrate {
+            runs,
+            crashes,
+            downtime_ms,
+        } => (
+            "migrate",
+            migrate_bench(&root, runs, crashes, downtime_ms).await?,
+        ),
         Bench::Jailer {
             firecracker,
             jailer,
