@@ -325,6 +325,19 @@ async fn migrate_all_moves_every_running_vm_and_stops_at_the_first_failure() {
     for id in ["ra", "rb", "rc"] {
         pids.push(running_vm(&mut c, id).await);
     }
+    // A guest is moved once it has booted: its first uptime report is well past that.
+    for id in ["ra", "rb", "rc"] {
+        let console = d.run_dir(id).join("console.log");
+        assert!(
+            wait_console(
+                &console,
+                "METALD-GUEST-ALIVE",
+                1,
+                std::time::Duration::from_secs(60)
+            )
+            .await
+        );
+    }
     let out = ok(ctl(&d, &["migrate", "--all", "--max-parallel", "2"]));
     for id in ["ra", "rb", "rc"] {
         assert!(out.contains(&format!(" {id}  RUNNING  pid ")), "{out}");

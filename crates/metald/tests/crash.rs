@@ -115,6 +115,28 @@ async fn prepare(c: &mut Client, call: Call, vm: &str) {
         Call::Boot => {
             c.create_vm(guest_request(vm)).await.unwrap();
         }
+        Call::Migrate => {
+            // A guest is moved once it has booted (one still booting is refused): a probed
+            // guest that has answered.
+            let mut req = guest_request(vm);
+            req.config.as_mut().unwrap().guest_health = Some(pb::GuestHealthConfig {
+                probe: pb::GuestProbe::Agent as i32,
+                ..Default::default()
+            });
+            c.create_vm(req).await.unwrap();
+            c.boot_vm(pb::BootVmRequest {
+                vm_id: vm.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            c.wait_guest_ready(pb::WaitGuestReadyRequest {
+                vm_id: vm.into(),
+                timeout_seconds: 60,
+            })
+            .await
+            .unwrap();
+        }
         Call::Resume => {
             running_vm(c, vm).await;
             c.pause_vm(pb::PauseVmRequest {
@@ -205,6 +227,15 @@ async fn kill_at(point: &str, op: Call) {
     }
     if wanted(op).is_none() {
         assert!(!d.run_dir(vm).exists(), "{point}: run directory left");
+    }
+    if op == Call::Migrate {
+        // Whichever VMM was kept, it is the guest that was there: it never booted again.
+        let text = std::fs::read_to_string(d.run_dir(vm).join("console.log")).unwrap();
+        assert_eq!(
+            text.matches("METALD-GUEST-READY").count(),
+            1,
+            "{point}: the guest booted again:\n{text}"
+        );
     }
     if op == Call::Snapshot {
         // The snapshot the crash cut short is gone; the retry's is there, and recorded.

@@ -52,6 +52,10 @@ pub async fn look(
     if let (true, Some((pid, start)), Attach::Nothing | Attach::Lost(_)) =
         (wanted_up, unrecorded, &verdict)
     {
+        // It may be a migration target whose source is gone (metald died after stopping the
+        // source, before recording the target): its files take the VM's names first, or it
+        // would be judged by its dead source's socket.
+        driver.promote_files(run_dir);
         let mut found = rec.clone();
         found.endpoint = Some(driver.endpoint_for(&rec.vm_id, run_dir, pid, start));
         match verify(driver, &found, run_dir).await {

@@ -95,6 +95,8 @@ impl Controller {
     pub(super) fn guest_starting(&mut self) {
         // A restore's trigger is used once; a recovery sets its own for each attempt.
         let trigger = std::mem::replace(&mut self.start_trigger, "boot");
+        // A restored guest is past its boot; a booted one is in it.
+        self.booted_at = (trigger != "restore").then(Instant::now);
         self.rec.guest = GuestStatus::default();
         self.guest_started = Some((Instant::now(), trigger));
         if self.probed() {

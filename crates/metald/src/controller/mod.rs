@@ -405,6 +405,9 @@ pub struct Controller {
     replace_after: Option<(Instant, u32)>,
     /// A warm restore failed in the current recovery streak: the next attempt boots afresh.
     warm_restore_failed: bool,
+    /// When the current guest began to boot from its kernel (not a restore), while that is
+    /// recent enough to matter to a migration (see `migrate.rs`).
+    booted_at: Option<Instant>,
 }
 
 impl Controller {
@@ -461,6 +464,7 @@ impl Controller {
             slow_checks: 0,
             replace_after: None,
             warm_restore_failed: false,
+            booted_at: None,
         };
         let task = tokio::spawn(ctl.run(rx, attach));
         (handle, live, task)

@@ -1138,6 +1138,8 @@ impl VmmDriver for FirecrackerDriver {
         let paused = Instant::now();
         let moved = async {
             from.snapshot(&dir, None).await?;
+            // The guest is on tmpfs, paused in the source, not yet in the target.
+            crate::crash_point!("migrate.in_transfer");
             to.restore(spec, &dir).await
         }
         .await;

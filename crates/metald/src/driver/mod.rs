@@ -164,6 +164,11 @@ pub struct SpawnRequest<'a> {
 /// VM's VMM still has the plain names; [`VmmDriver::promote`] renames them once that VMM is gone.
 pub const TARGET_PREFIX: &str = "next-";
 
+/// The name of a migration target's own log in the run directory.
+pub fn target_log_name() -> String {
+    common::target_name(VMM_LOG, true)
+}
+
 /// What a migration cost, as the VMMs report it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MigrationStats {
