@@ -606,16 +606,31 @@ impl Store {
         .await
     }
 
-    /// The VM whose guest waits in `path` (made from that snapshot, not started from it yet).
-    pub async fn vm_saved_at(&self, path: &Path) -> Result<Option<String>> {
+    /// A VM other than `except` whose guest waits in `path` (made from that snapshot, not
+    /// started from it yet).
+    pub async fn vm_saved_at(&self, path: &Path, except: Option<&str>) -> Result<Option<String>> {
         let path = path.display().to_string();
+        let except = except.map(str::to_string);
         self.run(move |c| {
             Ok(c.query_row(
-                "SELECT vm_id FROM vms WHERE saved = ?1 LIMIT 1",
-                params![path],
+                "SELECT vm_id FROM vms WHERE saved = ?1 AND (?2 IS NULL OR vm_id != ?2) LIMIT 1",
+                params![path, except],
                 |r| r.get(0),
             )
             .optional()?)
+        })
+        .await
+    }
+
+    /// Gives snapshot `id` to VM `vm` (one made from it, when the VM it was taken of goes).
+    pub async fn reassign_snapshot(&self, _: &Writer, id: &str, vm: &str) -> Result<()> {
+        let (id, vm) = (id.to_string(), vm.to_string());
+        self.run(move |c| {
+            c.execute(
+                "UPDATE snapshots SET vm_id = ?2, boot = 0 WHERE snapshot_id = ?1",
+                params![id, vm],
+            )?;
+            Ok(())
         })
         .await
     }

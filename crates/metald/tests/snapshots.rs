@@ -305,3 +305,71 @@ async fn a_warm_restore_is_refused_with_a_writable_drive() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().starts_with("config.restore_from"), "{e:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_a_vm_still_needs_outlives_its_source_and_goes_with_that_vm() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    running_vm(&mut c, "src").await;
+    let console = d.run_dir("src").join("console.log");
+    assert!(wait_console(&console, "METALD-GUEST-READY", 1, BOOT).await);
+    let snap = c
+        .snapshot_vm(pb::SnapshotVmRequest {
+            vm_id: "src".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // A VM made from it, not started yet: its guest is in the snapshot.
+    c.create_vm(pb::CreateVmRequest {
+        vm_id: "made".into(),
+        customer_id: "cust-test".into(),
+        from_snapshot: snap.snapshot_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: "src".into(),
+        force: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(
+        std::path::Path::new(&snap.path).exists(),
+        "a snapshot a VM needs was removed"
+    );
+    let list = c
+        .list_snapshots(pb::ListSnapshotsRequest {
+            vm_id: "made".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    assert_eq!(
+        list.len(),
+        1,
+        "the snapshot is the VM made from it's now: {list:?}"
+    );
+    let e = c
+        .delete_snapshot(pb::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    c.delete_vm(pb::DeleteVmRequest {
+        vm_id: "made".into(),
+        force: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(
+        !std::path::Path::new(&snap.path).exists(),
+        "the snapshot outlived its last VM"
+    );
+}

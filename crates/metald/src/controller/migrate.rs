@@ -257,10 +257,16 @@ impl Controller {
             // Later VMMs of this VM (a restart, a recovery) run the binary it moved onto.
             let mut spec = self.rec.spec.clone();
             spec.vmm_binary = Some(b);
-            self.env
+            // The guest has moved whatever the registry says: a refused write is not the
+            // migration's failure. The binary is kept in memory for this metald's later VMMs.
+            if let Err(e) = self
+                .env
                 .store
                 .set_spec(&self.env.writer, &self.rec.vm_id, &spec)
-                .await?;
+                .await
+            {
+                warn!(vm_id = %self.rec.vm_id, error = %e, "recording the vm's new vmm binary failed; a restarted metald would start its next vmm on the old one");
+            }
             self.rec.spec = spec;
         }
         let state = self.rec.observed;

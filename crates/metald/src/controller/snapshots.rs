@@ -31,9 +31,15 @@ impl ControllerEnv {
 
 impl Controller {
     /// Removes snapshot `snap` of this VM: its files, then its record. One a VM made from it
-    /// has not started from yet is kept: that VM's guest is still in it.
-    pub(super) async fn remove_snapshot(&mut self, snap: &SnapshotRecord) -> Result<()> {
-        if let Some(user) = self.env.store.vm_saved_at(&snap.path).await? {
+    /// has not started from yet is kept: that VM's guest is still in it (this VM's own too,
+    /// unless `going`: the VM is being deleted).
+    pub(super) async fn remove_snapshot(
+        &mut self,
+        snap: &SnapshotRecord,
+        going: bool,
+    ) -> Result<()> {
+        let except = going.then_some(self.rec.vm_id.as_str());
+        if let Some(user) = self.env.store.vm_saved_at(&snap.path, except).await? {
             return Err(Error::FailedPrecondition(format!(
                 "snapshot {} is in use: vm {user} was made from it and has not started from it yet",
                 snap.snapshot_id
@@ -67,8 +73,37 @@ impl Controller {
             }
         };
         for s in snaps {
-            if let Err(e) = self.remove_snapshot(&s).await {
-                info!(vm_id = %self.rec.vm_id, snapshot_id = %s.snapshot_id, error = %e, "snapshot kept");
+            // One that a VM made from it still needs goes to that VM, whose controller then
+            // owns it: it can be listed and deleted as that VM's, and goes with it.
+            match self
+                .env
+                .store
+                .vm_saved_at(&s.path, Some(self.rec.vm_id.as_str()))
+                .await
+            {
+                Ok(Some(user)) => {
+                    match self
+                        .env
+                        .store
+                        .reassign_snapshot(&self.env.writer, &s.snapshot_id, &user)
+                        .await
+                    {
+                        Ok(()) => {
+                            info!(vm_id = %self.rec.vm_id, snapshot_id = %s.snapshot_id, to = %user, "snapshot handed to the vm made from it")
+                        }
+                        Err(e) => {
+                            warn!(vm_id = %self.rec.vm_id, snapshot_id = %s.snapshot_id, error = %e, "handing a snapshot on failed; it is kept")
+                        }
+                    }
+                }
+                Ok(None) => {
+                    if let Err(e) = self.remove_snapshot(&s, true).await {
+                        warn!(vm_id = %self.rec.vm_id, snapshot_id = %s.snapshot_id, error = %e, "removing a snapshot failed; it is kept");
+                    }
+                }
+                Err(e) => {
+                    warn!(vm_id = %self.rec.vm_id, snapshot_id = %s.snapshot_id, error = %e, "snapshot kept");
+                }
             }
         }
     }
@@ -84,7 +119,7 @@ impl Controller {
             return;
         };
         for s in snaps.iter().filter(|s| s.boot && s.snapshot_id != keep) {
-            if let Err(e) = self.remove_snapshot(s).await {
+            if let Err(e) = self.remove_snapshot(s, false).await {
                 warn!(vm_id = %self.rec.vm_id, snapshot_id = %s.snapshot_id, error = %e, "removing an old boot snapshot failed");
             }
         }
