@@ -382,6 +382,26 @@ impl Controller {
             self.save().await?;
         }
         if let Err(e) = &result {
+            // A VMM that closed its connection mid-command is usually dying (killed at its
+            // cgroup's memory limit, say): its exit, if it comes, is an exit like any other,
+            // with its cause recorded and the VM recovered, not a stop of metald's.
+            let dying = matches!(
+                e,
+                Error::Driver(
+                    DriverError::Closed
+                        | DriverError::Socket {
+                            unreachable: true,
+                            ..
+                        }
+                )
+            );
+            if dying
+                && let Some(vmm) = self.vmm.as_ref()
+                && exited_within(vmm, Duration::from_millis(500)).await
+            {
+                self.on_unexpected_exit().await;
+                return result;
+            }
             // A VMM that cannot be driven to the desired state is stopped rather than left
             // half-way, so the registry never claims a state the VMM is not in.
             warn!(vm_id = %self.rec.vm_id, error = %e, "vmm did not reach {want}; stopping it");

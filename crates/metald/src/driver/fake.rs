@@ -31,6 +31,8 @@ pub struct Script {
     pub ping_delay: Duration,
     /// Pings are never answered (a hung VMM).
     pub hang_pings: bool,
+    /// A boot fails as a VMM dying under it does: its connection closes.
+    pub boot_closes: bool,
 }
 
 /// What the fake saw, for the test's assertions.
@@ -167,6 +169,9 @@ impl VmmControl for FakeControl {
             if let Ok(p) = gate.acquire().await {
                 p.forget();
             }
+        }
+        if lock(&self.fake.script).boot_closes {
+            return Err(DriverError::Closed);
         }
         let vm = lock(&self.fake.vmms)
             .get(&self.ep.pid)

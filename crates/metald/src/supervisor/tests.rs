@@ -173,6 +173,42 @@ async fn an_exit_during_a_boot_is_an_orphan_not_a_running_vm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_that_dies_under_a_boot_is_an_exit_recovered_at_once() {
+    // As a QEMU killed at its memory limit while it starts its guest: the boot fails because
+    // the connection closed, and the process is gone. That is an exit (cause and all, then
+    // recovery), not a VMM metald stops for failing to converge.
+    let mut rig = Rig::new(|_| {}).await;
+    let vm = Rig::id("c1");
+    rig.sup
+        .create(Some(vm.clone()), "t".into(), spec(), None)
+        .await
+        .unwrap();
+    let first = rig.fake.pid_of("c1").unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    *rig.fake.boot_gate.lock().unwrap() = Some(gate.clone());
+    let waiting = rig.fake.boot_waiting.notified();
+    let sup = rig.sup.clone();
+    let boot = tokio::spawn({
+        let vm = vm.clone();
+        async move { sup.transition(&vm, Transition::Boot, None).await }
+    });
+    tokio::time::timeout(WAIT, waiting).await.unwrap();
+    assert!(rig.fake.kill_vm("c1"));
+    rig.fake.script(|s| s.boot_closes = true);
+    *rig.fake.boot_gate.lock().unwrap() = None;
+    gate.add_permits(1);
+    let answer = tokio::time::timeout(WAIT, boot).await.unwrap().unwrap();
+    assert!(answer.is_err(), "a boot whose VMM died answered {answer:?}");
+    rig.fake.script(|s| s.boot_closes = false);
+    let orphaned = rig.event("c1", "orphaned").await;
+    assert_eq!(orphaned.reason, "process_dead");
+    rig.event("c1", "recovered").await;
+    let rec = rig.sup.get(&vm).await.unwrap();
+    assert_eq!(rec.observed, VmState::Running);
+    assert_ne!(rec.endpoint.map(|e| e.pid), Some(first));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delete_during_a_recovery_backoff_wins() {
     // The first attempt fails; the second waits out a long backoff, during which the VM is
     // deleted.
