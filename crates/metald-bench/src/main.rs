@@ -1232,6 +1232,22 @@ fn probed_request(
 
 /// Waits (bounded) for a log line about `vm` after `since` that contains all of `needles`;
 /// returns its time in µs since the epoch.
+/// Waits (bounded) until a console file holds `needle`. A file gains lines without an event
+/// short of inotify: polled every 50 ms, bounded by `secs`.
+async fn wait_console_line(console: &Path, needle: &str, secs: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !std::fs::read_to_string(console)
+        .unwrap_or_default()
+        .contains(needle)
+    {
+        if Instant::now() > deadline {
+            bail!("{}: no {needle} within {secs} s", console.display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 async fn wait_vm_line(
     d: &Daemon,
     since: usize,
@@ -2127,6 +2143,10 @@ async fn crash_points(root: &Path, d: &mut Daemon, c: &mut Client) -> Result<Val
         ("exit.after_record", "recovery"),
         ("start.after_spawn", "recovery"),
         ("start.after_configure", "recovery"),
+        ("migrate.after_target", "migrate"),
+        ("migrate.in_transfer", "migrate"),
+        ("migrate.after_transfer", "migrate"),
+        ("migrate.after_source_stopped", "migrate"),
     ];
     let mut converge_ms = Vec::new();
     let mut rows = Vec::new();
@@ -2143,6 +2163,15 @@ async fn crash_points(root: &Path, d: &mut Daemon, c: &mut Client) -> Result<Val
                 ..Default::default()
             })
             .await?;
+            if *op == "migrate" {
+                // A guest is moved once it has booted: its first uptime report.
+                wait_console_line(
+                    &d.state.join("run").join(&vm).join("console.log"),
+                    "METALD-GUEST-ALIVE",
+                    60,
+                )
+                .await?;
+            }
         }
         d.restart_with(&bin, &[("FAILPOINTS".into(), format!("{point}=return"))])
             .await?;
@@ -2185,6 +2214,13 @@ async fn crash_points(root: &Path, d: &mut Daemon, c: &mut Client) -> Result<Val
                 .snapshot_vm(pb::SnapshotVmRequest {
                     vm_id: id,
                     diff: false,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ()),
+            "migrate" => cl
+                .migrate_vm(pb::MigrateVmRequest {
+                    vm_id: id,
                     ..Default::default()
                 })
                 .await

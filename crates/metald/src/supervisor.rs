@@ -984,7 +984,7 @@ impl Supervisor {
             let pid = info.pid;
             // A VMM younger than the grace period may be one a controller has just spawned and
             // not yet recorded; it is not even a suspect yet, and its jail is not a leftover.
-            if process_age(info.start_time).is_none_or(|age| age < grace) {
+            if crate::process::age(info.start_time).is_none_or(|age| age < grace) {
                 young_ids.push(id);
                 continue;
             }
@@ -1136,22 +1136,6 @@ fn list_pids() -> Vec<i32> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// How long ago a process started, from its start time in clock ticks since boot.
-fn process_age(start_ticks: u64) -> Option<Duration> {
-    let hz = crate::process::clock_ticks();
-    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    let started = Duration::from_secs(start_ticks / hz)
-        + Duration::from_nanos((start_ticks % hz) * 1_000_000_000 / hz);
-    Duration::try_from_secs_f64(uptime)
-        .ok()?
-        .checked_sub(started)
 }
 
 fn older_than(path: &std::path::Path, age: Duration) -> bool {

@@ -496,6 +496,12 @@ impl Controller {
                     GuestRun::ShutDown => VmState::Shutdown,
                 };
                 info!(vm_id = %self.rec.vm_id, pid = vmm.pid(), state = %observed, "vmm re-attached");
+                if observed == VmState::Running {
+                    // Its guest may still be booting (metald restarted right after a boot):
+                    // as far as a migration is concerned, it booted when its VMM started.
+                    self.booted_at = crate::process::age(vmm.endpoint().start_time)
+                        .and_then(|age| Instant::now().checked_sub(age));
+                }
                 self.last_seen_ms = now_ms();
                 let h = &mut self.rec.health;
                 h.is_healthy = true;
