@@ -292,6 +292,23 @@ pub fn spawn_detached_as(
     })
 }
 
+/// How long ago a process started, from its start time in clock ticks since boot.
+pub fn age(start_ticks: u64) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let hz = clock_ticks();
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let started = Duration::from_secs(start_ticks / hz)
+        + Duration::from_nanos((start_ticks % hz) * 1_000_000_000 / hz);
+    Duration::try_from_secs_f64(uptime)
+        .ok()?
+        .checked_sub(started)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,21 +359,4 @@ mod tests {
         assert_eq!(sid.trim(), sp.pid.to_string());
         let _ = std::fs::remove_dir_all(&dir);
     }
-}
-
-/// How long ago a process started, from its start time in clock ticks since boot.
-pub fn age(start_ticks: u64) -> Option<std::time::Duration> {
-    use std::time::Duration;
-    let hz = clock_ticks();
-    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    let started = Duration::from_secs(start_ticks / hz)
-        + Duration::from_nanos((start_ticks % hz) * 1_000_000_000 / hz);
-    Duration::try_from_secs_f64(uptime)
-        .ok()?
-        .checked_sub(started)
 }
