@@ -258,7 +258,11 @@ async fn a_target_killed_mid_transfer_leaves_the_guest_in_its_vmm() {
     // Well into the transfer.
     tokio::time::sleep(Duration::from_millis(800)).await;
     signal(target, libc::SIGKILL);
-    let e = call.await.unwrap().unwrap_err();
+    let e = tokio::time::timeout(EVENT, call)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Aborted, "{e:?}");
     assert!(e.message().contains("transfer"), "{e:?}");
     let i = info(&mut c, "k").await;
@@ -290,7 +294,11 @@ async fn a_delete_during_a_migration_wins() {
         started.elapsed() < Duration::from_secs(5),
         "the delete waited for the migration"
     );
-    let e = call.await.unwrap().unwrap_err();
+    let e = tokio::time::timeout(EVENT, call)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Aborted, "{e:?}");
     assert!(e.message().contains("cancelled"), "{e:?}");
     assert!(wait_dead(pid, EVENT).await && wait_dead(target, EVENT).await);
@@ -320,7 +328,7 @@ async fn metald_killed_mid_migration_leaves_one_vmm() {
         let target = target_pid(&d).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         d.stop_with(libc::SIGKILL);
-        let _ = call.await;
+        let _ = tokio::time::timeout(EVENT, call).await;
         if finish_first {
             // QEMU finishes the transfer on its own; the source then holds a stale copy.
             let deadline = Instant::now() + BOOT;
@@ -406,20 +414,6 @@ async fn on_standin() -> Daemon {
     .await
 }
 
-/// The run state the stand-in reports on its API socket (`running`, `paused`).
-async fn fc_state(d: &Daemon, vm: &str) -> String {
-    let (_, v) = metald::driver::uds_http::call(
-        &d.run_dir(vm).join("firecracker.sock"),
-        metald::driver::uds_http::Method::GET,
-        "/",
-        None,
-        Duration::from_secs(2),
-    )
-    .await
-    .unwrap();
-    v["state"].as_str().unwrap_or("").to_ascii_lowercase()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn firecracker_moves_the_guest_through_a_tmpfs_snapshot() {
     let d = on_standin().await;
@@ -447,7 +441,10 @@ async fn firecracker_moves_the_guest_through_a_tmpfs_snapshot() {
         .map(|r| r.flatten().collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
-    assert_eq!(fc_state(&d, "fc").await, "running");
+    assert_eq!(
+        fc_state(&d.run_dir("fc").join("firecracker.sock")).await,
+        "running"
+    );
     guest_carries_on(&console, alive, up).await;
 
     // Paused stays paused.
@@ -459,7 +456,10 @@ async fn firecracker_moves_the_guest_through_a_tmpfs_snapshot() {
     .unwrap();
     let r = migrate(&mut c, "fc", "").await.unwrap();
     assert_eq!(r.state, pb::VmState::Paused as i32);
-    assert_eq!(fc_state(&d, "fc").await, "paused");
+    assert_eq!(
+        fc_state(&d.run_dir("fc").join("firecracker.sock")).await,
+        "paused"
+    );
     // A target that cannot start leaves the guest where it was.
     let e = migrate(&mut c, "fc", "/bin/false").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Aborted, "{e:?}");
@@ -472,5 +472,8 @@ async fn firecracker_moves_the_guest_through_a_tmpfs_snapshot() {
     })
     .await
     .unwrap();
-    assert_eq!(fc_state(&d, "fc").await, "running");
+    assert_eq!(
+        fc_state(&d.run_dir("fc").join("firecracker.sock")).await,
+        "running"
+    );
 }

@@ -168,14 +168,7 @@ async fn snapshots_are_listed_with_their_size_deleted_and_removed_with_their_vm(
         assert!(r.size_bytes > 1 << 20, "{r:?}");
         ids.push((r.snapshot_id, r.path));
     }
-    let list = c
-        .list_snapshots(pb::ListSnapshotsRequest {
-            vm_id: "lst".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshots;
+    let list = snapshots_of(&mut c, "lst").await;
     assert_eq!(
         list.iter()
             .map(|s| s.snapshot_id.clone())
@@ -208,12 +201,7 @@ async fn snapshots_are_listed_with_their_size_deleted_and_removed_with_their_vm(
         !std::path::Path::new(&ids[1].1).exists(),
         "a VM's snapshots go with it"
     );
-    let list = c
-        .list_snapshots(pb::ListSnapshotsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshots;
+    let list = snapshots_of(&mut c, "").await;
     assert!(list.is_empty(), "{list:?}");
 }
 
@@ -239,14 +227,7 @@ async fn a_crashed_vmm_is_restored_warm_from_the_boot_snapshot() {
     // Once the guest answers, its boot snapshot is taken.
     d.wait_event(mark, "warm", "boot snapshot taken", BOOT)
         .await;
-    let snaps = c
-        .list_snapshots(pb::ListSnapshotsRequest {
-            vm_id: "warm".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshots;
+    let snaps = snapshots_of(&mut c, "warm").await;
     assert_eq!(snaps.len(), 1, "{snaps:?}");
     assert!(snaps[0].boot && snaps[0].size_bytes > 0);
     let console = d.run_dir("warm").join("console.log");
@@ -275,14 +256,7 @@ async fn a_crashed_vmm_is_restored_warm_from_the_boot_snapshot() {
     );
     assert!(guest_uptime(&console).unwrap() > 2.0, "{text}");
     // The boot snapshot is kept for the next crash.
-    let snaps = c
-        .list_snapshots(pb::ListSnapshotsRequest {
-            vm_id: "warm".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshots;
+    let snaps = snapshots_of(&mut c, "warm").await;
     assert_eq!(snaps.len(), 1, "{snaps:?}");
 }
 
@@ -341,14 +315,7 @@ async fn a_snapshot_a_vm_still_needs_outlives_its_source_and_goes_with_that_vm()
         std::path::Path::new(&snap.path).exists(),
         "a snapshot a VM needs was removed"
     );
-    let list = c
-        .list_snapshots(pb::ListSnapshotsRequest {
-            vm_id: "made".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshots;
+    let list = snapshots_of(&mut c, "made").await;
     assert_eq!(
         list.len(),
         1,
@@ -372,4 +339,13 @@ async fn a_snapshot_a_vm_still_needs_outlives_its_source_and_goes_with_that_vm()
         !std::path::Path::new(&snap.path).exists(),
         "the snapshot outlived its last VM"
     );
+}
+
+/// The snapshots ListSnapshots shows (of VM `vm`, or all with "").
+async fn snapshots_of(c: &mut Client, vm: &str) -> Vec<pb::Snapshot> {
+    c.list_snapshots(pb::ListSnapshotsRequest { vm_id: vm.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots
 }

@@ -140,7 +140,7 @@ impl Controller {
                             format!("{snapshot_id:?} is not a snapshot of this vm"),
                         )
                     })?;
-                self.remove_snapshot(&snap, false).await?;
+                self.remove_snapshot(&snap).await?;
             }
             Op::Migrate { binary } => {
                 migration = Some(self.migrate(binary, MigrateReason::Operator).await?);

@@ -164,7 +164,7 @@ impl Controller {
                 _ = self.deletes.changed() => Err((MigrationStep::Cancelled, "the vm is being deleted".into())),
             }
         };
-        let failure = match moved {
+        let (step, mut reason) = match moved {
             Ok(stats) => {
                 crate::crash_point!("migrate.after_transfer");
                 // A driver that hands the guest over paused (a snapshot's load) leaves it to be
@@ -173,17 +173,16 @@ impl Controller {
                     && matches!(to.ping().await, Ok(GuestRun::Paused | GuestRun::NotStarted))
                     && let Err(e) = to.resume().await
                 {
-                    Some((
+                    (
                         MigrationStep::Transfer,
                         format!("resuming the guest in the target: {e}"),
-                    ))
+                    )
                 } else {
                     return Ok((to, transfer.elapsed(), stats));
                 }
             }
-            Err(f) => Some(f),
+            Err(f) => f,
         };
-        let (step, mut reason) = failure.unwrap_or((MigrationStep::Transfer, String::new()));
         // A target that ended on its own said why in its log (QEMU: a stream it could not
         // load); the error carries that, not only what the failed exchange saw.
         let exited = step == MigrationStep::Transfer
@@ -339,6 +338,15 @@ impl Controller {
     /// Why the VMM, alive and answering, should be replaced by a migration now, if it should.
     pub(super) fn impairment(&self) -> Option<MigrateReason> {
         let cfg = &self.env.health;
+        // Asked after every health check of every VM: the reasons (two fields) come first,
+        // and are almost always absent.
+        let why = if self.socket_missing {
+            MigrateReason::ControlSocketLost
+        } else if self.slow_checks >= cfg.failure_threshold.max(1) {
+            MigrateReason::SlowHealthChecks
+        } else {
+            return None;
+        };
         // A replacement is a recovery: off where recovery is (host-wide, for this VM, or in
         // maintenance).
         let movable = cfg.replace_impaired
@@ -349,16 +357,7 @@ impl Controller {
             && matches!(self.rec.observed, VmState::Running | VmState::Paused)
             && self.rec.spec.nics.is_empty()
             && self.replace_after.is_none_or(|(t, _)| Instant::now() >= t);
-        if !movable {
-            return None;
-        }
-        if self.socket_missing {
-            Some(MigrateReason::ControlSocketLost)
-        } else if self.slow_checks >= cfg.failure_threshold.max(1) {
-            Some(MigrateReason::SlowHealthChecks)
-        } else {
-            None
-        }
+        movable.then_some(why)
     }
 
     /// Recovers an impaired VMM by moving its guest to a new one: a recovery whose method is
@@ -382,7 +381,7 @@ impl Controller {
             let wait = self.env.gate.backoff(failures + 1);
             self.replace_after = Some((Instant::now() + wait, failures));
         }
-        let record = AttemptRecord {
+        self.record_attempt(AttemptRecord {
             attempt: failures.max(1),
             started_at_ms: started_ms,
             duration_ms: (now_ms() - started_ms).max(0),
@@ -394,15 +393,7 @@ impl Controller {
                 .unwrap_or_default(),
             trigger: why.as_str().to_string(),
             method: "migrate".into(),
-        };
-        if let Err(e) = self
-            .env
-            .store
-            .add_attempt(&self.env.writer, &self.rec.vm_id, record)
-            .await
-        {
-            warn!(vm_id = %self.rec.vm_id, error = %e, "recording recovery attempt failed");
-        }
-        self.env.metrics.recovery_attempt(res.is_ok(), "migrate");
+        })
+        .await;
     }
 }

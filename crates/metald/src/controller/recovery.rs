@@ -338,19 +338,11 @@ impl Controller {
             trigger: trigger.as_str().to_string(),
             method: method.into(),
         };
-        if let Err(e) = self
-            .env
-            .store
-            .add_attempt(&self.env.writer, &self.rec.vm_id, record)
-            .await
-        {
-            warn!(vm_id = %self.rec.vm_id, error = %e, "recording recovery attempt failed");
-        }
+        self.record_attempt(record).await;
         if !manual {
             self.env.gate.record(res.is_ok(), self.probe);
         }
         self.probe = false;
-        self.env.metrics.recovery_attempt(res.is_ok(), method);
         match res {
             Ok(()) => {
                 self.up_since = Some(Instant::now());
@@ -411,6 +403,21 @@ impl Controller {
                 self.schedule_recovery(trigger).await;
                 Err(e)
             }
+        }
+    }
+
+    /// Records a recovery attempt in the VM's history and the metrics, whatever its method.
+    pub(super) async fn record_attempt(&mut self, record: AttemptRecord) {
+        self.env
+            .metrics
+            .recovery_attempt(record.succeeded, &record.method);
+        if let Err(e) = self
+            .env
+            .store
+            .add_attempt(&self.env.writer, &self.rec.vm_id, record)
+            .await
+        {
+            warn!(vm_id = %self.rec.vm_id, error = %e, "recording recovery attempt failed");
         }
     }
 

@@ -30,21 +30,20 @@ impl ControllerEnv {
 }
 
 impl Controller {
-    /// Removes snapshot `snap` of this VM: its files, then its record. One a VM made from it
-    /// has not started from yet is kept: that VM's guest is still in it (this VM's own too,
-    /// unless `going`: the VM is being deleted).
-    pub(super) async fn remove_snapshot(
-        &mut self,
-        snap: &SnapshotRecord,
-        going: bool,
-    ) -> Result<()> {
-        let except = going.then_some(self.rec.vm_id.as_str());
-        if let Some(user) = self.env.store.vm_saved_at(&snap.path, except).await? {
+    /// Removes snapshot `snap` of this VM, unless a VM made from it (this one included) has
+    /// not started from it yet: that VM's guest is still in it.
+    pub(super) async fn remove_snapshot(&mut self, snap: &SnapshotRecord) -> Result<()> {
+        if let Some(user) = self.env.store.vm_saved_at(&snap.path, None).await? {
             return Err(Error::FailedPrecondition(format!(
                 "snapshot {} is in use: vm {user} was made from it and has not started from it yet",
                 snap.snapshot_id
             )));
         }
+        self.drop_snapshot(snap).await
+    }
+
+    /// Removes a snapshot's files, then its record.
+    async fn drop_snapshot(&mut self, snap: &SnapshotRecord) -> Result<()> {
         match std::fs::remove_dir_all(&snap.path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -97,7 +96,7 @@ impl Controller {
                     }
                 }
                 Ok(None) => {
-                    if let Err(e) = self.remove_snapshot(&s, true).await {
+                    if let Err(e) = self.drop_snapshot(&s).await {
                         warn!(vm_id = %self.rec.vm_id, snapshot_id = %s.snapshot_id, error = %e, "removing a snapshot failed; it is kept");
                     }
                 }
@@ -119,7 +118,7 @@ impl Controller {
             return;
         };
         for s in snaps.iter().filter(|s| s.boot && s.snapshot_id != keep) {
-            if let Err(e) = self.remove_snapshot(s, false).await {
+            if let Err(e) = self.remove_snapshot(s).await {
                 warn!(vm_id = %self.rec.vm_id, snapshot_id = %s.snapshot_id, error = %e, "removing an old boot snapshot failed");
             }
         }

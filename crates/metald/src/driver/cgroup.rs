@@ -342,9 +342,13 @@ impl CgroupPolicy {
     }
 
     /// Puts VM `id`'s memory limit back to one VMM's, once a migration's second VMM is gone.
-    pub fn settle(&self, id: &VmId, spec: &VmSpec) {
+    pub fn settle(&self, run_dir: &Path, spec: &VmSpec) {
+        let id = run_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if let Some(c) = self.get()
-            && let Err(e) = c.set_memory(id.as_str(), c.memory_limit(spec))
+            && let Err(e) = c.set_memory(&id, c.memory_limit(spec))
         {
             tracing::warn!(vm_id = %id, error = %e, "resetting the vmm's memory limit after a migration failed");
         }

@@ -1164,42 +1164,12 @@ impl VmmDriver for FirecrackerDriver {
         })
     }
 
-    fn promote(&self, to: Vmm, spec: &VmSpec) -> Vmm {
-        let Vmm {
-            mut endpoint,
-            pidfd,
-            run_dir,
-            ..
-        } = to;
-        match super::promote_files(&run_dir, &OWN_FILES) {
-            Ok(()) => endpoint.control_socket = run_dir.join(API_SOCKET),
-            Err(e) => {
-                tracing::warn!(run_dir = %run_dir.display(), error = %e, "promoting a migration target's files failed; it keeps its target names")
-            }
-        }
-        if let Some(id) = run_dir
-            .file_name()
-            .and_then(|n| VmId::parse("vm_id", &n.to_string_lossy()).ok())
-        {
-            self.vmm_cgroups.settle(&id, spec);
-        }
-        self.adopt(endpoint, pidfd, &run_dir)
+    fn own_files(&self) -> &'static [&'static str] {
+        &OWN_FILES
     }
 
-    fn promote_files(&self, run_dir: &Path) {
-        if let Err(e) = super::promote_files(run_dir, &OWN_FILES) {
-            tracing::warn!(run_dir = %run_dir.display(), error = %e, "promoting a migration target's files failed");
-        }
-    }
-
-    fn discard_target(&self, run_dir: &Path, spec: &VmSpec) {
-        super::discard_target_files(run_dir);
-        if let Some(id) = run_dir
-            .file_name()
-            .and_then(|n| VmId::parse("vm_id", &n.to_string_lossy()).ok())
-        {
-            self.vmm_cgroups.settle(&id, spec);
-        }
+    fn settle_cgroups(&self, run_dir: &Path, spec: &VmSpec) {
+        self.vmm_cgroups.settle(run_dir, spec);
     }
 
     fn owns_cmdline(&self, vm_id: &VmId, cmdline: &[String]) -> bool {

@@ -12,8 +12,8 @@ pub use crate::config::SUN_PATH_MAX;
 // The plumbing both drivers share, written once (common.rs).
 pub use common::{CONSOLE_LOG, VMM_LOG, binary_version, connect_unix, socket_arg, socket_arg_is};
 pub(crate) use common::{
-    arg_after, args_after, bounded, cause_from_report, discard_target_files, log_tail,
-    promote_files, read_tail, rotate_log, spawn_vmm, target_name, wait_ready,
+    arg_after, args_after, bounded, cause_from_report, log_tail, read_tail, rotate_log, spawn_vmm,
+    target_name, wait_ready,
 };
 // Defined below the drivers, with the records and errors they share.
 pub use crate::error::DriverError;
@@ -550,19 +550,47 @@ pub trait VmmDriver: Send + Sync + 'static {
     /// guest agent's, the control socket re-attach looks for), and its handle says so.
     /// A file that cannot be renamed is logged and left under its target name, which the
     /// handle then uses: the guest runs in `to` whatever its files are called.
-    fn promote(&self, to: Vmm, _spec: &VmSpec) -> Vmm {
-        to
+    fn promote(&self, to: Vmm, spec: &VmSpec) -> Vmm {
+        let Vmm {
+            mut endpoint,
+            pidfd,
+            run_dir,
+            ..
+        } = to;
+        match common::promote_files(&run_dir, self.own_files()) {
+            Ok(()) => endpoint.control_socket = self.control_socket(&run_dir),
+            Err(e) => {
+                tracing::warn!(run_dir = %run_dir.display(), error = %e, "promoting a migration target's files failed; it keeps its target names")
+            }
+        }
+        self.settle_cgroups(&run_dir, spec);
+        self.adopt(endpoint, pidfd, &run_dir)
     }
 
     /// Gives a migration target's files in `run_dir` the VM's VMM names, for a target adopted
     /// at re-attach (its source gone).
-    fn promote_files(&self, _run_dir: &Path) {}
+    fn promote_files(&self, run_dir: &Path) {
+        if let Err(e) = common::promote_files(run_dir, self.own_files()) {
+            tracing::warn!(run_dir = %run_dir.display(), error = %e, "promoting a migration target's files failed");
+        }
+    }
 
     /// Removes what a migration target that never became the VM's VMM left in `run_dir` (its
     /// process is gone), and gives the VM's VMM back its own limits.
-    fn discard_target(&self, run_dir: &Path, _spec: &VmSpec) {
+    fn discard_target(&self, run_dir: &Path, spec: &VmSpec) {
         common::discard_target_files(run_dir);
+        self.settle_cgroups(run_dir, spec);
     }
+
+    /// The files a VMM of this driver has in its run directory under its own name, which a
+    /// migration target has under [`TARGET_PREFIX`] names until it is promoted.
+    fn own_files(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Puts the VM's cgroup limits (in `run_dir`'s VM) back to one VMM's, once a migration's
+    /// second VMM is gone.
+    fn settle_cgroups(&self, _run_dir: &Path, _spec: &VmSpec) {}
 
     /// Tells a guest power-off from a crash or an external kill, from the exit status, the last
     /// shutdown reason the VMM reported (when it was watched), and whatever it left in its run

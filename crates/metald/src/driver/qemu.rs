@@ -610,36 +610,12 @@ impl VmmDriver for QemuDriver {
         }
     }
 
-    fn promote(&self, to: Vmm, spec: &VmSpec) -> Vmm {
-        let Vmm {
-            mut endpoint,
-            pidfd,
-            run_dir,
-            ..
-        } = to;
-        match super::promote_files(&run_dir, &OWN_FILES) {
-            Ok(()) => endpoint.control_socket = run_dir.join(QMP_SOCKET),
-            Err(e) => {
-                tracing::warn!(run_dir = %run_dir.display(), error = %e, "promoting a migration target's files failed; it keeps its target names")
-            }
-        }
-        if let Some(id) = vm_of(&run_dir) {
-            self.cgroups.settle(&id, spec);
-        }
-        self.adopt(endpoint, pidfd, &run_dir)
+    fn own_files(&self) -> &'static [&'static str] {
+        &OWN_FILES
     }
 
-    fn promote_files(&self, run_dir: &Path) {
-        if let Err(e) = super::promote_files(run_dir, &OWN_FILES) {
-            tracing::warn!(run_dir = %run_dir.display(), error = %e, "promoting a migration target's files failed");
-        }
-    }
-
-    fn discard_target(&self, run_dir: &Path, spec: &VmSpec) {
-        super::discard_target_files(run_dir);
-        if let Some(id) = vm_of(run_dir) {
-            self.cgroups.settle(&id, spec);
-        }
+    fn settle_cgroups(&self, run_dir: &Path, spec: &VmSpec) {
+        self.cgroups.settle(run_dir, spec);
     }
 
     fn adopt(&self, endpoint: VmmEndpoint, pidfd: Pidfd, run_dir: &Path) -> Vmm {

@@ -137,29 +137,40 @@ fn spec() -> VmSpec {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_exit_during_a_boot_is_an_orphan_not_a_running_vm() {
-    let mut rig = Rig::new(|_| {}).await;
-    let vm = Rig::id("b1");
+/// Creates VM `id` and boots it; the boot reaches the VMM and waits there, the VMM dies (and
+/// with `closes`, the boot fails as a VMM dying under it does: its connection closed), then
+/// the boot answers. Returns the dead VMM's pid and the boot's answer.
+async fn boot_with_the_vmm_killed_under_it(
+    rig: &Rig,
+    id: &str,
+    closes: bool,
+) -> (i32, crate::error::Result<crate::store::VmRecord>) {
+    let vm = Rig::id(id);
     rig.sup
         .create(Some(vm.clone()), "t".into(), spec(), None)
         .await
         .unwrap();
-    let first = rig.fake.pid_of("b1").unwrap();
-    // The boot reaches the VMM and waits there; the VMM dies; then the boot answers.
+    let first = rig.fake.pid_of(id).unwrap();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     *rig.fake.boot_gate.lock().unwrap() = Some(gate.clone());
     let waiting = rig.fake.boot_waiting.notified();
     let sup = rig.sup.clone();
-    let boot = tokio::spawn({
-        let vm = vm.clone();
-        async move { sup.transition(&vm, Transition::Boot, None).await }
-    });
+    let boot = tokio::spawn(async move { sup.transition(&vm, Transition::Boot, None).await });
     tokio::time::timeout(WAIT, waiting).await.unwrap();
-    assert!(rig.fake.kill_vm("b1"));
+    assert!(rig.fake.kill_vm(id));
+    rig.fake.script(|s| s.boot_closes = closes);
     *rig.fake.boot_gate.lock().unwrap() = None;
     gate.add_permits(1);
-    let _ = tokio::time::timeout(WAIT, boot).await.unwrap().unwrap();
+    let answer = tokio::time::timeout(WAIT, boot).await.unwrap().unwrap();
+    rig.fake.script(|s| s.boot_closes = false);
+    (first, answer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exit_during_a_boot_is_an_orphan_not_a_running_vm() {
+    let mut rig = Rig::new(|_| {}).await;
+    let vm = Rig::id("b1");
+    let (first, _) = boot_with_the_vmm_killed_under_it(&rig, "b1", false).await;
     // The exit is seen after the boot's answer: orphaned, then recovered on a new VMM.
     let orphaned = rig.event("b1", "orphaned").await;
     assert_eq!(orphaned.reason, "process_dead");
@@ -179,27 +190,8 @@ async fn a_vmm_that_dies_under_a_boot_is_an_exit_recovered_at_once() {
     // recovery), not a VMM metald stops for failing to converge.
     let mut rig = Rig::new(|_| {}).await;
     let vm = Rig::id("c1");
-    rig.sup
-        .create(Some(vm.clone()), "t".into(), spec(), None)
-        .await
-        .unwrap();
-    let first = rig.fake.pid_of("c1").unwrap();
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    *rig.fake.boot_gate.lock().unwrap() = Some(gate.clone());
-    let waiting = rig.fake.boot_waiting.notified();
-    let sup = rig.sup.clone();
-    let boot = tokio::spawn({
-        let vm = vm.clone();
-        async move { sup.transition(&vm, Transition::Boot, None).await }
-    });
-    tokio::time::timeout(WAIT, waiting).await.unwrap();
-    assert!(rig.fake.kill_vm("c1"));
-    rig.fake.script(|s| s.boot_closes = true);
-    *rig.fake.boot_gate.lock().unwrap() = None;
-    gate.add_permits(1);
-    let answer = tokio::time::timeout(WAIT, boot).await.unwrap().unwrap();
+    let (first, answer) = boot_with_the_vmm_killed_under_it(&rig, "c1", true).await;
     assert!(answer.is_err(), "a boot whose VMM died answered {answer:?}");
-    rig.fake.script(|s| s.boot_closes = false);
     let orphaned = rig.event("c1", "orphaned").await;
     assert_eq!(orphaned.reason, "process_dead");
     rig.event("c1", "recovered").await;

@@ -331,16 +331,7 @@ impl Daemon {
     pub async fn vmm_state(&self, vm: &str) -> String {
         let sock = self.ops_socket(vm);
         if on_firecracker() {
-            let (_, v) = metald::driver::uds_http::call(
-                &sock,
-                metald::driver::uds_http::Method::GET,
-                "/",
-                None,
-                Duration::from_secs(2),
-            )
-            .await
-            .unwrap();
-            v["state"].as_str().unwrap_or("").to_ascii_lowercase()
+            fc_state(&sock).await
         } else {
             let v =
                 metald::driver::qmp::execute(&sock, "query-status", None, Duration::from_secs(2))
@@ -571,6 +562,21 @@ pub async fn try_http_get(addr: &str, path: &str) -> Option<(u16, String)> {
         .unwrap_or_default();
     // Chunked bodies are fine for the substring checks the tests make.
     Some((status, body))
+}
+
+/// The run state a Firecracker (or its stand-in) reports on its API socket: `running`,
+/// `paused`, ...
+pub async fn fc_state(sock: &Path) -> String {
+    let (_, v) = metald::driver::uds_http::call(
+        sock,
+        metald::driver::uds_http::Method::GET,
+        "/",
+        None,
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap();
+    v["state"].as_str().unwrap_or("").to_ascii_lowercase()
 }
 
 /// A request for the test guest.
